@@ -1,1 +1,539 @@
-//! (being written)
+//! The CPU backend: every numeric op of the Llama forward and backward pass,
+//! in f32, as plain functions. This is the reference that the CUDA kernels in
+//! `kernels/` are checked against, so each op is written to be read first.
+//!
+//! Shapes: B batch, T time, C model dim, NH query heads, KVH key/value heads,
+//! HS head size, F FFN dim, V vocab, N = B*T rows. All buffers are row-major.
+//! Backward functions *accumulate* (+=) into their gradient outputs, like
+//! llm.c, so a tensor used twice (the tied embedding) just receives two calls.
+
+use rayon::prelude::*;
+
+// ----------------------------------------------------------------------------
+// GEMM
+
+/// C (m, n) = A (m, k) @ B (k, n), or C += A @ B when `accumulate`.
+/// Each matrix is given with its row stride and column stride, so transposes
+/// are free: A^T of a row-major (k, m) matrix is `(a, 1, m)`.
+///
+/// This is the one place where the CPU path calls unsafe code: the `gemm`
+/// crate takes raw pointers. The asserts below prove that every element the
+/// product touches lies inside the slices, which makes the call sound.
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    a_rs: usize,
+    a_cs: usize,
+    b: &[f32],
+    b_rs: usize,
+    b_cs: usize,
+    c: &mut [f32],
+    c_rs: usize,
+    accumulate: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let last = |rows: usize, cols: usize, rs: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs;
+    assert!(c.len() > last(m, n, c_rs, 1), "sgemm: C too small");
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                c[i * c_rs..i * c_rs + n].fill(0.0);
+            }
+        }
+        return;
+    }
+    assert!(a.len() > last(m, k, a_rs, a_cs), "sgemm: A too small");
+    assert!(b.len() > last(k, n, b_rs, b_cs), "sgemm: B too small");
+    let threads = rayon::current_num_threads();
+    let parallelism = if threads > 1 && m * n * k >= 64 * 64 * 64 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the asserts above bound every index the product reads or writes;
+    // `c` is a unique borrow, so it cannot alias `a` or `b`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            c_rs as isize,
+            accumulate,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+/// A linear layer without bias, the way PyTorch stores it.
+/// inp is (N, IC), weight is (OC, IC); out will be (N, OC) = inp @ weight^T.
+pub fn matmul_forward(out: &mut [f32], inp: &[f32], weight: &[f32], n: usize, ic: usize, oc: usize) {
+    sgemm(n, oc, ic, inp, ic, 1, weight, 1, ic, out, oc, false);
+}
+
+/// Gradient of a linear layer with respect to its input.
+/// dout is (N, OC), weight is (OC, IC); dinp (N, IC) += dout @ weight.
+pub fn matmul_backward_input(
+    dinp: &mut [f32],
+    dout: &[f32],
+    weight: &[f32],
+    n: usize,
+    ic: usize,
+    oc: usize,
+) {
+    sgemm(n, ic, oc, dout, oc, 1, weight, ic, 1, dinp, ic, true);
+}
+
+/// Gradient of a linear layer with respect to its weight.
+/// dout is (N, OC), inp is (N, IC); dweight (OC, IC) += dout^T @ inp.
+pub fn matmul_backward_weight(
+    dweight: &mut [f32],
+    dout: &[f32],
+    inp: &[f32],
+    n: usize,
+    ic: usize,
+    oc: usize,
+) {
+    sgemm(oc, ic, n, dout, 1, oc, inp, ic, 1, dweight, ic, true);
+}
+
+// ----------------------------------------------------------------------------
+// Embedding
+
+/// tokens is (N), wte is (V, C); out will be (N, C), row n = wte[tokens[n]].
+/// The caller has checked every token id against V.
+pub fn embedding_forward(out: &mut [f32], tokens: &[u32], wte: &[f32], c: usize) {
+    out.par_chunks_mut(c).zip(tokens.par_iter()).for_each(|(row, &tok)| {
+        let t = tok as usize;
+        row.copy_from_slice(&wte[t * c..(t + 1) * c]);
+    });
+}
+
+/// dwte (V, C) += scatter of dout (N, C) into the rows named by tokens (N).
+/// Serial: two positions with the same token write the same row.
+pub fn embedding_backward(dwte: &mut [f32], dout: &[f32], tokens: &[u32], c: usize) {
+    for (row, &tok) in dout.chunks(c).zip(tokens) {
+        let t = tok as usize;
+        for (d, g) in dwte[t * c..(t + 1) * c].iter_mut().zip(row) {
+            *d += g;
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------
+// RMSNorm
+
+/// inp is (N, C), weight is (C); out will be (N, C) and rstd (N).
+/// out = inp * rstd * weight with rstd = 1 / sqrt(mean(inp^2) + eps),
+/// computed in f32 as Hugging Face's LlamaRMSNorm does.
+pub fn rmsnorm_forward(
+    out: &mut [f32],
+    rstd: &mut [f32],
+    inp: &[f32],
+    weight: &[f32],
+    c: usize,
+    eps: f32,
+) {
+    out.par_chunks_mut(c)
+        .zip(rstd.par_iter_mut())
+        .zip(inp.par_chunks(c))
+        .for_each(|((o, r), x)| {
+            let ms = x.iter().map(|v| v * v).sum::<f32>() / c as f32;
+            let s = 1.0 / (ms + eps).sqrt();
+            *r = s;
+            for ((o, x), w) in o.iter_mut().zip(x).zip(weight) {
+                *o = x * s * w;
+            }
+        });
+}
+
+/// Backward of rmsnorm_forward. With xhat = inp * rstd and g = dout * weight:
+///   dinp += rstd * (g - xhat * mean(g * xhat)),   dweight += sum_n dout * xhat.
+/// dinp is (N, C), dweight (C), or None when the weight is frozen.
+#[allow(clippy::too_many_arguments)]
+pub fn rmsnorm_backward(
+    dinp: &mut [f32],
+    dweight: Option<&mut [f32]>,
+    dout: &[f32],
+    inp: &[f32],
+    weight: &[f32],
+    rstd: &[f32],
+    c: usize,
+) {
+    dinp.par_chunks_mut(c)
+        .zip(dout.par_chunks(c))
+        .zip(inp.par_chunks(c))
+        .zip(rstd.par_iter())
+        .for_each(|(((dx, dy), x), &s)| {
+            let mut dot = 0.0f32;
+            for i in 0..c {
+                dot += dy[i] * weight[i] * x[i] * s;
+            }
+            let mean = dot / c as f32;
+            for i in 0..c {
+                let xhat = x[i] * s;
+                dx[i] += s * (dy[i] * weight[i] - xhat * mean);
+            }
+        });
+    if let Some(dw) = dweight {
+        // Rows are summed serially per column block so the result does not
+        // depend on the thread count.
+        dw.par_chunks_mut(64).enumerate().for_each(|(blk, dw)| {
+            let c0 = blk * 64;
+            for ((dy, x), &s) in dout.chunks(c).zip(inp.chunks(c)).zip(rstd) {
+                for (j, d) in dw.iter_mut().enumerate() {
+                    *d += dy[c0 + j] * x[c0 + j] * s;
+                }
+            }
+        });
+    }
+}
+
+// ----------------------------------------------------------------------------
+// RoPE
+
+/// The rotation angles of rotary position embeddings: for each position p and
+/// each pair i < HS/2, cos(p * inv_freq[i]) and sin(p * inv_freq[i]).
+/// Both tables are (T, HS/2).
+pub struct RopeTable {
+    pub half: usize,
+    pub cos: Vec<f32>,
+    pub sin: Vec<f32>,
+}
+
+impl RopeTable {
+    pub fn new(inv_freq: &[f64], max_pos: usize) -> RopeTable {
+        let half = inv_freq.len();
+        let mut cos = vec![0.0; max_pos * half];
+        let mut sin = vec![0.0; max_pos * half];
+        for p in 0..max_pos {
+            for (i, f) in inv_freq.iter().enumerate() {
+                let a = p as f64 * f;
+                cos[p * half + i] = a.cos() as f32;
+                sin[p * half + i] = a.sin() as f32;
+            }
+        }
+        RopeTable { half, cos, sin }
+    }
+
+    pub fn max_pos(&self) -> usize {
+        self.cos.len() / self.half
+    }
+}
+
+/// Rotates every head of x in place. x is (B, T, H, HS); the row of time t
+/// sits at position pos0 + t. Hugging Face's layout ("rotate_half"): element i
+/// pairs with element i + HS/2, not with its neighbour.
+///   x[i]      <- x[i] cos - x[i+HS/2] sin
+///   x[i+HS/2] <- x[i+HS/2] cos + x[i] sin
+pub fn rope_forward(x: &mut [f32], rope: &RopeTable, t: usize, h: usize, hs: usize, pos0: usize) {
+    rope_rotate(x, rope, t, h, hs, pos0, 1.0);
+}
+
+/// Backward of rope_forward: the rotation's transpose, i.e. the rotation by
+/// the opposite angle, applied in place to the gradient dx (B, T, H, HS).
+pub fn rope_backward(dx: &mut [f32], rope: &RopeTable, t: usize, h: usize, hs: usize) {
+    rope_rotate(dx, rope, t, h, hs, 0, -1.0);
+}
+
+fn rope_rotate(x: &mut [f32], rope: &RopeTable, t: usize, h: usize, hs: usize, pos0: usize, sign: f32) {
+    let half = hs / 2;
+    x.par_chunks_mut(h * hs).enumerate().for_each(|(row, xt)| {
+        let p = pos0 + row % t;
+        let cos = &rope.cos[p * half..(p + 1) * half];
+        let sin = &rope.sin[p * half..(p + 1) * half];
+        for head in xt.chunks_mut(hs) {
+            let (a, b) = head.split_at_mut(half);
+            for i in 0..half {
+                let (x0, x1) = (a[i], b[i]);
+                let s = sign * sin[i];
+                a[i] = x0 * cos[i] - x1 * s;
+                b[i] = x1 * cos[i] + x0 * s;
+            }
+        }
+    });
+}
+
+// ----------------------------------------------------------------------------
+// Causal grouped-query attention
+
+/// The dimensions of one attention call. Queries are (B, Tq, NH, HS); keys and
+/// values are (B, Tcap, KVH, HS) of which the first Tk rows are filled (Tcap > Tk
+/// for a KV cache). Query t sits at position Tk - Tq + t and sees keys 0..=that.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnDims {
+    pub b: usize,
+    pub tq: usize,
+    pub tk: usize,
+    pub tcap: usize,
+    pub nh: usize,
+    pub kvh: usize,
+    pub hs: usize,
+}
+
+/// out (B, Tq, NH, HS) = softmax(q k^T / sqrt(HS) + causal mask) v, per head;
+/// query head h reads key/value head h / (NH / KVH). Also writes lse
+/// (B, Tq, NH), the log-sum-exp of each row of scores: it is all the backward
+/// pass needs to rebuild the probabilities, so the (T, T) score matrix of a
+/// head is never stored (the flash-attention trick).
+pub fn attention_forward(out: &mut [f32], lse: &mut [f32], q: &[f32], k: &[f32], v: &[f32], d: AttnDims) {
+    let AttnDims { tq, tk, tcap, nh, kvh, hs, .. } = d;
+    let scale = 1.0 / (hs as f32).sqrt();
+    let group = nh / kvh;
+    // One task per query row (b, t), all heads; `scores` is the task's scratch.
+    out.par_chunks_mut(nh * hs)
+        .zip(lse.par_chunks_mut(nh))
+        .enumerate()
+        .for_each_init(
+            || vec![0.0f32; tk],
+            |scores, (row, (out_t, lse_t))| {
+                let (b, t) = (row / tq, row % tq);
+                let n_keys = tk - tq + t + 1; // causal: keys 0..=position of t
+                let q_t = &q[row * nh * hs..(row + 1) * nh * hs];
+                for h in 0..nh {
+                    let kv = h / group;
+                    let qh = &q_t[h * hs..(h + 1) * hs];
+                    let key = |j: usize| &k[((b * tcap + j) * kvh + kv) * hs..][..hs];
+                    let val = |j: usize| &v[((b * tcap + j) * kvh + kv) * hs..][..hs];
+                    let mut max = f32::NEG_INFINITY;
+                    for (j, s) in scores[..n_keys].iter_mut().enumerate() {
+                        *s = dot(qh, key(j)) * scale;
+                        max = max.max(*s);
+                    }
+                    let mut sum = 0.0f32;
+                    for s in scores[..n_keys].iter_mut() {
+                        *s = (*s - max).exp();
+                        sum += *s;
+                    }
+                    let o = &mut out_t[h * hs..(h + 1) * hs];
+                    o.fill(0.0);
+                    for (j, &p) in scores[..n_keys].iter().enumerate() {
+                        axpy(o, p / sum, val(j));
+                    }
+                    lse_t[h] = max + sum.ln();
+                }
+            },
+        );
+}
+
+/// Backward of attention_forward for training (Tq = Tk = Tcap = T).
+/// dout and out are (B, T, NH, HS); dq (B, T, NH, HS), dk and dv
+/// (B, T, KVH, HS) are accumulated. `delta` (B, T, NH) is scratch.
+///
+/// With P = softmax(S) rebuilt from lse, and D_t = dout_t . out_t:
+///   dS_tj = P_tj (dout_t . v_j - D_t),  dq_t = scale sum_j dS_tj k_j,
+///   dk_j = scale sum_t dS_tj q_t,       dv_j = sum_t P_tj dout_t.
+/// Two passes, each parallel over rows with no shared writes: pass 1 walks the
+/// keys of each query (dq), pass 2 walks the queries of each key (dk, dv).
+/// Scores are recomputed in each pass instead of stored.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+    delta: &mut [f32],
+    dout: &[f32],
+    out: &[f32],
+    lse: &[f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    d: AttnDims,
+) {
+    let AttnDims { b: _, tq: t_len, nh, kvh, hs, .. } = d;
+    assert!(d.tq == d.tk && d.tk == d.tcap, "attention_backward: training shapes only");
+    let scale = 1.0 / (hs as f32).sqrt();
+    let group = nh / kvh;
+    let qrow = |b: usize, t: usize, h: usize| ((b * t_len + t) * nh + h) * hs;
+    let kvrow = |b: usize, t: usize, h: usize| ((b * t_len + t) * kvh + h) * hs;
+
+    // D_t for every (b, t, h).
+    delta.par_iter_mut().enumerate().for_each(|(i, dl)| {
+        *dl = dot(&dout[i * hs..(i + 1) * hs], &out[i * hs..(i + 1) * hs]);
+    });
+
+    // Pass 1: dq, one task per query row (b, t).
+    dq.par_chunks_mut(nh * hs).enumerate().for_each(|(row, dq_t)| {
+        let (b, t) = (row / t_len, row % t_len);
+        for h in 0..nh {
+            let kv = h / group;
+            let i = (row * nh + h) * hs;
+            let (qh, doh) = (&q[i..i + hs], &dout[i..i + hs]);
+            let (l, dl) = (lse[row * nh + h], delta[row * nh + h]);
+            let dqh = &mut dq_t[h * hs..(h + 1) * hs];
+            for j in 0..=t {
+                let kj = &k[kvrow(b, j, kv)..][..hs];
+                let p = (dot(qh, kj) * scale - l).exp();
+                let ds = p * (dot(doh, &v[kvrow(b, j, kv)..][..hs]) - dl);
+                axpy(dqh, ds * scale, kj);
+            }
+        }
+    });
+
+    // Pass 2: dk and dv, one task per key row (b, j); each key/value head
+    // gathers from every query head of its group and every later time.
+    dk.par_chunks_mut(kvh * hs)
+        .zip(dv.par_chunks_mut(kvh * hs))
+        .enumerate()
+        .for_each(|(row, (dk_j, dv_j))| {
+            let (b, j) = (row / t_len, row % t_len);
+            for kv in 0..kvh {
+                let kj = &k[kvrow(b, j, kv)..][..hs];
+                let vj = &v[kvrow(b, j, kv)..][..hs];
+                let dkh = &mut dk_j[kv * hs..(kv + 1) * hs];
+                let dvh = &mut dv_j[kv * hs..(kv + 1) * hs];
+                for h in kv * group..(kv + 1) * group {
+                    for t in j..t_len {
+                        let i = qrow(b, t, h);
+                        let (qt, dot_t) = (&q[i..i + hs], &dout[i..i + hs]);
+                        let m = (b * t_len + t) * nh + h;
+                        let p = (dot(qt, kj) * scale - lse[m]).exp();
+                        let ds = p * (dot(dot_t, vj) - delta[m]);
+                        axpy(dkh, ds * scale, qt);
+                        axpy(dvh, p, dot_t);
+                    }
+                }
+            }
+        });
+}
+
+// ----------------------------------------------------------------------------
+// SwiGLU
+
+/// gate and up are (N, F); out will be (N, F) = silu(gate) * up,
+/// silu(x) = x * sigmoid(x).
+pub fn swiglu_forward(out: &mut [f32], gate: &[f32], up: &[f32]) {
+    out.par_chunks_mut(4096)
+        .zip(gate.par_chunks(4096))
+        .zip(up.par_chunks(4096))
+        .for_each(|((o, g), u)| {
+            for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                *o = g / (1.0 + (-g).exp()) * u;
+            }
+        });
+}
+
+/// Backward of swiglu_forward: with s = sigmoid(gate),
+///   dup += dout * gate * s,   dgate += dout * up * s * (1 + gate * (1 - s)).
+pub fn swiglu_backward(dgate: &mut [f32], dup: &mut [f32], dout: &[f32], gate: &[f32], up: &[f32]) {
+    dgate
+        .par_chunks_mut(4096)
+        .zip(dup.par_chunks_mut(4096))
+        .zip(dout.par_chunks(4096))
+        .zip(gate.par_chunks(4096).zip(up.par_chunks(4096)))
+        .for_each(|(((dg, du), dy), (g, u))| {
+            for i in 0..dy.len() {
+                let s = 1.0 / (1.0 + (-g[i]).exp());
+                du[i] += dy[i] * g[i] * s;
+                dg[i] += dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+            }
+        });
+}
+
+// ----------------------------------------------------------------------------
+// Residual
+
+/// x (N, C) += y (N, C): the residual stream adds each block's output.
+pub fn residual_forward(x: &mut [f32], y: &[f32]) {
+    x.par_chunks_mut(4096).zip(y.par_chunks(4096)).for_each(|(x, y)| {
+        for (x, y) in x.iter_mut().zip(y) {
+            *x += y;
+        }
+    });
+}
+
+// ----------------------------------------------------------------------------
+// Cross-entropy
+
+/// logits is (N, V), targets (N) with a negative id for positions that take
+/// no part in the loss. Writes losses (N): lse(logits_n) - logits_n[target]
+/// or 0 where ignored, and returns their mean over the counted positions
+/// (0 when none counts), which is PyTorch's `cross_entropy(ignore_index=-100)`.
+pub fn crossentropy_forward(losses: &mut [f32], logits: &[f32], targets: &[i32], v: usize) -> f32 {
+    losses
+        .par_iter_mut()
+        .zip(logits.par_chunks(v))
+        .zip(targets.par_iter())
+        .for_each(|((loss, row), &tgt)| {
+            *loss = if tgt < 0 { 0.0 } else { logsumexp(row) - row[tgt as usize] };
+        });
+    let n = targets.iter().filter(|&&t| t >= 0).count();
+    if n == 0 {
+        return 0.0;
+    }
+    // Summed in f64 so the mean does not depend on the thread count.
+    (losses.iter().map(|&l| l as f64).sum::<f64>() / n as f64) as f32
+}
+
+/// Backward of the mean cross-entropy, written over the logits in place:
+/// row n becomes (softmax(logits_n) - onehot(target_n)) / count, or zeros for
+/// an ignored position. logits is (N, V); it holds dlogits afterwards.
+pub fn crossentropy_backward_inplace(logits: &mut [f32], targets: &[i32], v: usize) {
+    let n = targets.iter().filter(|&&t| t >= 0).count().max(1);
+    let inv = 1.0 / n as f32;
+    logits.par_chunks_mut(v).zip(targets.par_iter()).for_each(|(row, &tgt)| {
+        if tgt < 0 {
+            row.fill(0.0);
+            return;
+        }
+        let l = logsumexp(row);
+        for x in row.iter_mut() {
+            *x = (*x - l).exp() * inv;
+        }
+        row[tgt as usize] -= inv;
+    });
+}
+
+// ----------------------------------------------------------------------------
+// Small helpers
+
+/// log(sum(exp(x))), shifted by the maximum so it cannot overflow.
+pub fn logsumexp(x: &[f32]) -> f32 {
+    let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    if max == f32::NEG_INFINITY {
+        return max;
+    }
+    max + x.iter().map(|&v| (v - max).exp()).sum::<f32>().ln()
+}
+
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // Eight partial sums let the compiler vectorise the loop.
+    let mut acc = [0.0f32; 8];
+    let chunks = a.len() / 8;
+    for c in 0..chunks {
+        for l in 0..8 {
+            acc[l] += a[c * 8 + l] * b[c * 8 + l];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for i in chunks * 8..a.len() {
+        s += a[i] * b[i];
+    }
+    s
+}
+
+/// y += alpha * x
+#[inline]
+pub fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
+    for (y, x) in y.iter_mut().zip(x) {
+        *y += alpha * x;
+    }
+}

@@ -84,3 +84,641 @@ impl Config {
         self.n_kv_heads * self.head_dim
     }
 }
+
+impl Config {
+    /// The inverse frequencies of RoPE, one per pair of head elements (HS/2),
+    /// with the "llama3" scaling when configured: long wavelengths are
+    /// stretched by `factor`, short ones kept, and the band between blended.
+    pub fn rope_inv_freq(&self) -> Vec<f64> {
+        let hs = self.head_dim;
+        let base = self.rope_theta as f64;
+        let mut inv: Vec<f64> =
+            (0..hs / 2).map(|i| 1.0 / base.powf((2 * i) as f64 / hs as f64)).collect();
+        if let Some(s) = self.rope_scaling {
+            let old = s.original_max_position_embeddings as f64;
+            let (lo, hi, factor) = (s.low_freq_factor as f64, s.high_freq_factor as f64, s.factor as f64);
+            let low_freq_wavelen = old / lo;
+            let high_freq_wavelen = old / hi;
+            for f in inv.iter_mut() {
+                let wavelen = 2.0 * std::f64::consts::PI / *f;
+                if wavelen > low_freq_wavelen {
+                    *f /= factor;
+                } else if wavelen >= high_freq_wavelen {
+                    let smooth = (old / wavelen - lo) / (hi - lo);
+                    *f = (1.0 - smooth) * *f / factor + smooth * *f;
+                }
+            }
+        }
+        inv
+    }
+}
+
+// ----------------------------------------------------------------------------
+// Parameters
+
+/// The seven linear layers of a transformer block, the ones LIFT trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Linear {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl Linear {
+    pub const ALL: [Linear; 7] =
+        [Linear::Q, Linear::K, Linear::V, Linear::O, Linear::Gate, Linear::Up, Linear::Down];
+
+    /// (out, in) of the weight matrix, as PyTorch stores it.
+    pub fn shape(self, c: &Config) -> (usize, usize) {
+        match self {
+            Linear::Q => (c.q_dim(), c.dim),
+            Linear::K | Linear::V => (c.kv_dim(), c.dim),
+            Linear::O => (c.dim, c.q_dim()),
+            Linear::Gate | Linear::Up => (c.ffn_dim, c.dim),
+            Linear::Down => (c.dim, c.ffn_dim),
+        }
+    }
+
+    /// The Hugging Face name of this weight in layer l.
+    pub fn hf_name(self, l: usize) -> String {
+        let part = match self {
+            Linear::Q => "self_attn.q_proj",
+            Linear::K => "self_attn.k_proj",
+            Linear::V => "self_attn.v_proj",
+            Linear::O => "self_attn.o_proj",
+            Linear::Gate => "mlp.gate_proj",
+            Linear::Up => "mlp.up_proj",
+            Linear::Down => "mlp.down_proj",
+        };
+        format!("model.layers.{l}.{part}.weight")
+    }
+}
+
+/// The weights of one transformer block.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerWeights {
+    pub attn_norm: Vec<f32>, // (C)
+    pub wq: Vec<f32>,        // (NH*HS, C)
+    pub wk: Vec<f32>,        // (KVH*HS, C)
+    pub wv: Vec<f32>,        // (KVH*HS, C)
+    pub wo: Vec<f32>,        // (C, NH*HS)
+    pub mlp_norm: Vec<f32>,  // (C)
+    pub w_gate: Vec<f32>,    // (F, C)
+    pub w_up: Vec<f32>,      // (F, C)
+    pub w_down: Vec<f32>,    // (C, F)
+}
+
+impl LayerWeights {
+    pub fn linear(&self, which: Linear) -> &[f32] {
+        match which {
+            Linear::Q => &self.wq,
+            Linear::K => &self.wk,
+            Linear::V => &self.wv,
+            Linear::O => &self.wo,
+            Linear::Gate => &self.w_gate,
+            Linear::Up => &self.w_up,
+            Linear::Down => &self.w_down,
+        }
+    }
+
+    pub fn linear_mut(&mut self, which: Linear) -> &mut Vec<f32> {
+        match which {
+            Linear::Q => &mut self.wq,
+            Linear::K => &mut self.wk,
+            Linear::V => &mut self.wv,
+            Linear::O => &mut self.wo,
+            Linear::Gate => &mut self.w_gate,
+            Linear::Up => &mut self.w_up,
+            Linear::Down => &mut self.w_down,
+        }
+    }
+}
+
+/// All parameters of a Llama, in f32. The same type holds full gradients.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Weights {
+    pub embed: Vec<f32>, // (V, C)
+    pub layers: Vec<LayerWeights>,
+    pub norm: Vec<f32>,            // (C)
+    pub lm_head: Option<Vec<f32>>, // (V, C); None when tied to `embed`
+}
+
+/// Names one parameter tensor of the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Param {
+    Embed,
+    AttnNorm(usize),
+    MlpNorm(usize),
+    Linear(usize, Linear),
+    Norm,
+    LmHead,
+}
+
+impl Param {
+    /// Every parameter of a model of this config, in checkpoint order.
+    pub fn all(c: &Config) -> Vec<Param> {
+        let mut v = vec![Param::Embed];
+        for l in 0..c.n_layers {
+            v.push(Param::AttnNorm(l));
+            v.extend(Linear::ALL.iter().map(|&w| Param::Linear(l, w)));
+            v.push(Param::MlpNorm(l));
+        }
+        v.push(Param::Norm);
+        if !c.tied_embeddings {
+            v.push(Param::LmHead);
+        }
+        v
+    }
+
+    pub fn shape(self, c: &Config) -> Vec<usize> {
+        match self {
+            Param::Embed | Param::LmHead => vec![c.vocab_size, c.dim],
+            Param::AttnNorm(_) | Param::MlpNorm(_) | Param::Norm => vec![c.dim],
+            Param::Linear(_, w) => {
+                let (o, i) = w.shape(c);
+                vec![o, i]
+            }
+        }
+    }
+
+    /// The Hugging Face name, which is also this project's tensor name.
+    pub fn name(self) -> String {
+        match self {
+            Param::Embed => "model.embed_tokens.weight".into(),
+            Param::AttnNorm(l) => format!("model.layers.{l}.input_layernorm.weight"),
+            Param::MlpNorm(l) => format!("model.layers.{l}.post_attention_layernorm.weight"),
+            Param::Linear(l, w) => w.hf_name(l),
+            Param::Norm => "model.norm.weight".into(),
+            Param::LmHead => "lm_head.weight".into(),
+        }
+    }
+}
+
+impl Weights {
+    /// All-zero parameters of the given shape (also the start of a gradient).
+    pub fn zeros(c: &Config) -> Weights {
+        let z = |n: usize| vec![0.0f32; n];
+        let (q, kv, d, f) = (c.q_dim(), c.kv_dim(), c.dim, c.ffn_dim);
+        Weights {
+            embed: z(c.vocab_size * d),
+            layers: (0..c.n_layers)
+                .map(|_| LayerWeights {
+                    attn_norm: z(d),
+                    wq: z(q * d),
+                    wk: z(kv * d),
+                    wv: z(kv * d),
+                    wo: z(d * q),
+                    mlp_norm: z(d),
+                    w_gate: z(f * d),
+                    w_up: z(f * d),
+                    w_down: z(d * f),
+                })
+                .collect(),
+            norm: z(d),
+            lm_head: if c.tied_embeddings { None } else { Some(z(c.vocab_size * d)) },
+        }
+    }
+
+    pub fn get(&self, p: Param) -> &[f32] {
+        match p {
+            Param::Embed => &self.embed,
+            Param::AttnNorm(l) => &self.layers[l].attn_norm,
+            Param::MlpNorm(l) => &self.layers[l].mlp_norm,
+            Param::Linear(l, w) => self.layers[l].linear(w),
+            Param::Norm => &self.norm,
+            Param::LmHead => self.lm_head.as_deref().unwrap_or(&self.embed),
+        }
+    }
+
+    pub fn get_mut(&mut self, p: Param) -> &mut [f32] {
+        match p {
+            Param::Embed => &mut self.embed,
+            Param::AttnNorm(l) => &mut self.layers[l].attn_norm,
+            Param::MlpNorm(l) => &mut self.layers[l].mlp_norm,
+            Param::Linear(l, w) => self.layers[l].linear_mut(w),
+            Param::Norm => &mut self.norm,
+            Param::LmHead => match self.lm_head.as_mut() {
+                Some(h) => h,
+                None => &mut self.embed,
+            },
+        }
+    }
+
+    /// The matrix the LM head multiplies by: its own, or the embedding.
+    pub fn head(&self) -> &[f32] {
+        self.get(Param::LmHead)
+    }
+
+    pub fn num_params(&self) -> usize {
+        self.embed.len()
+            + self.norm.len()
+            + self.lm_head.as_ref().map_or(0, |h| h.len())
+            + self
+                .layers
+                .iter()
+                .map(|l| {
+                    l.attn_norm.len()
+                        + l.mlp_norm.len()
+                        + Linear::ALL.iter().map(|&w| l.linear(w).len()).sum::<usize>()
+                })
+                .sum::<usize>()
+    }
+}
+
+// ----------------------------------------------------------------------------
+// The model and its activations
+
+use crate::cpu::{self, AttnDims, RopeTable};
+
+/// A Llama ready to run: its shape, its weights and its RoPE table.
+pub struct Model {
+    pub config: Config,
+    pub weights: Weights,
+    pub rope: RopeTable,
+}
+
+/// What the forward pass of one block keeps for the backward pass.
+/// N = B*T rows.
+struct LayerActs {
+    x_in: Vec<f32>,  // (N, C) residual stream entering the block
+    xn1: Vec<f32>,   // (N, C) attention RMSNorm output
+    rstd1: Vec<f32>, // (N)
+    q: Vec<f32>,     // (N, NH*HS) after RoPE
+    k: Vec<f32>,     // (N, KVH*HS) after RoPE
+    v: Vec<f32>,     // (N, KVH*HS)
+    att: Vec<f32>,   // (N, NH*HS) attention output, before the o projection
+    lse: Vec<f32>,   // (N, NH) log-sum-exp of each attention row
+    x_mid: Vec<f32>, // (N, C) residual stream after attention
+    xn2: Vec<f32>,   // (N, C) MLP RMSNorm output
+    rstd2: Vec<f32>, // (N)
+    gate: Vec<f32>,  // (N, F)
+    up: Vec<f32>,    // (N, F)
+    h: Vec<f32>,     // (N, F) silu(gate) * up
+}
+
+/// Gradient buffers for the backward pass, reused layer after layer.
+struct Scratch {
+    dres: Vec<f32>,  // (N, C) gradient of the residual stream
+    dxn: Vec<f32>,   // (N, C) gradient of a norm output
+    dq: Vec<f32>,    // (N, NH*HS)
+    dk: Vec<f32>,    // (N, KVH*HS)
+    dv: Vec<f32>,    // (N, KVH*HS)
+    datt: Vec<f32>,  // (N, NH*HS)
+    delta: Vec<f32>, // (N, NH)
+    dgate: Vec<f32>, // (N, F)
+    dup: Vec<f32>,   // (N, F)
+    dh: Vec<f32>,    // (N, F)
+}
+
+/// Every buffer of a forward and backward pass for batches up to (B, T),
+/// allocated once and reused from step to step.
+pub struct Activations {
+    pub b: usize,
+    pub t: usize,
+    tokens: Vec<u32>, // (N)
+    targets: Vec<i32>, // (N), negative = no loss here
+    layers: Vec<LayerActs>,
+    tmp: Vec<f32>,     // (N, C) a block's output before the residual add
+    x_final: Vec<f32>, // (N, C) residual stream after the last block
+    xf: Vec<f32>,      // (N, C) final RMSNorm output
+    rstd_f: Vec<f32>,  // (N)
+    /// (N, V) logits after forward; dlogits after backward.
+    pub logits: Vec<f32>,
+    losses: Vec<f32>, // (N)
+    scratch: Option<Scratch>,
+}
+
+impl Activations {
+    pub fn new(c: &Config, b: usize, t: usize) -> Activations {
+        let n = b * t;
+        let z = |len: usize| vec![0.0f32; len];
+        let (d, q, kv, f) = (c.dim, c.q_dim(), c.kv_dim(), c.ffn_dim);
+        Activations {
+            b,
+            t,
+            tokens: vec![0; n],
+            targets: vec![-1; n],
+            layers: (0..c.n_layers)
+                .map(|_| LayerActs {
+                    x_in: z(n * d),
+                    xn1: z(n * d),
+                    rstd1: z(n),
+                    q: z(n * q),
+                    k: z(n * kv),
+                    v: z(n * kv),
+                    att: z(n * q),
+                    lse: z(n * c.n_heads),
+                    x_mid: z(n * d),
+                    xn2: z(n * d),
+                    rstd2: z(n),
+                    gate: z(n * f),
+                    up: z(n * f),
+                    h: z(n * f),
+                })
+                .collect(),
+            tmp: z(n * d),
+            x_final: z(n * d),
+            xf: z(n * d),
+            rstd_f: z(n),
+            logits: z(n * c.vocab_size),
+            losses: z(n),
+            scratch: None,
+        }
+    }
+
+    /// Per-position losses of the last forward pass (0 where ignored).
+    pub fn losses(&self) -> &[f32] {
+        &self.losses
+    }
+
+    fn scratch(&mut self, c: &Config) -> &mut Scratch {
+        let n = self.b * self.t;
+        let z = |len: usize| vec![0.0f32; len];
+        self.scratch.get_or_insert_with(|| Scratch {
+            dres: z(n * c.dim),
+            dxn: z(n * c.dim),
+            dq: z(n * c.q_dim()),
+            dk: z(n * c.kv_dim()),
+            dv: z(n * c.kv_dim()),
+            datt: z(n * c.q_dim()),
+            delta: z(n * c.n_heads),
+            dgate: z(n * c.ffn_dim),
+            dup: z(n * c.ffn_dim),
+            dh: z(n * c.ffn_dim),
+        })
+    }
+}
+
+/// Where the backward pass delivers parameter gradients. Full fine-tuning
+/// keeps a dense gradient per tensor (`FullGrads`); LIFT keeps only the
+/// selected entries of each linear weight, so the pass hands over the two
+/// factors of dW and lets the sink decide what to compute.
+pub trait GradSink {
+    /// Whether p's gradient is wanted; frozen tensors cost nothing.
+    fn wants(&self, p: Param) -> bool;
+    /// dW(p) (OC, IC) += dout^T @ inp, with dout (N, OC) and inp (N, IC):
+    /// a linear weight, or the LM head.
+    fn linear(&mut self, p: Param, dout: &[f32], inp: &[f32], n: usize, ic: usize, oc: usize);
+    /// The accumulation buffer of a norm weight or the embedding.
+    fn dense(&mut self, p: Param) -> &mut [f32];
+}
+
+/// Dense gradients of every parameter (or of those in `trainable`).
+pub struct FullGrads {
+    pub grads: Weights,
+    pub trainable: Option<Vec<Param>>,
+}
+
+impl FullGrads {
+    pub fn new(c: &Config) -> FullGrads {
+        FullGrads { grads: Weights::zeros(c), trainable: None }
+    }
+}
+
+impl GradSink for FullGrads {
+    fn wants(&self, p: Param) -> bool {
+        self.trainable.as_ref().is_none_or(|t| t.contains(&p))
+    }
+    fn linear(&mut self, p: Param, dout: &[f32], inp: &[f32], n: usize, ic: usize, oc: usize) {
+        cpu::matmul_backward_weight(self.grads.get_mut(p), dout, inp, n, ic, oc);
+    }
+    fn dense(&mut self, p: Param) -> &mut [f32] {
+        self.grads.get_mut(p)
+    }
+}
+
+impl Model {
+    pub fn new(config: Config, weights: Weights) -> Model {
+        let rope = RopeTable::new(&config.rope_inv_freq(), 0);
+        Model { config, weights, rope }
+    }
+
+    /// Makes sure the RoPE table covers positions 0..len.
+    pub fn ensure_rope(&mut self, len: usize) {
+        if self.rope.max_pos() < len {
+            self.rope = RopeTable::new(&self.config.rope_inv_freq(), len.next_power_of_two());
+        }
+    }
+
+    /// The forward pass over tokens (B, T). With targets (B, T) (negative =
+    /// ignored) it returns the mean cross-entropy; the logits (B, T, V) are
+    /// left in `acts.logits` either way.
+    pub fn forward(&self, acts: &mut Activations, tokens: &[u32], targets: Option<&[i32]>) -> f32 {
+        let c = &self.config;
+        let (b, t) = (acts.b, acts.t);
+        let n = b * t;
+        assert_eq!(tokens.len(), n, "forward: tokens must be (B, T)");
+        assert!(self.rope.max_pos() >= t, "forward: call ensure_rope first");
+        assert!(tokens.iter().all(|&id| (id as usize) < c.vocab_size), "forward: token id out of range");
+        let (d, qd, kvd, f) = (c.dim, c.q_dim(), c.kv_dim(), c.ffn_dim);
+        let dims = AttnDims { b, tq: t, tk: t, tcap: t, nh: c.n_heads, kvh: c.n_kv_heads, hs: c.head_dim };
+        acts.tokens.copy_from_slice(tokens);
+        match targets {
+            Some(tg) => acts.targets.copy_from_slice(tg),
+            None => acts.targets.fill(-1),
+        }
+
+        cpu::embedding_forward(&mut acts.layers[0].x_in, tokens, &self.weights.embed, d);
+        for l in 0..c.n_layers {
+            let w = &self.weights.layers[l];
+            let (done, rest) = acts.layers.split_at_mut(l + 1);
+            let a = &mut done[l];
+            // Attention block: x_mid = x_in + o(attention(rope(q), rope(k), v)).
+            cpu::rmsnorm_forward(&mut a.xn1, &mut a.rstd1, &a.x_in, &w.attn_norm, d, c.norm_eps);
+            cpu::matmul_forward(&mut a.q, &a.xn1, &w.wq, n, d, qd);
+            cpu::matmul_forward(&mut a.k, &a.xn1, &w.wk, n, d, kvd);
+            cpu::matmul_forward(&mut a.v, &a.xn1, &w.wv, n, d, kvd);
+            cpu::rope_forward(&mut a.q, &self.rope, t, c.n_heads, c.head_dim, 0);
+            cpu::rope_forward(&mut a.k, &self.rope, t, c.n_kv_heads, c.head_dim, 0);
+            cpu::attention_forward(&mut a.att, &mut a.lse, &a.q, &a.k, &a.v, dims);
+            cpu::matmul_forward(&mut acts.tmp, &a.att, &w.wo, n, qd, d);
+            a.x_mid.copy_from_slice(&a.x_in);
+            cpu::residual_forward(&mut a.x_mid, &acts.tmp);
+            // MLP block: x_out = x_mid + down(silu(gate(x)) * up(x)).
+            cpu::rmsnorm_forward(&mut a.xn2, &mut a.rstd2, &a.x_mid, &w.mlp_norm, d, c.norm_eps);
+            cpu::matmul_forward(&mut a.gate, &a.xn2, &w.w_gate, n, d, f);
+            cpu::matmul_forward(&mut a.up, &a.xn2, &w.w_up, n, d, f);
+            cpu::swiglu_forward(&mut a.h, &a.gate, &a.up);
+            cpu::matmul_forward(&mut acts.tmp, &a.h, &w.w_down, n, f, d);
+            let x_out = match rest.first_mut() {
+                Some(next) => &mut next.x_in,
+                None => &mut acts.x_final,
+            };
+            x_out.copy_from_slice(&a.x_mid);
+            cpu::residual_forward(x_out, &acts.tmp);
+        }
+        cpu::rmsnorm_forward(&mut acts.xf, &mut acts.rstd_f, &acts.x_final, &self.weights.norm, d, c.norm_eps);
+        cpu::matmul_forward(&mut acts.logits, &acts.xf, self.weights.head(), n, d, c.vocab_size);
+        cpu::crossentropy_forward(&mut acts.losses, &acts.logits, &acts.targets, c.vocab_size)
+    }
+
+    /// The backward pass of the mean loss of the last `forward` call. Weight
+    /// gradients go to `sink`; acts.logits is overwritten with dlogits.
+    pub fn backward(&self, acts: &mut Activations, sink: &mut dyn GradSink) {
+        let c = &self.config;
+        let (b, t) = (acts.b, acts.t);
+        let n = b * t;
+        let (d, qd, kvd, f, v) = (c.dim, c.q_dim(), c.kv_dim(), c.ffn_dim, c.vocab_size);
+        let dims = AttnDims { b, tq: t, tk: t, tcap: t, nh: c.n_heads, kvh: c.n_kv_heads, hs: c.head_dim };
+        acts.scratch(c);
+        let Activations { layers, x_final, xf, rstd_f, logits, targets, tokens, scratch, .. } = acts;
+        let s = scratch.as_mut().expect("scratch allocated above");
+
+        // Loss and LM head: dlogits (N, V), then dxf = dlogits @ W_head.
+        cpu::crossentropy_backward_inplace(logits, targets, v);
+        if sink.wants(Param::LmHead) {
+            sink.linear(Param::LmHead, logits, xf, n, d, v);
+        }
+        s.dxn.fill(0.0);
+        cpu::matmul_backward_input(&mut s.dxn, logits, self.weights.head(), n, d, v);
+        s.dres.fill(0.0);
+        let dnorm = if sink.wants(Param::Norm) { Some(sink.dense(Param::Norm)) } else { None };
+        cpu::rmsnorm_backward(&mut s.dres, dnorm, &s.dxn, x_final, &self.weights.norm, rstd_f, d);
+
+        for l in (0..c.n_layers).rev() {
+            let w = &self.weights.layers[l];
+            let a = &layers[l];
+            let lin = |which| Param::Linear(l, which);
+            // MLP block. s.dres holds d(x_out) and becomes d(x_mid).
+            if sink.wants(lin(Linear::Down)) {
+                sink.linear(lin(Linear::Down), &s.dres, &a.h, n, f, d);
+            }
+            s.dh.fill(0.0);
+            cpu::matmul_backward_input(&mut s.dh, &s.dres, &w.w_down, n, f, d);
+            s.dgate.fill(0.0);
+            s.dup.fill(0.0);
+            cpu::swiglu_backward(&mut s.dgate, &mut s.dup, &s.dh, &a.gate, &a.up);
+            if sink.wants(lin(Linear::Gate)) {
+                sink.linear(lin(Linear::Gate), &s.dgate, &a.xn2, n, d, f);
+            }
+            if sink.wants(lin(Linear::Up)) {
+                sink.linear(lin(Linear::Up), &s.dup, &a.xn2, n, d, f);
+            }
+            s.dxn.fill(0.0);
+            cpu::matmul_backward_input(&mut s.dxn, &s.dgate, &w.w_gate, n, d, f);
+            cpu::matmul_backward_input(&mut s.dxn, &s.dup, &w.w_up, n, d, f);
+            let dw = if sink.wants(Param::MlpNorm(l)) { Some(sink.dense(Param::MlpNorm(l))) } else { None };
+            cpu::rmsnorm_backward(&mut s.dres, dw, &s.dxn, &a.x_mid, &w.mlp_norm, &a.rstd2, d);
+
+            // Attention block. s.dres holds d(x_mid) and becomes d(x_in).
+            if sink.wants(lin(Linear::O)) {
+                sink.linear(lin(Linear::O), &s.dres, &a.att, n, qd, d);
+            }
+            s.datt.fill(0.0);
+            cpu::matmul_backward_input(&mut s.datt, &s.dres, &w.wo, n, qd, d);
+            s.dq.fill(0.0);
+            s.dk.fill(0.0);
+            s.dv.fill(0.0);
+            cpu::attention_backward(
+                &mut s.dq, &mut s.dk, &mut s.dv, &mut s.delta, &s.datt, &a.att, &a.lse, &a.q, &a.k, &a.v, dims,
+            );
+            cpu::rope_backward(&mut s.dq, &self.rope, t, c.n_heads, c.head_dim);
+            cpu::rope_backward(&mut s.dk, &self.rope, t, c.n_kv_heads, c.head_dim);
+            for (which, dy, width) in [(Linear::Q, &s.dq, qd), (Linear::K, &s.dk, kvd), (Linear::V, &s.dv, kvd)] {
+                if sink.wants(lin(which)) {
+                    sink.linear(lin(which), dy, &a.xn1, n, d, width);
+                }
+            }
+            s.dxn.fill(0.0);
+            cpu::matmul_backward_input(&mut s.dxn, &s.dq, &w.wq, n, d, qd);
+            cpu::matmul_backward_input(&mut s.dxn, &s.dk, &w.wk, n, d, kvd);
+            cpu::matmul_backward_input(&mut s.dxn, &s.dv, &w.wv, n, d, kvd);
+            let dw = if sink.wants(Param::AttnNorm(l)) { Some(sink.dense(Param::AttnNorm(l))) } else { None };
+            cpu::rmsnorm_backward(&mut s.dres, dw, &s.dxn, &a.x_in, &w.attn_norm, &a.rstd1, d);
+        }
+        if sink.wants(Param::Embed) {
+            cpu::embedding_backward(sink.dense(Param::Embed), &s.dres, tokens, d);
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------
+// Inference with a KV cache
+
+/// Keys and values of every layer for the positions seen so far, so that
+/// generating one more token costs one row of work instead of T.
+pub struct KvCache {
+    pub b: usize,
+    /// Capacity in positions.
+    pub cap: usize,
+    /// Positions filled.
+    pub len: usize,
+    k: Vec<Vec<f32>>, // L x (B, cap, KVH*HS), after RoPE
+    v: Vec<Vec<f32>>, // L x (B, cap, KVH*HS)
+}
+
+impl KvCache {
+    pub fn new(c: &Config, b: usize, cap: usize) -> KvCache {
+        let size = b * cap * c.kv_dim();
+        KvCache {
+            b,
+            cap,
+            len: 0,
+            k: (0..c.n_layers).map(|_| vec![0.0; size]).collect(),
+            v: (0..c.n_layers).map(|_| vec![0.0; size]).collect(),
+        }
+    }
+}
+
+impl Model {
+    /// Runs tokens (B, n) at positions cache.len .. cache.len + n, appends
+    /// their keys and values to the cache, and returns the logits (B, V) of
+    /// the last of the n positions of each row.
+    pub fn forward_cached(&self, cache: &mut KvCache, tokens: &[u32]) -> Vec<f32> {
+        let c = &self.config;
+        let b = cache.b;
+        let n = tokens.len() / b;
+        let rows = b * n;
+        let (d, qd, kvd, f) = (c.dim, c.q_dim(), c.kv_dim(), c.ffn_dim);
+        let pos0 = cache.len;
+        assert_eq!(tokens.len(), rows, "forward_cached: tokens must be (B, n)");
+        assert!(pos0 + n <= cache.cap, "forward_cached: KV cache is full");
+        assert!(self.rope.max_pos() >= pos0 + n, "forward_cached: call ensure_rope first");
+        let dims = AttnDims { b, tq: n, tk: pos0 + n, tcap: cache.cap, nh: c.n_heads, kvh: c.n_kv_heads, hs: c.head_dim };
+        let z = |len: usize| vec![0.0f32; len];
+        let (mut x, mut xn, mut rstd, mut tmp) = (z(rows * d), z(rows * d), z(rows), z(rows * d));
+        let (mut q, mut k, mut v, mut att, mut lse) = (z(rows * qd), z(rows * kvd), z(rows * kvd), z(rows * qd), z(rows * c.n_heads));
+        let (mut gate, mut up, mut h) = (z(rows * f), z(rows * f), z(rows * f));
+
+        cpu::embedding_forward(&mut x, tokens, &self.weights.embed, d);
+        for l in 0..c.n_layers {
+            let w = &self.weights.layers[l];
+            cpu::rmsnorm_forward(&mut xn, &mut rstd, &x, &w.attn_norm, d, c.norm_eps);
+            cpu::matmul_forward(&mut q, &xn, &w.wq, rows, d, qd);
+            cpu::matmul_forward(&mut k, &xn, &w.wk, rows, d, kvd);
+            cpu::matmul_forward(&mut v, &xn, &w.wv, rows, d, kvd);
+            cpu::rope_forward(&mut q, &self.rope, n, c.n_heads, c.head_dim, pos0);
+            cpu::rope_forward(&mut k, &self.rope, n, c.n_kv_heads, c.head_dim, pos0);
+            for bi in 0..b {
+                let dst = (bi * cache.cap + pos0) * kvd;
+                cache.k[l][dst..dst + n * kvd].copy_from_slice(&k[bi * n * kvd..(bi + 1) * n * kvd]);
+                cache.v[l][dst..dst + n * kvd].copy_from_slice(&v[bi * n * kvd..(bi + 1) * n * kvd]);
+            }
+            cpu::attention_forward(&mut att, &mut lse, &q, &cache.k[l], &cache.v[l], dims);
+            cpu::matmul_forward(&mut tmp, &att, &w.wo, rows, qd, d);
+            cpu::residual_forward(&mut x, &tmp);
+            cpu::rmsnorm_forward(&mut xn, &mut rstd, &x, &w.mlp_norm, d, c.norm_eps);
+            cpu::matmul_forward(&mut gate, &xn, &w.w_gate, rows, d, f);
+            cpu::matmul_forward(&mut up, &xn, &w.w_up, rows, d, f);
+            cpu::swiglu_forward(&mut h, &gate, &up);
+            cpu::matmul_forward(&mut tmp, &h, &w.w_down, rows, f, d);
+            cpu::residual_forward(&mut x, &tmp);
+        }
+        cache.len += n;
+        // Only the last position of each row needs the final norm and the head.
+        let mut last = z(b * d);
+        for bi in 0..b {
+            let src = (bi * n + n - 1) * d;
+            last[bi * d..(bi + 1) * d].copy_from_slice(&x[src..src + d]);
+        }
+        let mut lastn = z(b * d);
+        cpu::rmsnorm_forward(&mut lastn, &mut rstd[..b], &last, &self.weights.norm, d, c.norm_eps);
+        let mut logits = z(b * c.vocab_size);
+        cpu::matmul_forward(&mut logits, &lastn, self.weights.head(), b, d, c.vocab_size);
+        logits
+    }
+}
