@@ -3,11 +3,14 @@
 //! The crate is both the `lift` binary's engine and a library the tests use.
 //! Read it in this order: `model` (what a Llama is), `cpu` (how each op is
 //! computed), `checkpoint` (the model.bin format), `convert` (GGUF and Hugging
-//! Face import), `tokenizer`, `generate`.
+//! Face import), `tokenizer`, `data` (the prompt template, loss mask and
+//! batches), `generate`, `answer` (reading answers out of generated text).
 
+pub mod answer;
 pub mod checkpoint;
 pub mod convert;
 pub mod cpu;
+pub mod data;
 pub mod generate;
 pub mod gguf;
 pub mod model;
