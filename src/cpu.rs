@@ -293,7 +293,20 @@ pub struct AttnDims {
 /// (B, Tq, NH), the log-sum-exp of each row of scores: it is all the backward
 /// pass needs to rebuild the probabilities, so the (T, T) score matrix of a
 /// head is never stored (the flash-attention trick).
-pub fn attention_forward(out: &mut [f32], lse: &mut [f32], q: &[f32], k: &[f32], v: &[f32], d: AttnDims) {
+///
+/// `starts` (B), for left-padded batches in generation: row b's keys before
+/// starts[b] are padding and are masked out. (A padding query itself attends
+/// only to its own key, which keeps it finite; nothing reads its output.)
+#[allow(clippy::too_many_arguments)]
+pub fn attention_forward(
+    out: &mut [f32],
+    lse: &mut [f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    d: AttnDims,
+    starts: Option<&[usize]>,
+) {
     let AttnDims { tq, tk, tcap, nh, kvh, hs, .. } = d;
     let scale = 1.0 / (hs as f32).sqrt();
     let group = nh / kvh;
@@ -305,13 +318,15 @@ pub fn attention_forward(out: &mut [f32], lse: &mut [f32], q: &[f32], k: &[f32],
             || vec![0.0f32; tk],
             |scores, (row, (out_t, lse_t))| {
                 let (b, t) = (row / tq, row % tq);
-                let n_keys = tk - tq + t + 1; // causal: keys 0..=position of t
+                let pos = tk - tq + t; // causal: keys lo..=pos
+                let lo = starts.map_or(0, |s| s[b].min(pos));
+                let n_keys = pos + 1 - lo;
                 let q_t = &q[row * nh * hs..(row + 1) * nh * hs];
                 for h in 0..nh {
                     let kv = h / group;
                     let qh = &q_t[h * hs..(h + 1) * hs];
-                    let key = |j: usize| &k[((b * tcap + j) * kvh + kv) * hs..][..hs];
-                    let val = |j: usize| &v[((b * tcap + j) * kvh + kv) * hs..][..hs];
+                    let key = |j: usize| &k[((b * tcap + lo + j) * kvh + kv) * hs..][..hs];
+                    let val = |j: usize| &v[((b * tcap + lo + j) * kvh + kv) * hs..][..hs];
                     let mut max = f32::NEG_INFINITY;
                     for (j, s) in scores[..n_keys].iter_mut().enumerate() {
                         *s = dot(qh, key(j)) * scale;

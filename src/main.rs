@@ -1,3 +1,469 @@
+//! The `lift` command line. Each subcommand is a thin layer over the library:
+//! parse arguments, call into `lift::*`, print results.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+
+use lift::checkpoint::{Checkpoint, DType};
+use lift::model::Model;
+use lift::train::{Method, Schedule, TrainOptions};
+
+#[derive(Parser)]
+#[command(
+    name = "lift",
+    version,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true,
+    about = "LIFT fine-tuning (Low-rank Informed Sparse Fine-Tuning) of Llama-family models",
+    long_about = "LIFT fine-tuning of Llama-family models: only the principal weights \
+                  (the largest entries of each linear layer's rank-r approximation) are trained.\n\n\
+                  Models are read from lift's own model.bin; `lift convert` makes one from a \
+                  GGUF file or a Hugging Face directory."
+)]
+struct Cli {
+    /// Worker threads for the CPU backend (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// With no subcommand, lift trains: `lift --checkpoint M --data F` = `lift train ...`.
+    #[command(flatten)]
+    train: TrainArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Fine-tune a model (the default command): LIFT or a baseline method.
+    Train(TrainArgs),
+    /// Loss and answer accuracy of a model on a data set.
+    Eval(EvalArgs),
+    /// Write a model.bin as a Hugging Face directory or a GGUF file.
+    Export(ExportArgs),
+    /// Convert a GGUF file or a Hugging Face model directory into a model.bin.
+    Convert(ConvertArgs),
+    /// Print the token ids of a text as a JSON array (no BOS).
+    Tokenize(TokenizeArgs),
+    /// Continue a prompt with greedy decoding.
+    Generate(GenerateArgs),
+}
+
+#[derive(Args, Clone)]
+struct TrainArgs {
+    /// The model to fine-tune (a model.bin; see `lift convert`).
+    #[arg(long, required = true)]
+    checkpoint: Option<PathBuf>,
+    /// Training data: LLM-Adapters JSON or JSONL.
+    #[arg(long, required = true)]
+    data: Option<PathBuf>,
+    /// Output directory: model.bin, metrics.jsonl, loss.svg, state.bin.
+    #[arg(long, default_value = "out")]
+    out: PathBuf,
+    /// What to train.
+    #[arg(long, value_enum, default_value = "lift")]
+    method: Method,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 2e-4)]
+    lr: f32,
+    #[arg(long, default_value_t = 3)]
+    epochs: usize,
+    /// Stop after this many optimizer steps.
+    #[arg(long)]
+    max_steps: Option<u64>,
+    /// Examples per micro-batch.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    /// Longer examples are truncated (and counted).
+    #[arg(long, default_value_t = 2048)]
+    max_seq_len: usize,
+    /// Warmup as a fraction of the total steps.
+    #[arg(long, default_value_t = 0.03)]
+    warmup: f32,
+    #[arg(long, value_enum, default_value = "linear")]
+    schedule: Schedule,
+    /// Decoupled weight decay (on the trained entries only).
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f32,
+    /// Clip the global gradient norm to this (0 = off).
+    #[arg(long, default_value_t = 1.0)]
+    grad_clip: f32,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Examples held out for validation (0 = none).
+    #[arg(long, default_value_t = 100)]
+    val_size: usize,
+    /// Validation loss every N optimizer steps (and at the end).
+    #[arg(long, default_value_t = 50)]
+    eval_every: u64,
+    /// Save a resumable state every N optimizer steps (0 = only at the end).
+    #[arg(long, default_value_t = 100)]
+    save_every: u64,
+    /// Print a progress line every N optimizer steps.
+    #[arg(long, default_value_t = 1)]
+    log_every: u64,
+    /// Fraction of each linear weight to train (LIFT, magnitude, random).
+    #[arg(long, conflicts_with = "rank")]
+    density: Option<f64>,
+    /// Instead of --density: the LoRA-equivalent budget k = (out+in)*rank per matrix.
+    #[arg(long)]
+    rank: Option<usize>,
+    /// Rank r of the low-rank approximation that scores the weights (LIFT).
+    #[arg(long, default_value_t = 128)]
+    filter_rank: usize,
+    /// Power iterations of the randomized low-rank approximation.
+    #[arg(long, default_value_t = lift::lift::DEFAULT_POWER_ITERS)]
+    power_iters: usize,
+    /// Extra columns of the randomized sketch beyond the filter rank.
+    #[arg(long, default_value_t = lift::lift::DEFAULT_OVERSAMPLE)]
+    oversample: usize,
+    /// Recompute the masks every N optimizer steps (0 = never).
+    #[arg(long, default_value_t = 400)]
+    update_interval: u64,
+    /// LoRA adapter rank (--method lora).
+    #[arg(long, default_value_t = 16)]
+    lora_rank: usize,
+    /// LoRA alpha; adapters are scaled by alpha / rank.
+    #[arg(long, default_value_t = 32.0)]
+    lora_alpha: f32,
+    /// Also train the RMSNorm weights (densely).
+    #[arg(long)]
+    train_norms: bool,
+    /// Also train the embedding and LM head (densely).
+    #[arg(long)]
+    train_embeddings: bool,
+    /// Skip examples with no usable prompt or target instead of stopping.
+    #[arg(long)]
+    skip_bad: bool,
+    /// Continue the run saved in this directory (its state.bin).
+    #[arg(long)]
+    resume: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// A model.bin.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// LLM-Adapters JSON or JSONL.
+    #[arg(long)]
+    data: PathBuf,
+    /// Only the first N examples.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Write every prediction as JSONL here.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Only the loss; no generation.
+    #[arg(long)]
+    no_generate: bool,
+    /// Print one JSON object {"loss", "accuracy", "n", ...}.
+    #[arg(long)]
+    json: bool,
+    /// Generation length limit per example.
+    #[arg(long, default_value_t = 256)]
+    max_new_tokens: usize,
+    /// Examples per batch (loss and generation).
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    /// Longer examples are truncated for the loss.
+    #[arg(long, default_value_t = 2048)]
+    max_seq_len: usize,
+    /// Skip examples with no usable prompt instead of stopping.
+    #[arg(long)]
+    skip_bad: bool,
+}
+
+#[derive(Args)]
+struct ExportArgs {
+    /// A model.bin (e.g. out/model.bin after training).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// hf: config.json + model.safetensors + tokenizer.json; gguf: one llama.cpp file.
+    #[arg(long, value_parser = ["hf", "gguf"])]
+    format: String,
+    /// Output directory (hf) or file (gguf).
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Tensor type: f32 or bf16 for hf, f32 or f16 for gguf (default: f32).
+    #[arg(long, value_parser = ["f32", "bf16", "f16"])]
+    dtype: Option<String>,
+}
+
+#[derive(Args)]
+struct ConvertArgs {
+    /// A .gguf file, or a Hugging Face directory with config.json,
+    /// model.safetensors (or shards + index) and tokenizer.json.
+    input: PathBuf,
+    /// Where to write the model.bin.
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Storage type of the tensors in the output.
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
+    dtype: String,
+}
+
+#[derive(Args)]
+struct TokenizeArgs {
+    /// A model.bin (its tokenizer is used).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// The text to tokenize.
+    #[arg(long)]
+    text: String,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// A model.bin.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// The prompt text (encoded with BOS if the tokenizer adds one).
+    #[arg(long, required_unless_present = "prompt_ids")]
+    prompt: Option<String>,
+    /// The prompt as token ids, e.g. "1,2,3" (instead of --prompt; no BOS added).
+    #[arg(long, conflicts_with = "prompt")]
+    prompt_ids: Option<String>,
+    /// How many tokens to generate at most (stops early at EOS).
+    #[arg(long, default_value_t = 128)]
+    max_new_tokens: usize,
+    /// Print {"ids": [...], "text": "..."} with only the new tokens.
+    #[arg(long)]
+    json: bool,
+}
+
 fn main() {
-    println!("lift");
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {}", one_line(&e));
+        std::process::exit(1);
+    }
+}
+
+/// Joins an error and its causes into one line, outermost first.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if !parts.iter().any(|p| p.contains(&s)) {
+            parts.push(s);
+        }
+    }
+    parts.join(": ")
+}
+
+fn run(cli: Cli) -> Result<()> {
+    if let Some(n) = cli.threads {
+        rayon::ThreadPoolBuilder::new().num_threads(n.max(1)).build_global()?;
+    }
+    match cli.command {
+        None => train(cli.train),
+        Some(Command::Train(a)) => train(a),
+        Some(Command::Eval(a)) => eval(a),
+        Some(Command::Convert(a)) => convert(a),
+        Some(Command::Export(a)) => export(a),
+        Some(Command::Tokenize(a)) => tokenize(a),
+        Some(Command::Generate(a)) => generate(a),
+    }
+}
+
+fn train(a: TrainArgs) -> Result<()> {
+    let (Some(checkpoint), Some(data)) = (a.checkpoint, a.data) else {
+        bail!("training needs --checkpoint MODEL.bin and --data FILE.json (see lift --help)");
+    };
+    let o = TrainOptions {
+        checkpoint,
+        data,
+        out: a.out,
+        method: a.method,
+        lr: a.lr,
+        epochs: a.epochs,
+        max_steps: a.max_steps,
+        batch_size: a.batch_size,
+        grad_accum: a.grad_accum,
+        max_seq_len: a.max_seq_len,
+        warmup: a.warmup,
+        schedule: a.schedule,
+        weight_decay: a.weight_decay,
+        grad_clip: a.grad_clip,
+        seed: a.seed,
+        val_size: a.val_size,
+        eval_every: a.eval_every,
+        save_every: a.save_every,
+        log_every: a.log_every,
+        density: a.density,
+        rank: a.rank,
+        filter_rank: a.filter_rank,
+        power_iters: a.power_iters,
+        oversample: a.oversample,
+        update_interval: a.update_interval,
+        lora_rank: a.lora_rank,
+        lora_alpha: a.lora_alpha,
+        train_norms: a.train_norms,
+        train_embeddings: a.train_embeddings,
+        skip_bad: a.skip_bad,
+    };
+    // Ctrl-C: the first asks the loop to save and stop after the current
+    // step; a second one quits at once.
+    ctrlc::set_handler(|| {
+        if lift::train::STOP.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupt: saving the state after this step (Ctrl-C again to quit now)");
+    })?;
+    let s = lift::train::train(&o, a.resume.as_deref())?;
+    if let Some(v) = s.final_val_loss {
+        eprintln!("done: {} steps, last train loss {:.4}, validation loss {v:.4}", s.steps, s.final_train_loss);
+    }
+    Ok(())
+}
+
+fn eval(a: EvalArgs) -> Result<()> {
+    let (ck, mut model) = load_model(&a.checkpoint)?;
+    let o = lift::eval::EvalOptions {
+        data: a.data.clone(),
+        limit: a.limit,
+        preds: a.out,
+        generate: !a.no_generate,
+        max_new_tokens: a.max_new_tokens,
+        batch_size: a.batch_size,
+        max_seq_len: a.max_seq_len,
+        skip_bad: a.skip_bad,
+        quiet: a.json,
+    };
+    let r = lift::eval::evaluate(&mut model, &ck.tokenizer, &o)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!("{}", lift::eval::summary(&r, &a.data));
+    }
+    Ok(())
+}
+
+fn export(a: ExportArgs) -> Result<()> {
+    lift::export::check_target(&a.output, &a.format)?;
+    let dtype = a.dtype.as_deref().unwrap_or("f32");
+    let (ck, model) = load_model(&a.checkpoint)?;
+    let t0 = Instant::now();
+    match (a.format.as_str(), dtype) {
+        ("hf", "f32") => lift::export::export_hf(&ck, &model.weights, &a.output, DType::F32)?,
+        ("hf", "bf16") => lift::export::export_hf(&ck, &model.weights, &a.output, DType::Bf16)?,
+        ("gguf", "f32") => lift::export::export_gguf(&ck, &model.weights, &a.output, false)?,
+        ("gguf", "f16") => lift::export::export_gguf(&ck, &model.weights, &a.output, true)?,
+        (f, d) => bail!("--format {f} does not take --dtype {d} (hf: f32, bf16; gguf: f32, f16)"),
+    }
+    eprintln!("exported {} -> {} ({}, {dtype}, {:.1}s)", a.checkpoint.display(), a.output.display(), a.format, t0.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn convert(a: ConvertArgs) -> Result<()> {
+    let t0 = Instant::now();
+    let dtype = DType::parse(&a.dtype)?;
+    let r = lift::convert::convert(&a.input, &a.output, dtype)?;
+    let c = &r.config;
+    eprintln!(
+        "converted {} ({}) -> {}: {} layers, dim {}, {} heads ({} kv), ffn {}, vocab {}, {} tensors, {:.1}M parameters, {:?}, {:.1}s",
+        a.input.display(),
+        r.source,
+        a.output.display(),
+        c.n_layers,
+        c.dim,
+        c.n_heads,
+        c.n_kv_heads,
+        c.ffn_dim,
+        c.vocab_size,
+        r.n_tensors,
+        r.n_params as f64 / 1e6,
+        dtype,
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn tokenize(a: TokenizeArgs) -> Result<()> {
+    let ck = Checkpoint::open(&a.checkpoint)?;
+    let ids = ck.tokenizer.encode(&a.text);
+    println!("{}", serde_json::to_string(&ids)?);
+    Ok(())
+}
+
+/// Opens a model.bin and loads its weights for the CPU.
+fn load_model(path: &Path) -> Result<(Checkpoint, Model)> {
+    let ck = Checkpoint::open(path)?;
+    let weights = ck.load_weights()?;
+    let model = Model::new(ck.config.clone(), weights);
+    Ok((ck, model))
+}
+
+fn generate(a: GenerateArgs) -> Result<()> {
+    let (ck, mut model) = load_model(&a.checkpoint)?;
+    let tok = &ck.tokenizer;
+    let prompt: Vec<u32> = match (&a.prompt, &a.prompt_ids) {
+        (_, Some(ids)) => parse_ids(ids)?,
+        (Some(text), None) => {
+            let mut ids = Vec::new();
+            if tok.add_bos()
+                && let Some(b) = tok.bos_id()
+            {
+                ids.push(b);
+            }
+            ids.extend(tok.encode(text));
+            ids
+        }
+        (None, None) => bail!("give --prompt or --prompt-ids"),
+    };
+    if prompt.is_empty() {
+        bail!("the prompt is empty");
+    }
+    let vocab = model.config.vocab_size;
+    if let Some(&bad) = prompt.iter().find(|&&id| id as usize >= vocab) {
+        bail!("token id {bad} is out of range (vocab {vocab})");
+    }
+    let t0 = Instant::now();
+    let mut stdout = std::io::stdout();
+    let mut shown = 0usize; // bytes of text already printed when streaming
+    let mut so_far: Vec<u32> = Vec::new();
+    let ids = lift::generate::greedy(&mut model, &prompt, a.max_new_tokens, tok.eos_id(), |id| {
+        if !a.json {
+            // Stream: print whatever complete text the new token adds.
+            so_far.push(id);
+            if let Ok(text) = tok.decode(&so_far)
+                && !text.ends_with('\u{FFFD}')
+                && let Some(new) = text.get(shown..)
+            {
+                let _ = write!(stdout, "{new}");
+                let _ = stdout.flush();
+                shown = text.len();
+            }
+        }
+    });
+    let text = tok.decode(&ids)?;
+    let secs = t0.elapsed().as_secs_f64();
+    if a.json {
+        println!("{}", serde_json::json!({ "ids": ids, "text": text }));
+    } else {
+        print!("{}", text.get(shown..).unwrap_or(""));
+        println!();
+    }
+    eprintln!(
+        "{} prompt tokens, {} new tokens in {:.2}s ({:.1} tokens/s)",
+        prompt.len(),
+        ids.len(),
+        secs,
+        ids.len() as f64 / secs
+    );
+    Ok(())
+}
+
+fn parse_ids(s: &str) -> Result<Vec<u32>> {
+    s.trim_matches(|c| c == '[' || c == ']')
+        .split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(|p| p.trim().parse::<u32>().with_context(|| format!("--prompt-ids: {p:?} is not a token id")))
+        .collect()
 }

@@ -430,6 +430,53 @@ impl Activations {
         }
     }
 
+    /// Re-shapes every buffer for a batch of (B, T). Buffers keep their
+    /// capacity, so after the largest batch has been seen no step allocates.
+    pub fn set_shape(&mut self, c: &Config, b: usize, t: usize) {
+        if (b, t) == (self.b, self.t) {
+            return;
+        }
+        let n = b * t;
+        let (d, q, kv, f) = (c.dim, c.q_dim(), c.kv_dim(), c.ffn_dim);
+        let fit = |v: &mut Vec<f32>, len: usize| v.resize(len, 0.0);
+        self.b = b;
+        self.t = t;
+        self.tokens.resize(n, 0);
+        self.targets.resize(n, -1);
+        for a in self.layers.iter_mut() {
+            for (v, w) in [(&mut a.x_in, d), (&mut a.xn1, d), (&mut a.x_mid, d), (&mut a.xn2, d)] {
+                fit(v, n * w);
+            }
+            for (v, w) in [(&mut a.q, q), (&mut a.att, q), (&mut a.k, kv), (&mut a.v, kv)] {
+                fit(v, n * w);
+            }
+            for v in [&mut a.gate, &mut a.up, &mut a.h] {
+                fit(v, n * f);
+            }
+            fit(&mut a.rstd1, n);
+            fit(&mut a.rstd2, n);
+            fit(&mut a.lse, n * c.n_heads);
+        }
+        for v in [&mut self.tmp, &mut self.x_final, &mut self.xf] {
+            fit(v, n * d);
+        }
+        fit(&mut self.rstd_f, n);
+        fit(&mut self.losses, n);
+        fit(&mut self.logits, n * c.vocab_size);
+        if let Some(s) = self.scratch.as_mut() {
+            for (v, w) in [(&mut s.dres, d), (&mut s.dxn, d), (&mut s.dq, q), (&mut s.datt, q)] {
+                fit(v, n * w);
+            }
+            for v in [&mut s.dk, &mut s.dv] {
+                fit(v, n * kv);
+            }
+            for v in [&mut s.dgate, &mut s.dup, &mut s.dh] {
+                fit(v, n * f);
+            }
+            fit(&mut s.delta, n * c.n_heads);
+        }
+    }
+
     /// Per-position losses of the last forward pass (0 where ignored).
     pub fn losses(&self) -> &[f32] {
         &self.losses
@@ -534,7 +581,7 @@ impl Model {
             cpu::matmul_forward(&mut a.v, &a.xn1, &w.wv, n, d, kvd);
             cpu::rope_forward(&mut a.q, &self.rope, t, c.n_heads, c.head_dim, 0);
             cpu::rope_forward(&mut a.k, &self.rope, t, c.n_kv_heads, c.head_dim, 0);
-            cpu::attention_forward(&mut a.att, &mut a.lse, &a.q, &a.k, &a.v, dims);
+            cpu::attention_forward(&mut a.att, &mut a.lse, &a.q, &a.k, &a.v, dims, None);
             cpu::matmul_forward(&mut acts.tmp, &a.att, &w.wo, n, qd, d);
             a.x_mid.copy_from_slice(&a.x_in);
             cpu::residual_forward(&mut a.x_mid, &acts.tmp);
@@ -647,6 +694,8 @@ pub struct KvCache {
     pub cap: usize,
     /// Positions filled.
     pub len: usize,
+    /// (B) the first real position of each row; earlier ones are left padding.
+    pub starts: Vec<usize>,
     k: Vec<Vec<f32>>, // L x (B, cap, KVH*HS), after RoPE
     v: Vec<Vec<f32>>, // L x (B, cap, KVH*HS)
 }
@@ -658,6 +707,7 @@ impl KvCache {
             b,
             cap,
             len: 0,
+            starts: vec![0; b],
             k: (0..c.n_layers).map(|_| vec![0.0; size]).collect(),
             v: (0..c.n_layers).map(|_| vec![0.0; size]).collect(),
         }
@@ -667,7 +717,8 @@ impl KvCache {
 impl Model {
     /// Runs tokens (B, n) at positions cache.len .. cache.len + n, appends
     /// their keys and values to the cache, and returns the logits (B, V) of
-    /// the last of the n positions of each row.
+    /// the last of the n positions of each row. `cache.starts` masks the
+    /// left padding of rows whose prompts are shorter than the batch's longest.
     pub fn forward_cached(&self, cache: &mut KvCache, tokens: &[u32]) -> Vec<f32> {
         let c = &self.config;
         let b = cache.b;
@@ -698,7 +749,8 @@ impl Model {
                 cache.k[l][dst..dst + n * kvd].copy_from_slice(&k[bi * n * kvd..(bi + 1) * n * kvd]);
                 cache.v[l][dst..dst + n * kvd].copy_from_slice(&v[bi * n * kvd..(bi + 1) * n * kvd]);
             }
-            cpu::attention_forward(&mut att, &mut lse, &q, &cache.k[l], &cache.v[l], dims);
+            let starts = if cache.starts.iter().any(|&s| s > 0) { Some(&cache.starts[..]) } else { None };
+            cpu::attention_forward(&mut att, &mut lse, &q, &cache.k[l], &cache.v[l], dims, starts);
             cpu::matmul_forward(&mut tmp, &att, &w.wo, rows, qd, d);
             cpu::residual_forward(&mut x, &tmp);
             cpu::rmsnorm_forward(&mut xn, &mut rstd, &x, &w.mlp_norm, d, c.norm_eps);

@@ -299,6 +299,38 @@ impl Tokenizer {
         self.tables.token_to_id.get(token).copied()
     }
 
+    /// This tokenizer as a Hugging Face tokenizer.json (for `lift export --format hf`).
+    pub fn to_hf_json(&self) -> Result<String> {
+        hf_write::to_json(&self.spec)
+    }
+
+    /// This tokenizer as GGUF `tokenizer.ggml.*` metadata (for `lift export --format gguf`).
+    pub fn to_gguf_metadata(&self) -> Vec<(String, crate::gguf::GgufValue)> {
+        hf_write::gguf_metadata(&self.spec)
+    }
+
+    /// A byte-level stand-in for models made by `lift init` without a real
+    /// tokenizer: one token per byte (GPT-2's byte alphabet), no merges, then
+    /// `<s>` and `</s>` as BOS and EOS, padded with unused `<|extra_N|>` tokens
+    /// up to `vocab` (at least 258).
+    pub fn byte_level_standin(vocab: usize) -> Result<Tokenizer> {
+        if vocab < 258 {
+            bail!("a byte-level stand-in tokenizer needs a vocabulary of at least 258 (got {vocab})");
+        }
+        let alphabet = byte_alphabet();
+        let mut tokens: Vec<String> = (0..256).map(|b| alphabet.to_char[b].to_string()).collect();
+        tokens.push("<s>".into());
+        tokens.push("</s>".into());
+        for i in tokens.len()..vocab {
+            tokens.push(format!("<|extra_{i}|>"));
+        }
+        let mut types = vec![1; 256];
+        types.extend(std::iter::repeat_n(3, vocab - 256));
+        // One merge that joins nothing real keeps the gpt2 loader's invariant.
+        let merges = vec![format!("{} {}", alphabet.to_char[b'<' as usize], alphabet.to_char[b'>' as usize])];
+        Tokenizer::from_gguf_vocab("gpt2", "gpt-2", tokens, types, merges, Vec::new(), Some(256), Some(257), false)
+    }
+
     /// Text to ids. Never adds BOS. Special tokens written in the text
     /// (`<|im_start|>`) become their ids.
     pub fn encode(&self, text: &str) -> Vec<u32> {
@@ -1395,6 +1427,207 @@ mod hf_json {
 }
 
 // ---------------------------------------------------------------------------
+// Writing tokenizer.json and GGUF metadata
+// ---------------------------------------------------------------------------
+
+/// The inverse of `hf_json` and `gguf_vocab`: a [`Spec`] written back out in
+/// the two formats lift exports.
+mod hf_write {
+    use super::*;
+    use crate::gguf::GgufValue;
+    use serde_json::json;
+
+    pub(super) fn to_json(spec: &Spec) -> Result<String> {
+        // model.vocab: every id with a distinct, non-empty spelling.
+        let mut vocab = serde_json::Map::new();
+        for (id, t) in spec.vocab.iter().enumerate() {
+            if !t.is_empty() && !vocab.contains_key(t) {
+                vocab.insert(t.clone(), json!(id));
+            }
+        }
+        let merges: Vec<Value> = spec.merges.iter().map(|(a, b)| json!([a, b])).collect();
+        let unk = spec.bpe.unk_id.map(|id| spec.vocab[id as usize].clone());
+        let model = json!({
+            "type": "BPE", "dropout": null, "unk_token": unk,
+            "continuing_subword_prefix": null, "end_of_word_suffix": null,
+            "fuse_unk": spec.bpe.fuse_unk, "byte_fallback": spec.bpe.byte_fallback,
+            "ignore_merges": spec.bpe.ignore_merges, "vocab": vocab, "merges": merges,
+        });
+        let added: Vec<Value> = spec
+            .added_tokens
+            .iter()
+            .map(|a| {
+                json!({"id": a.id, "content": a.content, "single_word": a.single_word, "lstrip": a.lstrip,
+                       "rstrip": a.rstrip, "normalized": a.normalized, "special": a.special})
+            })
+            .collect();
+        let seq = |key: &str, items: Vec<Value>| -> Value {
+            match items.len() {
+                0 => Value::Null,
+                1 => items.into_iter().next().unwrap_or(Value::Null),
+                _ => json!({"type": "Sequence", key: items}),
+            }
+        };
+        let normalizer: Vec<Value> = spec
+            .normalizer
+            .iter()
+            .map(|n| match n {
+                Normalize::Prepend(p) => json!({"type": "Prepend", "prepend": p}),
+                Normalize::Replace(a, b) => json!({"type": "Replace", "pattern": {"String": a}, "content": b}),
+            })
+            .collect();
+        let decoder: Vec<Value> = spec
+            .decoder
+            .iter()
+            .map(|d| match d {
+                DecodeStep::ByteLevel => {
+                    json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true})
+                }
+                DecodeStep::Replace(a, b) => json!({"type": "Replace", "pattern": {"String": a}, "content": b}),
+                DecodeStep::ByteFallback => json!({"type": "ByteFallback"}),
+                DecodeStep::Fuse => json!({"type": "Fuse"}),
+                DecodeStep::Strip { content, start, stop } => {
+                    json!({"type": "Strip", "content": content.to_string(), "start": start, "stop": stop})
+                }
+                DecodeStep::Metaspace { strip_first } => json!({"type": "Metaspace", "replacement": "▁",
+                    "prepend_scheme": if *strip_first { "always" } else { "never" }, "split": true}),
+            })
+            .collect();
+        let post = match (spec.add_bos, spec.bos_id) {
+            (true, Some(bos)) => {
+                let name = &spec.vocab[bos as usize];
+                json!({
+                    "type": "TemplateProcessing",
+                    "single": [{"SpecialToken": {"id": name, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                    "pair": [{"SpecialToken": {"id": name, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                             {"SpecialToken": {"id": name, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                    "special_tokens": {name.as_str(): {"id": name, "ids": [bos], "tokens": [name]}},
+                })
+            }
+            _ => Value::Null,
+        };
+        let root = json!({
+            "version": "1.0", "truncation": null, "padding": null,
+            "added_tokens": added,
+            "normalizer": seq("normalizers", normalizer),
+            "pre_tokenizer": seq("pretokenizers", pre_tokenizer_json(&spec.pre_tokenizer)?),
+            "post_processor": post,
+            "decoder": seq("decoders", decoder),
+            "model": model,
+        });
+        Ok(serde_json::to_string(&root)?)
+    }
+
+    /// The pre-tokenizer steps as tokenizers' JSON. ByteLevel's own prefix space
+    /// comes before its regex split, so [PrefixSpace, Split(GPT-2), ByteAlphabet]
+    /// must be written as one ByteLevel, not as a Split and a ByteLevel.
+    fn pre_tokenizer_json(steps: &[PreTokenize]) -> Result<Vec<Value>> {
+        let byte_level = |prefix: bool, regex: bool| {
+            json!({"type": "ByteLevel", "add_prefix_space": prefix, "trim_offsets": true, "use_regex": regex})
+        };
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < steps.len() {
+            match (&steps[i], steps.get(i + 1), steps.get(i + 2)) {
+                (PreTokenize::PrefixSpace, Some(PreTokenize::Split(r)), Some(PreTokenize::ByteAlphabet))
+                    if r == GPT2_REGEX =>
+                {
+                    out.push(byte_level(true, true));
+                    i += 3;
+                }
+                (PreTokenize::PrefixSpace, Some(PreTokenize::ByteAlphabet), _) => {
+                    out.push(byte_level(true, false));
+                    i += 2;
+                }
+                (PreTokenize::PrefixSpace, _, _) => bail!("cannot write this pre-tokenizer as tokenizer.json"),
+                (PreTokenize::Split(r), _, _) => {
+                    out.push(json!({"type": "Split", "pattern": {"Regex": r}, "behavior": "Isolated", "invert": false}));
+                    i += 1;
+                }
+                (PreTokenize::Digits { individual }, _, _) => {
+                    out.push(json!({"type": "Digits", "individual_digits": individual}));
+                    i += 1;
+                }
+                (PreTokenize::ByteAlphabet, _, _) => {
+                    out.push(byte_level(false, false));
+                    i += 1;
+                }
+                (PreTokenize::Metaspace { prepend, split }, _, _) => {
+                    let scheme = match prepend {
+                        Prepend::Always => "always",
+                        Prepend::First => "first",
+                        Prepend::Never => "never",
+                    };
+                    out.push(json!({"type": "Metaspace", "replacement": "▁", "prepend_scheme": scheme, "split": split}));
+                    i += 1;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// tokenizer.ggml.* keys, as llama.cpp and transformers read them.
+    pub(super) fn gguf_metadata(spec: &Spec) -> Vec<(String, GgufValue)> {
+        let byte_level = spec.decoder.iter().any(|d| matches!(d, DecodeStep::ByteLevel));
+        let pre = if spec.pre_tokenizer.iter().any(|p| matches!(p, PreTokenize::Digits { individual: true })) {
+            "smollm"
+        } else if spec.pre_tokenizer.iter().any(|p| matches!(p, PreTokenize::Split(r) if r == LLAMA3_REGEX)) {
+            "llama-bpe"
+        } else if byte_level {
+            "gpt-2"
+        } else {
+            "default"
+        };
+        let added: HashMap<u32, bool> = spec.added_tokens.iter().map(|a| (a.id, a.special)).collect();
+        let types: Vec<i32> = (0..spec.vocab.len() as u32)
+            .map(|id| match added.get(&id) {
+                _ if Some(id) == spec.bpe.unk_id => 2,
+                Some(true) => 3,
+                Some(false) => 4,
+                None if !byte_level && parse_byte_token(&spec.vocab[id as usize]).is_some() => 6,
+                None => 1,
+            })
+            .collect();
+        let mut meta = vec![
+            ("tokenizer.ggml.model".to_string(), GgufValue::String(if byte_level { "gpt2" } else { "llama" }.into())),
+            ("tokenizer.ggml.pre".to_string(), GgufValue::String(pre.into())),
+            ("tokenizer.ggml.tokens".to_string(), GgufValue::string_array(&spec.vocab)),
+            ("tokenizer.ggml.token_type".to_string(), GgufValue::i32_array(&types)),
+            ("tokenizer.ggml.add_bos_token".to_string(), GgufValue::Bool(spec.add_bos)),
+            ("tokenizer.ggml.add_eos_token".to_string(), GgufValue::Bool(false)),
+        ];
+        if byte_level {
+            let merges: Vec<String> = spec.merges.iter().map(|(a, b)| format!("{a} {b}")).collect();
+            meta.push(("tokenizer.ggml.merges".into(), GgufValue::string_array(&merges)));
+        } else {
+            // SentencePiece-style models merge by score: a token made by the
+            // merge of rank r scores -r, so earlier merges win, as in the merge list.
+            let mut scores = vec![-1e9f32; spec.vocab.len()];
+            let index: HashMap<&str, usize> =
+                spec.vocab.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
+            for (rank, (a, b)) in spec.merges.iter().enumerate() {
+                if let Some(&id) = index.get(format!("{a}{b}").as_str())
+                    && scores[id] == -1e9
+                {
+                    scores[id] = -(rank as f32);
+                }
+            }
+            meta.push(("tokenizer.ggml.scores".into(), GgufValue::f32_array(&scores)));
+        }
+        for (key, id) in [
+            ("tokenizer.ggml.bos_token_id", spec.bos_id),
+            ("tokenizer.ggml.eos_token_id", spec.eos_id),
+            ("tokenizer.ggml.unknown_token_id", spec.bpe.unk_id),
+        ] {
+            if let Some(id) = id {
+                meta.push((key.to_string(), GgufValue::U32(id)));
+            }
+        }
+        meta
+    }
+}
+
+// ---------------------------------------------------------------------------
 // GGUF vocabulary
 // ---------------------------------------------------------------------------
 
@@ -1409,10 +1642,8 @@ mod gguf_vocab {
     const USER_DEFINED: i32 = 4;
 
     /// `tokenizer.ggml.pre` names whose models split text like Llama 3, Qwen 2
-    /// and GPT-4o. Every other name gets GPT-2's regex, as in transformers —
-    /// including "smollm", although SmolLM's own tokenizer.json (and llama.cpp)
-    /// isolate digits first. That only changes whitespace runs before a digit:
-    /// "\n\n3" is `Ċ Ċ 3` here and `ĊĊ 3` in SmolLM's own tokenizer.
+    /// and GPT-4o. Every other name gets GPT-2's regex, as in transformers.
+    /// ("smollm" also isolates every digit first: see `build`.)
     fn pre_regex(pre: &str) -> &'static str {
         match pre {
             "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral"
@@ -1477,10 +1708,20 @@ mod gguf_vocab {
                     added_from_types(&tokens, &ty, &special_ids, |i| in_alphabet(&tokens[i]));
                 merges = parse_merges(&merge_list)?;
                 normalizer = Vec::new();
-                pre_tokenizer = vec![
-                    PreTokenize::Split(pre_regex(pre).to_string()),
-                    PreTokenize::ByteAlphabet,
-                ];
+                // SmolLM's own tokenizer.json, and llama.cpp, isolate every digit
+                // before the GPT-2 regex. transformers' GGUF import does not; the
+                // two differ only on whitespace runs before a digit ("\n\n3" is
+                // `ĊĊ 3` with the split, `Ċ Ċ 3` without). We follow the model's
+                // own tokenizer, which is what it was trained on.
+                pre_tokenizer = if pre == "smollm" {
+                    vec![
+                        PreTokenize::Digits { individual: true },
+                        PreTokenize::Split(pre_regex(pre).to_string()),
+                        PreTokenize::ByteAlphabet,
+                    ]
+                } else {
+                    vec![PreTokenize::Split(pre_regex(pre).to_string()), PreTokenize::ByteAlphabet]
+                };
                 bpe = BpeOptions {
                     byte_fallback: false,
                     unk_id: None,

@@ -1,0 +1,172 @@
+//! `lift eval`: how well a model does on a data set.
+//!
+//! Two measures, both on the training template:
+//! - loss: the mean cross-entropy of the target tokens (and EOS) under
+//!   teacher forcing, over the examples that have a target;
+//! - accuracy: for the examples with an `answer`, greedy generation from the
+//!   prompt (batched, KV cache) and the answer read out of the generated text
+//!   by the rules in `answer.rs`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde::Serialize;
+
+use crate::answer;
+use crate::data::{self, Purpose};
+use crate::generate;
+use crate::model::{Activations, Model};
+use crate::tokenizer::Tokenizer;
+
+pub struct EvalOptions {
+    pub data: PathBuf,
+    pub limit: Option<usize>,
+    pub preds: Option<PathBuf>,
+    pub generate: bool,
+    pub max_new_tokens: usize,
+    pub batch_size: usize,
+    pub max_seq_len: usize,
+    pub skip_bad: bool,
+    pub quiet: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalResult {
+    /// Mean target-token loss (None when no example has a target).
+    pub loss: Option<f32>,
+    /// Fraction of generated answers that are correct (None without generation).
+    pub accuracy: Option<f64>,
+    /// Examples evaluated.
+    pub n: usize,
+    /// Examples whose answer was checked, and how many were correct.
+    pub n_answered: usize,
+    pub n_correct: usize,
+    pub loss_tokens: usize,
+}
+
+#[derive(Serialize)]
+struct Prediction<'a> {
+    index: usize,
+    instruction: &'a str,
+    generated: String,
+    extracted: Option<String>,
+    answer: &'a str,
+    correct: bool,
+}
+
+pub fn evaluate(model: &mut Model, tok: &Tokenizer, o: &EvalOptions) -> Result<EvalResult> {
+    if o.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    let loaded = data::load(&o.data, Purpose::Eval, o.skip_bad)?;
+    let mut examples = loaded.examples;
+    if let Some(n) = o.limit {
+        examples.truncate(n);
+    }
+    if examples.is_empty() {
+        bail!("{}: no examples to evaluate", o.data.display());
+    }
+    let eos = tok.eos_id().ok_or_else(|| anyhow!("the tokenizer has no EOS token"))?;
+    let bos = if tok.add_bos() { tok.bos_id() } else { None };
+    let encode = |s: &str| tok.encode(s);
+    let c = model.config.clone();
+
+    // Teacher-forced loss over the examples with a target, in batches.
+    let tokenized: Vec<_> = examples
+        .iter()
+        .filter(|e| e.target.is_some())
+        .map(|e| data::tokenize_example(e, &encode, bos, eos, o.max_seq_len))
+        .filter(|t| t.loss_tokens() > 0)
+        .collect();
+    let (mut loss_sum, mut loss_tokens) = (0.0f64, 0usize);
+    if !tokenized.is_empty() {
+        let longest = tokenized.iter().map(|t| t.ids.len()).max().unwrap_or(1);
+        model.ensure_rope(longest);
+        let mut acts = Activations::new(&c, o.batch_size.min(tokenized.len()), longest);
+        for chunk in tokenized.chunks(o.batch_size) {
+            let refs: Vec<_> = chunk.iter().collect();
+            let batch = data::make_batch(&refs, eos);
+            acts.set_shape(&c, batch.b, batch.t);
+            let l = model.forward(&mut acts, &batch.tokens, Some(&batch.targets));
+            loss_sum += l as f64 * batch.n_loss as f64;
+            loss_tokens += batch.n_loss;
+        }
+    }
+    let loss = (loss_tokens > 0).then(|| (loss_sum / loss_tokens as f64) as f32);
+
+    // Greedy answers, batched by prompt length so little padding is run.
+    let (mut n_answered, mut n_correct) = (0, 0);
+    let mut preds_out = match &o.preds {
+        Some(p) => Some(std::io::BufWriter::new(
+            std::fs::File::create(p).with_context(|| format!("{}: cannot create", p.display()))?,
+        )),
+        None => None,
+    };
+    if o.generate {
+        let mut todo: Vec<(usize, Vec<u32>)> = examples
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.answer.is_some())
+            .map(|(i, e)| (i, data::prompt_ids(e, &encode, bos)))
+            .collect();
+        todo.sort_by_key(|(_, ids)| ids.len());
+        let t0 = Instant::now();
+        let total = todo.len();
+        let mut results: Vec<(usize, String, bool)> = Vec::with_capacity(total);
+        for chunk in todo.chunks(o.batch_size) {
+            let prompts: Vec<Vec<u32>> = chunk.iter().map(|(_, p)| p.clone()).collect();
+            let outs = generate::greedy_batch(model, &prompts, o.max_new_tokens, Some(eos));
+            for ((i, _), ids) in chunk.iter().zip(outs) {
+                let ids: Vec<u32> = ids.into_iter().filter(|&id| id != eos).collect();
+                let text = tok.decode(&ids)?;
+                let gold = examples[*i].answer.as_deref().unwrap_or("");
+                let ok = answer::is_correct(&text, gold);
+                results.push((*i, text, ok));
+            }
+            if !o.quiet {
+                let done = results.len();
+                let correct = results.iter().filter(|r| r.2).count();
+                eprint!(
+                    "\rgenerating: {done}/{total} | accuracy so far {:.1}% | {:.0}s",
+                    100.0 * correct as f64 / done as f64,
+                    t0.elapsed().as_secs_f64()
+                );
+            }
+        }
+        if !o.quiet && total > 0 {
+            eprintln!();
+        }
+        results.sort_by_key(|r| r.0);
+        for (i, text, ok) in results {
+            n_answered += 1;
+            n_correct += ok as usize;
+            if let Some(w) = preds_out.as_mut() {
+                let e = &examples[i];
+                let gold = e.answer.as_deref().unwrap_or("");
+                let p = Prediction {
+                    index: i,
+                    instruction: &e.instruction,
+                    extracted: answer::extract(&text, answer::answer_kind(gold)),
+                    generated: text,
+                    answer: gold,
+                    correct: ok,
+                };
+                writeln!(w, "{}", serde_json::to_string(&p)?)?;
+            }
+        }
+    }
+    if let Some(mut w) = preds_out {
+        w.flush()?;
+    }
+    let accuracy = (n_answered > 0).then(|| n_correct as f64 / n_answered as f64);
+    Ok(EvalResult { loss, accuracy, n: examples.len(), n_answered, n_correct, loss_tokens })
+}
+
+/// A one-line human summary of an evaluation.
+pub fn summary(r: &EvalResult, data: &Path) -> String {
+    let loss = r.loss.map_or("n/a".to_string(), |l| format!("{l:.4}"));
+    let acc = r.accuracy.map_or("n/a".to_string(), |a| format!("{:.1}% ({}/{})", 100.0 * a, r.n_correct, r.n_answered));
+    format!("{}: {} examples | loss {loss} | accuracy {acc}", data.display(), r.n)
+}

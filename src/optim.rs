@@ -1,0 +1,144 @@
+//! Optimizers: AdamW on the selected entries of a weight (LIFT's sparse
+//! AdamW), on every entry (the `full` baseline), and the state bookkeeping of
+//! a mask refresh.
+//!
+//! The update follows the paper's implementation (AdamW as in GaLore /
+//! Hugging Face `transformers.AdamW`), for one entry with gradient g at step t:
+//!   m <- b1 m + (1 - b1) g
+//!   v <- b2 v + (1 - b2) g^2
+//!   w <- w - lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)
+//!   w <- w - lr * wd * w                       (decoupled weight decay)
+
+use serde::{Deserialize, Serialize};
+
+/// AdamW's hyperparameters; `lr` is the rate of the current step.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct AdamW {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+}
+
+impl Default for AdamW {
+    /// The paper's settings: betas (0.9, 0.95), eps 1e-6, no weight decay.
+    fn default() -> AdamW {
+        AdamW { lr: 2e-4, beta1: 0.9, beta2: 0.95, eps: 1e-6, weight_decay: 0.0 }
+    }
+}
+
+impl AdamW {
+    /// lr * sqrt(1 - b2^t) / (1 - b1^t): the bias-corrected step size of step t >= 1.
+    pub fn step_size(&self, t: u64) -> f32 {
+        let bc1 = 1.0 - (self.beta1 as f64).powi(t as i32);
+        let bc2 = 1.0 - (self.beta2 as f64).powi(t as i32);
+        (self.lr as f64 * bc2.sqrt() / bc1) as f32
+    }
+
+    /// One AdamW update of a single entry.
+    #[inline]
+    fn update(&self, w: &mut f32, m: &mut f32, v: &mut f32, g: f32, step_size: f32) {
+        *m = self.beta1 * *m + (1.0 - self.beta1) * g;
+        *v = self.beta2 * *v + (1.0 - self.beta2) * g * g;
+        *w -= step_size * *m / (v.sqrt() + self.eps);
+        *w -= self.lr * self.weight_decay * *w;
+    }
+}
+
+/// Sparse AdamW state of one weight matrix: the selected entries (flat
+/// indices into the (out, in) matrix, ascending) and their moments. Nothing
+/// is stored for the other entries, which never change.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SparseState {
+    pub indices: Vec<u32>, // (k)
+    pub m: Vec<f32>,       // (k)
+    pub v: Vec<f32>,       // (k)
+}
+
+impl SparseState {
+    pub fn new(indices: Vec<u32>) -> SparseState {
+        let k = indices.len();
+        SparseState { indices, m: vec![0.0; k], v: vec![0.0; k] }
+    }
+
+    pub fn k(&self) -> usize {
+        self.indices.len()
+    }
+
+    /// Sparse AdamW step t (t >= 1) of weight w with gradients g (k), one per
+    /// selected entry in the order of `indices`.
+    pub fn step(&mut self, opt: &AdamW, t: u64, w: &mut [f32], g: &[f32]) {
+        assert_eq!(g.len(), self.k(), "sparse AdamW: one gradient per selected entry");
+        let step_size = opt.step_size(t);
+        for (j, &i) in self.indices.iter().enumerate() {
+            opt.update(&mut w[i as usize], &mut self.m[j], &mut self.v[j], g[j], step_size);
+        }
+    }
+
+    /// Switches to a new mask (a refresh): entries selected before and after
+    /// keep their m and v; newly selected entries start from zero. Both index
+    /// lists are ascending, so one merge pass pairs them up.
+    pub fn refresh(&mut self, new_indices: Vec<u32>) -> RefreshStats {
+        let k = new_indices.len();
+        let (mut m, mut v) = (vec![0.0; k], vec![0.0; k]);
+        let (mut i, mut kept) = (0, 0);
+        for (j, &idx) in new_indices.iter().enumerate() {
+            while i < self.indices.len() && self.indices[i] < idx {
+                i += 1;
+            }
+            if i < self.indices.len() && self.indices[i] == idx {
+                m[j] = self.m[i];
+                v[j] = self.v[i];
+                kept += 1;
+            }
+        }
+        *self = SparseState { indices: new_indices, m, v };
+        RefreshStats { kept, total: k }
+    }
+
+    /// Bytes of optimizer state (index, m, v per entry).
+    pub fn bytes(&self) -> usize {
+        self.k() * (4 + 4 + 4)
+    }
+}
+
+/// How many selected entries survived a mask refresh.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RefreshStats {
+    pub kept: usize,
+    pub total: usize,
+}
+
+/// Dense AdamW state of one tensor (the `full` baseline).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DenseState {
+    pub m: Vec<f32>,
+    pub v: Vec<f32>,
+}
+
+impl DenseState {
+    pub fn new(n: usize) -> DenseState {
+        DenseState { m: vec![0.0; n], v: vec![0.0; n] }
+    }
+
+    /// Dense AdamW step t (t >= 1) of w with gradient g, both of the tensor's size.
+    pub fn step(&mut self, opt: &AdamW, t: u64, w: &mut [f32], g: &[f32]) {
+        assert_eq!(w.len(), g.len());
+        let step_size = opt.step_size(t);
+        for i in 0..w.len() {
+            opt.update(&mut w[i], &mut self.m[i], &mut self.v[i], g[i], step_size);
+        }
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.m.len() * 8
+    }
+}
+
+/// Scale factor that brings the global L2 norm of the gradients down to
+/// `max_norm` (1 when it is already below, or clipping is off).
+pub fn clip_scale(sum_sq: f64, max_norm: f32) -> f32 {
+    let norm = sum_sq.sqrt();
+    if max_norm > 0.0 && norm > max_norm as f64 { (max_norm as f64 / (norm + 1e-6)) as f32 } else { 1.0 }
+}
