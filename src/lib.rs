@@ -10,6 +10,7 @@ pub mod convert;
 pub mod cpu;
 pub mod generate;
 pub mod gguf;
+pub mod lift;
 pub mod model;
 pub mod safetensors;
 pub mod tokenizer;
