@@ -133,7 +133,16 @@ fn open_gguf(path: &Path) -> Result<Source> {
     {
         bail!("{p}: RoPE scaling {kind:?} is not supported (lift supports Llama-3 \"llama3\" scaling)");
     }
-    if let Some(t) = g.find("rope_freqs.weight") {
+    if let Some(factor) = g.get_f32("lift.rope.llama3.factor") {
+        // Written by `lift export`: the exact parameters.
+        config.rope_scaling = Some(RopeScaling {
+            factor,
+            low_freq_factor: g.require_f32("lift.rope.llama3.low_freq_factor")?,
+            high_freq_factor: g.require_f32("lift.rope.llama3.high_freq_factor")?,
+            original_max_position_embeddings: g.require_u64("lift.rope.llama3.original_max_position_embeddings")?
+                as usize,
+        });
+    } else if let Some(t) = g.find("rope_freqs.weight") {
         // llama.cpp stores Llama-3.1/3.2 scaling as per-frequency divisors.
         let factors = g.tensor_f32(t)?;
         config.rope_scaling = Some(fit_llama3_scaling(&config, &factors).with_context(|| format!("{p}"))?);
@@ -241,7 +250,20 @@ pub fn permute_rope_rows(w: &[f32], heads: usize, hs: usize, cols: usize) -> Vec
 /// Llama-3.1/3.2 settings against it.
 fn fit_llama3_scaling(c: &Config, factors: &[f32]) -> Result<RopeScaling> {
     let factor = factors.iter().fold(1.0f32, |m, &v| m.max(v));
-    for (lo, hi, orig) in [(1.0, 4.0, 8192), (1.0, 4.0, 4096), (1.0, 4.0, 2048)] {
+    // Llama 3.1 and 3.2 use low 1, high 4, original context 8192. With low and
+    // high fixed, one blended frequency also gives the original context:
+    // s = (orig / wavelen - lo) / (hi - lo) where 1/f = (1 - s)/factor + s.
+    let base = Config { rope_scaling: None, ..c.clone() }.rope_inv_freq();
+    let mut candidates = vec![8192usize, 4096, 2048];
+    for (f, b) in factors.iter().zip(&base) {
+        let inv = 1.0 / *f as f64;
+        if *f > 1.0 + 1e-4 && *f < factor - 1e-4 && factor > 1.0 {
+            let s = (inv - 1.0 / factor as f64) / (1.0 - 1.0 / factor as f64);
+            let wavelen = 2.0 * std::f64::consts::PI / b;
+            candidates.push(((s * 3.0 + 1.0) * wavelen).round() as usize);
+        }
+    }
+    for (lo, hi, orig) in candidates.into_iter().map(|o| (1.0, 4.0, o)) {
         let s = RopeScaling { factor, low_freq_factor: lo, high_freq_factor: hi, original_max_position_embeddings: orig };
         let probe = Config { rope_scaling: Some(s), ..c.clone() };
         let plain = Config { rope_scaling: None, ..c.clone() };

@@ -519,13 +519,14 @@ pub fn crossentropy_backward_inplace(logits: &mut [f32], targets: &[i32], v: usi
 // ----------------------------------------------------------------------------
 // Small helpers
 
-/// log(sum(exp(x))), shifted by the maximum so it cannot overflow.
+/// log(sum(exp(x))), shifted by the maximum so it cannot overflow. The sum
+/// is kept in f64: over a 128K vocabulary an f32 sum would lose ~1e-5.
 pub fn logsumexp(x: &[f32]) -> f32 {
     let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
     if max == f32::NEG_INFINITY {
         return max;
     }
-    max + x.iter().map(|&v| (v - max).exp()).sum::<f32>().ln()
+    (max as f64 + x.iter().map(|&v| (v - max).exp() as f64).sum::<f64>().ln()) as f32
 }
 
 #[inline]

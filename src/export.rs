@@ -132,6 +132,16 @@ pub fn export_gguf(ck: &Checkpoint, weights: &Weights, path: &Path, f16: bool) -
         let dims: Vec<u64> = shape.iter().rev().map(|&d| d as u64).collect();
         owned.push((gname, dims, values, f16 && shape.len() == 2));
     }
+    if let Some(sc) = c.rope_scaling {
+        // lift's own keys keep the exact parameters (llama.cpp ignores them).
+        meta.push(("lift.rope.llama3.factor".into(), GgufValue::F32(sc.factor)));
+        meta.push(("lift.rope.llama3.low_freq_factor".into(), GgufValue::F32(sc.low_freq_factor)));
+        meta.push(("lift.rope.llama3.high_freq_factor".into(), GgufValue::F32(sc.high_freq_factor)));
+        meta.push((
+            "lift.rope.llama3.original_max_position_embeddings".into(),
+            GgufValue::U32(sc.original_max_position_embeddings as u32),
+        ));
+    }
     if c.rope_scaling.is_some() {
         // llama.cpp reads Llama-3 scaling as per-frequency divisors.
         let plain = Config { rope_scaling: None, ..c.clone() }.rope_inv_freq();

@@ -20,6 +20,7 @@ pub mod lora;
 pub mod model;
 pub mod optim;
 pub mod plot;
+pub mod rng;
 pub mod safetensors;
 pub mod tokenizer;
 pub mod train;

@@ -22,6 +22,7 @@
 //! W onto its top-r left singular vectors (or W V_r V_r^T on the right side).
 //! Both routes below compute an orthonormal basis of that subspace and project.
 
+use crate::rng::Rng;
 use anyhow::{Result, bail};
 use rayon::prelude::*;
 
@@ -74,69 +75,6 @@ pub fn filter_rank(out: usize, inp: usize, requested: usize) -> Result<(usize, b
     Ok((requested.min(m), requested > m))
 }
 
-// ----------------------------------------------------------------------------
-// A seeded random number generator of our own, so masks and sketches are the
-// same on every machine and every version of every crate.
-
-/// splitmix64 (Steele, Lea, Flood 2014): a 64-bit counter passed through a
-/// strong mixing function. Tiny, fast, and every seed (0 included) is good.
-pub struct Rng {
-    state: u64,
-}
-
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng { state: seed }
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1), from the top 53 bits.
-    pub fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
-    }
-
-    /// Uniform integer in [0, n), n > 0, without modulo bias (Lemire 2019:
-    /// the high word of x * n, rejecting the few x that would over-represent
-    /// some values).
-    pub fn below(&mut self, n: u64) -> u64 {
-        assert!(n > 0, "Rng::below(0)");
-        let mut m = self.next_u64() as u128 * n as u128;
-        if (m as u64) < n {
-            let threshold = n.wrapping_neg() % n;
-            while (m as u64) < threshold {
-                m = self.next_u64() as u128 * n as u128;
-            }
-        }
-        (m >> 64) as u64
-    }
-
-    /// Two independent standard normal samples (Box-Muller).
-    pub fn normal_pair(&mut self) -> (f64, f64) {
-        let u1 = 1.0 - self.uniform(); // in (0, 1], so ln is finite
-        let u2 = self.uniform();
-        let radius = (-2.0 * u1.ln()).sqrt();
-        let angle = 2.0 * std::f64::consts::PI * u2;
-        (radius * angle.cos(), radius * angle.sin())
-    }
-
-    /// Fills `out` with standard normal samples.
-    pub fn fill_normal(&mut self, out: &mut [f32]) {
-        for pair in out.chunks_mut(2) {
-            let (a, b) = self.normal_pair();
-            pair[0] = a as f32;
-            if pair.len() == 2 {
-                pair[1] = b as f32;
-            }
-        }
-    }
-}
 
 // ----------------------------------------------------------------------------
 // Dense f64 building blocks for the exact path
@@ -841,7 +779,7 @@ pub fn random_mask(n: usize, k: usize, seed: u64) -> Vec<u32> {
     let mut rng = Rng::new(seed);
     let mut taken = vec![0u64; n.div_ceil(64)];
     for j in n - k..n {
-        let t = rng.below(j as u64 + 1) as usize;
+        let t = rng.below(j + 1);
         let pick = if taken[t / 64] >> (t % 64) & 1 == 1 { j } else { t };
         taken[pick / 64] |= 1 << (pick % 64);
     }

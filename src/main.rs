@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 
 use lift::checkpoint::{Checkpoint, DType};
 use lift::model::Model;
-use lift::train::{Method, Schedule, TrainOptions};
+use lift::train::{Method, Schedule, Svd, TrainOptions};
 
 #[derive(Parser)]
 #[command(
@@ -116,6 +116,10 @@ struct TrainArgs {
     /// Rank r of the low-rank approximation that scores the weights (LIFT).
     #[arg(long, default_value_t = 128)]
     filter_rank: usize,
+    /// How to compute the rank-r approximation (auto: exact SVD for matrices up
+    /// to 1024 on the smaller side, randomized subspace iteration above).
+    #[arg(long, value_enum, default_value = "auto")]
+    svd: Svd,
     /// Power iterations of the randomized low-rank approximation.
     #[arg(long, default_value_t = lift::lift::DEFAULT_POWER_ITERS)]
     power_iters: usize,
@@ -299,6 +303,7 @@ fn train(a: TrainArgs) -> Result<()> {
         density: a.density,
         rank: a.rank,
         filter_rank: a.filter_rank,
+        svd: a.svd,
         power_iters: a.power_iters,
         oversample: a.oversample,
         update_interval: a.update_interval,

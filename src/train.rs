@@ -44,6 +44,17 @@ impl Method {
     }
 }
 
+/// How the rank-r approximation behind LIFT's scores is computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Svd {
+    /// Exact for matrices whose smaller side is at most 1024 (cheaper there on
+    /// CPU), randomized subspace iteration for larger ones.
+    Auto,
+    Randomized,
+    Exact,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Schedule {
@@ -77,6 +88,7 @@ pub struct TrainOptions {
     pub density: Option<f64>,
     pub rank: Option<usize>,
     pub filter_rank: usize,
+    pub svd: Svd,
     pub power_iters: usize,
     pub oversample: usize,
     pub update_interval: u64,
@@ -100,8 +112,14 @@ impl TrainOptions {
         AdamW { lr: self.lr, weight_decay: self.weight_decay, ..AdamW::default() }
     }
 
-    fn approx(&self, seed: u64) -> Approx {
-        Approx::Randomized { oversample: self.oversample, power_iters: self.power_iters, seed }
+    fn approx(&self, out: usize, inp: usize, seed: u64) -> Approx {
+        let randomized = Approx::Randomized { oversample: self.oversample, power_iters: self.power_iters, seed };
+        match self.svd {
+            Svd::Exact => Approx::Exact,
+            Svd::Randomized => randomized,
+            Svd::Auto if out.min(inp) <= 1024 => Approx::Exact,
+            Svd::Auto => randomized,
+        }
     }
 }
 
@@ -185,12 +203,9 @@ fn select_masks(model: &Model, o: &TrainOptions, round: u64, log: bool) -> Resul
             let seed = o.seed ^ (round << 32) ^ matrix_id(l, w) as u64;
             let mask = match o.method {
                 Method::Lift => {
-                    if o.filter_rank == 0 {
-                        bail!("--filter-rank must be at least 1");
-                    }
-                    capped |= o.filter_rank > out.min(inp);
-                    let r = o.filter_rank.min(out.min(inp));
-                    lift::principal_mask(weights, out, inp, k, r, o.approx(seed))
+                    let (r, was_capped) = lift::filter_rank(out, inp, o.filter_rank)?;
+                    capped |= was_capped;
+                    lift::principal_mask(weights, out, inp, k, r, o.approx(out, inp, seed))
                 }
                 Method::Magnitude => lift::magnitude_mask(weights, k),
                 Method::Random => lift::random_mask(out * inp, k, seed),
