@@ -114,6 +114,52 @@ pub fn matmul_backward_weight(
     sgemm(oc, ic, n, dout, 1, oc, inp, ic, 1, dweight, ic, true);
 }
 
+/// Only the selected entries of a linear layer's weight gradient: for each
+/// flat index i*IC + j in `indices` (k), dsel += (dout^T @ inp)[i, j], i.e. the
+/// dot product of column i of dout (N, OC) with column j of inp (N, IC).
+/// This is LIFT's sampled dense-dense product: at 5% density it does 5% of
+/// the dense dW GEMM's arithmetic, and no (OC, IC) buffer is ever formed.
+/// `dout_t` (OC*N) and `inp_t` (IC*N) are scratch for the transposes, which
+/// make each of the k dot products read two contiguous rows.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_backward_weight_sampled(
+    dsel: &mut [f32],
+    indices: &[u32],
+    dout: &[f32],
+    inp: &[f32],
+    n: usize,
+    ic: usize,
+    oc: usize,
+    dout_t: &mut [f32],
+    inp_t: &mut [f32],
+) {
+    transpose(&mut dout_t[..oc * n], dout, n, oc);
+    transpose(&mut inp_t[..ic * n], inp, n, ic);
+    let (dout_t, inp_t) = (&dout_t[..oc * n], &inp_t[..ic * n]);
+    dsel.par_chunks_mut(2048).zip(indices.par_chunks(2048)).for_each(|(g, idx)| {
+        for (g, &flat) in g.iter_mut().zip(idx) {
+            let (i, j) = (flat as usize / ic, flat as usize % ic);
+            *g += dot(&dout_t[i * n..(i + 1) * n], &inp_t[j * n..(j + 1) * n]);
+        }
+    });
+}
+
+/// out (C, R) = inp (R, C) transposed, in cache-sized tiles.
+pub fn transpose(out: &mut [f32], inp: &[f32], r: usize, c: usize) {
+    const TILE: usize = 32;
+    out.par_chunks_mut(TILE * r).enumerate().for_each(|(cb, out_rows)| {
+        let c0 = cb * TILE;
+        let c1 = (c0 + TILE).min(c);
+        for r0 in (0..r).step_by(TILE) {
+            for row in r0..(r0 + TILE).min(r) {
+                for col in c0..c1 {
+                    out_rows[(col - c0) * r + row] = inp[row * c + col];
+                }
+            }
+        }
+    });
+}
+
 // ----------------------------------------------------------------------------
 // Embedding
 
@@ -531,17 +577,21 @@ pub fn logsumexp(x: &[f32]) -> f32 {
 
 #[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    // Eight partial sums let the compiler vectorise the loop.
+    // Eight independent partial sums over exact chunks of eight: the compiler
+    // turns the inner loop into one vector multiply-add per chunk.
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
     let mut acc = [0.0f32; 8];
-    let chunks = a.len() / 8;
-    for c in 0..chunks {
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
         for l in 0..8 {
-            acc[l] += a[c * 8 + l] * b[c * 8 + l];
+            acc[l] += x[l] * y[l];
         }
     }
-    let mut s: f32 = acc.iter().sum();
-    for i in chunks * 8..a.len() {
-        s += a[i] * b[i];
+    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
     }
     s
 }
@@ -551,5 +601,44 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 pub fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
     for (y, x) in y.iter_mut().zip(x) {
         *y += alpha * x;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pseudo(n: usize, seed: u32) -> Vec<f32> {
+        (0..n).map(|i| (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) % 1000) as f32 / 500.0 - 1.0).collect()
+    }
+
+    /// The sampled dW equals the same entries of dout^T @ inp computed by a
+    /// plain triple loop, on shapes that are not multiples of any block size.
+    #[test]
+    fn sampled_weight_gradient_matches_naive_product() {
+        let (n, ic, oc) = (37, 29, 41);
+        let (dout, inp) = (pseudo(n * oc, 1), pseudo(n * ic, 2));
+        let indices: Vec<u32> = (0..(oc * ic) as u32).filter(|i| i % 7 == 3 || i % 11 == 0).collect();
+        let mut got = vec![0.5f32; indices.len()];
+        let (mut s1, mut s2) = (vec![0.0; oc * n], vec![0.0; ic * n]);
+        matmul_backward_weight_sampled(&mut got, &indices, &dout, &inp, n, ic, oc, &mut s1, &mut s2);
+        for (g, &flat) in got.iter().zip(&indices) {
+            let (i, j) = (flat as usize / ic, flat as usize % ic);
+            let want: f64 = 0.5 + (0..n).map(|r| dout[r * oc + i] as f64 * inp[r * ic + j] as f64).sum::<f64>();
+            assert!((*g as f64 - want).abs() < 1e-4, "entry ({i}, {j}): {g} vs {want}");
+        }
+    }
+
+    #[test]
+    fn transpose_matches_definition() {
+        let (r, c) = (45, 70);
+        let x = pseudo(r * c, 3);
+        let mut t = vec![0.0; r * c];
+        transpose(&mut t, &x, r, c);
+        for i in 0..r {
+            for j in 0..c {
+                assert_eq!(t[j * r + i], x[i * c + j]);
+            }
+        }
     }
 }

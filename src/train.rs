@@ -185,7 +185,8 @@ struct Grads {
     linear: Vec<Vec<f32>>,
     /// Dense gradients of the extra tensors.
     extra: Vec<(Param, Vec<f32>)>,
-    /// Scratch for one dense dW, reused matrix after matrix (sparse only).
+    /// Scratch for the transposed factors of a sampled dW (sparse only),
+    /// reused matrix after matrix; it grows to N * (OC + IC) floats.
     dw: Vec<f32>,
 }
 
@@ -269,10 +270,7 @@ impl Trainable {
 
     fn new_grads(&self, c: &Config, o: &TrainOptions) -> Grads {
         let (linear, dw) = match self {
-            Trainable::Sparse { states } => {
-                let max = Linear::ALL.iter().map(|w| w.shape(c).0 * w.shape(c).1).max().unwrap_or(0);
-                (states.iter().map(|s| vec![0.0; s.k()]).collect(), vec![0.0; max])
-            }
+            Trainable::Sparse { states } => (states.iter().map(|s| vec![0.0; s.k()]).collect(), Vec::new()),
             Trainable::Full { states } => (states.iter().map(|s| vec![0.0; s.m.len()]).collect(), Vec::new()),
             Trainable::Lora { adapters, .. } => {
                 (adapters.iter().map(|a| vec![0.0; a.a.len() + a.b.len()]).collect(), Vec::new())
@@ -338,13 +336,24 @@ impl GradSink for Sink<'_> {
         let acc = &mut self.grads.linear[id];
         match self.trainable {
             Trainable::Sparse { states } => {
-                // One dense dW in a reused buffer, of which only the k selected
-                // entries are kept: no dense gradient outlives this call.
-                let dw = &mut self.grads.dw[..oc * ic];
-                crate::cpu::sgemm(oc, ic, n, dout, 1, oc, inp, ic, 1, dw, ic, false);
-                for (a, &i) in acc.iter_mut().zip(&states[id].indices) {
-                    *a += dw[i as usize];
+                // Only the k selected entries of dW are computed (a sampled
+                // product); the dense (OC, IC) gradient never exists.
+                let need = n * (oc + ic);
+                if self.grads.dw.len() < need {
+                    self.grads.dw.resize(need, 0.0);
                 }
+                let (dout_t, inp_t) = self.grads.dw[..need].split_at_mut(n * oc);
+                crate::cpu::matmul_backward_weight_sampled(
+                    acc,
+                    &states[id].indices,
+                    dout,
+                    inp,
+                    n,
+                    ic,
+                    oc,
+                    dout_t,
+                    inp_t,
+                );
             }
             Trainable::Full { .. } => crate::cpu::matmul_backward_weight(acc, dout, inp, n, ic, oc),
             Trainable::Lora { adapters, .. } => {
