@@ -342,10 +342,12 @@ pub struct Model {
 }
 
 /// What the forward pass of one block keeps for the backward pass.
-/// N = B*T rows.
+/// N = B*T rows. The RMSNorm outputs and silu(gate) * up are not kept: the
+/// backward pass recomputes them from what is here (a few elementwise passes)
+/// instead of storing 2C + F more floats per row and layer, a third of the
+/// total.
 struct LayerActs {
     x_in: Vec<f32>,  // (N, C) residual stream entering the block
-    xn1: Vec<f32>,   // (N, C) attention RMSNorm output
     rstd1: Vec<f32>, // (N)
     q: Vec<f32>,     // (N, NH*HS) after RoPE
     k: Vec<f32>,     // (N, KVH*HS) after RoPE
@@ -353,11 +355,9 @@ struct LayerActs {
     att: Vec<f32>,   // (N, NH*HS) attention output, before the o projection
     lse: Vec<f32>,   // (N, NH) log-sum-exp of each attention row
     x_mid: Vec<f32>, // (N, C) residual stream after attention
-    xn2: Vec<f32>,   // (N, C) MLP RMSNorm output
     rstd2: Vec<f32>, // (N)
     gate: Vec<f32>,  // (N, F)
     up: Vec<f32>,    // (N, F)
-    h: Vec<f32>,     // (N, F) silu(gate) * up
 }
 
 /// Gradient buffers for the backward pass, reused layer after layer.
@@ -369,6 +369,7 @@ struct Scratch {
     dv: Vec<f32>,    // (N, KVH*HS)
     datt: Vec<f32>,  // (N, NH*HS)
     delta: Vec<f32>, // (N, NH)
+    rstd: Vec<f32>,  // (N) rstd of a recomputed RMSNorm
     dgate: Vec<f32>, // (N, F)
     dup: Vec<f32>,   // (N, F)
     dh: Vec<f32>,    // (N, F)
@@ -383,6 +384,8 @@ pub struct Activations {
     targets: Vec<i32>, // (N), negative = no loss here
     layers: Vec<LayerActs>,
     tmp: Vec<f32>,     // (N, C) a block's output before the residual add
+    xn: Vec<f32>,      // (N, C) the current RMSNorm output (forward and backward)
+    h: Vec<f32>,       // (N, F) the current silu(gate) * up (forward and backward)
     x_final: Vec<f32>, // (N, C) residual stream after the last block
     xf: Vec<f32>,      // (N, C) final RMSNorm output
     rstd_f: Vec<f32>,  // (N)
@@ -405,7 +408,6 @@ impl Activations {
             layers: (0..c.n_layers)
                 .map(|_| LayerActs {
                     x_in: z(n * d),
-                    xn1: z(n * d),
                     rstd1: z(n),
                     q: z(n * q),
                     k: z(n * kv),
@@ -413,14 +415,14 @@ impl Activations {
                     att: z(n * q),
                     lse: z(n * c.n_heads),
                     x_mid: z(n * d),
-                    xn2: z(n * d),
                     rstd2: z(n),
                     gate: z(n * f),
                     up: z(n * f),
-                    h: z(n * f),
                 })
                 .collect(),
             tmp: z(n * d),
+            xn: z(n * d),
+            h: z(n * f),
             x_final: z(n * d),
             xf: z(n * d),
             rstd_f: z(n),
@@ -444,22 +446,23 @@ impl Activations {
         self.tokens.resize(n, 0);
         self.targets.resize(n, -1);
         for a in self.layers.iter_mut() {
-            for (v, w) in [(&mut a.x_in, d), (&mut a.xn1, d), (&mut a.x_mid, d), (&mut a.xn2, d)] {
+            for (v, w) in [(&mut a.x_in, d), (&mut a.x_mid, d)] {
                 fit(v, n * w);
             }
             for (v, w) in [(&mut a.q, q), (&mut a.att, q), (&mut a.k, kv), (&mut a.v, kv)] {
                 fit(v, n * w);
             }
-            for v in [&mut a.gate, &mut a.up, &mut a.h] {
+            for v in [&mut a.gate, &mut a.up] {
                 fit(v, n * f);
             }
             fit(&mut a.rstd1, n);
             fit(&mut a.rstd2, n);
             fit(&mut a.lse, n * c.n_heads);
         }
-        for v in [&mut self.tmp, &mut self.x_final, &mut self.xf] {
+        for v in [&mut self.tmp, &mut self.xn, &mut self.x_final, &mut self.xf] {
             fit(v, n * d);
         }
+        fit(&mut self.h, n * f);
         fit(&mut self.rstd_f, n);
         fit(&mut self.losses, n);
         fit(&mut self.logits, n * c.vocab_size);
@@ -474,6 +477,7 @@ impl Activations {
                 fit(v, n * f);
             }
             fit(&mut s.delta, n * c.n_heads);
+            fit(&mut s.rstd, n);
         }
     }
 
@@ -493,6 +497,7 @@ impl Activations {
             dv: z(n * c.kv_dim()),
             datt: z(n * c.q_dim()),
             delta: z(n * c.n_heads),
+            rstd: z(n),
             dgate: z(n * c.ffn_dim),
             dup: z(n * c.ffn_dim),
             dh: z(n * c.ffn_dim),
@@ -575,10 +580,11 @@ impl Model {
             let (done, rest) = acts.layers.split_at_mut(l + 1);
             let a = &mut done[l];
             // Attention block: x_mid = x_in + o(attention(rope(q), rope(k), v)).
-            cpu::rmsnorm_forward(&mut a.xn1, &mut a.rstd1, &a.x_in, &w.attn_norm, d, c.norm_eps);
-            cpu::matmul_forward(&mut a.q, &a.xn1, &w.wq, n, d, qd);
-            cpu::matmul_forward(&mut a.k, &a.xn1, &w.wk, n, d, kvd);
-            cpu::matmul_forward(&mut a.v, &a.xn1, &w.wv, n, d, kvd);
+            let xn = &mut acts.xn;
+            cpu::rmsnorm_forward(xn, &mut a.rstd1, &a.x_in, &w.attn_norm, d, c.norm_eps);
+            cpu::matmul_forward(&mut a.q, xn, &w.wq, n, d, qd);
+            cpu::matmul_forward(&mut a.k, xn, &w.wk, n, d, kvd);
+            cpu::matmul_forward(&mut a.v, xn, &w.wv, n, d, kvd);
             cpu::rope_forward(&mut a.q, &self.rope, t, c.n_heads, c.head_dim, 0);
             cpu::rope_forward(&mut a.k, &self.rope, t, c.n_kv_heads, c.head_dim, 0);
             cpu::attention_forward(&mut a.att, &mut a.lse, &a.q, &a.k, &a.v, dims, None);
@@ -586,11 +592,11 @@ impl Model {
             a.x_mid.copy_from_slice(&a.x_in);
             cpu::residual_forward(&mut a.x_mid, &acts.tmp);
             // MLP block: x_out = x_mid + down(silu(gate(x)) * up(x)).
-            cpu::rmsnorm_forward(&mut a.xn2, &mut a.rstd2, &a.x_mid, &w.mlp_norm, d, c.norm_eps);
-            cpu::matmul_forward(&mut a.gate, &a.xn2, &w.w_gate, n, d, f);
-            cpu::matmul_forward(&mut a.up, &a.xn2, &w.w_up, n, d, f);
-            cpu::swiglu_forward(&mut a.h, &a.gate, &a.up);
-            cpu::matmul_forward(&mut acts.tmp, &a.h, &w.w_down, n, f, d);
+            cpu::rmsnorm_forward(xn, &mut a.rstd2, &a.x_mid, &w.mlp_norm, d, c.norm_eps);
+            cpu::matmul_forward(&mut a.gate, xn, &w.w_gate, n, d, f);
+            cpu::matmul_forward(&mut a.up, xn, &w.w_up, n, d, f);
+            cpu::swiglu_forward(&mut acts.h, &a.gate, &a.up);
+            cpu::matmul_forward(&mut acts.tmp, &acts.h, &w.w_down, n, f, d);
             let x_out = match rest.first_mut() {
                 Some(next) => &mut next.x_in,
                 None => &mut acts.x_final,
@@ -612,7 +618,7 @@ impl Model {
         let (d, qd, kvd, f, v) = (c.dim, c.q_dim(), c.kv_dim(), c.ffn_dim, c.vocab_size);
         let dims = AttnDims { b, tq: t, tk: t, tcap: t, nh: c.n_heads, kvh: c.n_kv_heads, hs: c.head_dim };
         acts.scratch(c);
-        let Activations { layers, x_final, xf, rstd_f, logits, targets, tokens, scratch, .. } = acts;
+        let Activations { layers, x_final, xf, rstd_f, logits, targets, tokens, scratch, xn, h, .. } = acts;
         let s = scratch.as_mut().expect("scratch allocated above");
 
         // Loss and LM head: dlogits (N, V), then dxf = dlogits @ W_head.
@@ -631,8 +637,11 @@ impl Model {
             let a = &layers[l];
             let lin = |which| Param::Linear(l, which);
             // MLP block. s.dres holds d(x_out) and becomes d(x_mid).
+            // First the two activations the forward pass did not keep.
+            cpu::rmsnorm_forward(xn, &mut s.rstd, &a.x_mid, &w.mlp_norm, d, c.norm_eps);
+            cpu::swiglu_forward(h, &a.gate, &a.up);
             if sink.wants(lin(Linear::Down)) {
-                sink.linear(lin(Linear::Down), &s.dres, &a.h, n, f, d);
+                sink.linear(lin(Linear::Down), &s.dres, h, n, f, d);
             }
             s.dh.fill(0.0);
             cpu::matmul_backward_input(&mut s.dh, &s.dres, &w.w_down, n, f, d);
@@ -640,10 +649,10 @@ impl Model {
             s.dup.fill(0.0);
             cpu::swiglu_backward(&mut s.dgate, &mut s.dup, &s.dh, &a.gate, &a.up);
             if sink.wants(lin(Linear::Gate)) {
-                sink.linear(lin(Linear::Gate), &s.dgate, &a.xn2, n, d, f);
+                sink.linear(lin(Linear::Gate), &s.dgate, xn, n, d, f);
             }
             if sink.wants(lin(Linear::Up)) {
-                sink.linear(lin(Linear::Up), &s.dup, &a.xn2, n, d, f);
+                sink.linear(lin(Linear::Up), &s.dup, xn, n, d, f);
             }
             s.dxn.fill(0.0);
             cpu::matmul_backward_input(&mut s.dxn, &s.dgate, &w.w_gate, n, d, f);
@@ -665,9 +674,10 @@ impl Model {
             );
             cpu::rope_backward(&mut s.dq, &self.rope, t, c.n_heads, c.head_dim);
             cpu::rope_backward(&mut s.dk, &self.rope, t, c.n_kv_heads, c.head_dim);
+            cpu::rmsnorm_forward(xn, &mut s.rstd, &a.x_in, &w.attn_norm, d, c.norm_eps);
             for (which, dy, width) in [(Linear::Q, &s.dq, qd), (Linear::K, &s.dk, kvd), (Linear::V, &s.dv, kvd)] {
                 if sink.wants(lin(which)) {
-                    sink.linear(lin(which), dy, &a.xn1, n, d, width);
+                    sink.linear(lin(which), dy, xn, n, d, width);
                 }
             }
             s.dxn.fill(0.0);

@@ -685,6 +685,10 @@ pub fn train(o: &TrainOptions, resume: Option<&Path>) -> Result<TrainSummary> {
     let c = ck.config.clone();
     let tok = ck.tokenizer.clone();
     let mut model = Model::new(c.clone(), ck.load_weights()?);
+    let save_dtype = ck.dtype();
+    // The weights are copied out; unmapping the file keeps its pages out of
+    // this process's resident memory.
+    drop(ck);
 
     // Data.
     let loaded = data::load(&o.data, Purpose::Train, o.skip_bad).map_err(|e| {
@@ -928,7 +932,7 @@ pub fn train(o: &TrainOptions, resume: Option<&Path>) -> Result<TrainSummary> {
         meta.insert("base_checkpoint".to_string(), o.checkpoint.display().to_string());
         meta.insert("method".to_string(), format!("{:?}", o.method).to_lowercase());
         meta.insert("steps".to_string(), step.to_string());
-        checkpoint::save_weights(&o.out.join("model.bin"), &c, &tok, &model.weights, ck.dtype(), &meta)?;
+        checkpoint::save_weights(&o.out.join("model.bin"), &c, &tok, &model.weights, save_dtype, &meta)?;
         eprintln!("saved {}", o.out.join("model.bin").display());
     }
     eprintln!(
