@@ -10,6 +10,7 @@ pub mod answer;
 pub mod checkpoint;
 pub mod convert;
 pub mod cpu;
+pub mod cuda;
 pub mod data;
 pub mod eval;
 pub mod export;

@@ -1,0 +1,1 @@
+//! `lift gpu-check` (filled in below).

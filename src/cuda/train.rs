@@ -1,0 +1,1 @@
+//! GPU training state (filled in below).
