@@ -15,6 +15,8 @@ pub mod data;
 pub mod eval;
 pub mod export;
 pub mod generate;
+pub mod init;
+pub mod bench;
 pub mod gguf;
 pub mod lift;
 pub mod lora;

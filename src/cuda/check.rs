@@ -1,1 +1,6 @@
-//! `lift gpu-check` (filled in below).
+//! `lift gpu-check` (written next).
+#[derive(clap::Args)]
+pub struct CheckArgs {}
+pub fn run(_a: &CheckArgs) -> anyhow::Result<()> {
+    anyhow::bail!("not yet")
+}

@@ -428,3 +428,45 @@ impl GpuModel {
         Ok(())
     }
 }
+
+impl GpuModel {
+    /// A randomly initialized model made on the device (N(0, 0.02^2) weights,
+    /// unit norms), for benchmarks of shapes too large to build on the host.
+    pub fn random(g: &Gpu, c: &Config, seed: u64, max_t: usize) -> Result<GpuModel> {
+        let mut tmp = g.zeros::<f32>(0)?;
+        let mut counter = 0u64;
+        let mut rand = |n: usize| -> Result<Buf<Bf16>> {
+            if tmp.len() < n {
+                tmp = g.zeros::<f32>(n)?;
+            }
+            counter += 1;
+            k::randn(g, &mut tmp, n, seed ^ (counter << 40))?;
+            k::scale_f32(g, &mut tmp, 0.02, n)?;
+            let mut b = g.zeros::<Bf16>(n)?;
+            k::convert(g, "f32_to_bf16", &mut b, &tmp, n)?;
+            Ok(b)
+        };
+        let ones = |n: usize| g.upload(&to_bf16(&vec![1.0f32; n]));
+        let (d, q, kv, f) = (c.dim, c.q_dim(), c.kv_dim(), c.ffn_dim);
+        let embed = rand(c.vocab_size * d)?;
+        let lm_head = if c.tied_embeddings { None } else { Some(rand(c.vocab_size * d)?) };
+        let mut layers = Vec::with_capacity(c.n_layers);
+        for _ in 0..c.n_layers {
+            layers.push(GpuLayer {
+                attn_norm: ones(d)?,
+                wq: rand(q * d)?,
+                wk: rand(kv * d)?,
+                wv: rand(kv * d)?,
+                wo: rand(d * q)?,
+                mlp_norm: ones(d)?,
+                w_gate: rand(f * d)?,
+                w_up: rand(f * d)?,
+                w_down: rand(d * f)?,
+            });
+        }
+        let table = crate::cpu::RopeTable::new(&c.rope_inv_freq(), max_t.max(1));
+        let rope = RopeDev { cos: g.upload(&table.cos)?, sin: g.upload(&table.sin)?, half: table.half };
+        g.sync()?;
+        Ok(GpuModel { config: c.clone(), embed, layers, norm: ones(d)?, lm_head, rope, adapters: Vec::new() })
+    }
+}
