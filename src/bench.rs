@@ -64,7 +64,7 @@ pub struct BenchArgs {
 }
 
 impl BenchArgs {
-    fn options(&self) -> TrainOptions {
+    pub fn options(&self) -> TrainOptions {
         TrainOptions {
             checkpoint: "".into(),
             data: "".into(),

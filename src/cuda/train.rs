@@ -270,7 +270,7 @@ impl GpuTrainer {
     }
 
     /// Zeroes the gradient accumulators.
-    fn zero_grads(&mut self, g: &Gpu) -> Result<()> {
+    pub fn zero_grads(&mut self, g: &Gpu) -> Result<()> {
         match &mut self.state {
             GpuState::Sparse { states, .. } => states.iter_mut().try_for_each(|s| g.zero(&mut s.acc)),
             GpuState::Full { states } => states.iter_mut().try_for_each(|s| g.zero(&mut s.grad)),
@@ -337,8 +337,19 @@ impl GpuTrainer {
             st.forward_ms += f;
             st.backward_ms += bw;
         }
+        let (grad_norm, ms) = self.update(g, opt, t, grad_clip, micro.len().max(1))?;
+        st.optimizer_ms = ms;
+        st.grad_norm = grad_norm;
+        st.loss = (loss_sum / micro.len().max(1) as f64) as f32;
+        Ok(st)
+    }
+
+    /// The optimizer half of a step: global-norm clipping of the accumulated
+    /// gradients (averaged over `accum` micro-batches), then AdamW at step t.
+    /// Returns (gradient norm, ms).
+    pub fn update(&mut self, g: &Gpu, opt: &AdamW, t: u64, grad_clip: f32, accum: usize) -> Result<(f64, f64)> {
         let t0 = Instant::now();
-        let accum = micro.len().max(1) as f32;
+        let accum = accum as f32;
         let sum_sq = self.grad_sum_sq(g)? / (accum as f64 * accum as f64);
         let clip = optim::clip_scale(sum_sq, grad_clip);
         let gscale = clip / accum;
@@ -364,10 +375,7 @@ impl GpuTrainer {
             }
         }
         g.sync()?;
-        st.optimizer_ms = t0.elapsed().as_secs_f64() * 1e3;
-        st.loss = (loss_sum / micro.len().max(1) as f64) as f32;
-        st.grad_norm = sum_sq.sqrt();
-        Ok(st)
+        Ok((sum_sq.sqrt(), t0.elapsed().as_secs_f64() * 1e3))
     }
 
     /// A mask refresh (train.rs): new masks from the current weights;
