@@ -448,10 +448,10 @@ fn whole_step(g: &Gpu, t: &mut Table, seed: u64) -> Result<()> {
     t.add("LIFT step: updated weights, share of entries off by > 0.1 lr".into(), 1.0 - agree as f64 / cpu_delta.len() as f64, 2e-2);
     let gw = tr.model.download(g)?;
     let mut changed_outside = 0usize;
+    let before = crate::init::random_weights(&c, seed); // the same weights, regenerated
     for id in 0..gmasks.len() {
         let (l, wk) = (id / 7, Linear::ALL[id % 7]);
         let sel: std::collections::HashSet<u32> = gmasks[id].iter().copied().collect();
-        let before = crate::init::random_weights(&c, seed); // the same weights, regenerated
         let (a, bw) = (gw.layers[l].linear(wk), before.layers[l].linear(wk));
         changed_outside += a.iter().zip(bw).enumerate().filter(|(i, (x, y))| !sel.contains(&(*i as u32)) && **x != bf(**y)).count();
     }
