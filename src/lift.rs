@@ -326,7 +326,7 @@ fn tridiagonal_ql(d: &mut [f64], e: &mut [f64], rotations: &mut Vec<Rotation>) {
 /// The r largest eigenvalues of a symmetric (m, m) matrix `a` (consumed) and
 /// their eigenvectors. Returns (values (r), descending; vectors (r, m), row t
 /// the unit eigenvector of values[t]).
-fn sym_eigen_top(mut a: Vec<f64>, m: usize, r: usize) -> (Vec<f64>, Vec<f64>) {
+pub fn sym_eigen_top(mut a: Vec<f64>, m: usize, r: usize) -> (Vec<f64>, Vec<f64>) {
     let r = r.min(m);
     let (mut d, mut e, betas) = tridiagonalize(&mut a, m);
     let mut rotations = Vec::with_capacity(2 * m * m);

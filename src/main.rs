@@ -49,6 +49,24 @@ enum Command {
     Tokenize(TokenizeArgs),
     /// Continue a prompt with greedy decoding.
     Generate(GenerateArgs),
+    /// Write a randomly initialized model of a named shape (for tests and benchmarks).
+    Init(lift::init::InitArgs),
+    /// Time training steps of a model shape; prints one JSON object.
+    Bench(lift::bench::BenchArgs),
+    /// Check every CUDA kernel and a whole LIFT step against the CPU backend.
+    GpuCheck(lift::cuda::check::CheckArgs),
+    /// Compile every CUDA kernel with NVRTC (no GPU needed) and write the PTX.
+    KernelsCheck(KernelsCheckArgs),
+}
+
+#[derive(Args)]
+struct KernelsCheckArgs {
+    /// Architectures to compile for.
+    #[arg(long, value_delimiter = ',', default_value = "compute_80,compute_90")]
+    arch: Vec<String>,
+    /// Write each kernel file's PTX here (for ptxas -v).
+    #[arg(long)]
+    ptx_dir: Option<PathBuf>,
 }
 
 #[derive(Args, Clone)]
@@ -147,6 +165,9 @@ struct TrainArgs {
     /// Continue the run saved in this directory (its state.bin).
     #[arg(long)]
     resume: Option<PathBuf>,
+    /// Where to train: cuda (an NVIDIA GPU), cpu, or auto (cuda when one is found).
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: lift::cuda::Device,
 }
 
 #[derive(Args)]
@@ -273,6 +294,24 @@ fn run(cli: Cli) -> Result<()> {
         Some(Command::Export(a)) => export(a),
         Some(Command::Tokenize(a)) => tokenize(a),
         Some(Command::Generate(a)) => generate(a),
+        Some(Command::Init(a)) => lift::init::run(&a),
+        Some(Command::Bench(a)) => lift::bench::run(&a),
+        Some(Command::GpuCheck(a)) => lift::cuda::check::run(&a),
+        Some(Command::KernelsCheck(a)) => {
+            let archs: Vec<&'static str> = a
+                .arch
+                .iter()
+                .map(|s| match s.as_str() {
+                    "compute_80" | "sm_80" => Ok("compute_80"),
+                    "compute_86" | "sm_86" => Ok("compute_86"),
+                    "compute_89" | "sm_89" => Ok("compute_89"),
+                    "compute_90" | "sm_90" => Ok("compute_90"),
+                    "compute_100" | "sm_100" => Ok("compute_100"),
+                    other => Err(anyhow::anyhow!("--arch {other}: not one of compute_80, 86, 89, 90, 100")),
+                })
+                .collect::<Result<_>>()?;
+            lift::cuda::kernels::check(&archs, a.ptx_dir.as_deref())
+        }
     }
 }
 
@@ -321,6 +360,12 @@ fn train(a: TrainArgs) -> Result<()> {
         }
         eprintln!("\ninterrupt: saving the state after this step (Ctrl-C again to quit now)");
     })?;
+    if a.device.resolve() == lift::cuda::Device::Cuda {
+        if a.resume.is_some() {
+            bail!("--resume is not supported with --device cuda yet");
+        }
+        return lift::cuda::train::train(&o);
+    }
     let s = lift::train::train(&o, a.resume.as_deref())?;
     if let Some(v) = s.final_val_loss {
         eprintln!("done: {} steps, last train loss {:.4}, validation loss {v:.4}", s.steps, s.final_train_loss);

@@ -312,20 +312,23 @@ impl Tokenizer {
     /// A byte-level stand-in for models made by `lift init` without a real
     /// tokenizer: one token per byte (GPT-2's byte alphabet), no merges, then
     /// `<s>` and `</s>` as BOS and EOS, padded with unused `<|extra_N|>` tokens
-    /// up to `vocab` (at least 258).
+    /// up to `vocab` (at least 259).
     pub fn byte_level_standin(vocab: usize) -> Result<Tokenizer> {
-        if vocab < 258 {
-            bail!("a byte-level stand-in tokenizer needs a vocabulary of at least 258 (got {vocab})");
+        if vocab < 259 {
+            bail!("a byte-level stand-in tokenizer needs a vocabulary of at least 259 (got {vocab})");
         }
         let alphabet = byte_alphabet();
         let mut tokens: Vec<String> = (0..256).map(|b| alphabet.to_char[b].to_string()).collect();
         tokens.push("<s>".into());
         tokens.push("</s>".into());
+        // the product of the one merge below, so that the merge list is valid
+        tokens.push(format!("{}{}", alphabet.to_char[b'<' as usize], alphabet.to_char[b'>' as usize]));
         for i in tokens.len()..vocab {
             tokens.push(format!("<|extra_{i}|>"));
         }
         let mut types = vec![1; 256];
-        types.extend(std::iter::repeat_n(3, vocab - 256));
+        types.extend([3, 3, 1]);
+        types.extend(std::iter::repeat_n(3, vocab - 259));
         // One merge that joins nothing real keeps the gpt2 loader's invariant.
         let merges = vec![format!("{} {}", alphabet.to_char[b'<' as usize], alphabet.to_char[b'>' as usize])];
         Tokenizer::from_gguf_vocab("gpt2", "gpt-2", tokens, types, merges, Vec::new(), Some(256), Some(257), false)

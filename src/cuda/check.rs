@@ -1,0 +1,460 @@
+//! `lift gpu-check`: every kernel against its CPU op on random inputs of
+//! several shapes (sizes that are not multiples of the tiles included), then
+//! one whole LIFT training step of a small model against the CPU backend.
+//! Prints a PASS/FAIL table with the error of each; exits non-zero on a FAIL.
+//!
+//! The GPU computes on bf16 inputs, so the CPU op is given the same values
+//! (rounded to bf16, then widened) and differences are what bf16 outputs and
+//! f32 summation order leave: the error is ||gpu - cpu|| / ||cpu||, against a
+//! tolerance of 1e-2 for bf16 outputs (METHOD.md: bf16 lands between 1e-3 and
+//! 1e-2) and exact agreement for index outputs.
+
+use anyhow::{Result, bail};
+
+use super::gpu::{Bf16, Buf, Dt, Gpu};
+use super::launch::{self as k, Attn, RopeDev};
+use super::model::{GpuModel, from_bf16, to_bf16};
+use super::select::{Job, SelectScratch};
+use super::train::GpuTrainer;
+use crate::cpu::{self, AttnDims, RopeTable};
+use crate::lift::{self, Approx};
+use crate::model::{Activations, GradSink, Linear, Model, Param};
+use crate::optim::{AdamW, DenseState, SparseState};
+use crate::rng::Rng;
+
+#[derive(clap::Args)]
+pub struct CheckArgs {
+    /// Seed of the random inputs.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+struct Table {
+    rows: Vec<(String, f64, f64, bool)>,
+}
+
+impl Table {
+    fn add(&mut self, name: String, err: f64, tol: f64) {
+        let ok = err.is_finite() && err <= tol;
+        eprintln!("{:<58} {:>10.2e} {:>9.1e}  {}", name, err, tol, if ok { "PASS" } else { "FAIL" });
+        self.rows.push((name, err, tol, ok));
+    }
+}
+
+/// ||a - b|| / ||b|| (0 when both are zero); NaN anywhere gives NaN.
+pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        if !x.is_finite() || !y.is_finite() {
+            return f64::NAN;
+        }
+        num += (x as f64 - y as f64).powi(2);
+        den += (y as f64).powi(2);
+    }
+    if den == 0.0 { num.sqrt() } else { (num / den).sqrt() }
+}
+
+fn randv(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
+    let mut v = vec![0.0; n];
+    rng.fill_normal(&mut v);
+    v.iter().map(|x| bf(x * scale)).collect()
+}
+
+/// f32 -> bf16 -> f32.
+fn bf(x: f32) -> f32 {
+    half::bf16::from_f32(x).to_f32()
+}
+
+fn upb(g: &Gpu, x: &[f32]) -> Result<Buf<Bf16>> {
+    g.upload(&to_bf16(x))
+}
+
+fn down(g: &Gpu, b: &Buf<Bf16>, n: usize) -> Result<Vec<f32>> {
+    Ok(from_bf16(&g.download(b, n)?))
+}
+
+pub fn run(a: &CheckArgs) -> Result<()> {
+    let t0 = std::time::Instant::now();
+    let g = Gpu::new()?;
+    eprintln!("device: {} (sm_{}{}); kernels compiled by NVRTC in {:.2}s", g.name, g.cc.0, g.cc.1, g.compile_s);
+    eprintln!("{:<58} {:>10} {:>9}  result", "check", "rel. error", "tolerance");
+    let mut t = Table { rows: Vec::new() };
+    let mut rng = Rng::new(a.seed);
+    let tol = 1e-2;
+
+    // GEMM (cuBLAS, bf16 in, f32 compute): the three linear-layer products.
+    for (n, ic, oc) in [(37, 100, 70), (128, 576, 192), (5, 33, 1000)] {
+        let (x, w, dy) = (randv(&mut rng, n * ic, 1.0), randv(&mut rng, oc * ic, 0.1), randv(&mut rng, n * oc, 1.0));
+        let (xb, wb, dyb) = (upb(&g, &x)?, upb(&g, &w)?, upb(&g, &dy)?);
+        let out = g.zeros::<Bf16>(n * oc)?;
+        g.gemm(false, true, n, oc, ic, 1.0, xb.ptr(), wb.ptr(), 0.0, out.ptr(), Dt::Bf16, Dt::Bf16)?;
+        let mut r = vec![0.0; n * oc];
+        cpu::matmul_forward(&mut r, &x, &w, n, ic, oc);
+        t.add(format!("matmul_forward (N={n}, IC={ic}, OC={oc})"), rel_err(&down(&g, &out, n * oc)?, &r), tol);
+        let dx = g.zeros::<Bf16>(n * ic)?;
+        g.gemm(false, false, n, ic, oc, 1.0, dyb.ptr(), wb.ptr(), 0.0, dx.ptr(), Dt::Bf16, Dt::Bf16)?;
+        let mut r = vec![0.0; n * ic];
+        cpu::matmul_backward_input(&mut r, &dy, &w, n, ic, oc);
+        t.add(format!("matmul_backward_input (N={n}, IC={ic}, OC={oc})"), rel_err(&down(&g, &dx, n * ic)?, &r), tol);
+        let dw = g.zeros::<f32>(oc * ic)?;
+        g.gemm(true, false, oc, ic, n, 1.0, dyb.ptr(), xb.ptr(), 0.0, dw.ptr(), Dt::Bf16, Dt::F32)?;
+        let mut r = vec![0.0; oc * ic];
+        cpu::matmul_backward_weight(&mut r, &dy, &x, n, ic, oc);
+        t.add(format!("matmul_backward_weight (N={n}, IC={ic}, OC={oc})"), rel_err(&g.download(&dw, oc * ic)?, &r), 1e-4);
+    }
+
+    // Embedding.
+    for (n, v, c) in [(17, 300, 96), (64, 1000, 130)] {
+        let wte = randv(&mut rng, v * c, 1.0);
+        let tokens: Vec<u32> = (0..n).map(|_| rng.below(v) as u32).collect();
+        let mut out = g.zeros::<Bf16>(n * c)?;
+        k::embedding_forward(&g, &mut out, &g.upload(&tokens)?, &upb(&g, &wte)?, n, c)?;
+        let mut r = vec![0.0; n * c];
+        cpu::embedding_forward(&mut r, &tokens, &wte, c);
+        t.add(format!("embedding_forward (N={n}, V={v}, C={c})"), rel_err(&down(&g, &out, n * c)?, &r), 0.0);
+        let dout = randv(&mut rng, n * c, 1.0);
+        let mut dw = g.zeros::<f32>(v * c)?;
+        k::embedding_backward(&g, &mut dw, &upb(&g, &dout)?, &g.upload(&tokens)?, n, c)?;
+        let mut r = vec![0.0; v * c];
+        cpu::embedding_backward(&mut r, &dout, &tokens, c);
+        t.add(format!("embedding_backward (N={n}, V={v}, C={c})"), rel_err(&g.download(&dw, v * c)?, &r), 1e-6);
+    }
+
+    // RMSNorm.
+    for (n, c) in [(7, 100), (33, 576), (5, 2048)] {
+        let (x, w, dy) = (randv(&mut rng, n * c, 1.0), randv(&mut rng, c, 1.0), randv(&mut rng, n * c, 1.0));
+        let (xb, wb) = (upb(&g, &x)?, upb(&g, &w)?);
+        let (mut out, mut rstd) = (g.zeros::<Bf16>(n * c)?, g.zeros::<f32>(n)?);
+        k::rmsnorm_forward(&g, &mut out, &mut rstd, &xb, &wb, n, c, 1e-5)?;
+        let (mut r, mut rr) = (vec![0.0; n * c], vec![0.0; n]);
+        cpu::rmsnorm_forward(&mut r, &mut rr, &x, &w, c, 1e-5);
+        t.add(format!("rmsnorm_forward (N={n}, C={c})"), rel_err(&down(&g, &out, n * c)?, &r), tol);
+        t.add(format!("rmsnorm_forward rstd (N={n}, C={c})"), rel_err(&g.download(&rstd, n)?, &rr), 1e-5);
+        let mut dx = g.zeros::<Bf16>(n * c)?;
+        let mut dwt = g.zeros::<f32>(c)?;
+        k::rmsnorm_backward(&g, &mut dx, Some(&mut dwt), &upb(&g, &dy)?, &xb, &wb, &rstd, n, c)?;
+        let (mut rdx, mut rdw) = (vec![0.0; n * c], vec![0.0; c]);
+        cpu::rmsnorm_backward(&mut rdx, Some(&mut rdw), &dy, &x, &w, &rr, c);
+        t.add(format!("rmsnorm_backward dinp (N={n}, C={c})"), rel_err(&down(&g, &dx, n * c)?, &rdx), tol);
+        t.add(format!("rmsnorm_backward dweight (N={n}, C={c})"), rel_err(&g.download(&dwt, c)?, &rdw), 1e-4);
+    }
+
+    // RoPE (llama3 scaling), forward and backward.
+    let cfg = crate::init::named_config("llama-3.2-1b")?;
+    for (b, tt, h, hs) in [(2, 13, 3, 64), (1, 70, 2, 128), (3, 5, 4, 32)] {
+        let mut c = cfg.clone();
+        c.head_dim = hs;
+        let table = RopeTable::new(&c.rope_inv_freq(), 80);
+        let rope = RopeDev { cos: g.upload(&table.cos)?, sin: g.upload(&table.sin)?, half: table.half };
+        let x = randv(&mut rng, b * tt * h * hs, 1.0);
+        let mut xb = upb(&g, &x)?;
+        k::rope_rotate(&g, &mut xb, &rope, b * tt, tt, h, hs, 0, 1.0)?;
+        let mut r = x.clone();
+        cpu::rope_forward(&mut r, &table, tt, h, hs, 0);
+        t.add(format!("rope_forward (B={b}, T={tt}, H={h}, HS={hs})"), rel_err(&down(&g, &xb, x.len())?, &r), tol);
+        let mut xb = upb(&g, &x)?;
+        k::rope_rotate(&g, &mut xb, &rope, b * tt, tt, h, hs, 0, -1.0)?;
+        let mut r = x.clone();
+        cpu::rope_backward(&mut r, &table, tt, h, hs);
+        t.add(format!("rope_backward (B={b}, T={tt}, H={h}, HS={hs})"), rel_err(&down(&g, &xb, x.len())?, &r), tol);
+    }
+
+    // Causal GQA attention, forward and backward.
+    for (b, tt, nh, kvh, hs) in [(1, 37, 4, 2, 32), (2, 70, 6, 2, 64), (1, 129, 2, 1, 128), (1, 50, 3, 3, 80)] {
+        let d = Attn { b, t: tt, nh, kvh, hs };
+        let dims = AttnDims { b, tq: tt, tk: tt, tcap: tt, nh, kvh, hs };
+        let (nq, nkv) = (b * tt * nh * hs, b * tt * kvh * hs);
+        let (q, kk, v) = (randv(&mut rng, nq, 1.0), randv(&mut rng, nkv, 1.0), randv(&mut rng, nkv, 1.0));
+        let (qb, kb, vb) = (upb(&g, &q)?, upb(&g, &kk)?, upb(&g, &v)?);
+        let (mut out, mut lse) = (g.zeros::<Bf16>(nq)?, g.zeros::<f32>(b * tt * nh)?);
+        k::attention_forward(&g, &mut out, &mut lse, &qb, &kb, &vb, d)?;
+        let (mut r, mut rl) = (vec![0.0; nq], vec![0.0; b * tt * nh]);
+        cpu::attention_forward(&mut r, &mut rl, &q, &kk, &v, dims, None);
+        let name = format!("(B={b}, T={tt}, NH={nh}, KVH={kvh}, HS={hs})");
+        let gout = down(&g, &out, nq)?;
+        t.add(format!("attention_forward out {name}"), rel_err(&gout, &r), tol);
+        t.add(format!("attention_forward lse {name}"), rel_err(&g.download(&lse, b * tt * nh)?, &rl), 1e-4);
+        let dout = randv(&mut rng, nq, 1.0);
+        let (mut dq, mut dk, mut dv, mut delta) = (g.zeros::<Bf16>(nq)?, g.zeros::<Bf16>(nkv)?, g.zeros::<Bf16>(nkv)?, g.zeros::<f32>(b * tt * nh)?);
+        k::attention_backward(&g, &mut dq, &mut dk, &mut dv, &mut delta, &upb(&g, &dout)?, &out, &lse, &qb, &kb, &vb, d)?;
+        // the CPU backward gets the GPU's (bf16) forward output, as the GPU does
+        let (mut rq, mut rk, mut rv, mut rd) = (vec![0.0; nq], vec![0.0; nkv], vec![0.0; nkv], vec![0.0; b * tt * nh]);
+        cpu::attention_backward(&mut rq, &mut rk, &mut rv, &mut rd, &dout, &gout, &rl, &q, &kk, &v, dims);
+        t.add(format!("attention_backward dq {name}"), rel_err(&down(&g, &dq, nq)?, &rq), tol);
+        t.add(format!("attention_backward dk {name}"), rel_err(&down(&g, &dk, nkv)?, &rk), tol);
+        t.add(format!("attention_backward dv {name}"), rel_err(&down(&g, &dv, nkv)?, &rv), tol);
+    }
+
+    // SwiGLU.
+    for n in [1000, 12345] {
+        let (gt, up, dy) = (randv(&mut rng, n, 2.0), randv(&mut rng, n, 1.0), randv(&mut rng, n, 1.0));
+        let (gb, ub) = (upb(&g, &gt)?, upb(&g, &up)?);
+        let mut out = g.zeros::<Bf16>(n)?;
+        k::swiglu_forward(&g, &mut out, &gb, &ub, n)?;
+        let mut r = vec![0.0; n];
+        cpu::swiglu_forward(&mut r, &gt, &up);
+        t.add(format!("swiglu_forward (N={n})"), rel_err(&down(&g, &out, n)?, &r), tol);
+        let (mut dg, mut du) = (g.zeros::<Bf16>(n)?, g.zeros::<Bf16>(n)?);
+        k::swiglu_backward(&g, &mut dg, &mut du, &upb(&g, &dy)?, &gb, &ub, n)?;
+        let (mut rg, mut ru) = (vec![0.0; n], vec![0.0; n]);
+        cpu::swiglu_backward(&mut rg, &mut ru, &dy, &gt, &up);
+        t.add(format!("swiglu_backward dgate (N={n})"), rel_err(&down(&g, &dg, n)?, &rg), tol);
+        t.add(format!("swiglu_backward dup (N={n})"), rel_err(&down(&g, &du, n)?, &ru), tol);
+    }
+
+    // Residual.
+    {
+        let n = 4099;
+        let (x, y) = (randv(&mut rng, n, 1.0), randv(&mut rng, n, 1.0));
+        let mut out = g.zeros::<Bf16>(n)?;
+        k::residual_forward(&g, &mut out, &upb(&g, &x)?, &upb(&g, &y)?, n)?;
+        let mut r = x.clone();
+        cpu::residual_forward(&mut r, &y);
+        t.add(format!("residual_forward (N={n})"), rel_err(&down(&g, &out, n)?, &r), tol);
+    }
+
+    // Cross-entropy with ignored positions.
+    for (n, v) in [(9, 1000), (4, 50000), (3, 128256)] {
+        let logits = randv(&mut rng, n * v, 3.0);
+        let targets: Vec<i32> = (0..n).map(|i| if i % 3 == 1 { -100 } else { rng.below(v) as i32 }).collect();
+        let mut lb = upb(&g, &logits)?;
+        let tb = g.upload(&targets)?;
+        let (mut losses, mut lse) = (g.zeros::<f32>(n)?, g.zeros::<f32>(n)?);
+        k::crossentropy_forward(&g, &mut losses, &mut lse, &lb, &tb, n, v)?;
+        let mut rl = vec![0.0; n];
+        cpu::crossentropy_forward(&mut rl, &logits, &targets, v);
+        t.add(format!("crossentropy_forward (N={n}, V={v})"), rel_err(&g.download(&losses, n)?, &rl), 1e-4);
+        let count = targets.iter().filter(|&&x| x >= 0).count().max(1);
+        k::crossentropy_backward(&g, &mut lb, &lse, &tb, n, v, 1.0 / count as f32)?;
+        let mut r = logits.clone();
+        cpu::crossentropy_backward_inplace(&mut r, &targets, v);
+        t.add(format!("crossentropy_backward (N={n}, V={v})"), rel_err(&down(&g, &lb, n * v)?, &r), tol);
+    }
+
+    // AdamW, sparse and dense, two steps.
+    {
+        let n = 10007;
+        let w = randv(&mut rng, n, 0.05);
+        let kk = 777;
+        let idx = lift::random_mask(n, kk, 3);
+        let opt = AdamW { lr: 1e-3, weight_decay: 0.01, ..AdamW::default() };
+        let mut wb = upb(&g, &w)?;
+        let ib = g.upload(&idx)?;
+        let (mut m, mut v, mut master) = (g.zeros::<f32>(kk)?, g.zeros::<f32>(kk)?, g.zeros::<f32>(kk)?);
+        k::gather_bf16(&g, &mut master, &wb, &ib, kk)?;
+        let mut st = SparseState::new(idx.clone());
+        let mut rw = w.clone();
+        for step in 1..=2u64 {
+            let grad = randv(&mut rng, kk, 1.0);
+            k::sparse_adamw(&g, &mut wb, n, &ib, &mut m, &mut v, &mut master, &g.upload(&grad)?, kk, 0.5, &opt, step)?;
+            let half: Vec<f32> = grad.iter().map(|x| x * 0.5).collect();
+            st.step(&opt, step, &mut rw, &half);
+        }
+        let rsel: Vec<f32> = idx.iter().map(|&i| rw[i as usize]).collect();
+        t.add(format!("sparse_adamw master (k={kk} of {n}, 2 steps)"), rel_err(&g.download(&master, kk)?, &rsel), 1e-6);
+        let dw: Vec<f32> = down(&g, &wb, n)?.iter().zip(&w).map(|(a, b)| a - b).collect();
+        let rdw: Vec<f32> = rw.iter().zip(&w).map(|(a, b)| bf(*a) - b).collect();
+        t.add(format!("sparse_adamw bf16 weight update (k={kk} of {n})"), rel_err(&dw, &rdw), 1e-6);
+        let mut wb = upb(&g, &w)?;
+        let (mut m, mut v, mut master) = (g.zeros::<f32>(n)?, g.zeros::<f32>(n)?, g.upload(&w)?);
+        let mut ds = DenseState::new(n);
+        let mut rw = w.clone();
+        for step in 1..=2u64 {
+            let grad = randv(&mut rng, n, 1.0);
+            k::adamw(&g, &mut wb, &mut m, &mut v, &mut master, &g.upload(&grad)?, n, 1.0, &opt, step)?;
+            ds.step(&opt, step, &mut rw, &grad);
+        }
+        t.add(format!("adamw master (n={n}, 2 steps)"), rel_err(&g.download(&master, n)?, &rw), 1e-6);
+        let dense: Vec<f32> = (0..n).map(|i| i as f32 * 0.5).collect();
+        let mut acc = g.upload(&vec![1.0f32; kk])?;
+        k::gather_add(&g, &mut acc, &g.upload(&dense)?, &ib, kk)?;
+        let r: Vec<f32> = idx.iter().map(|&i| 1.0 + dense[i as usize]).collect();
+        t.add(format!("gather_add (k={kk})"), rel_err(&g.download(&acc, kk)?, &r), 0.0);
+    }
+
+    // The sketch matrix, top-k and the low-rank selection.
+    {
+        let n = 4097 * 3;
+        let mut out = g.zeros::<f32>(n)?;
+        k::randn(&g, &mut out, n, 12345)?;
+        let mut r = vec![0.0; n];
+        Rng::new(12345).fill_normal(&mut r);
+        t.add(format!("randn_splitmix vs Rng::fill_normal (n={n})"), rel_err(&g.download(&out, n)?, &r), 1e-6);
+        let mut sc = SelectScratch::default();
+        for (n, kk, levels) in [(100_003, 5_000, 0), (70_001, 12_345, 64), (8193, 8192, 0), (50, 1, 3)] {
+            // levels > 0: values quantized to few levels, so ties decide
+            let mut s = randv(&mut rng, n, 1.0);
+            if levels > 0 {
+                s.iter_mut().for_each(|x| *x = (*x * levels as f32 / 4.0).round());
+            }
+            let gsel = sc.top_k_of(&g, &s, kk)?;
+            let rsel = lift::top_k_abs(&s, kk);
+            let err = if gsel == rsel { 0.0 } else { 1.0 - lift::mask_overlap(&rsel, &gsel) + 1e-9 };
+            t.add(format!("top_k_abs radix select (n={n}, k={kk}, ties={})", levels > 0), err, 0.0);
+        }
+        for (out_, inp, r, p, iters) in [(300, 700, 16, 16, 4), (700, 300, 16, 16, 4), (96, 200, 8, 128, 0), (257, 129, 20, 0, 0)] {
+            let w = randv(&mut rng, out_ * inp, 0.05);
+            let kk = lift::budget_k(out_, inp, lift::Budget::Density(0.05))?;
+            let how = if p > 0 && r + p < out_.min(inp) {
+                Approx::Randomized { oversample: p, power_iters: iters, seed: 99 }
+            } else {
+                Approx::Exact
+            };
+            let wb = upb(&g, &w)?;
+            let gm = sc.select(&g, &[Job { w: &wb, out: out_, inp, k: kk, r, how }])?;
+            let gm = g.download(&gm[0], kk)?;
+            let rm = lift::principal_mask(&w, out_, inp, kk, r, how);
+            let path = if matches!(how, Approx::Exact) { "exact" } else { "randomized" };
+            t.add(format!("principal_mask {path} ({out_}x{inp}, r={r}, k={kk}): 1 - overlap"), 1.0 - lift::mask_overlap(&rm, &gm), 5e-3);
+        }
+    }
+
+    whole_step(&g, &mut t, a.seed)?;
+
+    let failed = t.rows.iter().filter(|r| !r.3).count();
+    eprintln!(
+        "gpu-check: {} checks, {} passed, {} failed ({:.1}s, {})",
+        t.rows.len(),
+        t.rows.len() - failed,
+        failed,
+        t0.elapsed().as_secs_f64(),
+        g.name
+    );
+    println!("{} passed, {} failed", t.rows.len() - failed, failed);
+    if failed > 0 {
+        bail!("{failed} GPU checks failed");
+    }
+    Ok(())
+}
+
+/// Gathers, at given masks, the selected entries of every linear weight's
+/// gradient (the CPU side of the whole-step check).
+struct MaskSink<'a> {
+    masks: &'a [Vec<u32>],
+    acc: Vec<Vec<f32>>,
+}
+
+impl GradSink for MaskSink<'_> {
+    fn wants(&self, p: Param) -> bool {
+        matches!(p, Param::Linear(..))
+    }
+    fn linear(&mut self, p: Param, dout: &[f32], inp: &[f32], n: usize, ic: usize, oc: usize) {
+        let Param::Linear(l, w) = p else { return };
+        let id = super::model::matrix_id(l, w);
+        let mut dw = vec![0.0f32; oc * ic];
+        cpu::matmul_backward_weight(&mut dw, dout, inp, n, ic, oc);
+        for (a, &i) in self.acc[id].iter_mut().zip(&self.masks[id]) {
+            *a += dw[i as usize];
+        }
+    }
+    fn dense(&mut self, _p: Param) -> &mut [f32] {
+        unreachable!()
+    }
+}
+
+/// One LIFT step of the `small` model (randomized selection path) on both
+/// backends: masks, loss, selected gradients, updated weights.
+fn whole_step(g: &Gpu, t: &mut Table, seed: u64) -> Result<()> {
+    let c = crate::init::named_config("small")?;
+    let mut w = crate::init::random_weights(&c, seed);
+    for p in Param::all(&c) {
+        w.get_mut(p).iter_mut().for_each(|x| *x = bf(*x));
+    }
+    let (b, tt) = (2, 61);
+    let mut model = Model::new(c.clone(), w);
+    model.ensure_rope(tt);
+    let o = crate::bench::BenchArgs {
+        config: "small".into(),
+        method: crate::train::Method::Lift,
+        seq: tt,
+        batch: b,
+        steps: 1,
+        warmup: 0,
+        device: super::Device::Cuda,
+        density: 0.05,
+        filter_rank: 16,
+        oversample: 16,
+        power_iters: 4,
+        svd: crate::train::Svd::Randomized,
+        update_interval: 400,
+        lora_rank: 4,
+        mask_only: false,
+        seed,
+    };
+    let opts = o.options();
+    let gm = GpuModel::upload(g, &model, tt)?;
+    let mut tr = GpuTrainer::new(g, gm, &opts, b, tt)?;
+    let gmasks = tr.masks(g)?;
+
+    // CPU masks with the same seeds (train.rs's formula).
+    let mut min_overlap = 1.0f64;
+    for l in 0..c.n_layers {
+        for wk in Linear::ALL {
+            let (out, inp) = wk.shape(&c);
+            let id = super::model::matrix_id(l, wk);
+            let kk = lift::budget_k(out, inp, lift::Budget::Density(0.05))?;
+            let how = Approx::Randomized { oversample: 16, power_iters: 4, seed: seed ^ id as u64 };
+            let m = lift::principal_mask(model.weights.layers[l].linear(wk), out, inp, kk, 16, how);
+            min_overlap = min_overlap.min(lift::mask_overlap(&m, &gmasks[id]));
+        }
+    }
+    t.add(format!("LIFT step ({}): masks, worst 1 - overlap of {} matrices", "small", gmasks.len()), 1.0 - min_overlap, 5e-3);
+
+    let mut rng = Rng::new(seed ^ 5);
+    let tokens: Vec<u32> = (0..b * tt).map(|_| rng.below(c.vocab_size) as u32).collect();
+    let targets: Vec<i32> = (0..b * tt).map(|i| if i % 7 == 0 { -100 } else { rng.below(c.vocab_size) as i32 }).collect();
+    tr.zero_grads(g)?;
+    let (gloss, _, _) = tr.micro_step(g, b, tt, &tokens, &targets)?;
+    let mut acts = Activations::new(&c, b, tt);
+    let closs = model.forward(&mut acts, &tokens, Some(&targets));
+    t.add("LIFT step: loss".into(), rel_err(&[gloss], &[closs]), 5e-3);
+    let mut sink = MaskSink { masks: &gmasks, acc: gmasks.iter().map(|m| vec![0.0; m.len()]).collect() };
+    model.backward(&mut acts, &mut sink);
+    let ggrads: Vec<Vec<f32>> = match &tr.state {
+        super::train::GpuState::Sparse { states, .. } => states.iter().map(|s| g.download(&s.acc, s.k)).collect::<Result<_>>()?,
+        _ => bail!("LIFT state expected"),
+    };
+    let flat = |v: &[Vec<f32>]| v.iter().flatten().copied().collect::<Vec<f32>>();
+    t.add("LIFT step: selected gradients (all matrices)".into(), rel_err(&flat(&ggrads), &flat(&sink.acc)), 3e-2);
+
+    let opt = AdamW { lr: 1e-3, ..AdamW::default() };
+    let old: Vec<Vec<f32>> = (0..gmasks.len())
+        .map(|id| gmasks[id].iter().map(|&i| model.weights.layers[id / 7].linear(Linear::ALL[id % 7])[i as usize]).collect())
+        .collect();
+    tr.update(g, &opt, 1, 1.0, 1)?;
+    let sum_sq: f64 = sink.acc.iter().flatten().map(|&x| x as f64 * x as f64).sum();
+    let clip = crate::optim::clip_scale(sum_sq, 1.0);
+    let mut cpu_delta = Vec::new();
+    let mut gpu_delta = Vec::new();
+    let masters: Vec<Vec<f32>> = match &tr.state {
+        super::train::GpuState::Sparse { states, .. } => states.iter().map(|s| g.download(&s.master, s.k)).collect::<Result<_>>()?,
+        _ => unreachable!(),
+    };
+    for id in 0..gmasks.len() {
+        let mut st = SparseState::new(gmasks[id].clone());
+        let (l, wk) = (id / 7, Linear::ALL[id % 7]);
+        let grads: Vec<f32> = sink.acc[id].iter().map(|x| x * clip).collect();
+        let wt = model.weights.layers[l].linear_mut(wk);
+        st.step(&opt, 1, wt, &grads);
+        for (j, &i) in gmasks[id].iter().enumerate() {
+            cpu_delta.push(wt[i as usize] - old[id][j]);
+            gpu_delta.push(masters[id][j] - old[id][j]);
+        }
+    }
+    // AdamW's first step is lr * g/|g| per entry: only entries whose gradient
+    // is near zero (sign flips between backends) can disagree.
+    let agree = cpu_delta.iter().zip(&gpu_delta).filter(|(a, b)| (*a - *b).abs() <= 1e-4).count();
+    t.add("LIFT step: updated weights, share of entries off by > 0.1 lr".into(), 1.0 - agree as f64 / cpu_delta.len() as f64, 2e-2);
+    let gw = tr.model.download(g)?;
+    let mut changed_outside = 0usize;
+    let before = crate::init::random_weights(&c, seed); // the same weights, regenerated
+    for id in 0..gmasks.len() {
+        let (l, wk) = (id / 7, Linear::ALL[id % 7]);
+        let sel: std::collections::HashSet<u32> = gmasks[id].iter().copied().collect();
+        let (a, bw) = (gw.layers[l].linear(wk), before.layers[l].linear(wk));
+        changed_outside += a.iter().zip(bw).enumerate().filter(|(i, (x, y))| !sel.contains(&(*i as u32)) && **x != bf(**y)).count();
+    }
+    t.add("LIFT step: unselected entries changed".into(), changed_outside as f64, 0.0);
+    Ok(())
+}

@@ -1,0 +1,472 @@
+//! GpuModel: the Llama of `model.rs` on the GPU. `forward` and `backward`
+//! call the kernels in the order Model::forward and Model::backward call the
+//! CPU ops, line for line, so the two can be read side by side. Weights and
+//! activations are bf16; rstd, lse and losses f32.
+//!
+//! Differences from the CPU model, all deliberate:
+//! - only training shapes (no KV cache: generation stays on the CPU);
+//! - embeddings, norms and the LM head are frozen (`--train-norms` and
+//!   `--train-embeddings` are CPU-only), so their gradients are not formed;
+//! - LoRA adapters run unmerged (W x + s B A x), as LoRA does on a GPU, so
+//!   the frozen base needs no second copy; the CPU merges instead.
+
+use anyhow::{Result, bail};
+use half::bf16;
+
+use super::gpu::{Bf16, Buf, Dt, Gpu};
+use super::launch::{self as k, Attn, RopeDev};
+use crate::model::{Config, Linear, Model, Weights};
+
+/// bf16 bit patterns of f32 values (round to nearest even).
+pub fn to_bf16(x: &[f32]) -> Vec<Bf16> {
+    x.iter().map(|&v| bf16::from_f32(v).to_bits()).collect()
+}
+
+pub fn from_bf16(x: &[Bf16]) -> Vec<f32> {
+    x.iter().map(|&v| bf16::from_bits(v).to_f32()).collect()
+}
+
+/// The weights of one transformer block on the device.
+pub struct GpuLayer {
+    pub attn_norm: Buf<Bf16>,
+    pub wq: Buf<Bf16>,
+    pub wk: Buf<Bf16>,
+    pub wv: Buf<Bf16>,
+    pub wo: Buf<Bf16>,
+    pub mlp_norm: Buf<Bf16>,
+    pub w_gate: Buf<Bf16>,
+    pub w_up: Buf<Bf16>,
+    pub w_down: Buf<Bf16>,
+}
+
+impl GpuLayer {
+    pub fn linear(&self, w: Linear) -> &Buf<Bf16> {
+        match w {
+            Linear::Q => &self.wq,
+            Linear::K => &self.wk,
+            Linear::V => &self.wv,
+            Linear::O => &self.wo,
+            Linear::Gate => &self.w_gate,
+            Linear::Up => &self.w_up,
+            Linear::Down => &self.w_down,
+        }
+    }
+    pub fn linear_mut(&mut self, w: Linear) -> &mut Buf<Bf16> {
+        match w {
+            Linear::Q => &mut self.wq,
+            Linear::K => &mut self.wk,
+            Linear::V => &mut self.wv,
+            Linear::O => &mut self.wo,
+            Linear::Gate => &mut self.w_gate,
+            Linear::Up => &mut self.w_up,
+            Linear::Down => &mut self.w_down,
+        }
+    }
+}
+
+/// A LoRA adapter on the device: A (r, IC), B (OC, r) in bf16 (their f32
+/// masters live in the optimizer state), scale s = alpha / r.
+pub struct GpuAdapter {
+    pub r: usize,
+    pub scale: f32,
+    pub a: Buf<Bf16>,
+    pub b: Buf<Bf16>,
+}
+
+pub struct GpuModel {
+    pub config: Config,
+    pub embed: Buf<Bf16>,
+    pub layers: Vec<GpuLayer>,
+    pub norm: Buf<Bf16>,
+    pub lm_head: Option<Buf<Bf16>>,
+    pub rope: RopeDev,
+    /// LoRA adapters, one per linear matrix (L*7, matrix_id order), or empty.
+    pub adapters: Vec<GpuAdapter>,
+}
+
+/// The matrix number of a linear weight: layer * 7 + position in Linear::ALL
+/// (the same numbering as train.rs).
+pub fn matrix_id(l: usize, w: Linear) -> usize {
+    l * 7 + Linear::ALL.iter().position(|&x| x == w).expect("a linear kind")
+}
+
+impl GpuModel {
+    /// Uploads a CPU model, rounding every weight to bf16, with a RoPE table
+    /// for positions up to `max_t`.
+    pub fn upload(g: &Gpu, model: &Model, max_t: usize) -> Result<GpuModel> {
+        let c = &model.config;
+        if c.head_dim > 128 {
+            bail!("--device cuda: head size {} is above the attention kernels' 128", c.head_dim);
+        }
+        let w = &model.weights;
+        let up = |x: &[f32]| g.upload(&to_bf16(x));
+        let mut layers = Vec::with_capacity(c.n_layers);
+        for lw in &w.layers {
+            layers.push(GpuLayer {
+                attn_norm: up(&lw.attn_norm)?,
+                wq: up(&lw.wq)?,
+                wk: up(&lw.wk)?,
+                wv: up(&lw.wv)?,
+                wo: up(&lw.wo)?,
+                mlp_norm: up(&lw.mlp_norm)?,
+                w_gate: up(&lw.w_gate)?,
+                w_up: up(&lw.w_up)?,
+                w_down: up(&lw.w_down)?,
+            });
+        }
+        let table = crate::cpu::RopeTable::new(&c.rope_inv_freq(), max_t.max(1));
+        let rope = RopeDev { cos: g.upload(&table.cos)?, sin: g.upload(&table.sin)?, half: table.half };
+        Ok(GpuModel {
+            config: c.clone(),
+            embed: up(&w.embed)?,
+            layers,
+            norm: up(&w.norm)?,
+            lm_head: match &w.lm_head {
+                Some(h) => Some(up(h)?),
+                None => None,
+            },
+            rope,
+            adapters: Vec::new(),
+        })
+    }
+
+    /// The matrix the LM head multiplies by: its own, or the embedding.
+    pub fn head(&self) -> &Buf<Bf16> {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+
+    /// Every weight back on the host in f32 (the bf16 values, widened).
+    pub fn download(&self, g: &Gpu) -> Result<Weights> {
+        let c = &self.config;
+        let mut w = Weights::zeros(c);
+        let get = |b: &Buf<Bf16>| -> Result<Vec<f32>> { Ok(from_bf16(&g.download(b, b.len())?)) };
+        w.embed = get(&self.embed)?;
+        w.norm = get(&self.norm)?;
+        if let Some(h) = &self.lm_head {
+            w.lm_head = Some(get(h)?);
+        }
+        for (lw, gl) in w.layers.iter_mut().zip(&self.layers) {
+            lw.attn_norm = get(&gl.attn_norm)?;
+            lw.mlp_norm = get(&gl.mlp_norm)?;
+            for which in Linear::ALL {
+                *lw.linear_mut(which) = get(gl.linear(which))?;
+            }
+        }
+        Ok(w)
+    }
+}
+
+/// What the forward pass of one block keeps for the backward pass (N = B*T).
+pub struct GpuLayerActs {
+    pub x_in: Buf<Bf16>,  // (N, C)
+    pub xn1: Buf<Bf16>,   // (N, C)
+    pub rstd1: Buf<f32>,  // (N)
+    pub q: Buf<Bf16>,     // (N, NH*HS) after RoPE
+    pub k: Buf<Bf16>,     // (N, KVH*HS) after RoPE
+    pub v: Buf<Bf16>,     // (N, KVH*HS)
+    pub att: Buf<Bf16>,   // (N, NH*HS)
+    pub lse: Buf<f32>,    // (N, NH)
+    pub x_mid: Buf<Bf16>, // (N, C)
+    pub xn2: Buf<Bf16>,   // (N, C)
+    pub rstd2: Buf<f32>,  // (N)
+    pub gate: Buf<Bf16>,  // (N, F)
+    pub up: Buf<Bf16>,    // (N, F)
+    pub h: Buf<Bf16>,     // (N, F)
+    /// LoRA only: inp @ A^T of each of the 7 linears, (N, r).
+    pub xa: Vec<Buf<Bf16>>,
+}
+
+/// Gradient buffers of the backward pass, reused layer after layer.
+pub struct GpuScratch {
+    pub dres: Buf<Bf16>,  // (N, C)
+    pub dxn: Buf<Bf16>,   // (N, C)
+    pub dq: Buf<Bf16>,    // (N, NH*HS)
+    pub dk: Buf<Bf16>,    // (N, KVH*HS)
+    pub dv: Buf<Bf16>,    // (N, KVH*HS)
+    pub datt: Buf<Bf16>,  // (N, NH*HS)
+    pub delta: Buf<f32>,  // (N, NH)
+    pub dgate: Buf<Bf16>, // (N, F)
+    pub dup: Buf<Bf16>,   // (N, F)
+    pub dh: Buf<Bf16>,    // (N, F)
+    pub dyb: Buf<Bf16>,   // (N, r) LoRA: dout @ B
+}
+
+/// Every buffer of a forward and backward pass for batches up to (B, T).
+pub struct GpuActs {
+    pub b: usize,
+    pub t: usize,
+    pub cap: usize, // B*T the buffers were made for
+    pub tokens: Buf<u32>,
+    pub targets: Buf<i32>,
+    pub layers: Vec<GpuLayerActs>,
+    pub tmp: Buf<Bf16>,
+    pub x_final: Buf<Bf16>,
+    pub xf: Buf<Bf16>,
+    pub rstd_f: Buf<f32>,
+    /// (N, V) logits after forward; dlogits after backward.
+    pub logits: Buf<Bf16>,
+    pub losses: Buf<f32>,
+    pub lse_ce: Buf<f32>,
+    pub scratch: GpuScratch,
+    /// Targets counted in the loss, from the last forward.
+    pub n_counted: usize,
+}
+
+impl GpuActs {
+    /// Allocates for batches of up to b * t rows; `lora_r` > 0 adds the
+    /// adapters' buffers.
+    pub fn new(g: &Gpu, c: &Config, b: usize, t: usize, lora_r: usize) -> Result<GpuActs> {
+        let n = b * t;
+        let (d, q, kv, f) = (c.dim, c.q_dim(), c.kv_dim(), c.ffn_dim);
+        let z = |len: usize| g.zeros::<Bf16>(len);
+        let zf = |len: usize| g.zeros::<f32>(len);
+        let mut layers = Vec::with_capacity(c.n_layers);
+        for _ in 0..c.n_layers {
+            layers.push(GpuLayerActs {
+                x_in: z(n * d)?,
+                xn1: z(n * d)?,
+                rstd1: zf(n)?,
+                q: z(n * q)?,
+                k: z(n * kv)?,
+                v: z(n * kv)?,
+                att: z(n * q)?,
+                lse: zf(n * c.n_heads)?,
+                x_mid: z(n * d)?,
+                xn2: z(n * d)?,
+                rstd2: zf(n)?,
+                gate: z(n * f)?,
+                up: z(n * f)?,
+                h: z(n * f)?,
+                xa: if lora_r > 0 { (0..7).map(|_| z(n * lora_r)).collect::<Result<_>>()? } else { Vec::new() },
+            });
+        }
+        Ok(GpuActs {
+            b,
+            t,
+            cap: n,
+            tokens: g.zeros(n)?,
+            targets: g.zeros(n)?,
+            layers,
+            tmp: z(n * d)?,
+            x_final: z(n * d)?,
+            xf: z(n * d)?,
+            rstd_f: zf(n)?,
+            logits: z(n * c.vocab_size)?,
+            losses: zf(n)?,
+            lse_ce: zf(n)?,
+            scratch: GpuScratch {
+                dres: z(n * d)?,
+                dxn: z(n * d)?,
+                dq: z(n * q)?,
+                dk: z(n * kv)?,
+                dv: z(n * kv)?,
+                datt: z(n * q)?,
+                delta: zf(n * c.n_heads)?,
+                dgate: z(n * f)?,
+                dup: z(n * f)?,
+                dh: z(n * f)?,
+                dyb: z(n * lora_r.max(1))?,
+            },
+            n_counted: 0,
+        })
+    }
+
+    /// Uses the buffers for a batch of (B, T); B*T must fit what they were made for.
+    pub fn set_shape(&mut self, b: usize, t: usize) -> Result<()> {
+        if b * t > self.cap {
+            bail!("batch ({b}, {t}) is larger than the GPU buffers ({} rows)", self.cap);
+        }
+        self.b = b;
+        self.t = t;
+        Ok(())
+    }
+}
+
+/// Where the backward pass delivers the weight gradients of the linear
+/// layers (the GPU's GradSink): dW (OC, IC) += dout^T @ inp, or whatever
+/// part of it the method keeps. `xa` is the adapter's inp @ A^T under LoRA.
+pub trait GpuSink {
+    #[allow(clippy::too_many_arguments)]
+    fn linear(&mut self, g: &Gpu, id: usize, dout: &Buf<Bf16>, inp: &Buf<Bf16>, xa: Option<&Buf<Bf16>>, n: usize, ic: usize, oc: usize) -> Result<()>;
+}
+
+impl GpuModel {
+    /// out (N, OC) = inp @ W^T (+ s (inp @ A^T) @ B^T with an adapter,
+    /// keeping inp @ A^T in `xa` for the backward pass).
+    #[allow(clippy::too_many_arguments)]
+    fn linear_forward(&self, g: &Gpu, out: &Buf<Bf16>, inp: &Buf<Bf16>, w: &Buf<Bf16>, id: usize, xa: Option<&Buf<Bf16>>, n: usize, ic: usize, oc: usize) -> Result<()> {
+        g.gemm(false, true, n, oc, ic, 1.0, inp.ptr(), w.ptr(), 0.0, out.ptr(), Dt::Bf16, Dt::Bf16)?;
+        if let (Some(ad), Some(xa)) = (self.adapters.get(id), xa) {
+            g.gemm(false, true, n, ad.r, ic, 1.0, inp.ptr(), ad.a.ptr(), 0.0, xa.ptr(), Dt::Bf16, Dt::Bf16)?;
+            g.gemm(false, true, n, oc, ad.r, ad.scale, xa.ptr(), ad.b.ptr(), 1.0, out.ptr(), Dt::Bf16, Dt::Bf16)?;
+        }
+        Ok(())
+    }
+
+    /// dinp (N, IC) = (beta * dinp) + dout @ W (+ s (dout @ B) @ A).
+    #[allow(clippy::too_many_arguments)]
+    fn linear_backward_input(&self, g: &Gpu, dinp: &Buf<Bf16>, dout: &Buf<Bf16>, w: &Buf<Bf16>, id: usize, dyb: &Buf<Bf16>, beta: f32, n: usize, ic: usize, oc: usize) -> Result<()> {
+        g.gemm(false, false, n, ic, oc, 1.0, dout.ptr(), w.ptr(), beta, dinp.ptr(), Dt::Bf16, Dt::Bf16)?;
+        if let Some(ad) = self.adapters.get(id) {
+            g.gemm(false, false, n, ad.r, oc, 1.0, dout.ptr(), ad.b.ptr(), 0.0, dyb.ptr(), Dt::Bf16, Dt::Bf16)?;
+            g.gemm(false, false, n, ic, ad.r, ad.scale, dyb.ptr(), ad.a.ptr(), 1.0, dinp.ptr(), Dt::Bf16, Dt::Bf16)?;
+        }
+        Ok(())
+    }
+
+    /// Model::forward on the GPU. Returns the mean cross-entropy over the
+    /// counted targets (0 without targets); logits stay in `acts.logits`.
+    pub fn forward(&self, g: &Gpu, acts: &mut GpuActs, tokens: &[u32], targets: Option<&[i32]>) -> Result<f32> {
+        let c = &self.config;
+        let (b, t) = (acts.b, acts.t);
+        let n = b * t;
+        assert_eq!(tokens.len(), n, "forward: tokens must be (B, T)");
+        assert!(self.rope.max_pos() >= t, "forward: the RoPE table is too short");
+        if let Some(&bad) = tokens.iter().find(|&&id| id as usize >= c.vocab_size) {
+            bail!("token id {bad} is out of range (vocab {})", c.vocab_size);
+        }
+        let (d, qd, kvd, f) = (c.dim, c.q_dim(), c.kv_dim(), c.ffn_dim);
+        let dims = Attn { b, t, nh: c.n_heads, kvh: c.n_kv_heads, hs: c.head_dim };
+        g.write(&mut acts.tokens, 0, tokens)?;
+        let tg: Vec<i32> = match targets {
+            Some(tg) => tg.to_vec(),
+            None => vec![-1; n],
+        };
+        acts.n_counted = tg.iter().filter(|&&x| x >= 0).count();
+        g.write(&mut acts.targets, 0, &tg)?;
+
+        k::embedding_forward(g, &mut acts.layers[0].x_in, &acts.tokens, &self.embed, n, d)?;
+        for l in 0..c.n_layers {
+            let w = &self.layers[l];
+            let (done, rest) = acts.layers.split_at_mut(l + 1);
+            let a = &mut done[l];
+            let id = |which| matrix_id(l, which);
+            // Attention block: x_mid = x_in + o(attention(rope(q), rope(k), v)).
+            k::rmsnorm_forward(g, &mut a.xn1, &mut a.rstd1, &a.x_in, &w.attn_norm, n, d, c.norm_eps)?;
+            self.linear_forward(g, &a.q, &a.xn1, &w.wq, id(Linear::Q), a.xa.first(), n, d, qd)?;
+            self.linear_forward(g, &a.k, &a.xn1, &w.wk, id(Linear::K), a.xa.get(1), n, d, kvd)?;
+            self.linear_forward(g, &a.v, &a.xn1, &w.wv, id(Linear::V), a.xa.get(2), n, d, kvd)?;
+            k::rope_rotate(g, &mut a.q, &self.rope, n, t, c.n_heads, c.head_dim, 0, 1.0)?;
+            k::rope_rotate(g, &mut a.k, &self.rope, n, t, c.n_kv_heads, c.head_dim, 0, 1.0)?;
+            k::attention_forward(g, &mut a.att, &mut a.lse, &a.q, &a.k, &a.v, dims)?;
+            self.linear_forward(g, &acts.tmp, &a.att, &w.wo, id(Linear::O), a.xa.get(3), n, qd, d)?;
+            k::residual_forward(g, &mut a.x_mid, &a.x_in, &acts.tmp, n * d)?;
+            // MLP block: x_out = x_mid + down(silu(gate(x)) * up(x)).
+            k::rmsnorm_forward(g, &mut a.xn2, &mut a.rstd2, &a.x_mid, &w.mlp_norm, n, d, c.norm_eps)?;
+            self.linear_forward(g, &a.gate, &a.xn2, &w.w_gate, id(Linear::Gate), a.xa.get(4), n, d, f)?;
+            self.linear_forward(g, &a.up, &a.xn2, &w.w_up, id(Linear::Up), a.xa.get(5), n, d, f)?;
+            k::swiglu_forward(g, &mut a.h, &a.gate, &a.up, n * f)?;
+            self.linear_forward(g, &acts.tmp, &a.h, &w.w_down, id(Linear::Down), a.xa.get(6), n, f, d)?;
+            let x_out = match rest.first_mut() {
+                Some(next) => &mut next.x_in,
+                None => &mut acts.x_final,
+            };
+            k::residual_forward(g, x_out, &a.x_mid, &acts.tmp, n * d)?;
+        }
+        k::rmsnorm_forward(g, &mut acts.xf, &mut acts.rstd_f, &acts.x_final, &self.norm, n, d, c.norm_eps)?;
+        g.gemm(false, true, n, c.vocab_size, d, 1.0, acts.xf.ptr(), self.head().ptr(), 0.0, acts.logits.ptr(), Dt::Bf16, Dt::Bf16)?;
+        k::crossentropy_forward(g, &mut acts.losses, &mut acts.lse_ce, &acts.logits, &acts.targets, n, c.vocab_size)?;
+        if acts.n_counted == 0 {
+            return Ok(0.0);
+        }
+        // Summed in f64 on the host, as cpu::crossentropy_forward does.
+        let losses = g.download(&acts.losses, n)?;
+        Ok((losses.iter().map(|&l| l as f64).sum::<f64>() / acts.n_counted as f64) as f32)
+    }
+
+    /// Model::backward on the GPU, for the loss of the last `forward`. Weight
+    /// gradients of the linear layers go to `sink`; acts.logits becomes dlogits.
+    pub fn backward(&self, g: &Gpu, acts: &mut GpuActs, sink: &mut dyn GpuSink) -> Result<()> {
+        let c = &self.config;
+        let (b, t) = (acts.b, acts.t);
+        let n = b * t;
+        let (d, qd, kvd, f, v) = (c.dim, c.q_dim(), c.kv_dim(), c.ffn_dim, c.vocab_size);
+        let dims = Attn { b, t, nh: c.n_heads, kvh: c.n_kv_heads, hs: c.head_dim };
+        let GpuActs { layers, x_final, xf: _, rstd_f, logits, targets, lse_ce, scratch: s, n_counted, .. } = acts;
+        let inv = 1.0 / (*n_counted).max(1) as f32;
+
+        // Loss and LM head (frozen): dlogits (N, V), then dxn = dlogits @ W_head.
+        k::crossentropy_backward(g, logits, lse_ce, targets, n, v, inv)?;
+        g.gemm(false, false, n, d, v, 1.0, logits.ptr(), self.head().ptr(), 0.0, s.dxn.ptr(), Dt::Bf16, Dt::Bf16)?;
+        g.zero_range(&mut s.dres, 0, n * d)?;
+        k::rmsnorm_backward(g, &mut s.dres, None, &s.dxn, x_final, &self.norm, rstd_f, n, d)?;
+
+        for l in (0..c.n_layers).rev() {
+            let w = &self.layers[l];
+            let a = &layers[l];
+            let id = |which| matrix_id(l, which);
+            let xa = |i: usize| a.xa.get(i);
+            // MLP block. s.dres holds d(x_out) and becomes d(x_mid).
+            sink.linear(g, id(Linear::Down), &s.dres, &a.h, xa(6), n, f, d)?;
+            self.linear_backward_input(g, &s.dh, &s.dres, &w.w_down, id(Linear::Down), &s.dyb, 0.0, n, f, d)?;
+            g.zero_range(&mut s.dgate, 0, n * f)?;
+            g.zero_range(&mut s.dup, 0, n * f)?;
+            k::swiglu_backward(g, &mut s.dgate, &mut s.dup, &s.dh, &a.gate, &a.up, n * f)?;
+            sink.linear(g, id(Linear::Gate), &s.dgate, &a.xn2, xa(4), n, d, f)?;
+            sink.linear(g, id(Linear::Up), &s.dup, &a.xn2, xa(5), n, d, f)?;
+            self.linear_backward_input(g, &s.dxn, &s.dgate, &w.w_gate, id(Linear::Gate), &s.dyb, 0.0, n, d, f)?;
+            self.linear_backward_input(g, &s.dxn, &s.dup, &w.w_up, id(Linear::Up), &s.dyb, 1.0, n, d, f)?;
+            k::rmsnorm_backward(g, &mut s.dres, None, &s.dxn, &a.x_mid, &w.mlp_norm, &a.rstd2, n, d)?;
+
+            // Attention block. s.dres holds d(x_mid) and becomes d(x_in).
+            sink.linear(g, id(Linear::O), &s.dres, &a.att, xa(3), n, qd, d)?;
+            self.linear_backward_input(g, &s.datt, &s.dres, &w.wo, id(Linear::O), &s.dyb, 0.0, n, qd, d)?;
+            g.zero_range(&mut s.dq, 0, n * qd)?;
+            g.zero_range(&mut s.dk, 0, n * kvd)?;
+            g.zero_range(&mut s.dv, 0, n * kvd)?;
+            k::attention_backward(g, &mut s.dq, &mut s.dk, &mut s.dv, &mut s.delta, &s.datt, &a.att, &a.lse, &a.q, &a.k, &a.v, dims)?;
+            k::rope_rotate(g, &mut s.dq, &self.rope, n, t, c.n_heads, c.head_dim, 0, -1.0)?;
+            k::rope_rotate(g, &mut s.dk, &self.rope, n, t, c.n_kv_heads, c.head_dim, 0, -1.0)?;
+            sink.linear(g, id(Linear::Q), &s.dq, &a.xn1, xa(0), n, d, qd)?;
+            sink.linear(g, id(Linear::K), &s.dk, &a.xn1, xa(1), n, d, kvd)?;
+            sink.linear(g, id(Linear::V), &s.dv, &a.xn1, xa(2), n, d, kvd)?;
+            self.linear_backward_input(g, &s.dxn, &s.dq, &w.wq, id(Linear::Q), &s.dyb, 0.0, n, d, qd)?;
+            self.linear_backward_input(g, &s.dxn, &s.dk, &w.wk, id(Linear::K), &s.dyb, 1.0, n, d, kvd)?;
+            self.linear_backward_input(g, &s.dxn, &s.dv, &w.wv, id(Linear::V), &s.dyb, 1.0, n, d, kvd)?;
+            k::rmsnorm_backward(g, &mut s.dres, None, &s.dxn, &a.x_in, &w.attn_norm, &a.rstd1, n, d)?;
+        }
+        Ok(())
+    }
+}
+
+impl GpuModel {
+    /// A randomly initialized model made on the device (N(0, 0.02^2) weights,
+    /// unit norms), for benchmarks of shapes too large to build on the host.
+    pub fn random(g: &Gpu, c: &Config, seed: u64, max_t: usize) -> Result<GpuModel> {
+        let mut tmp = g.zeros::<f32>(0)?;
+        let mut counter = 0u64;
+        let mut rand = |n: usize| -> Result<Buf<Bf16>> {
+            if tmp.len() < n {
+                tmp = g.zeros::<f32>(n)?;
+            }
+            counter += 1;
+            k::randn(g, &mut tmp, n, seed ^ (counter << 40))?;
+            k::scale_f32(g, &mut tmp, 0.02, n)?;
+            let mut b = g.zeros::<Bf16>(n)?;
+            k::convert(g, "f32_to_bf16", &mut b, &tmp, n)?;
+            Ok(b)
+        };
+        let ones = |n: usize| g.upload(&to_bf16(&vec![1.0f32; n]));
+        let (d, q, kv, f) = (c.dim, c.q_dim(), c.kv_dim(), c.ffn_dim);
+        let embed = rand(c.vocab_size * d)?;
+        let lm_head = if c.tied_embeddings { None } else { Some(rand(c.vocab_size * d)?) };
+        let mut layers = Vec::with_capacity(c.n_layers);
+        for _ in 0..c.n_layers {
+            layers.push(GpuLayer {
+                attn_norm: ones(d)?,
+                wq: rand(q * d)?,
+                wk: rand(kv * d)?,
+                wv: rand(kv * d)?,
+                wo: rand(d * q)?,
+                mlp_norm: ones(d)?,
+                w_gate: rand(f * d)?,
+                w_up: rand(f * d)?,
+                w_down: rand(d * f)?,
+            });
+        }
+        let table = crate::cpu::RopeTable::new(&c.rope_inv_freq(), max_t.max(1));
+        let rope = RopeDev { cos: g.upload(&table.cos)?, sin: g.upload(&table.sin)?, half: table.half };
+        g.sync()?;
+        Ok(GpuModel { config: c.clone(), embed, layers, norm: ones(d)?, lm_head, rope, adapters: Vec::new() })
+    }
+}

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# The GPU machine's one command (make gpu-check): from the repo root, with the
+# release binary ./lift built on a CPU machine and carried over. Copies nothing
+# from the network. Every stage has its own time limit; all output goes to
+# $OUT/results.txt (or ./gpu-results.txt without $OUT). Budget: < 10 minutes
+# on an H100.
+#   1. lift gpu-check                          (every kernel + a LIFT step vs CPU)
+#   2. 50-step LIFT run of a small model, GPU vs CPU loss curves
+#   3. llama-3.2-1b, seq 2048, batch 1: lift, lora, full, and the PyTorch reference
+#   4. mask selection for every linear layer of llama-3-8b (filter rank 128),
+#      on weights made on the GPU (no 16-32 GB file on disk)
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUTDIR=${OUT:-.}
+RES=$OUTDIR/results.txt
+mkdir -p "$OUTDIR" /tmp/liftgpu
+: > "$RES"
+log() { echo "$@" | tee -a "$RES"; }
+run() { # run LIMIT_S NAME CMD...: time-limited, output appended to the results
+    local limit=$1 name=$2; shift 2
+    log "=== $name ($(date -u +%H:%M:%S), limit ${limit}s): $*"
+    local t0=$(date +%s)
+    timeout -k 10 "$limit" "$@" >>"$RES" 2>&1
+    local rc=$?
+    log "=== $name: rc=$rc, $(( $(date +%s) - t0 ))s"
+    return $rc
+}
+
+# The CUDA libraries: the toolkit's, then any pip wheels next to PyTorch.
+LIBS=""
+for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do [ -d "$d" ] && LIBS="$LIBS:$d"; done
+for d in $(python3 -c 'import site,glob; [print(p) for s in site.getsitepackages() for p in glob.glob(s+"/nvidia/*/lib")]' 2>/dev/null); do LIBS="$LIBS:$d"; done
+export LD_LIBRARY_PATH="${LIBS#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+log "date: $(date -u '+%Y-%m-%d %H:%M UTC')"
+log "gpu: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1)"
+log "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+BIN=./lift
+[ -x "$BIN" ] || BIN=./target/release/lift
+log "binary: $BIN"
+
+run 180 gpu-check "$BIN" gpu-check
+
+# 2. Loss curves: the same small model, data, masks algorithm and seed.
+"$BIN" init --config small -o /tmp/liftgpu/small.bin >>"$RES" 2>&1
+COMMON=(--checkpoint /tmp/liftgpu/small.bin --data data/math.json --method lift --max-steps 50
+        --batch-size 4 --max-seq-len 384 --val-size 0 --lr 1e-3 --warmup 0 --schedule constant
+        --svd randomized --filter-rank 16 --oversample 16 --power-iters 4 --update-interval 25
+        --eval-every 0 --save-every 0 --log-every 10 --seed 7)
+run 120 train-cpu "$BIN" train "${COMMON[@]}" --device cpu --out /tmp/liftgpu/cpu
+run 60 train-gpu "$BIN" train "${COMMON[@]}" --device cuda --out /tmp/liftgpu/gpu
+python3 - /tmp/liftgpu/cpu/metrics.jsonl /tmp/liftgpu/gpu/metrics.jsonl >>"$RES" 2>&1 <<'PY'
+import json, sys
+def losses(p):
+    return {r["step"]: r["loss"] for r in map(json.loads, open(p)) if "loss" in r}
+c, g = losses(sys.argv[1]), losses(sys.argv[2])
+worst = max(abs(g[s] - c[s]) / c[s] for s in c if s in g)
+for s in sorted(c):
+    if s in g and (s % 5 == 0 or s == 1):
+        print(f"step {s:3d}  cpu {c[s]:.4f}  gpu {g[s]:.4f}")
+print(f"loss curve: worst relative difference {worst:.4f} over {len(c)} steps:", "PASS" if worst < 0.02 and len(g) == len(c) == 50 else "FAIL")
+PY
+
+# 3. Llama-3.2-1B, seq 2048, batch 1.
+B=(--config llama-3.2-1b --seq 2048 --batch 1 --steps 5 --warmup 2)
+for m in lift lora full; do
+    run 120 "bench-$m" "$BIN" bench --device cuda --method $m "${B[@]}"
+done
+run 150 bench-torch-lift python3 tests/bench/torch_lift.py --device cuda --method lift "${B[@]}"
+
+# 4. Mask selection of every linear layer of Llama-3-8B (224 matrices).
+run 120 mask-8b "$BIN" bench --device cuda --config llama-3-8b --method lift --mask-only --filter-rank 128
+
+python3 - "$RES" <<'PY' | tee -a "$RES"
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+b = {(r.get("impl"), r.get("method")): r for r in rows if r.get("config") == "llama-3.2-1b"}
+lift, lora, torch = b.get(("lift", "lift")), b.get(("lift", "lora")), b.get(("torch", "lift"))
+print("=== summary")
+for k, r in sorted(b.items()):
+    print(f"{k[0]:5s} {k[1]:5s} {r['tokens_per_s']:9.0f} tok/s  step {r['step_ms']:8.1f} ms  peak {r['peak_mem_bytes']/2**30:6.2f} GiB  mfu {r['mfu']}")
+if lift and torch:
+    print(f"lift/torch tokens/s {lift['tokens_per_s']/torch['tokens_per_s']:.2f} (target >= 1.3); peak memory {lift['peak_mem_bytes']/torch['peak_mem_bytes']:.2f} (target <= 0.7)")
+if lift and lora:
+    print(f"lift/lora peak memory {lift['peak_mem_bytes']/lora['peak_mem_bytes']:.2f} (target <= 1.2)")
+m = [r for r in rows if r.get("config") == "llama-3-8b"]
+if m:
+    print(f"llama-3-8b mask selection: {m[0]['mask_total_ms']/1e3:.2f} s for {m[0]['matrices']} matrices (target < 10 s)")
+PY
+log "done $(date -u +%H:%M:%S)"
