@@ -77,9 +77,10 @@ struct TrainArgs {
     /// Training data: LLM-Adapters JSON or JSONL.
     #[arg(long, required = true)]
     data: Option<PathBuf>,
-    /// Output directory: model.bin, metrics.jsonl, loss.svg, state.bin.
-    #[arg(long, default_value = "out")]
-    out: PathBuf,
+    /// Output directory: model.bin, metrics.jsonl, loss.svg, state.bin
+    /// [default: the --resume directory, or out].
+    #[arg(long)]
+    out: Option<PathBuf>,
     /// What to train.
     #[arg(long, value_enum, default_value = "lift")]
     method: Method,
@@ -322,7 +323,8 @@ fn train(a: TrainArgs) -> Result<()> {
     let o = TrainOptions {
         checkpoint,
         data,
-        out: a.out,
+        // A resumed run continues in its own directory unless told otherwise.
+        out: a.out.or_else(|| a.resume.clone()).unwrap_or_else(|| PathBuf::from("out")),
         method: a.method,
         lr: a.lr,
         epochs: a.epochs,
@@ -367,7 +369,7 @@ fn train(a: TrainArgs) -> Result<()> {
         return lift::cuda::train::train(&o);
     }
     let s = lift::train::train(&o, a.resume.as_deref())?;
-    if let Some(v) = s.final_val_loss {
+    if let (false, Some(v)) = (s.interrupted, s.final_val_loss) {
         eprintln!("done: {} steps, last train loss {:.4}, validation loss {v:.4}", s.steps, s.final_train_loss);
     }
     Ok(())
@@ -407,7 +409,13 @@ fn export(a: ExportArgs) -> Result<()> {
         ("gguf", "f16") => lift::export::export_gguf(&ck, &model.weights, &a.output, true)?,
         (f, d) => bail!("--format {f} does not take --dtype {d} (hf: f32, bf16; gguf: f32, f16)"),
     }
-    eprintln!("exported {} -> {} ({}, {dtype}, {:.1}s)", a.checkpoint.display(), a.output.display(), a.format, t0.elapsed().as_secs_f64());
+    eprintln!(
+        "exported {} -> {} ({}, {dtype}, {:.1}s)",
+        a.checkpoint.display(),
+        a.output.display(),
+        a.format,
+        t0.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 

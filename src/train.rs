@@ -248,9 +248,6 @@ impl Trainable {
                     .collect(),
             },
             Method::Lora => {
-                if o.lora_rank == 0 {
-                    bail!("--lora-rank must be at least 1");
-                }
                 let mut rng = Rng::stream(o.seed, 7);
                 let mut uniform = || rng.next_f32();
                 let (mut base, mut adapters, mut states) = (Vec::new(), Vec::new(), Vec::new());
@@ -556,21 +553,41 @@ fn read_optimizer(r: &mut Reader, model: &Model) -> Result<(Trainable, ExtraStat
     };
     let kind = r.bytes(1)?[0];
     let count = r.len()?;
+    // One state per linear weight of this model, each of its size: a state
+    // from another model must fail here, not index out of bounds later.
+    let c = &model.config;
+    if count != c.n_layers * 7 {
+        bail!("optimizer state for {count} linear weights, the model has {}", c.n_layers * 7);
+    }
+    let size = |id: usize| Linear::ALL[id % 7].shape(c);
     let trainable = match kind {
         0 => {
             let mut states = Vec::with_capacity(count);
-            for _ in 0..count {
+            for id in 0..count {
                 let k = r.len()?;
                 let indices = r.u32s(k)?;
+                let (out, inp) = size(id);
+                if indices.iter().any(|&i| i as usize >= out * inp) {
+                    bail!("mask {id} has an index beyond its {out}x{inp} weight");
+                }
                 states.push(SparseState { indices, m: r.f32s(k)?, v: r.f32s(k)? });
             }
             Trainable::Sparse { states }
         }
-        1 => Trainable::Full { states: (0..count).map(|_| dense(r)).collect::<Result<_>>()? },
+        1 => {
+            let states: Vec<DenseState> = (0..count).map(|_| dense(r)).collect::<Result<_>>()?;
+            if let Some(id) = (0..count).find(|&id| states[id].m.len() != size(id).0 * size(id).1) {
+                bail!("optimizer state {id} does not have the size of its weight");
+            }
+            Trainable::Full { states }
+        }
         2 => {
             let (mut adapters, mut states, mut base) = (Vec::new(), Vec::new(), Vec::new());
             for id in 0..count {
                 let (rank, oc, ic) = (r.len()?, r.len()?, r.len()?);
+                if (oc, ic) != size(id) {
+                    bail!("adapter {id} is {oc}x{ic}, its weight {}x{}", size(id).0, size(id).1);
+                }
                 let scale = r.f32s(1)?[0];
                 let (a, b) = (r.f32s(rank * ic)?, r.f32s(oc * rank)?);
                 adapters.push(Adapter { r: rank, oc, ic, scale, a, b });
@@ -734,28 +751,45 @@ pub fn train(o: &TrainOptions, resume: Option<&Path>) -> Result<TrainSummary> {
     if total_steps == 0 {
         bail!("nothing to train: 0 optimizer steps (check --epochs and --max-steps)");
     }
+    check_budgets(&c, o)?;
 
-    // Output directory: created up front so an unwritable --out fails before any work.
-    std::fs::create_dir_all(&o.out).with_context(|| format!("{}: cannot create the output directory", o.out.display()))?;
-    let probe = o.out.join(".write-test");
-    std::fs::write(&probe, b"").with_context(|| format!("{}: not writable", o.out.display()))?;
-    let _ = std::fs::remove_file(&probe);
-
-    // Trainable state, fresh or resumed.
+    // A resumed state is read (and can fail) before anything is written.
     let extras = extra_params(&c, o);
-    let (mut trainable, mut extra_states, mut step, mut mask_round) = match resume {
-        None => {
-            let t = Trainable::new(&mut model, o)?;
-            let ex = extras.iter().map(|p| DenseState::new(p.shape(&c).iter().product())).collect();
-            (t, ex, 0u64, 0u64)
-        }
+    let resumed = match resume {
+        None => None,
         Some(dir) => {
             let (h, t, ex) = load_state(dir, &mut model)?;
             if h.options.method != o.method {
                 bail!("{}: the saved run used --method {:?}, not {:?}", dir.display(), h.options.method, o.method);
             }
+            let sizes_match = ex.len() == extras.len()
+                && ex.iter().zip(&extras).all(|(s, p)| s.m.len() == p.shape(&c).iter().product::<usize>());
+            if !sizes_match {
+                bail!(
+                    "{}: the saved run trained other tensors (--train-norms / --train-embeddings must be as before)",
+                    dir.display()
+                );
+            }
             eprintln!("resuming from {} at step {}", dir.display(), h.step);
-            (t, ex, h.step, h.mask_round)
+            Some((t, ex, h.step, h.mask_round))
+        }
+    };
+
+    // Output directory: created before the masks are selected, so an
+    // unwritable --out fails before any work.
+    std::fs::create_dir_all(&o.out)
+        .with_context(|| format!("{}: cannot create the output directory", o.out.display()))?;
+    let probe = o.out.join(".write-test");
+    std::fs::write(&probe, b"").with_context(|| format!("{}: not writable", o.out.display()))?;
+    let _ = std::fs::remove_file(&probe);
+
+    // Trainable state, fresh or resumed.
+    let (mut trainable, mut extra_states, mut step, mut mask_round) = match resumed {
+        Some(state) => state,
+        None => {
+            let t = Trainable::new(&mut model, o)?;
+            let ex = extras.iter().map(|p| DenseState::new(p.shape(&c).iter().product())).collect();
+            (t, ex, 0u64, 0u64)
         }
     };
     trainable.merge_lora(&mut model);
@@ -772,10 +806,11 @@ pub fn train(o: &TrainOptions, resume: Option<&Path>) -> Result<TrainSummary> {
     );
 
     // Metrics: keep the records up to the resumed step, then append.
+    // (The records come from the resumed directory, which --out may not be.)
     let metrics_path = o.out.join("metrics.jsonl");
     let mut history: Vec<serde_json::Value> = Vec::new();
-    if resume.is_some()
-        && let Ok(text) = std::fs::read_to_string(&metrics_path)
+    if let Some(dir) = resume
+        && let Ok(text) = std::fs::read_to_string(dir.join("metrics.jsonl"))
     {
         history = text
             .lines()
@@ -792,18 +827,16 @@ pub fn train(o: &TrainOptions, resume: Option<&Path>) -> Result<TrainSummary> {
     };
     let write_plot = |history: &[serde_json::Value]| -> Result<()> {
         let pts = |key: &str| -> Vec<(u64, f32)> {
-            history
-                .iter()
-                .filter_map(|r| Some((r["step"].as_u64()?, r[key].as_f64()? as f32)))
-                .collect()
+            history.iter().filter_map(|r| Some((r["step"].as_u64()?, r[key].as_f64()? as f32))).collect()
         };
         let title = format!("lift {:?} on {}", o.method, o.data.file_name().unwrap_or_default().to_string_lossy());
         std::fs::write(o.out.join("loss.svg"), crate::plot::loss_svg(&title, &pts("loss"), &pts("val_loss")))?;
         Ok(())
     };
 
-    let longest = ds.train.iter().map(|e| e.ids.len()).max().unwrap_or(1);
-    model.ensure_rope(longest.max(o.max_seq_len.min(longest)));
+    // RoPE and the activations cover the longest example, validation ones included.
+    let longest = ds.train.iter().chain(&ds.val).map(|e| e.ids.len()).max().unwrap_or(1);
+    model.ensure_rope(longest);
     let mut acts = Activations::new(&c, o.batch_size, longest);
     let t_start = Instant::now();
     let start_step = step;
@@ -839,6 +872,8 @@ pub fn train(o: &TrainOptions, resume: Option<&Path>) -> Result<TrainSummary> {
         grads.zero();
         let mut loss_sum = 0.0f64;
         let mut step_tokens = 0usize;
+        // Why the run cannot go on (a non-finite loss or gradient), if it cannot.
+        let mut diverged: Option<String> = None;
         for micro in 0..o.grad_accum as u64 {
             let m = step * o.grad_accum as u64 + micro;
             let epoch = (m / per_epoch) as usize;
@@ -850,13 +885,8 @@ pub fn train(o: &TrainOptions, resume: Option<&Path>) -> Result<TrainSummary> {
             acts.set_shape(&c, batch.b, batch.t);
             let loss = model.forward(&mut acts, &batch.tokens, Some(&batch.targets));
             if !loss.is_finite() {
-                save(step, mask_round, &model, &trainable, &extra_states)?;
-                write_metrics(&history)?;
-                bail!(
-                    "loss is {loss} at step {} (micro-batch {micro}); stopped. The last good state (step {step}) is in {}",
-                    step + 1,
-                    o.out.display()
-                );
+                diverged = Some(format!("loss is {loss} at step {} (micro-batch {micro})", step + 1));
+                break;
             }
             model.backward(&mut acts, &mut Sink { trainable: &trainable, grads: &mut grads });
             loss_sum += loss as f64;
@@ -864,6 +894,19 @@ pub fn train(o: &TrainOptions, resume: Option<&Path>) -> Result<TrainSummary> {
         }
         grads.scale(1.0 / o.grad_accum as f32);
         let sum_sq = grads.sum_sq();
+        // A finite loss can still have an overflowing gradient; applying it
+        // would write NaN into the weights (clipping scales inf to NaN).
+        if diverged.is_none() && !sum_sq.is_finite() {
+            diverged = Some(format!("the gradient norm is {} at step {}", sum_sq.sqrt(), step + 1));
+        }
+        if let Some(why) = diverged {
+            // The weights are those of the last completed step: never a
+            // non-finite update.
+            save(step, mask_round, &model, &trainable, &extra_states)?;
+            write_metrics(&history)?;
+            write_plot(&history)?;
+            bail!("{why}; stopped. The last good state (step {step}) is in {}", o.out.display());
+        }
         let clip = optim::clip_scale(sum_sq, o.grad_clip);
         if clip != 1.0 {
             grads.scale(clip);
@@ -884,7 +927,10 @@ pub fn train(o: &TrainOptions, resume: Option<&Path>) -> Result<TrainSummary> {
                     kept += r.kept;
                     total += r.total;
                 }
-                eprintln!("step {step}: masks refreshed, {:.1}% of entries kept their state", 100.0 * kept as f64 / total.max(1) as f64);
+                eprintln!(
+                    "step {step}: masks refreshed, {:.1}% of entries kept their state",
+                    100.0 * kept as f64 / total.max(1) as f64
+                );
             }
             grads = trainable.new_grads(&c, o);
         }
@@ -907,7 +953,8 @@ pub fn train(o: &TrainOptions, resume: Option<&Path>) -> Result<TrainSummary> {
         if step % o.log_every.max(1) == 0 || step == total_steps || rec.get("val_loss").is_some() {
             let per_step = elapsed / (step - start_step).max(1) as f64;
             let eta = per_step * (total_steps - step) as f64;
-            let val = rec.get("val_loss").and_then(|v| v.as_f64()).map(|v| format!(" | val {v:.4}")).unwrap_or_default();
+            let val =
+                rec.get("val_loss").and_then(|v| v.as_f64()).map(|v| format!(" | val {v:.4}")).unwrap_or_default();
             eprintln!(
                 "step {step}/{total_steps} | loss {loss:.4}{val} | lr {lr:.2e} | {:.0} tok/s | ETA {}",
                 tokens_done as f64 / elapsed,
@@ -926,7 +973,11 @@ pub fn train(o: &TrainOptions, resume: Option<&Path>) -> Result<TrainSummary> {
     write_metrics(&history)?;
     write_plot(&history)?;
     if interrupted {
-        eprintln!("interrupted at step {step}: state saved in {} (continue with --resume {})", o.out.display(), o.out.display());
+        eprintln!(
+            "interrupted at step {step}: state saved in {} (continue with --resume {})",
+            o.out.display(),
+            o.out.display()
+        );
     } else {
         let mut meta = BTreeMap::new();
         meta.insert("base_checkpoint".to_string(), o.checkpoint.display().to_string());
@@ -944,6 +995,27 @@ pub fn train(o: &TrainOptions, resume: Option<&Path>) -> Result<TrainSummary> {
     Ok(TrainSummary { steps: step, final_train_loss: last_loss, final_val_loss: last_val, interrupted })
 }
 
+/// Checks the sparse budget against the shape of every linear weight before
+/// any output is written: a --density that rounds to k = 0 entries in some
+/// weight would train nothing there.
+fn check_budgets(c: &Config, o: &TrainOptions) -> Result<()> {
+    if !o.method.is_sparse() {
+        return Ok(());
+    }
+    for w in Linear::ALL {
+        let (out, inp) = w.shape(c);
+        let k = lift::budget_k(out, inp, o.budget())?;
+        if k == 0 {
+            bail!(
+                "--density {} selects no entry of the {w:?} weights ({out}x{inp} = {} values); raise it",
+                o.density.unwrap_or(lift::DEFAULT_DENSITY),
+                out * inp
+            );
+        }
+    }
+    Ok(())
+}
+
 fn validate(o: &TrainOptions) -> Result<()> {
     if o.batch_size == 0 || o.grad_accum == 0 {
         bail!("--batch-size and --grad-accum must be at least 1");
@@ -951,7 +1023,7 @@ fn validate(o: &TrainOptions) -> Result<()> {
     if o.max_seq_len < 2 {
         bail!("--max-seq-len must be at least 2");
     }
-    if !(o.lr > 0.0) || !o.lr.is_finite() {
+    if !o.lr.is_finite() || o.lr <= 0.0 {
         bail!("--lr must be a positive number");
     }
     if !(0.0..1.0).contains(&o.warmup) {
@@ -967,6 +1039,9 @@ fn validate(o: &TrainOptions) -> Result<()> {
     }
     if o.method == Method::Lift && o.filter_rank == 0 {
         bail!("--filter-rank must be at least 1");
+    }
+    if o.method == Method::Lora && o.lora_rank == 0 {
+        bail!("--lora-rank must be at least 1");
     }
     Ok(())
 }
