@@ -16,7 +16,6 @@ use lift::train::{Method, Schedule, Svd, TrainOptions};
 #[command(
     name = "lift",
     version,
-    args_conflicts_with_subcommands = true,
     subcommand_negates_reqs = true,
     about = "LIFT fine-tuning (Low-rank Informed Sparse Fine-Tuning) of Llama-family models",
     long_about = "LIFT fine-tuning of Llama-family models: only the principal weights \

@@ -51,7 +51,7 @@ COMMON=(--checkpoint /tmp/liftgpu/small.bin --data data/math.json --method lift 
         --batch-size 4 --max-seq-len 384 --val-size 0 --lr 1e-3 --warmup 0 --schedule constant
         --svd randomized --filter-rank 16 --oversample 16 --power-iters 4 --update-interval 25
         --eval-every 0 --save-every 0 --log-every 10 --seed 7)
-( timeout -k 5 400 nice -n 10 "$BIN" --threads 6 train "${COMMON[@]}" --device cpu --out /tmp/liftgpu/cpu \
+( timeout -k 5 400 nice -n 10 "$BIN" train "${COMMON[@]}" --threads 6 --device cpu --out /tmp/liftgpu/cpu \
     > /tmp/liftgpu/train-cpu.log 2>&1; echo "rc=$?" >> /tmp/liftgpu/train-cpu.log ) &
 CPU_PID=$!
 
