@@ -13,12 +13,12 @@ use anyhow::{Result, bail};
 use clap::Args;
 
 use crate::cuda::Device;
-use crate::lift::{self, Approx, Budget};
-use crate::lora::Adapter;
-use crate::model::{Activations, Config, FullGrads, GradSink, Linear, Model, Param};
-use crate::optim::{AdamW, DenseState, SparseState};
+use crate::lift;
+use crate::model::{Config, Linear, Model};
+use crate::optim::AdamW;
 use crate::rng::Rng;
-use crate::train::{Method, Schedule, Svd, TrainOptions};
+use crate::data::Batch;
+use crate::train::{CpuTrainer, Method, Schedule, Svd, TrainOptions};
 
 #[derive(Args, Clone)]
 pub struct BenchArgs {
@@ -232,158 +232,29 @@ fn bench_gpu(a: &BenchArgs, c: &Config) -> Result<serde_json::Value> {
     Ok(report(a, c, t, tr.mask_s, gpu::mem_peak() as u64, &g.name, peak_flops(&g.name)))
 }
 
-/// The CPU methods' state for the benchmark (train.rs's, reduced to one step).
-enum CpuState {
-    Sparse(Vec<SparseState>, Vec<Vec<f32>>, Vec<f32>),
-    Full(FullGrads, Vec<DenseState>),
-    Lora(Vec<Vec<f32>>, Vec<Adapter>, Vec<Vec<f32>>, Vec<(DenseState, DenseState)>),
-}
-
-struct CpuSink<'a>(&'a mut CpuState);
-
-impl GradSink for CpuSink<'_> {
-    fn wants(&self, p: Param) -> bool {
-        matches!(p, Param::Linear(..))
-    }
-    fn linear(&mut self, p: Param, dout: &[f32], inp: &[f32], n: usize, ic: usize, oc: usize) {
-        let Param::Linear(l, w) = p else { return };
-        let id = crate::cuda::model::matrix_id(l, w);
-        match &mut *self.0 {
-            CpuState::Sparse(states, acc, dw) => {
-                let dw = &mut dw[..oc * ic];
-                crate::cpu::sgemm(oc, ic, n, dout, 1, oc, inp, ic, 1, dw, ic, false);
-                for (a, &i) in acc[id].iter_mut().zip(&states[id].indices) {
-                    *a += dw[i as usize];
-                }
-            }
-            CpuState::Full(fg, _) => fg.linear(p, dout, inp, n, ic, oc),
-            CpuState::Lora(_, ads, grads, _) => {
-                let ad = &ads[id];
-                let (da, db) = grads[id].split_at_mut(ad.a.len());
-                ad.backward(da, db, dout, inp, n);
-            }
-        }
-    }
-    fn dense(&mut self, _p: Param) -> &mut [f32] {
-        unreachable!("only linear weights are trained in the benchmark")
-    }
-}
-
+/// The CPU benchmark times `CpuTrainer::step`, the very step `lift train` runs.
 fn bench_cpu(a: &BenchArgs, c: &Config) -> Result<serde_json::Value> {
     let t0 = Instant::now();
-    let mut model = Model::new(c.clone(), crate::init::random_weights(c, a.seed));
-    model.ensure_rope(a.seq);
+    let model = Model::new(c.clone(), crate::init::random_weights(c, a.seed));
     eprintln!("random {} in {:.1}s", a.config, t0.elapsed().as_secs_f64());
     let o = a.options();
-    let budget = Budget::Density(a.density);
     let t_mask = Instant::now();
-    let mut state = match a.method {
-        Method::Lift | Method::Magnitude | Method::Random => {
-            let mut states = Vec::new();
-            for l in 0..c.n_layers {
-                for w in Linear::ALL {
-                    let (out, inp) = w.shape(c);
-                    let k = lift::budget_k(out, inp, budget)?;
-                    let wt = model.weights.layers[l].linear(w);
-                    let seed = a.seed ^ crate::cuda::model::matrix_id(l, w) as u64;
-                    let mask = match a.method {
-                        Method::Lift => {
-                            let r = lift::filter_rank(out, inp, a.filter_rank)?.0;
-                            let how = match a.svd {
-                                Svd::Exact => Approx::Exact,
-                                Svd::Auto if out.min(inp) <= 1024 => Approx::Exact,
-                                _ => Approx::Randomized { oversample: a.oversample, power_iters: a.power_iters, seed },
-                            };
-                            lift::principal_mask(wt, out, inp, k, r, how)
-                        }
-                        Method::Magnitude => lift::magnitude_mask(wt, k),
-                        _ => lift::random_mask(out * inp, k, seed),
-                    };
-                    states.push(SparseState::new(mask));
-                }
-            }
-            let acc = states.iter().map(|s| vec![0.0f32; s.k()]).collect();
-            let max = Linear::ALL.iter().map(|w| w.shape(c).0 * w.shape(c).1).max().unwrap_or(0);
-            CpuState::Sparse(states, acc, vec![0.0; max])
-        }
-        Method::Full => {
-            let mut fg = FullGrads::new(c);
-            fg.trainable = Some((0..c.n_layers).flat_map(|l| Linear::ALL.map(|w| Param::Linear(l, w))).collect());
-            let states = (0..c.n_layers * 7).map(|id| {
-                let (out, inp) = Linear::ALL[id % 7].shape(c);
-                DenseState::new(out * inp)
-            });
-            CpuState::Full(fg, states.collect())
-        }
-        Method::Lora => {
-            let mut rng = Rng::stream(a.seed, 7);
-            let mut uniform = || rng.next_f32();
-            let (mut base, mut ads, mut grads, mut states) = (vec![], vec![], vec![], vec![]);
-            for l in 0..c.n_layers {
-                for w in Linear::ALL {
-                    let (out, inp) = w.shape(c);
-                    let ad = Adapter::new(out, inp, a.lora_rank.min(out.min(inp)), o.lora_alpha, &mut uniform);
-                    base.push(model.weights.layers[l].linear(w).to_vec());
-                    grads.push(vec![0.0; ad.a.len() + ad.b.len()]);
-                    states.push((DenseState::new(ad.a.len()), DenseState::new(ad.b.len())));
-                    ads.push(ad);
-                }
-            }
-            CpuState::Lora(base, ads, grads, states)
-        }
-    };
+    let mut tr = CpuTrainer::new(model, &o, a.batch, a.seq)?;
     let mask_s = if a.method.is_sparse() { t_mask.elapsed().as_secs_f64() } else { 0.0 };
-    let mut acts = Activations::new(c, a.batch, a.seq);
     let (tokens, targets) = random_batch(c, a.batch, a.seq, a.seed ^ 1);
-    let opt = AdamW { lr: 1e-5, ..AdamW::default() };
+    let batch = Batch { b: a.batch, t: a.seq, tokens, targets, n_loss: a.batch * a.seq };
     let mut t = Timings { step: vec![], fwd: vec![], bwd: vec![], opt: vec![] };
     for i in 0..a.warmup + a.steps {
         let t0 = Instant::now();
-        match &mut state {
-            CpuState::Sparse(_, acc, _) => acc.iter_mut().for_each(|g| g.fill(0.0)),
-            CpuState::Full(fg, _) => fg.grads = crate::model::Weights::zeros(c),
-            CpuState::Lora(_, _, grads, _) => grads.iter_mut().for_each(|g| g.fill(0.0)),
-        }
-        let loss = model.forward(&mut acts, &tokens, Some(&targets));
-        let t1 = Instant::now();
-        model.backward(&mut acts, &mut CpuSink(&mut state));
-        let t2 = Instant::now();
-        let step = i as u64 + 1;
-        match &mut state {
-            CpuState::Sparse(states, acc, _) => {
-                for l in 0..c.n_layers {
-                    for w in Linear::ALL {
-                        let id = crate::cuda::model::matrix_id(l, w);
-                        states[id].step(&opt, step, model.weights.layers[l].linear_mut(w), &acc[id]);
-                    }
-                }
-            }
-            CpuState::Full(fg, states) => {
-                for l in 0..c.n_layers {
-                    for w in Linear::ALL {
-                        let id = crate::cuda::model::matrix_id(l, w);
-                        states[id].step(&opt, step, model.weights.layers[l].linear_mut(w), fg.grads.layers[l].linear(w));
-                    }
-                }
-            }
-            CpuState::Lora(base, ads, grads, states) => {
-                for (id, ad) in ads.iter_mut().enumerate() {
-                    let (da, db) = grads[id].split_at(ad.a.len());
-                    states[id].0.step(&opt, step, &mut ad.a, da);
-                    states[id].1.step(&opt, step, &mut ad.b, db);
-                    let (l, w) = (id / 7, Linear::ALL[id % 7]);
-                    ad.merge_into(model.weights.layers[l].linear_mut(w), &base[id]);
-                }
-            }
-        }
-        let t3 = Instant::now();
+        let st = tr.step(std::slice::from_ref(&batch), 1e-5, i as u64 + 1)?;
+        let dt = t0.elapsed().as_secs_f64() * 1e3;
         if i >= a.warmup {
-            t.step.push((t3 - t0).as_secs_f64() * 1e3);
-            t.fwd.push((t1 - t0).as_secs_f64() * 1e3);
-            t.bwd.push((t2 - t1).as_secs_f64() * 1e3);
-            t.opt.push((t3 - t2).as_secs_f64() * 1e3);
+            t.step.push(dt);
+            t.fwd.push(st.forward_ms);
+            t.bwd.push(st.backward_ms);
+            t.opt.push(st.optimizer_ms);
         }
-        eprintln!("step {}: loss {loss:.4}, {:.1} ms", i + 1, (t3 - t0).as_secs_f64() * 1e3);
+        eprintln!("step {}: loss {:.4}, {dt:.1} ms", i + 1, st.loss);
     }
     let peak = crate::train::peak_rss_bytes().unwrap_or(0);
     let device = format!("cpu ({} threads)", rayon::current_num_threads());

@@ -26,7 +26,7 @@ use crate::data::{self, Batch, Dataset, Purpose, Rng};
 use crate::lift::{self, Approx, Budget};
 use crate::lora::Adapter;
 use crate::model::{Activations, Config, GradSink, Linear, Model, Param, Weights};
-use crate::optim::{self, AdamW, DenseState, SparseState};
+use crate::optim::{self, AdamW, DenseState, RefreshStats, SparseState};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -440,6 +440,153 @@ fn apply_update(
 }
 
 // ----------------------------------------------------------------------------
+// One training step on the CPU
+
+/// What one optimizer step did.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StepStats {
+    /// Mean of the micro-batches' losses.
+    pub loss: f32,
+    /// Global L2 norm of the averaged gradient, before clipping.
+    pub grad_norm: f64,
+    pub tokens: usize,
+    pub forward_ms: f64,
+    pub backward_ms: f64,
+    pub optimizer_ms: f64,
+}
+
+/// A model with a method's trainable state, ready to take optimizer steps:
+/// what `lift train` runs and what `lift bench` times.
+pub struct CpuTrainer {
+    pub model: Model,
+    trainable: Trainable,
+    /// The tensors trained densely besides the method's own, and their state.
+    extras: Vec<Param>,
+    extra_states: ExtraStates,
+    grads: Grads,
+    acts: Activations,
+    opts: TrainOptions,
+}
+
+impl CpuTrainer {
+    /// A fresh run: selects the masks (sparse methods) or makes the adapters
+    /// (LoRA). Activations are sized for batches up to (B, T).
+    pub fn new(model: Model, o: &TrainOptions, b: usize, t: usize) -> Result<CpuTrainer> {
+        let mut model = model;
+        let trainable = Trainable::new(&mut model, o)?;
+        let extras = extra_params(&model.config, o);
+        let extra_states = extras.iter().map(|p| DenseState::new(p.shape(&model.config).iter().product())).collect();
+        Ok(CpuTrainer::assemble(model, trainable, extras, extra_states, o, b, t))
+    }
+
+    fn assemble(
+        mut model: Model,
+        trainable: Trainable,
+        extras: Vec<Param>,
+        extra_states: ExtraStates,
+        o: &TrainOptions,
+        b: usize,
+        t: usize,
+    ) -> CpuTrainer {
+        trainable.merge_lora(&mut model);
+        model.ensure_rope(t);
+        let grads = trainable.new_grads(&model.config, o);
+        let acts = Activations::new(&model.config, b, t);
+        CpuTrainer { model, trainable, extras, extra_states, grads, acts, opts: o.clone() }
+    }
+
+    /// One optimizer step (t, 1-based) over the micro-batches: forward and
+    /// backward of each, gradients averaged and clipped by global norm, then
+    /// the AdamW update at learning rate `lr`. A non-finite loss or gradient
+    /// is returned as an error before anything is updated, so the weights
+    /// stay those of the last good step.
+    pub fn step(&mut self, batches: &[Batch], lr: f32, t: u64) -> Result<StepStats> {
+        let c = &self.model.config;
+        let mut st = StepStats::default();
+        self.grads.zero();
+        let mut loss_sum = 0.0f64;
+        for (micro, batch) in batches.iter().enumerate() {
+            self.acts.set_shape(c, batch.b, batch.t);
+            let t0 = Instant::now();
+            let loss = self.model.forward(&mut self.acts, &batch.tokens, Some(&batch.targets));
+            st.forward_ms += t0.elapsed().as_secs_f64() * 1e3;
+            if !loss.is_finite() {
+                bail!("loss is {loss} at step {t} (micro-batch {micro})");
+            }
+            let t0 = Instant::now();
+            self.model.backward(&mut self.acts, &mut Sink { trainable: &self.trainable, grads: &mut self.grads });
+            st.backward_ms += t0.elapsed().as_secs_f64() * 1e3;
+            loss_sum += loss as f64;
+            st.tokens += batch.tokens.len();
+        }
+        let t0 = Instant::now();
+        self.grads.scale(1.0 / batches.len().max(1) as f32);
+        let sum_sq = self.grads.sum_sq();
+        // A finite loss can still have an overflowing gradient; applying it
+        // would write NaN into the weights (clipping scales inf to NaN).
+        if !sum_sq.is_finite() {
+            bail!("the gradient norm is {} at step {t}", sum_sq.sqrt());
+        }
+        let clip = optim::clip_scale(sum_sq, self.opts.grad_clip);
+        if clip != 1.0 {
+            self.grads.scale(clip);
+        }
+        let opt = AdamW { lr, ..self.opts.adamw() };
+        apply_update(&mut self.model, &mut self.trainable, &mut self.extra_states, &self.grads, &opt, t);
+        st.optimizer_ms = t0.elapsed().as_secs_f64() * 1e3;
+        st.loss = (loss_sum / batches.len().max(1) as f64) as f32;
+        st.grad_norm = sum_sq.sqrt();
+        Ok(st)
+    }
+
+    /// Recomputes the masks from the current weights (sparse methods):
+    /// returns how many selected entries kept their optimizer state, of how many.
+    pub fn refresh_masks(&mut self, round: u64) -> Result<RefreshStats> {
+        let masks = select_masks(&self.model, &self.opts, round, false)?;
+        let mut stats = RefreshStats::default();
+        if let Trainable::Sparse { states } = &mut self.trainable {
+            for (s, m) in states.iter_mut().zip(masks) {
+                let r = s.refresh(m);
+                stats.kept += r.kept;
+                stats.total += r.total;
+            }
+        }
+        self.grads = self.trainable.new_grads(&self.model.config, &self.opts);
+        Ok(stats)
+    }
+
+    /// Mean validation loss, weighted by loss tokens.
+    pub fn eval_loss(&mut self, batches: &[Batch]) -> f32 {
+        eval_loss(&self.model, &mut self.acts, batches)
+    }
+
+    /// Bytes of optimizer state, and of gradient accumulators.
+    pub fn state_bytes(&self) -> usize {
+        self.trainable.state_bytes() + self.extra_states.iter().map(DenseState::bytes).sum::<usize>()
+    }
+
+    pub fn grad_bytes(&self) -> usize {
+        self.grads.bytes()
+    }
+
+    pub fn trainable_count(&self) -> usize {
+        self.trainable.trainable_count()
+    }
+
+    /// Writes DIR/state.bin for step `step`.
+    fn save(&self, dir: &Path, step: u64, total_steps: u64, mask_round: u64) -> Result<()> {
+        let c = &self.model.config;
+        let mut tensors: Vec<String> = match self.trainable {
+            Trainable::Lora { .. } => Vec::new(),
+            _ => (0..c.n_layers).flat_map(|l| Linear::ALL.map(|w| w.hf_name(l))).collect(),
+        };
+        tensors.extend(self.extras.iter().map(|p| p.name()));
+        let header = StateHeader { step, total_steps, mask_round, options: self.opts.clone(), tensors };
+        save_state(dir, &header, &self.model, &self.trainable, &self.extra_states)
+    }
+}
+
+// ----------------------------------------------------------------------------
 // The resumable state file
 
 /// What DIR/state.bin holds besides the arrays: where the run stands.
@@ -783,26 +930,21 @@ pub fn train(o: &TrainOptions, resume: Option<&Path>) -> Result<TrainSummary> {
     std::fs::write(&probe, b"").with_context(|| format!("{}: not writable", o.out.display()))?;
     let _ = std::fs::remove_file(&probe);
 
-    // Trainable state, fresh or resumed.
-    let (mut trainable, mut extra_states, mut step, mut mask_round) = match resumed {
-        Some(state) => state,
-        None => {
-            let t = Trainable::new(&mut model, o)?;
-            let ex = extras.iter().map(|p| DenseState::new(p.shape(&c).iter().product())).collect();
-            (t, ex, 0u64, 0u64)
+    // RoPE and the activations cover the longest example, validation ones included.
+    let longest = ds.train.iter().chain(&ds.val).map(|e| e.ids.len()).max().unwrap_or(1);
+    let (mut tr, mut step, mut mask_round) = match resumed {
+        Some((trainable, extra_states, step, round)) => {
+            (CpuTrainer::assemble(model, trainable, extras, extra_states, o, o.batch_size, longest), step, round)
         }
+        None => (CpuTrainer::new(model, o, o.batch_size, longest)?, 0u64, 0u64),
     };
-    trainable.merge_lora(&mut model);
-    let mut grads = trainable.new_grads(&c, o);
-    let opt_base = o.adamw();
+    let linear_total = Linear::ALL.iter().map(|w| w.shape(&c).0 * w.shape(&c).1).sum::<usize>() * c.n_layers;
     eprintln!(
-        "method {:?}: {} trainable values in the linear layers ({:.2}% of {}), optimizer state {:.1} MiB",
+        "method {:?}: {} trainable values in the linear layers ({:.2}% of {linear_total}), optimizer state {:.1} MiB",
         o.method,
-        trainable.trainable_count(),
-        100.0 * trainable.trainable_count() as f64
-            / (Linear::ALL.iter().map(|w| w.shape(&c).0 * w.shape(&c).1).sum::<usize>() * c.n_layers) as f64,
-        Linear::ALL.iter().map(|w| w.shape(&c).0 * w.shape(&c).1).sum::<usize>() * c.n_layers,
-        trainable.state_bytes() as f64 / (1 << 20) as f64
+        tr.trainable_count(),
+        100.0 * tr.trainable_count() as f64 / linear_total as f64,
+        tr.state_bytes() as f64 / (1 << 20) as f64
     );
 
     // Metrics: keep the records up to the resumed step, then append.
@@ -834,10 +976,6 @@ pub fn train(o: &TrainOptions, resume: Option<&Path>) -> Result<TrainSummary> {
         Ok(())
     };
 
-    // RoPE and the activations cover the longest example, validation ones included.
-    let longest = ds.train.iter().chain(&ds.val).map(|e| e.ids.len()).max().unwrap_or(1);
-    model.ensure_rope(longest);
-    let mut acts = Activations::new(&c, o.batch_size, longest);
     let t_start = Instant::now();
     let start_step = step;
     let mut tokens_done = 0usize;
@@ -846,18 +984,9 @@ pub fn train(o: &TrainOptions, resume: Option<&Path>) -> Result<TrainSummary> {
     let mut interrupted = false;
     let mut order_epoch = usize::MAX;
     let mut order: Vec<usize> = Vec::new();
-    let save = |step: u64, mask_round: u64, model: &Model, trainable: &Trainable, extra: &ExtraStates| {
-        let mut tensors: Vec<String> = match trainable {
-            Trainable::Lora { .. } => Vec::new(),
-            _ => (0..c.n_layers).flat_map(|l| Linear::ALL.map(|w| w.hf_name(l))).collect(),
-        };
-        tensors.extend(extras.iter().map(|p| p.name()));
-        let header = StateHeader { step, total_steps, mask_round, options: o.clone(), tensors };
-        save_state(&o.out, &header, model, trainable, extra)
-    };
 
     if step == 0 && !val_batches.is_empty() {
-        let v = eval_loss(&model, &mut acts, &val_batches);
+        let v = tr.eval_loss(&val_batches);
         eprintln!("step 0: validation loss {v:.4}");
         history.push(serde_json::json!({"step": 0, "val_loss": v}));
         last_val = Some(v);
@@ -869,11 +998,8 @@ pub fn train(o: &TrainOptions, resume: Option<&Path>) -> Result<TrainSummary> {
             break;
         }
         let t0 = Instant::now();
-        grads.zero();
-        let mut loss_sum = 0.0f64;
-        let mut step_tokens = 0usize;
-        // Why the run cannot go on (a non-finite loss or gradient), if it cannot.
-        let mut diverged: Option<String> = None;
+        // This step's micro-batches, in the epoch order the seed fixes.
+        let mut batches = Vec::with_capacity(o.grad_accum);
         for micro in 0..o.grad_accum as u64 {
             let m = step * o.grad_accum as u64 + micro;
             let epoch = (m / per_epoch) as usize;
@@ -881,72 +1007,43 @@ pub fn train(o: &TrainOptions, resume: Option<&Path>) -> Result<TrainSummary> {
                 order = ds.epoch_order(epoch, o.seed);
                 order_epoch = epoch;
             }
-            let batch = ds.train_batch(&order, (m % per_epoch) as usize, o.batch_size, pad);
-            acts.set_shape(&c, batch.b, batch.t);
-            let loss = model.forward(&mut acts, &batch.tokens, Some(&batch.targets));
-            if !loss.is_finite() {
-                diverged = Some(format!("loss is {loss} at step {} (micro-batch {micro})", step + 1));
-                break;
-            }
-            model.backward(&mut acts, &mut Sink { trainable: &trainable, grads: &mut grads });
-            loss_sum += loss as f64;
-            step_tokens += batch.tokens.len();
-        }
-        grads.scale(1.0 / o.grad_accum as f32);
-        let sum_sq = grads.sum_sq();
-        // A finite loss can still have an overflowing gradient; applying it
-        // would write NaN into the weights (clipping scales inf to NaN).
-        if diverged.is_none() && !sum_sq.is_finite() {
-            diverged = Some(format!("the gradient norm is {} at step {}", sum_sq.sqrt(), step + 1));
-        }
-        if let Some(why) = diverged {
-            // The weights are those of the last completed step: never a
-            // non-finite update.
-            save(step, mask_round, &model, &trainable, &extra_states)?;
-            write_metrics(&history)?;
-            write_plot(&history)?;
-            bail!("{why}; stopped. The last good state (step {step}) is in {}", o.out.display());
-        }
-        let clip = optim::clip_scale(sum_sq, o.grad_clip);
-        if clip != 1.0 {
-            grads.scale(clip);
+            batches.push(ds.train_batch(&order, (m % per_epoch) as usize, o.batch_size, pad));
         }
         let lr = lr_at(o, step, total_steps);
-        let opt = AdamW { lr, ..opt_base };
+        let stats = match tr.step(&batches, lr, step + 1) {
+            Ok(s) => s,
+            Err(why) => {
+                // The weights are those of the last completed step: never a
+                // non-finite update.
+                tr.save(&o.out, step, total_steps, mask_round)?;
+                write_metrics(&history)?;
+                write_plot(&history)?;
+                bail!("{why}; stopped. The last good state (step {step}) is in {}", o.out.display());
+            }
+        };
         step += 1;
-        apply_update(&mut model, &mut trainable, &mut extra_states, &grads, &opt, step);
 
         // Mask refresh for the sparse methods, from the current weights.
         if o.method.is_sparse() && o.update_interval > 0 && step % o.update_interval == 0 && step < total_steps {
             mask_round += 1;
-            let masks = select_masks(&model, o, mask_round, false)?;
-            if let Trainable::Sparse { states } = &mut trainable {
-                let (mut kept, mut total) = (0, 0);
-                for (s, m) in states.iter_mut().zip(masks) {
-                    let r = s.refresh(m);
-                    kept += r.kept;
-                    total += r.total;
-                }
-                eprintln!(
-                    "step {step}: masks refreshed, {:.1}% of entries kept their state",
-                    100.0 * kept as f64 / total.max(1) as f64
-                );
-            }
-            grads = trainable.new_grads(&c, o);
+            let r = tr.refresh_masks(mask_round)?;
+            eprintln!(
+                "step {step}: masks refreshed, {:.1}% of entries kept their state",
+                100.0 * r.kept as f64 / r.total.max(1) as f64
+            );
         }
 
-        let loss = (loss_sum / o.grad_accum as f64) as f32;
-        last_loss = loss;
-        tokens_done += step_tokens;
+        last_loss = stats.loss;
+        tokens_done += stats.tokens;
         let dt = t0.elapsed().as_secs_f64();
         let elapsed = t_start.elapsed().as_secs_f64();
         let mut rec = serde_json::json!({
-            "step": step, "loss": loss, "lr": lr, "grad_norm": sum_sq.sqrt(),
-            "tokens": step_tokens, "step_s": dt, "tokens_per_s": step_tokens as f64 / dt,
+            "step": step, "loss": stats.loss, "lr": lr, "grad_norm": stats.grad_norm,
+            "tokens": stats.tokens, "step_s": dt, "tokens_per_s": stats.tokens as f64 / dt,
             "elapsed_s": elapsed,
         });
         if (o.eval_every > 0 && step % o.eval_every == 0 || step == total_steps) && !val_batches.is_empty() {
-            let v = eval_loss(&model, &mut acts, &val_batches);
+            let v = tr.eval_loss(&val_batches);
             rec["val_loss"] = serde_json::json!(v);
             last_val = Some(v);
         }
@@ -956,20 +1053,21 @@ pub fn train(o: &TrainOptions, resume: Option<&Path>) -> Result<TrainSummary> {
             let val =
                 rec.get("val_loss").and_then(|v| v.as_f64()).map(|v| format!(" | val {v:.4}")).unwrap_or_default();
             eprintln!(
-                "step {step}/{total_steps} | loss {loss:.4}{val} | lr {lr:.2e} | {:.0} tok/s | ETA {}",
+                "step {step}/{total_steps} | loss {:.4}{val} | lr {lr:.2e} | {:.0} tok/s | ETA {}",
+                stats.loss,
                 tokens_done as f64 / elapsed,
                 fmt_duration(eta)
             );
         }
         history.push(rec);
         if o.save_every > 0 && step % o.save_every == 0 && step < total_steps {
-            save(step, mask_round, &model, &trainable, &extra_states)?;
+            tr.save(&o.out, step, total_steps, mask_round)?;
             write_metrics(&history)?;
             write_plot(&history)?;
         }
     }
 
-    save(step, mask_round, &model, &trainable, &extra_states)?;
+    tr.save(&o.out, step, total_steps, mask_round)?;
     write_metrics(&history)?;
     write_plot(&history)?;
     if interrupted {
@@ -983,14 +1081,14 @@ pub fn train(o: &TrainOptions, resume: Option<&Path>) -> Result<TrainSummary> {
         meta.insert("base_checkpoint".to_string(), o.checkpoint.display().to_string());
         meta.insert("method".to_string(), format!("{:?}", o.method).to_lowercase());
         meta.insert("steps".to_string(), step.to_string());
-        checkpoint::save_weights(&o.out.join("model.bin"), &c, &tok, &model.weights, save_dtype, &meta)?;
+        checkpoint::save_weights(&o.out.join("model.bin"), &c, &tok, &tr.model.weights, save_dtype, &meta)?;
         eprintln!("saved {}", o.out.join("model.bin").display());
     }
     eprintln!(
         "memory: peak resident {:.1} MiB, optimizer state {:.1} MiB, gradients {:.1} MiB",
         peak_rss_bytes().unwrap_or(0) as f64 / (1 << 20) as f64,
-        (trainable.state_bytes() + extra_states.iter().map(DenseState::bytes).sum::<usize>()) as f64 / (1 << 20) as f64,
-        grads.bytes() as f64 / (1 << 20) as f64
+        tr.state_bytes() as f64 / (1 << 20) as f64,
+        tr.grad_bytes() as f64 / (1 << 20) as f64
     );
     Ok(TrainSummary { steps: step, final_train_loss: last_loss, final_val_loss: last_val, interrupted })
 }
