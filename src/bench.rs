@@ -59,6 +59,12 @@ pub struct BenchArgs {
     /// Only time the mask selection of every linear layer (no training step).
     #[arg(long)]
     pub mask_only: bool,
+    /// Benchmark this model.bin instead of a random model of --config's shape (CPU).
+    #[arg(long)]
+    pub checkpoint: Option<std::path::PathBuf>,
+    /// Only time the forward pass with the loss (evaluation), on the CPU.
+    #[arg(long, conflicts_with = "mask_only")]
+    pub forward_only: bool,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 }
@@ -144,7 +150,10 @@ fn random_batch(c: &Config, b: usize, t: usize, seed: u64) -> (Vec<u32>, Vec<i32
 }
 
 pub fn run(a: &BenchArgs) -> Result<()> {
-    let c = crate::init::named_config(&a.config)?;
+    let c = match &a.checkpoint {
+        Some(p) => crate::checkpoint::Checkpoint::open(p)?.config,
+        None => crate::init::named_config(&a.config)?,
+    };
     if a.seq == 0 || a.batch == 0 {
         bail!("--seq and --batch must be at least 1");
     }
@@ -235,9 +244,51 @@ fn bench_gpu(a: &BenchArgs, c: &Config) -> Result<serde_json::Value> {
 /// The CPU benchmark times `CpuTrainer::step`, the very step `lift train` runs.
 fn bench_cpu(a: &BenchArgs, c: &Config) -> Result<serde_json::Value> {
     let t0 = Instant::now();
-    let model = Model::new(c.clone(), crate::init::random_weights(c, a.seed));
-    eprintln!("random {} in {:.1}s", a.config, t0.elapsed().as_secs_f64());
+    let weights = match &a.checkpoint {
+        Some(p) => crate::checkpoint::Checkpoint::open(p)?.load_weights()?,
+        None => crate::init::random_weights(c, a.seed),
+    };
+    let mut model = Model::new(c.clone(), weights);
+    match &a.checkpoint {
+        Some(p) => eprintln!("loaded {} in {:.1}s", p.display(), t0.elapsed().as_secs_f64()),
+        None => eprintln!("random {} in {:.1}s", a.config, t0.elapsed().as_secs_f64()),
+    }
     let o = a.options();
+    let device = format!("cpu ({} threads)", rayon::current_num_threads());
+    if a.mask_only {
+        if !a.method.is_sparse() {
+            bail!("--mask-only needs a sparse --method (lift, magnitude, random)");
+        }
+        let t0 = Instant::now();
+        let masks = crate::train::select_masks(&model, &o, 0, false)?;
+        let s = t0.elapsed().as_secs_f64();
+        return Ok(serde_json::json!({
+            "mask_total_ms": s * 1e3, "matrices": masks.len(), "selected": masks.iter().map(Vec::len).sum::<usize>(),
+            "config": a.config, "filter_rank": a.filter_rank, "svd": format!("{:?}", a.svd).to_lowercase(),
+            "oversample": a.oversample, "power_iters": a.power_iters, "device": device, "impl": "lift",
+        }));
+    }
+    if a.forward_only {
+        model.ensure_rope(a.seq);
+        let (tokens, targets) = random_batch(c, a.batch, a.seq, a.seed ^ 1);
+        let mut acts = crate::model::Activations::new(c, a.batch, a.seq);
+        let mut fwd = Vec::new();
+        for i in 0..a.warmup + a.steps {
+            let t0 = Instant::now();
+            let loss = model.forward(&mut acts, &tokens, Some(&targets));
+            let dt = t0.elapsed().as_secs_f64() * 1e3;
+            if i >= a.warmup {
+                fwd.push(dt);
+            }
+            eprintln!("forward {}: loss {loss:.4}, {dt:.1} ms", i + 1);
+        }
+        let ms = median(fwd);
+        return Ok(serde_json::json!({
+            "tokens_per_s": (a.batch * a.seq) as f64 / (ms / 1e3), "step_ms": ms, "forward_ms": ms,
+            "peak_mem_bytes": crate::train::peak_rss_bytes().unwrap_or(0), "device": device,
+            "config": a.config, "method": "forward", "seq": a.seq, "batch": a.batch, "steps": a.steps, "impl": "lift",
+        }));
+    }
     let t_mask = Instant::now();
     let mut tr = CpuTrainer::new(model, &o, a.batch, a.seq)?;
     let mask_s = if a.method.is_sparse() { t_mask.elapsed().as_secs_f64() } else { 0.0 };
@@ -257,6 +308,5 @@ fn bench_cpu(a: &BenchArgs, c: &Config) -> Result<serde_json::Value> {
         eprintln!("step {}: loss {:.4}, {dt:.1} ms", i + 1, st.loss);
     }
     let peak = crate::train::peak_rss_bytes().unwrap_or(0);
-    let device = format!("cpu ({} threads)", rayon::current_num_threads());
     Ok(report(a, c, t, mask_s, peak, &device, None))
 }

@@ -334,17 +334,11 @@ pub struct AttnDims {
     pub hs: usize,
 }
 
-/// out (B, Tq, NH, HS) = softmax(q k^T / sqrt(HS) + causal mask) v, per head;
-/// query head h reads key/value head h / (NH / KVH). Also writes lse
-/// (B, Tq, NH), the log-sum-exp of each row of scores: it is all the backward
-/// pass needs to rebuild the probabilities, so the (T, T) score matrix of a
-/// head is never stored (the flash-attention trick).
-///
-/// `starts` (B), for left-padded batches in generation: row b's keys before
-/// starts[b] are padding and are masked out. (A padding query itself attends
-/// only to its own key, which keeps it finite; nothing reads its output.)
+/// The naive twin of `attention_forward`, one query row at a time with dot
+/// products: the clearest statement of what attention computes, and the
+/// reference the GEMM version is tested against. Same arguments and results.
 #[allow(clippy::too_many_arguments)]
-pub fn attention_forward(
+pub fn attention_forward_naive(
     out: &mut [f32],
     lse: &mut [f32],
     q: &[f32],
@@ -394,18 +388,12 @@ pub fn attention_forward(
         );
 }
 
-/// Backward of attention_forward for training (Tq = Tk = Tcap = T).
-/// dout and out are (B, T, NH, HS); dq (B, T, NH, HS), dk and dv
-/// (B, T, KVH, HS) are accumulated. `delta` (B, T, NH) is scratch.
-///
-/// With P = softmax(S) rebuilt from lse, and D_t = dout_t . out_t:
-///   dS_tj = P_tj (dout_t . v_j - D_t),  dq_t = scale sum_j dS_tj k_j,
-///   dk_j = scale sum_t dS_tj q_t,       dv_j = sum_t P_tj dout_t.
-/// Two passes, each parallel over rows with no shared writes: pass 1 walks the
-/// keys of each query (dq), pass 2 walks the queries of each key (dk, dv).
-/// Scores are recomputed in each pass instead of stored.
+/// The naive twin of `attention_backward`: two passes of dot products, each
+/// parallel over rows with no shared writes: pass 1 walks the keys of each
+/// query (dq), pass 2 walks the queries of each key (dk, dv). Scores are
+/// recomputed in each pass instead of stored. Same arguments and results.
 #[allow(clippy::too_many_arguments)]
-pub fn attention_backward(
+pub fn attention_backward_naive(
     dq: &mut [f32],
     dk: &mut [f32],
     dv: &mut [f32],
@@ -473,6 +461,182 @@ pub fn attention_backward(
                 }
             }
         });
+}
+
+/// out (B, Tq, NH, HS) = softmax(q k^T / sqrt(HS) + causal mask) v, per head;
+/// query head h reads key/value head h / (NH / KVH). Also writes lse
+/// (B, Tq, NH), the log-sum-exp of each row of scores: with it the backward
+/// pass rebuilds the probabilities, so no (T, T) matrix outlives the call.
+///
+/// One task per (batch row, head), each three steps on a (Tq, Tk) scratch:
+///   S = q_h k_h^T * scale      a GEMM (the full square; the causal half is masked)
+///   P = softmax over each row's visible keys, lse saved
+///   out_h = P v_h              a GEMM
+/// GEMMs, not dot products, because they keep the vector units busy: the
+/// naive twin above does the same arithmetic at a tenth of the speed.
+///
+/// `starts` (B), for left-padded batches in generation: row b's keys before
+/// starts[b] are padding and are masked out. (A padding query itself attends
+/// only to its own key, which keeps it finite; nothing reads its output.)
+#[allow(clippy::too_many_arguments)]
+pub fn attention_forward(
+    out: &mut [f32],
+    lse: &mut [f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    d: AttnDims,
+    starts: Option<&[usize]>,
+) {
+    let AttnDims { b, tq, tk, tcap, nh, kvh, hs } = d;
+    let scale = 1.0 / (hs as f32).sqrt();
+    let group = nh / kvh;
+    let (q_rs, kv_rs) = (nh * hs, kvh * hs);
+    // Each task returns its head's output (Tq, HS) and lse (Tq); they are
+    // scattered into the interleaved (B, Tq, NH, ...) layouts afterwards.
+    let heads: Vec<(Vec<f32>, Vec<f32>)> = (0..b * nh)
+        .into_par_iter()
+        .map_init(
+            || vec![0.0f32; tq * tk],
+            |s, bh| {
+                let (bi, h) = (bh / nh, bh % nh);
+                let qh = &q[(bi * tq * nh + h) * hs..];
+                let kh = &k[(bi * tcap * kvh + h / group) * hs..];
+                let vh = &v[(bi * tcap * kvh + h / group) * hs..];
+                let s = &mut s[..tq * tk];
+                sgemm(tq, tk, hs, qh, q_rs, 1, kh, 1, kv_rs, s, tk, false);
+                let mut lse_h = vec![0.0f32; tq];
+                for (t, (row, l)) in s.chunks_mut(tk).zip(lse_h.iter_mut()).enumerate() {
+                    let pos = tk - tq + t;
+                    let lo = starts.map_or(0, |st| st[bi].min(pos));
+                    *l = softmax_visible(row, lo, pos + 1, scale);
+                }
+                let mut out_h = vec![0.0f32; tq * hs];
+                sgemm(tq, hs, tk, s, tk, 1, vh, kv_rs, 1, &mut out_h, hs, false);
+                (out_h, lse_h)
+            },
+        )
+        .collect();
+    scatter_heads(out, lse, &heads, b, tq, nh, hs);
+}
+
+/// Row of raw scores -> probabilities: entries lo..hi are scaled, shifted by
+/// their maximum and exponentiated, the rest zeroed; returns the row's
+/// log-sum-exp of the scaled scores.
+fn softmax_visible(row: &mut [f32], lo: usize, hi: usize, scale: f32) -> f32 {
+    let max = row[lo..hi].iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x * scale));
+    let mut sum = 0.0f32;
+    for x in row[lo..hi].iter_mut() {
+        *x = (*x * scale - max).exp();
+        sum += *x;
+    }
+    let inv = 1.0 / sum;
+    row[lo..hi].iter_mut().for_each(|x| *x *= inv);
+    row[..lo].fill(0.0);
+    row[hi..].fill(0.0);
+    max + sum.ln()
+}
+
+/// Per-(batch row, head) results (Tq, HS) and (Tq) into out (B, Tq, NH, HS)
+/// and lse (B, Tq, NH).
+fn scatter_heads(out: &mut [f32], lse: &mut [f32], heads: &[(Vec<f32>, Vec<f32>)], b: usize, tq: usize, nh: usize, hs: usize) {
+    out.par_chunks_mut(nh * hs).zip(lse.par_chunks_mut(nh)).enumerate().for_each(|(row, (o, l))| {
+        let (bi, t) = (row / tq, row % tq);
+        for h in 0..nh {
+            let (oh, lh) = &heads[bi * nh + h];
+            o[h * hs..(h + 1) * hs].copy_from_slice(&oh[t * hs..(t + 1) * hs]);
+            l[h] = lh[t];
+        }
+    });
+    debug_assert_eq!(heads.len(), b * nh);
+}
+
+/// Backward of attention_forward for training (Tq = Tk = Tcap = T).
+/// dout and out are (B, T, NH, HS); dq (B, T, NH, HS), dk and dv
+/// (B, T, KVH, HS) are accumulated. `delta` (B, T, NH) receives D below.
+///
+/// With P rebuilt from lse and D_t = dout_t . out_t, per (batch row, head):
+///   dP = dout_h v_h^T             a GEMM (T, T)
+///   dS = P * (dP - D_t)           elementwise (zero above the diagonal, as P)
+///   dq_h = scale dS k_h           a GEMM
+///   dk_h = scale dS^T q_h         a GEMM, summed over the heads of the group
+///   dv_h = P^T dout_h             a GEMM, likewise
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+    delta: &mut [f32],
+    dout: &[f32],
+    out: &[f32],
+    lse: &[f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    d: AttnDims,
+) {
+    let AttnDims { b, tq: t_len, nh, kvh, hs, .. } = d;
+    assert!(d.tq == d.tk && d.tk == d.tcap, "attention_backward: training shapes only");
+    let scale = 1.0 / (hs as f32).sqrt();
+    let group = nh / kvh;
+    let (q_rs, kv_rs) = (nh * hs, kvh * hs);
+    delta.par_iter_mut().enumerate().for_each(|(i, dl)| {
+        *dl = dot(&dout[i * hs..(i + 1) * hs], &out[i * hs..(i + 1) * hs]);
+    });
+    // Per task: dq_h, dk_h, dv_h, each (T, HS).
+    let grads: Vec<[Vec<f32>; 3]> = (0..b * nh)
+        .into_par_iter()
+        .map_init(
+            || (vec![0.0f32; t_len * t_len], vec![0.0f32; t_len * t_len]),
+            |(p, ds), bh| {
+                let (bi, h) = (bh / nh, bh % nh);
+                let qh = &q[(bi * t_len * nh + h) * hs..];
+                let doh = &dout[(bi * t_len * nh + h) * hs..];
+                let kh = &k[(bi * t_len * kvh + h / group) * hs..];
+                let vh = &v[(bi * t_len * kvh + h / group) * hs..];
+                let (p, ds) = (&mut p[..t_len * t_len], &mut ds[..t_len * t_len]);
+                // P from the saved lse: exp(S * scale - lse) on the causal part.
+                sgemm(t_len, t_len, hs, qh, q_rs, 1, kh, 1, kv_rs, p, t_len, false);
+                for (t, row) in p.chunks_mut(t_len).enumerate() {
+                    let l = lse[(bi * t_len + t) * nh + h];
+                    for x in row[..=t].iter_mut() {
+                        *x = (*x * scale - l).exp();
+                    }
+                    row[t + 1..].fill(0.0);
+                }
+                sgemm(t_len, t_len, hs, doh, q_rs, 1, vh, 1, kv_rs, ds, t_len, false);
+                for (t, (drow, prow)) in ds.chunks_mut(t_len).zip(p.chunks(t_len)).enumerate() {
+                    let dl = delta[(bi * t_len + t) * nh + h];
+                    for (x, &pv) in drow.iter_mut().zip(prow) {
+                        *x = pv * (*x - dl) * scale;
+                    }
+                }
+                let mut dqh = vec![0.0f32; t_len * hs];
+                let mut dkh = vec![0.0f32; t_len * hs];
+                let mut dvh = vec![0.0f32; t_len * hs];
+                sgemm(t_len, hs, t_len, ds, t_len, 1, kh, kv_rs, 1, &mut dqh, hs, false);
+                sgemm(t_len, hs, t_len, ds, 1, t_len, qh, q_rs, 1, &mut dkh, hs, false);
+                sgemm(t_len, hs, t_len, p, 1, t_len, doh, q_rs, 1, &mut dvh, hs, false);
+                [dqh, dkh, dvh]
+            },
+        )
+        .collect();
+    // Scatter: dq row by row; dk and dv summed over the heads of each group.
+    dq.par_chunks_mut(nh * hs).enumerate().for_each(|(row, dqr)| {
+        let (bi, t) = (row / t_len, row % t_len);
+        for h in 0..nh {
+            axpy(&mut dqr[h * hs..(h + 1) * hs], 1.0, &grads[bi * nh + h][0][t * hs..(t + 1) * hs]);
+        }
+    });
+    dk.par_chunks_mut(kvh * hs).zip(dv.par_chunks_mut(kvh * hs)).enumerate().for_each(|(row, (dkr, dvr))| {
+        let (bi, t) = (row / t_len, row % t_len);
+        for h in 0..nh {
+            let kv = h / group;
+            let g = &grads[bi * nh + h];
+            axpy(&mut dkr[kv * hs..(kv + 1) * hs], 1.0, &g[1][t * hs..(t + 1) * hs]);
+            axpy(&mut dvr[kv * hs..(kv + 1) * hs], 1.0, &g[2][t * hs..(t + 1) * hs]);
+        }
+    });
 }
 
 // ----------------------------------------------------------------------------
@@ -565,31 +729,50 @@ pub fn crossentropy_backward_inplace(logits: &mut [f32], targets: &[i32], v: usi
 // ----------------------------------------------------------------------------
 // Small helpers
 
-/// log(sum(exp(x))), shifted by the maximum so it cannot overflow. The sum
-/// is kept in f64: over a 128K vocabulary an f32 sum would lose ~1e-5.
+/// log(sum(exp(x))), shifted by the maximum so it cannot overflow. Over a
+/// 128K vocabulary one running f32 sum would lose ~1e-5 (and, as a single
+/// dependency chain, run at a fraction of the speed), so blocks of 256 are
+/// summed in eight f32 lanes and the block sums added in f64.
 pub fn logsumexp(x: &[f32]) -> f32 {
     let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
     if max == f32::NEG_INFINITY {
         return max;
     }
-    (max as f64 + x.iter().map(|&v| (v - max).exp() as f64).sum::<f64>().ln()) as f32
+    let mut total = 0.0f64;
+    for block in x.chunks(256) {
+        let mut lanes = [0.0f32; 8];
+        let chunks = block.chunks_exact(8);
+        let rest: f32 = chunks.remainder().iter().map(|&v| (v - max).exp()).sum();
+        for c in chunks {
+            for l in 0..8 {
+                lanes[l] += (c[l] - max).exp();
+            }
+        }
+        total += lanes.iter().map(|&v| v as f64).sum::<f64>() + rest as f64;
+    }
+    (max as f64 + total.ln()) as f32
 }
 
 #[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    // Eight independent partial sums over exact chunks of eight: the compiler
-    // turns the inner loop into one vector multiply-add per chunk.
+    // Four independent vectors of eight partial sums: a single accumulator
+    // would make every multiply-add wait for the previous one (4 cycles);
+    // four keep both FMA units busy.
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
-    let mut acc = [0.0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let mut acc = [0.0f32; 32];
+    let (ca, cb) = (a.chunks_exact(32), b.chunks_exact(32));
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (x, y) in ca.zip(cb) {
-        for l in 0..8 {
+        for l in 0..32 {
             acc[l] += x[l] * y[l];
         }
     }
-    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    let mut s8 = [0.0f32; 8];
+    for l in 0..8 {
+        s8[l] = (acc[l] + acc[l + 8]) + (acc[l + 16] + acc[l + 24]);
+    }
+    let mut s = ((s8[0] + s8[4]) + (s8[1] + s8[5])) + ((s8[2] + s8[6]) + (s8[3] + s8[7]));
     for (x, y) in ra.iter().zip(rb) {
         s += x * y;
     }
@@ -638,6 +821,57 @@ mod tests {
         for i in 0..r {
             for j in 0..c {
                 assert_eq!(t[j * r + i], x[i * c + j]);
+            }
+        }
+    }
+
+    fn attn_inputs(d: AttnDims, seed: u32) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let q = pseudo(d.b * d.tq * d.nh * d.hs, seed);
+        let k = pseudo(d.b * d.tcap * d.kvh * d.hs, seed + 1);
+        let v = pseudo(d.b * d.tcap * d.kvh * d.hs, seed + 2);
+        (q, k, v)
+    }
+
+    /// The GEMM attention equals its naive twin: training shapes (GQA), a KV
+    /// cache with fewer queries than keys, and left-padded rows.
+    #[test]
+    fn attention_forward_matches_naive_twin() {
+        let cases = [
+            (AttnDims { b: 2, tq: 37, tk: 37, tcap: 37, nh: 6, kvh: 2, hs: 16 }, None),
+            (AttnDims { b: 2, tq: 3, tk: 20, tcap: 24, nh: 4, kvh: 4, hs: 8 }, None),
+            (AttnDims { b: 2, tq: 9, tk: 9, tcap: 12, nh: 2, kvh: 1, hs: 8 }, Some(vec![0usize, 4])),
+        ];
+        for (d, starts) in cases {
+            let (q, k, v) = attn_inputs(d, 11);
+            let n = d.b * d.tq;
+            let (mut o1, mut l1) = (vec![0.0; n * d.nh * d.hs], vec![0.0; n * d.nh]);
+            let (mut o2, mut l2) = (o1.clone(), l1.clone());
+            attention_forward(&mut o1, &mut l1, &q, &k, &v, d, starts.as_deref());
+            attention_forward_naive(&mut o2, &mut l2, &q, &k, &v, d, starts.as_deref());
+            for (a, b) in o1.iter().zip(&o2).chain(l1.iter().zip(&l2)) {
+                assert!((a - b).abs() < 1e-5, "{d:?}: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn attention_backward_matches_naive_twin() {
+        let d = AttnDims { b: 2, tq: 29, tk: 29, tcap: 29, nh: 6, kvh: 2, hs: 16 };
+        let (q, k, v) = attn_inputs(d, 5);
+        let n = d.b * d.tq;
+        let (mut out, mut lse) = (vec![0.0; n * d.nh * d.hs], vec![0.0; n * d.nh]);
+        attention_forward(&mut out, &mut lse, &q, &k, &v, d, None);
+        let dout = pseudo(out.len(), 9);
+        let grads = |naive: bool| {
+            let (mut dq, mut dk, mut dv) = (vec![0.1; q.len()], vec![0.2; k.len()], vec![0.3; v.len()]);
+            let mut delta = vec![0.0; n * d.nh];
+            let f = if naive { attention_backward_naive } else { attention_backward };
+            f(&mut dq, &mut dk, &mut dv, &mut delta, &dout, &out, &lse, &q, &k, &v, d);
+            [dq, dk, dv]
+        };
+        for (a, b) in grads(false).iter().zip(grads(true).iter()) {
+            for (x, y) in a.iter().zip(b) {
+                assert!((x - y).abs() < 1e-5, "{x} vs {y}");
             }
         }
     }

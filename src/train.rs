@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow, bail};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, Checkpoint};
@@ -191,7 +192,7 @@ struct Grads {
 }
 
 /// Selects the masks of every linear matrix for a sparse method.
-fn select_masks(model: &Model, o: &TrainOptions, round: u64, log: bool) -> Result<Vec<Vec<u32>>> {
+pub fn select_masks(model: &Model, o: &TrainOptions, round: u64, log: bool) -> Result<Vec<Vec<u32>>> {
     let c = &model.config;
     let t0 = Instant::now();
     let mut masks = Vec::with_capacity(c.n_layers * 7);
@@ -407,23 +408,24 @@ fn apply_update(
     opt: &AdamW,
     t: u64,
 ) {
-    let n_layers = model.config.n_layers;
+    // Layers are independent: one task per layer, its seven matrices in turn.
+    let layers = model.weights.layers.par_iter_mut().enumerate();
     match trainable {
         Trainable::Sparse { states } => {
-            for l in 0..n_layers {
-                for w in Linear::ALL {
-                    let id = matrix_id(l, w);
-                    states[id].step(opt, t, model.weights.layers[l].linear_mut(w), &grads.linear[id]);
+            let states: Vec<&mut [SparseState]> = states.chunks_mut(7).collect();
+            layers.zip(states).for_each(|((l, lw), st)| {
+                for (i, w) in Linear::ALL.into_iter().enumerate() {
+                    st[i].step(opt, t, lw.linear_mut(w), &grads.linear[matrix_id(l, w)]);
                 }
-            }
+            });
         }
         Trainable::Full { states } => {
-            for l in 0..n_layers {
-                for w in Linear::ALL {
-                    let id = matrix_id(l, w);
-                    states[id].step(opt, t, model.weights.layers[l].linear_mut(w), &grads.linear[id]);
+            let states: Vec<&mut [DenseState]> = states.chunks_mut(7).collect();
+            layers.zip(states).for_each(|((l, lw), st)| {
+                for (i, w) in Linear::ALL.into_iter().enumerate() {
+                    st[i].step(opt, t, lw.linear_mut(w), &grads.linear[matrix_id(l, w)]);
                 }
-            }
+            });
         }
         Trainable::Lora { adapters, states, .. } => {
             for (id, ad) in adapters.iter_mut().enumerate() {

@@ -380,6 +380,8 @@ fn whole_step(g: &Gpu, t: &mut Table, seed: u64) -> Result<()> {
         update_interval: 400,
         lora_rank: 4,
         mask_only: false,
+        forward_only: false,
+        checkpoint: None,
         seed,
     };
     let opts = o.options();

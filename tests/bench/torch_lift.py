@@ -44,7 +44,7 @@ def build(name, device, dtype):
                       rms_norm_eps=1e-5, tie_word_embeddings=tied, max_position_embeddings=131072,
                       rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192} if scaled else None,
-                      attn_implementation="sdpa" if device == "cuda" else "eager", use_cache=False)
+                      attn_implementation="sdpa", use_cache=False)
     try:
         cfg = LlamaConfig(**kw)
     except Exception:  # a transformers without llama3 rope_scaling: same cost without it
@@ -63,16 +63,34 @@ def linears(model):
 class SparseAdamW:
     """AdamW on k selected entries per weight; state only for those entries."""
 
-    def __init__(self, weights, density, lr=1e-5, betas=(0.9, 0.95), eps=1e-6):
+    def __init__(self, weights, density, lr=1e-5, betas=(0.9, 0.95), eps=1e-6, filter_rank=0, svd="auto"):
         self.weights, self.lr, self.b1, self.b2, self.eps, self.t = weights, lr, betas[0], betas[1], eps, 0
         self.idx, self.m, self.v, self.master = [], [], [], []
         for w in weights:
             k = max(1, round(density * w.numel()))
-            idx = torch.topk(w.detach().abs().flatten().float(), k).indices.sort().values
+            idx = torch.topk(self.scores(w, filter_rank, svd).flatten(), k).indices.sort().values
             self.idx.append(idx)
             self.master.append(w.detach().flatten()[idx].float().clone())
             self.m.append(torch.zeros(k, device=w.device))
             self.v.append(torch.zeros(k, device=w.device))
+
+    @staticmethod
+    @torch.no_grad()
+    def scores(w, r, svd):
+        """|W_r|, the principal-weight scores (filter_rank 0: |W|, for timing only).
+        Exact SVD where the smaller side is at most 1024 (lift's --svd auto), else
+        torch's randomized low-rank SVD with lift's sketch size (r + 128, 12 iterations)."""
+        w = w.detach().float()
+        if r <= 0:
+            return w.abs()
+        r = min(r, min(w.shape))
+        if svd == "exact" or (svd == "auto" and min(w.shape) <= 1024):
+            u, s, vh = torch.linalg.svd(w, full_matrices=False)
+            u, s, vh = u[:, :r], s[:r], vh[:r]
+        else:
+            u, s, v = torch.svd_lowrank(w, q=min(r + 128, min(w.shape)), niter=12)
+            u, s, vh = u[:, :r], s[:r], v[:, :r].t()
+        return ((u * s) @ vh).abs()
 
     @torch.no_grad()
     def step(self):
@@ -112,6 +130,10 @@ def main():
     ap.add_argument("--density", type=float, default=0.05)
     ap.add_argument("--lora-rank", type=int, default=16)
     ap.add_argument("--update-interval", type=int, default=400)
+    ap.add_argument("--filter-rank", type=int, default=128,
+                    help="LIFT's rank r for the mask scores (0: top-|W| masks, which cost the same per step)")
+    ap.add_argument("--svd", default="auto", choices=["auto", "exact", "lowrank"])
+    ap.add_argument("--forward-only", action="store_true", help="time evaluation: the forward pass and loss only")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -127,7 +149,7 @@ def main():
         for w in ws:
             w.requires_grad_(True)
         sync(); t0 = time.perf_counter()
-        opt = SparseAdamW(ws, a.density)
+        opt = SparseAdamW(ws, a.density, filter_rank=a.filter_rank, svd=a.svd)
         sync(); mask_s = time.perf_counter() - t0
     elif a.method == "full":
         ws = [m.weight for m in linears(model)]
@@ -146,6 +168,24 @@ def main():
     model.train()
     v = CONFIGS[a.config][0]
     tokens = torch.randint(0, v, (a.batch, a.seq), device=a.device)
+    if a.forward_only:
+        model.eval()
+        fw = []
+        with torch.no_grad():
+            for i in range(a.warmup + a.steps):
+                sync(); t0 = time.perf_counter()
+                model(input_ids=tokens, labels=tokens)
+                sync()
+                if i >= a.warmup:
+                    fw.append((time.perf_counter() - t0) * 1e3)
+        ms = statistics.median(fw)
+        name = torch.cuda.get_device_name() if cuda else "cpu (%d threads)" % torch.get_num_threads()
+        import resource
+        mem = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        print(json.dumps({"tokens_per_s": a.batch * a.seq / (ms / 1e3), "step_ms": ms, "forward_ms": ms,
+                          "peak_mem_bytes": mem, "device": name, "config": a.config, "method": "forward",
+                          "seq": a.seq, "batch": a.batch, "steps": a.steps, "impl": "torch"}))
+        return
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     fw, bw, op, st = [], [], [], []

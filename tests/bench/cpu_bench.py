@@ -1,0 +1,131 @@
+#!/usr/bin/env python3
+"""`make bench`: lift against PyTorch on the CPU, same model shape, same work,
+same thread count, run alternately so that both see the same machine.
+
+    python3 tests/bench/cpu_bench.py [--threads 2] [--rounds 3] [--steps 3]
+                                     [--checkpoint models/smollm2-135m-instruct.bin] [--quick]
+
+It prints, for SmolLM2-135M at seq 256, batch 1:
+  1. a LIFT training step: ms per step (forward, backward, optimizer, amortized
+     mask refresh), tokens/s and peak resident memory, lift and PyTorch, and
+     their ratio (medians over the rounds);
+  2. the same for the `full` method (dense AdamW);
+  3. a forward-only pass (evaluation);
+  4. scaling: lift's LIFT step time at seq 128/256/512/1024, on 1 and 2 threads;
+  5. mask selection for all 210 linear matrices: exact SVD vs randomized.
+PyTorch is transformers' LlamaForCausalLM in f32 with SDPA attention and the
+same sparse AdamW (tests/bench/torch_lift.py). torch and transformers are
+installed into .venv-bench/ on first use (a few minutes; not part of CI).
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+VENV = ROOT / ".venv-bench"
+PY = VENV / "bin" / "python"
+LIFT = ROOT / "lift"
+
+
+def ensure_torch():
+    ok = PY.exists() and subprocess.run([str(PY), "-c", "import torch, transformers"],
+                                        capture_output=True).returncode == 0
+    if ok:
+        return
+    print("installing torch and transformers into .venv-bench (first run only)...", file=sys.stderr)
+    subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+    subprocess.run([str(PY), "-m", "pip", "install", "--quiet", "torch", "transformers"], check=True)
+
+
+def run_json(cmd, env=None):
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        sys.exit(f"failed: {' '.join(map(str, cmd))}\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def lift_bench(args, threads, extra):
+    cmd = [str(LIFT), "bench", "--device", "cpu", "--threads", str(threads), *extra]
+    if args.checkpoint:
+        cmd += ["--checkpoint", args.checkpoint]
+    return run_json(cmd)
+
+
+def torch_bench(threads, extra):
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    return run_json([str(PY), str(ROOT / "tests/bench/torch_lift.py"), "--device", "cpu",
+                     "--threads", str(threads), *extra], env)
+
+
+KEYS = [("step_ms", "step (ms)"), ("forward_ms", "forward (ms)"), ("backward_ms", "backward (ms)"),
+        ("optimizer_ms", "optimizer (ms)"), ("mask_ms", "mask refresh (ms/step)"),
+        ("tokens_per_s", "tokens/s"), ("peak_mem_bytes", "peak memory (MiB)")]
+
+
+def table(title, lifts, torches):
+    print(f"\n{title}")
+    print(f"{'':26s} {'lift':>12s} {'pytorch':>12s} {'lift/pytorch':>13s}")
+    for key, name in KEYS:
+        a = [r[key] for r in lifts if r.get(key) is not None]
+        b = [r[key] for r in torches if r.get(key) is not None]
+        if not a or not b:
+            continue
+        ma, mb = statistics.median(a), statistics.median(b)
+        if key == "peak_mem_bytes":
+            ma, mb = ma / 2**20, mb / 2**20
+        ratio = f"{ma / mb:13.2f}" if mb else f"{'-':>13s}"
+        print(f"{name:26s} {ma:12.1f} {mb:12.1f} {ratio}")
+    print(f"(medians of {len(lifts)} alternating runs each; {lifts[0]['device']})")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3, help="alternating lift/pytorch runs per table")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per run (after 1 warm-up)")
+    ap.add_argument("--checkpoint", help="a real model.bin for lift (PyTorch uses a random model of its shape)")
+    ap.add_argument("--quick", action="store_true", help="one round, and no scaling or mask tables")
+    a = ap.parse_args()
+    if not LIFT.exists():
+        sys.exit("./lift is missing: run make first")
+    ensure_torch()
+    rounds = 1 if a.quick else a.rounds
+    shape = ["--config", "smollm2-135m", "--seq", "256", "--batch", "1",
+             "--steps", str(a.steps), "--warmup", "1"]
+    for method in ["lift", "full"]:
+        lifts, torches = [], []
+        for _ in range(rounds):
+            lifts.append(lift_bench(a, a.threads, shape + ["--method", method]))
+            torches.append(torch_bench(a.threads, shape + ["--method", method]))
+        table(f"== {method} training step, SmolLM2-135M, seq 256, batch 1, {a.threads} threads", lifts, torches)
+
+    lifts, torches = [], []
+    for _ in range(rounds):
+        lifts.append(lift_bench(a, a.threads, shape + ["--forward-only"]))
+        torches.append(torch_bench(a.threads, shape + ["--forward-only"]))
+    table(f"== forward only (evaluation), SmolLM2-135M, seq 256, batch 1, {a.threads} threads", lifts, torches)
+    if a.quick:
+        return
+
+    print("\n== scaling: lift's LIFT step (ms) by sequence length and threads")
+    print(f"{'seq':>6s} {'1 thread':>10s} {'2 threads':>10s} {'speed-up':>9s}")
+    for seq in [128, 256, 512, 1024]:
+        ms = []
+        for th in [1, 2]:
+            r = lift_bench(a, th, ["--config", "smollm2-135m", "--seq", str(seq), "--batch", "1",
+                                   "--steps", "2", "--warmup", "1", "--method", "lift"])
+            ms.append(r["step_ms"])
+        print(f"{seq:6d} {ms[0]:10.0f} {ms[1]:10.0f} {ms[0] / ms[1]:9.2f}")
+
+    print("\n== mask selection, all 210 linear matrices of SmolLM2-135M (filter rank 128, density 5%)")
+    for svd in ["exact", "randomized"]:
+        r = lift_bench(a, a.threads, ["--config", "smollm2-135m", "--method", "lift", "--mask-only", "--svd", svd])
+        print(f"{svd:11s} {r['mask_total_ms'] / 1e3:7.1f} s")
+
+
+if __name__ == "__main__":
+    main()
