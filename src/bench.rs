@@ -272,6 +272,7 @@ fn bench_gpu(a: &BenchArgs, c: &Config) -> Result<serde_json::Value> {
     let (tokens, targets) = random_batch(c, a.batch, a.seq, a.seed ^ 1);
     let opt = AdamW { lr: 1e-5, ..AdamW::default() };
     let mut t = Timings { step: vec![], fwd: vec![], bwd: vec![], opt: vec![] };
+    let mut prof = std::collections::BTreeMap::new();
     for i in 0..a.warmup + a.steps {
         if a.profile && i == a.warmup {
             g.enable_profiling();
@@ -286,11 +287,18 @@ fn bench_gpu(a: &BenchArgs, c: &Config) -> Result<serde_json::Value> {
             t.opt.push(st.optimizer_ms);
         }
         eprintln!("step {}: loss {:.4}, {dt:.1} ms", i + 1, st.loss);
+        // read this step's events outside the timed region (the pool is reused)
+        for (name, r) in if a.profile { g.take_profile()? } else { Default::default() } {
+            let acc: &mut gpu::ProfileRow = prof.entry(name).or_default();
+            acc.ms += r.ms;
+            acc.calls += r.calls;
+            acc.host |= r.host;
+        }
     }
     let profile = if a.profile {
         let total: f64 = t.step.iter().sum::<f64>() / a.steps.max(1) as f64;
         let title = format!("{} {} (B={}, T={}), attention {:?}, per step", a.config, format!("{:?}", a.method).to_lowercase(), a.batch, a.seq, attention);
-        Some(print_profile(&title, &g.take_profile()?, a.steps.max(1) as f64, total))
+        Some(print_profile(&title, &prof, a.steps.max(1) as f64, total))
     } else {
         None
     };
