@@ -37,10 +37,6 @@
 #define LN2 0.6931471805599453f
 #define POS_INF (__int_as_float(0x7f800000))
 
-struct __align__(16) u32x4 {
-    u32 x, y, z, w;
-};
-
 // Two bf16 at even element offset `col` of a row, as one 32-bit word.
 __device__ __forceinline__ u32 ld2(const bf16* row, int col) { return *(const u32*)(row + col); }
 

@@ -179,17 +179,25 @@ pub fn run(a: &CheckArgs) -> Result<()> {
         let mut r = vec![0.0; n];
         cpu::swiglu_forward(&mut r, &gt, &up);
         t.add(format!("swiglu_forward (N={n})"), rel_err(&down(&g, &out, n)?, &r), tol);
-        let (mut dg, mut du) = (g.zeros::<Bf16>(n)?, g.zeros::<Bf16>(n)?);
-        k::swiglu_backward(&g, &mut dg, &mut du, &upb(&g, &dy)?, &gb, &ub, n)?;
-        let (mut rg, mut ru) = (vec![0.0; n], vec![0.0; n]);
+        // accumulating into earlier values, as the CPU op does
+        let (g0, u0) = (randv(&mut rng, n, 1.0), randv(&mut rng, n, 1.0));
+        let (mut dg, mut du) = (upb(&g, &g0)?, upb(&g, &u0)?);
+        k::swiglu_backward(&g, &mut dg, &mut du, &upb(&g, &dy)?, &gb, &ub, n, true)?;
+        let (mut rg, mut ru) = (g0.clone(), u0.clone());
         cpu::swiglu_backward(&mut rg, &mut ru, &dy, &gt, &up);
         t.add(format!("swiglu_backward dgate (N={n})"), rel_err(&down(&g, &dg, n)?, &rg), tol);
         t.add(format!("swiglu_backward dup (N={n})"), rel_err(&down(&g, &du, n)?, &ru), tol);
+        // written over poisoned (NaN) buffers, as the model uses it
+        let (mut dg, mut du) = (g.upload(&vec![0xffffu16; n])?, g.upload(&vec![0xffffu16; n])?);
+        k::swiglu_backward(&g, &mut dg, &mut du, &upb(&g, &dy)?, &gb, &ub, n, false)?;
+        let (mut rg, mut ru) = (vec![0.0; n], vec![0.0; n]);
+        cpu::swiglu_backward(&mut rg, &mut ru, &dy, &gt, &up);
+        t.add(format!("swiglu_backward overwrite dgate (N={n})"), rel_err(&down(&g, &dg, n)?, &rg), tol);
+        t.add(format!("swiglu_backward overwrite dup (N={n})"), rel_err(&down(&g, &du, n)?, &ru), tol);
     }
 
-    // Residual.
-    {
-        let n = 4099;
+    // Residual (n not a multiple of the kernel's 8).
+    for n in [4099, 8192] {
         let (x, y) = (randv(&mut rng, n, 1.0), randv(&mut rng, n, 1.0));
         let mut out = g.zeros::<Bf16>(n)?;
         k::residual_forward(&g, &mut out, &upb(&g, &x)?, &upb(&g, &y)?, n)?;

@@ -231,19 +231,30 @@ fn copy_arg(a: &Arg) -> Arg {
     }
 }
 
+/// The vectorized elementwise kernels (swiglu.cu, residual.cu) read 16
+/// bytes at a time from the start of each buffer: whole Bufs only.
+fn vec8_ok(bufs: &[&Buf<Bf16>]) -> bool {
+    aligned16(bufs)
+}
+
 pub fn swiglu_forward(g: &Gpu, out: &mut Buf<Bf16>, gate: &Buf<Bf16>, up: &Buf<Bf16>, n: usize) -> Result<()> {
     for (b, what) in [(&*out, "out"), (gate, "gate"), (up, "up")] {
         need(b, n, what);
     }
-    g.launch("swiglu_forward", (blocks(n), 1, 1), 256, &[Ptr(out.ptr()), Ptr(gate.ptr()), Ptr(up.ptr()), I64(n as i64)])
+    assert!(vec8_ok(&[&*out, gate, up]), "swiglu_forward: buffers must be 16-byte aligned");
+    g.launch("swiglu_forward", (blocks(n.div_ceil(8)), 1, 1), 256, &[Ptr(out.ptr()), Ptr(gate.ptr()), Ptr(up.ptr()), I64(n as i64)])
 }
 
-pub fn swiglu_backward(g: &Gpu, dgate: &mut Buf<Bf16>, dup: &mut Buf<Bf16>, dout: &Buf<Bf16>, gate: &Buf<Bf16>, up: &Buf<Bf16>, n: usize) -> Result<()> {
+/// cpu::swiglu_backward (accumulating into dgate and dup) with `accumulate`,
+/// else the gradients are written over whatever dgate and dup held.
+#[allow(clippy::too_many_arguments)]
+pub fn swiglu_backward(g: &Gpu, dgate: &mut Buf<Bf16>, dup: &mut Buf<Bf16>, dout: &Buf<Bf16>, gate: &Buf<Bf16>, up: &Buf<Bf16>, n: usize, accumulate: bool) -> Result<()> {
     for (b, what) in [(&*dgate, "dgate"), (&*dup, "dup"), (dout, "dout"), (gate, "gate"), (up, "up")] {
         need(b, n, what);
     }
-    g.launch("swiglu_backward", (blocks(n), 1, 1), 256, &[
-        Ptr(dgate.ptr()), Ptr(dup.ptr()), Ptr(dout.ptr()), Ptr(gate.ptr()), Ptr(up.ptr()), I64(n as i64),
+    assert!(vec8_ok(&[&*dgate, &*dup, dout, gate, up]), "swiglu_backward: buffers must be 16-byte aligned");
+    g.launch("swiglu_backward", (blocks(n.div_ceil(8)), 1, 1), 256, &[
+        Ptr(dgate.ptr()), Ptr(dup.ptr()), Ptr(dout.ptr()), Ptr(gate.ptr()), Ptr(up.ptr()), I64(n as i64), I32(accumulate as i32),
     ])
 }
 
@@ -251,7 +262,8 @@ pub fn residual_forward(g: &Gpu, out: &mut Buf<Bf16>, x: &Buf<Bf16>, y: &Buf<Bf1
     for (b, what) in [(&*out, "out"), (x, "x"), (y, "y")] {
         need(b, n, what);
     }
-    g.launch("residual_forward", (blocks(n), 1, 1), 256, &[Ptr(out.ptr()), Ptr(x.ptr()), Ptr(y.ptr()), I64(n as i64)])
+    assert!(vec8_ok(&[&*out, x, y]), "residual_forward: buffers must be 16-byte aligned");
+    g.launch("residual_forward", (blocks(n.div_ceil(8)), 1, 1), 256, &[Ptr(out.ptr()), Ptr(x.ptr()), Ptr(y.ptr()), I64(n as i64)])
 }
 
 pub fn scale_f32(g: &Gpu, x: &mut Buf<f32>, alpha: f32, n: usize) -> Result<()> {

@@ -412,11 +412,8 @@ impl GpuModel {
             // MLP block. s.dres holds d(x_out) and becomes d(x_mid).
             sink.linear(g, id(Linear::Down), &s.dres, &a.h, xa(6), n, f, d)?;
             g.timed("gemm dX", || self.linear_backward_input(g, &s.dh, &s.dres, &w.w_down, id(Linear::Down), &s.dyb, 0.0, n, f, d))?;
-            g.timed("zero", || {
-                g.zero_range(&mut s.dgate, 0, n * f)?;
-                g.zero_range(&mut s.dup, 0, n * f)
-            })?;
-            g.timed("swiglu", || k::swiglu_backward(g, &mut s.dgate, &mut s.dup, &s.dh, &a.gate, &a.up, n * f))?;
+            // dgate and dup are written, not accumulated: nothing else adds to them
+            g.timed("swiglu", || k::swiglu_backward(g, &mut s.dgate, &mut s.dup, &s.dh, &a.gate, &a.up, n * f, false))?;
             sink.linear(g, id(Linear::Gate), &s.dgate, &a.xn2, xa(4), n, d, f)?;
             sink.linear(g, id(Linear::Up), &s.dup, &a.xn2, xa(5), n, d, f)?;
             g.timed("gemm dX", || {
