@@ -207,7 +207,7 @@ pub fn run(a: &CheckArgs) -> Result<()> {
     }
 
     // Cross-entropy with ignored positions.
-    for (n, v) in [(9, 1000), (4, 50000), (3, 128256)] {
+    for (n, v) in [(9, 1000), (5, 1003), (4, 50000), (3, 128256)] {
         let logits = randv(&mut rng, n * v, 3.0);
         let targets: Vec<i32> = (0..n).map(|i| if i % 3 == 1 { -100 } else { rng.below(v) as i32 }).collect();
         let mut lb = upb(&g, &logits)?;
