@@ -245,9 +245,13 @@ impl Gpu {
     /// Runs `f`, which queues GPU work, and when profiling counts the GPU time
     /// of that work under `name`. Without profiling it is just `f()`.
     pub fn timed<T>(&self, name: &'static str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        if !self.profiling() {
+            return f();
+        }
+        // The borrow ends before f runs, so f may time work of its own.
         let i = {
             let mut p = self.profile.borrow_mut();
-            let Some(p) = p.as_mut() else { return f() };
+            let p = p.as_mut().expect("profiling is on");
             let i = p.spans.len();
             if i == p.pool.len() {
                 let timing = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);

@@ -90,6 +90,10 @@ enum Pending {
     Exact { w64: Buf<f64> },
 }
 
+/// A randomized sketch's result: Q (out, q), B = Q^T W (q, in), and B B^T
+/// (q, q) on the host.
+type Sketched = (Buf<f32>, Buf<f32>, Vec<f64>);
+
 /// The host's part of one matrix: the top r eigenvectors of a symmetric
 /// (m, m) matrix.
 struct Eigen {
@@ -139,7 +143,7 @@ impl SelectScratch {
     /// lift.rs randomized_range and the first half of low_rank_randomized
     /// for a batch of matrices with the same q and iteration count: returns,
     /// per matrix, Q (out, q), B = Q^T W (q, in) and B B^T (q, q) on the host.
-    fn randomized_batch(&mut self, g: &Gpu, jobs: &[&Job], q: usize, iters: usize) -> Result<Vec<(Buf<f32>, Buf<f32>, Vec<f64>)>> {
+    fn randomized_batch(&mut self, g: &Gpu, jobs: &[&Job], q: usize, iters: usize) -> Result<Vec<Sketched>> {
         let nb = jobs.len();
         let ab = if self.tf32 { Dt::Tf32 } else { Dt::F32 };
         let mut sk = Vec::with_capacity(nb);
