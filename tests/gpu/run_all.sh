@@ -3,7 +3,7 @@
 # release binary ./lift built on a CPU machine and carried over. Copies nothing
 # from the network. Every stage has its own time limit; all output goes to
 # $OUT/results.txt (or ./gpu-results.txt without $OUT). The whole script
-# stops within $BUDGET_S seconds (default 330): stages run in order of
+# stops within $BUDGET_S seconds (default 300): stages run in order of
 # importance, each is cut to the time left, and a failed stage does not stop
 # the ones after it.
 #   1. lift gpu-check                          (every kernel + a LIFT step vs CPU)
@@ -21,7 +21,7 @@ mkdir -p "$OUTDIR" /tmp/liftgpu
 : > "$RES"
 log() { echo "$@" | tee -a "$RES"; }
 START=$(date +%s)
-BUDGET_S=${BUDGET_S:-330}
+BUDGET_S=${BUDGET_S:-300}
 run() { # run LIMIT_S NAME CMD...: time-limited, output appended to the results
     local limit=$1 name=$2; shift 2
     local left=$(( START + BUDGET_S - $(date +%s) - 10 ))
