@@ -26,6 +26,30 @@ __device__ __forceinline__ bf16 f2bf(float f) {
     return (bf16)(u >> 16);
 }
 
+// Eight bf16 in 16 bytes: the unit of the vectorized elementwise kernels and
+// of the tensor-core kernels' tile copies.
+struct __align__(16) u32x4 {
+    u32 x, y, z, w;
+};
+
+// f[0..8] = the eight bf16 of v, in memory order (low half of x first).
+__device__ __forceinline__ void unpack8(const u32x4 v, float* f) {
+    const u32 w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        f[2 * i] = __uint_as_float(w[i] << 16);
+        f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+}
+
+// The inverse: eight floats rounded to bf16 (f2bf) and packed.
+__device__ __forceinline__ u32x4 pack8(const float* f) {
+    u32 w[4];
+#pragma unroll
+    for (int i = 0; i < 4; i++) w[i] = (u32)f2bf(f[2 * i]) | ((u32)f2bf(f[2 * i + 1]) << 16);
+    return u32x4{w[0], w[1], w[2], w[3]};
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;

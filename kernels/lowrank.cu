@@ -27,67 +27,104 @@ extern "C" __global__ void randn_splitmix(float* out, i64 n, u64 seed) {
     }
 }
 
-// Mirrors lift.rs cholesky_inverse_transpose. g is a symmetric positive
-// semi-definite (q, q) f64 matrix (the Gram matrix Y^T Y of a sketch,
-// computed by a DGEMM). Computes G = L L^T, skipping (zeroing) negligible
-// pivots, and writes X = L^{-T} (q, q) as f32, zero rows and columns for the
-// skipped pivots; then Y X is orthonormal (Cholesky-QR).
+// Mirrors lift.rs cholesky_inverse_transpose, for a batch of matrices (the
+// seven of a layer are orthonormalized together, one block each, so the
+// latency of this serial algorithm is paid once per batch instead of once
+// per matrix).
 //
-// One block of 1024 threads (q <= 1024). `lt` and `mt` are (q, q) f64
-// scratch in global memory (L2-resident at these sizes), both stored
-// transposed (lt[k*q + i] = L[i][k]) so that thread i's reads of its own row
-// are coalesced across the block.
-extern "C" __global__ void __launch_bounds__(1024) cholesky_inverse_transpose(float* x, double* lt, double* mt,
-                                                                              const double* g, int q) {
-    __shared__ double scratch[32];
-    __shared__ int kept[1024];
-    __shared__ double ljj_s;
+// g (nb, q, q) f64: symmetric positive semi-definite (q, q) matrices (the
+// Gram matrices Y^T Y of sketches, computed by DGEMM). For each, computes
+// G = L L^T, skipping (zeroing) negligible pivots, and writes x (nb, q, q)
+// f32 = L^{-T}, with zero rows and columns for the skipped pivots; then Y X
+// is orthonormal (Cholesky-QR). l and m (nb, q, q) f64 are scratch for L and
+// M = L^{-1}, both row-major (l[i*q + k] = L[i][k]).
+//
+// How the work is split (the CPU runs both halves as one loop nest):
+//   Cholesky, left-looking: column j needs, for every row i >= j, the dot of
+//   L[i][0..j] with L[j][0..j]. Rows are dealt to quads (4 consecutive
+//   threads), and each quad splits its dot by k mod 4 and sums the four parts
+//   with two shuffles; then the owner of row j decides the pivot, and after a
+//   barrier every row is divided by it. Two barriers per column.
+//   Inverse, by forward substitution: M[c][c] = 1 / L[c][c] and, for r > c,
+//   M[r][c] = -(sum_{t=c}^{r-1} L[r][t] M[t][c]) / L[r][r]. Columns are
+//   independent and dealt to quads; a quad splits each sum by t mod 4, and
+//   the thread with r = part (mod 4) stores M[r][c], so every M value a
+//   thread reads is one it wrote itself: no barriers at all.
+// A quad owns rows (and columns) quad, quad + quads, ... (at most 4 of each:
+// q <= 4 * blockDim.x / 4, checked by the caller). Every loop that contains a
+// shuffle has the same trip count in all threads.
+// grid (nb), block a multiple of 32 (1024 for speed).
+#define CHOL_ROWS 4 // rows per quad
+extern "C" __global__ void __launch_bounds__(1024) cholesky_inverse_transpose(float* x_all, double* l_all,
+                                                                              double* m_all, const double* g_all,
+                                                                              int q) {
     const double DROP = 1e-10; // squared relative residual: 1e-5 in norm
-    int i = threadIdx.x;
-    for (int a = i; a < q * q; a += blockDim.x) {
-        lt[a] = 0.0;
-        mt[a] = 0.0;
+    __shared__ int kept[CHOL_ROWS * 256];
+    __shared__ double pivot;
+    const unsigned FULL = 0xffffffffu;
+    i64 off = (i64)blockIdx.x * q * q;
+    const double* g = g_all + off;
+    double* l = l_all + off;
+    double* m = m_all + off;
+    float* x = x_all + off;
+    int quads = blockDim.x >> 2, quad = threadIdx.x >> 2, part = threadIdx.x & 3;
+    for (i64 a = threadIdx.x; a < (i64)q * q; a += blockDim.x) {
+        l[a] = 0.0;
+        m[a] = 0.0;
+        x[a] = 0.0f;
     }
     __syncthreads();
-    // Left-looking Cholesky, one column j per step; thread i owns row i.
+
     for (int j = 0; j < q; j++) {
-        double part = 0.0;
-        for (int kk = i; kk < j; kk += blockDim.x) {
-            double v = lt[(i64)kk * q + j];
-            part += v * v;
+        double s[CHOL_ROWS]; // g[i][j] - L[i][0..j] . L[j][0..j] for this quad's rows i >= j
+#pragma unroll
+        for (int u = 0; u < CHOL_ROWS; u++) {
+            int i = quad + u * quads;
+            double acc = 0.0;
+            if (i >= j && i < q)
+                for (int k = part; k < j; k += 4) acc += l[(i64)i * q + k] * l[(i64)j * q + k];
+            acc += __shfl_xor_sync(FULL, acc, 1);
+            acc += __shfl_xor_sync(FULL, acc, 2);
+            s[u] = i >= j && i < q ? g[(i64)i * q + j] - acc : 0.0;
+            if (i == j && part == 0) {
+                double gjj = g[(i64)j * q + j];
+                // false for NaN too (non-finite weights): such a column is dropped
+                int independent = s[u] > 0.0 && s[u] > DROP * gjj;
+                kept[j] = independent;
+                pivot = independent ? sqrt(s[u]) : 0.0;
+                if (independent) l[(i64)j * q + j] = pivot;
+            }
         }
-        double dj = g[(i64)j * q + j] - block_sum_f64(part, scratch);
-        if (i == 0) {
-            // false for NaN too (non-finite weights): such a column is dropped
-            int independent = dj > 0.0 && dj > DROP * g[(i64)j * q + j];
-            kept[j] = independent;
-            ljj_s = independent ? sqrt(dj) : 0.0;
-            if (independent) lt[(i64)j * q + j] = ljj_s;
+        __syncthreads(); // kept[j] and the pivot are known
+        if (kept[j] && part == 0) {
+#pragma unroll
+            for (int u = 0; u < CHOL_ROWS; u++) {
+                int i = quad + u * quads;
+                if (i > j && i < q) l[(i64)i * q + j] = s[u] / pivot;
+            }
         }
-        __syncthreads();
-        if (kept[j] && i > j && i < q) {
-            double s = g[(i64)i * q + j];
-            for (int kk = 0; kk < j; kk++) s -= lt[(i64)kk * q + i] * lt[(i64)kk * q + j];
-            lt[(i64)j * q + i] = s / ljj_s;
-        }
-        __syncthreads();
+        __syncthreads(); // column j is complete
     }
-    // M = L^{-1} by forward substitution; thread c builds column c of M
-    // (stored as mt[i*q + c] = M[i][c], so the block reads row i together).
-    int c = i;
-    if (c < q && kept[c]) {
-        mt[(i64)c * q + c] = 1.0 / lt[(i64)c * q + c];
-        for (int r = c + 1; r < q; r++) {
-            if (!kept[r]) continue;
-            double s = 0.0;
-            for (int t = c; t < r; t++) s += lt[(i64)t * q + r] * mt[(i64)t * q + c];
-            mt[(i64)r * q + c] = -s / lt[(i64)r * q + r];
+
+    for (int u = 0; u < CHOL_ROWS; u++) {
+        int c = quad + u * quads;
+        bool active = c < q && kept[c];
+        if (active && part == (c & 3)) {
+            double v = 1.0 / l[(i64)c * q + c];
+            m[(i64)c * q + c] = v;
+            x[(i64)c * q + c] = (float)v;
         }
-    }
-    __syncthreads();
-    // X = M^T: x[c][r] = M[r][c].
-    for (int a = i; a < q * q; a += blockDim.x) {
-        int cc = a / q, r = a % q;
-        x[a] = (float)mt[(i64)r * q + cc];
+        for (int r = 1; r < q; r++) {
+            double acc = 0.0;
+            if (active && r > c)
+                for (int t = c + ((part - c) & 3); t < r; t += 4) acc += l[(i64)r * q + t] * m[(i64)t * q + c];
+            acc += __shfl_xor_sync(FULL, acc, 1);
+            acc += __shfl_xor_sync(FULL, acc, 2);
+            if (active && r > c && kept[r] && part == (r & 3)) {
+                double v = -acc / l[(i64)r * q + r];
+                m[(i64)r * q + c] = v;
+                x[(i64)c * q + r] = (float)v; // X = M^T: column c of M is row c of X
+            }
+        }
     }
 }

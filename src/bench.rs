@@ -6,13 +6,19 @@
 //! plus the run's parameters. The model is random (`lift init`'s), made in
 //! memory (on the GPU for --device cuda), so no file is needed; tokens are
 //! random and every position counts in the loss.
+//!
+//! `--profile` (CUDA) times every op class with CUDA events during the timed
+//! steps (or the timed selection, with --mask-only) and prints a table of
+//! milliseconds per step and share, also added to the JSON as "profile".
+//! Events cost a little host time per op, so the step time of a profiled
+//! run is a little longer than that of a plain one.
 
 use std::time::Instant;
 
 use anyhow::{Result, bail};
 use clap::Args;
 
-use crate::cuda::Device;
+use crate::cuda::{Attention, Device};
 use crate::lift;
 use crate::model::{Config, Linear, Model};
 use crate::optim::AdamW;
@@ -65,6 +71,17 @@ pub struct BenchArgs {
     /// Only time the forward pass with the loss (evaluation), on the CPU.
     #[arg(long, conflicts_with = "mask_only")]
     pub forward_only: bool,
+    /// Time each op class with CUDA events and print a table (CUDA only).
+    #[arg(long)]
+    pub profile: bool,
+    /// Attention kernels (CUDA): tensor cores (tc), CUDA cores (plain), or
+    /// tc after a quick check against plain, falling back to plain (auto).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub attention: Attention,
+    /// Precision of the mask selection's sketch products (CUDA): f32, or
+    /// tf32 on the tensor cores.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub sketch: Sketch,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 }
@@ -105,6 +122,13 @@ impl BenchArgs {
             skip_bad: false,
         }
     }
+}
+
+/// `--sketch`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Sketch {
+    F32,
+    Tf32,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -198,10 +222,35 @@ fn report(a: &BenchArgs, c: &Config, t: Timings, mask_total_s: f64, peak: u64, d
     })
 }
 
+/// The profile table: op classes by time, ms per step and share of the sum
+/// of GPU spans; host-timed rows (the selection's eigenproblems) apart.
+fn print_profile(title: &str, rows: &std::collections::BTreeMap<&'static str, crate::cuda::gpu::ProfileRow>, per: f64, total_ms: f64) -> serde_json::Value {
+    let mut v: Vec<_> = rows.iter().collect();
+    v.sort_by(|a, b| b.1.ms.total_cmp(&a.1.ms));
+    let gpu_sum: f64 = v.iter().filter(|r| !r.1.host).map(|r| r.1.ms).sum::<f64>() / per;
+    eprintln!("profile: {title}");
+    eprintln!("  {:<28} {:>10} {:>7} {:>8}", "op class", "ms", "share", "calls");
+    let mut json = serde_json::Map::new();
+    for (name, r) in &v {
+        let ms = r.ms / per;
+        if r.host {
+            eprintln!("  {:<28} {:>10.2} {:>7} {:>8}", format!("{name} [host]"), ms, "-", "-");
+        } else {
+            eprintln!("  {:<28} {:>10.2} {:>6.1}% {:>8.0}", name, ms, 100.0 * ms / gpu_sum.max(1e-12), r.calls as f64 / per);
+        }
+        json.insert(name.to_string(), serde_json::json!(ms));
+    }
+    eprintln!("  {:<28} {:>10.2}", "sum of GPU spans", gpu_sum);
+    eprintln!("  {:<28} {:>10.2}   (wall clock; the rest is launch gaps, syncs and host work)", "measured total", total_ms);
+    json.insert("sum_gpu_spans".into(), serde_json::json!(gpu_sum));
+    serde_json::Value::Object(json)
+}
+
 fn bench_gpu(a: &BenchArgs, c: &Config) -> Result<serde_json::Value> {
-    use crate::cuda::{gpu, model::GpuModel, train as gt};
+    use crate::cuda::{check, gpu, model::GpuModel, train as gt};
     let g = gpu::Gpu::new()?;
     eprintln!("device: {} (sm_{}{}), kernels compiled in {:.2}s", g.name, g.cc.0, g.cc.1, g.compile_s);
+    let attention = check::choose_attention(&g, a.attention)?;
     let o = a.options();
     let t0 = Instant::now();
     let model = GpuModel::random(&g, c, a.seed, a.seq)?;
@@ -210,23 +259,33 @@ fn bench_gpu(a: &BenchArgs, c: &Config) -> Result<serde_json::Value> {
         if !a.method.is_sparse() {
             bail!("--mask-only needs a sparse --method (lift, magnitude, random)");
         }
-        let so = gt::SelectOptions::of(&o);
+        let mut so = gt::SelectOptions::of(&o);
+        so.sketch_tf32 = a.sketch == Sketch::Tf32;
         let _ = gt::select_masks(&g, &model, &so, 0)?; // warm-up: cuBLAS heuristics, allocations
+        if a.profile {
+            g.enable_profiling();
+        }
         let t0 = Instant::now();
         let masks = gt::select_masks(&g, &model, &so, 1)?;
         let s = t0.elapsed().as_secs_f64();
+        let profile = if a.profile { Some(print_profile("mask selection", &g.take_profile()?, 1.0, s * 1e3)) } else { None };
         let k: usize = masks.iter().map(|m| m.len()).sum();
         return Ok(serde_json::json!({
             "mask_total_ms": s * 1e3, "matrices": masks.len(), "selected": k, "config": a.config,
             "filter_rank": a.filter_rank, "oversample": a.oversample, "power_iters": a.power_iters,
-            "peak_mem_bytes": gpu::mem_peak(), "device": g.name, "impl": "lift",
+            "sketch": format!("{:?}", a.sketch).to_lowercase(),
+            "peak_mem_bytes": gpu::mem_peak(), "device": g.name, "impl": "lift", "profile": profile,
         }));
     }
     let mut tr = gt::GpuTrainer::new(&g, model, &o, a.batch, a.seq)?;
     let (tokens, targets) = random_batch(c, a.batch, a.seq, a.seed ^ 1);
     let opt = AdamW { lr: 1e-5, ..AdamW::default() };
     let mut t = Timings { step: vec![], fwd: vec![], bwd: vec![], opt: vec![] };
+    let mut prof = std::collections::BTreeMap::new();
     for i in 0..a.warmup + a.steps {
+        if a.profile && i == a.warmup {
+            g.enable_profiling();
+        }
         let t0 = Instant::now();
         let st = tr.step(&g, &[(a.batch, a.seq, &tokens[..], &targets[..])], &opt, i as u64 + 1, 1.0)?;
         let dt = t0.elapsed().as_secs_f64() * 1e3;
@@ -237,8 +296,27 @@ fn bench_gpu(a: &BenchArgs, c: &Config) -> Result<serde_json::Value> {
             t.opt.push(st.optimizer_ms);
         }
         eprintln!("step {}: loss {:.4}, {dt:.1} ms", i + 1, st.loss);
+        // read this step's events outside the timed region (the pool is reused)
+        for (name, r) in if a.profile { g.take_profile()? } else { Default::default() } {
+            let acc: &mut gpu::ProfileRow = prof.entry(name).or_default();
+            acc.ms += r.ms;
+            acc.calls += r.calls;
+            acc.host |= r.host;
+        }
     }
-    Ok(report(a, c, t, tr.mask_s, gpu::mem_peak() as u64, &g.name, peak_flops(&g.name)))
+    let profile = if a.profile {
+        let total: f64 = t.step.iter().sum::<f64>() / a.steps.max(1) as f64;
+        let title = format!("{} {} (B={}, T={}), attention {:?}, per step", a.config, format!("{:?}", a.method).to_lowercase(), a.batch, a.seq, attention);
+        Some(print_profile(&title, &prof, a.steps.max(1) as f64, total))
+    } else {
+        None
+    };
+    let mut json = report(a, c, t, tr.mask_s, gpu::mem_peak() as u64, &g.name, peak_flops(&g.name));
+    json["attention"] = serde_json::json!(format!("{attention:?}").to_lowercase());
+    if let Some(p) = profile {
+        json["profile"] = p;
+    }
+    Ok(json)
 }
 
 /// The CPU benchmark times `CpuTrainer::step`, the very step `lift train` runs.

@@ -12,6 +12,7 @@
 use anyhow::{Result, bail};
 
 use super::gpu::{Bf16, Buf, Dt, Gpu};
+use super::Attention;
 use super::launch::{self as k, Attn, RopeDev};
 use super::model::{GpuModel, from_bf16, to_bf16};
 use super::select::{Job, SelectScratch};
@@ -160,30 +161,13 @@ pub fn run(a: &CheckArgs) -> Result<()> {
         t.add(format!("rope_backward (B={b}, T={tt}, H={h}, HS={hs})"), rel_err(&down(&g, &xb, x.len())?, &r), tol);
     }
 
-    // Causal GQA attention, forward and backward.
+    // Causal GQA attention, forward and backward: the plain kernels
+    // (attention.cu) on small shapes of every kind, the tensor-core ones
+    // (attention_tc.cu) on their head sizes, with T not a multiple of the
+    // tiles and the benchmark's T = 2048.
+    g.set_attention(Attention::Plain);
     for (b, tt, nh, kvh, hs) in [(1, 37, 4, 2, 32), (2, 70, 6, 2, 64), (1, 129, 2, 1, 128), (1, 50, 3, 3, 80)] {
-        let d = Attn { b, t: tt, nh, kvh, hs };
-        let dims = AttnDims { b, tq: tt, tk: tt, tcap: tt, nh, kvh, hs };
-        let (nq, nkv) = (b * tt * nh * hs, b * tt * kvh * hs);
-        let (q, kk, v) = (randv(&mut rng, nq, 1.0), randv(&mut rng, nkv, 1.0), randv(&mut rng, nkv, 1.0));
-        let (qb, kb, vb) = (upb(&g, &q)?, upb(&g, &kk)?, upb(&g, &v)?);
-        let (mut out, mut lse) = (g.zeros::<Bf16>(nq)?, g.zeros::<f32>(b * tt * nh)?);
-        k::attention_forward(&g, &mut out, &mut lse, &qb, &kb, &vb, d)?;
-        let (mut r, mut rl) = (vec![0.0; nq], vec![0.0; b * tt * nh]);
-        cpu::attention_forward(&mut r, &mut rl, &q, &kk, &v, dims, None);
-        let name = format!("(B={b}, T={tt}, NH={nh}, KVH={kvh}, HS={hs})");
-        let gout = down(&g, &out, nq)?;
-        t.add(format!("attention_forward out {name}"), rel_err(&gout, &r), tol);
-        t.add(format!("attention_forward lse {name}"), rel_err(&g.download(&lse, b * tt * nh)?, &rl), 1e-4);
-        let dout = randv(&mut rng, nq, 1.0);
-        let (mut dq, mut dk, mut dv, mut delta) = (g.zeros::<Bf16>(nq)?, g.zeros::<Bf16>(nkv)?, g.zeros::<Bf16>(nkv)?, g.zeros::<f32>(b * tt * nh)?);
-        k::attention_backward(&g, &mut dq, &mut dk, &mut dv, &mut delta, &upb(&g, &dout)?, &out, &lse, &qb, &kb, &vb, d)?;
-        // the CPU backward gets the GPU's (bf16) forward output, as the GPU does
-        let (mut rq, mut rk, mut rv, mut rd) = (vec![0.0; nq], vec![0.0; nkv], vec![0.0; nkv], vec![0.0; b * tt * nh]);
-        cpu::attention_backward(&mut rq, &mut rk, &mut rv, &mut rd, &dout, &gout, &rl, &q, &kk, &v, dims);
-        t.add(format!("attention_backward dq {name}"), rel_err(&down(&g, &dq, nq)?, &rq), tol);
-        t.add(format!("attention_backward dk {name}"), rel_err(&down(&g, &dk, nkv)?, &rk), tol);
-        t.add(format!("attention_backward dv {name}"), rel_err(&down(&g, &dv, nkv)?, &rv), tol);
+        check_attention(&g, &mut t, &mut rng, Attn { b, t: tt, nh, kvh, hs }, "")?;
     }
 
     // SwiGLU.
@@ -195,17 +179,25 @@ pub fn run(a: &CheckArgs) -> Result<()> {
         let mut r = vec![0.0; n];
         cpu::swiglu_forward(&mut r, &gt, &up);
         t.add(format!("swiglu_forward (N={n})"), rel_err(&down(&g, &out, n)?, &r), tol);
-        let (mut dg, mut du) = (g.zeros::<Bf16>(n)?, g.zeros::<Bf16>(n)?);
-        k::swiglu_backward(&g, &mut dg, &mut du, &upb(&g, &dy)?, &gb, &ub, n)?;
-        let (mut rg, mut ru) = (vec![0.0; n], vec![0.0; n]);
+        // accumulating into earlier values, as the CPU op does
+        let (g0, u0) = (randv(&mut rng, n, 1.0), randv(&mut rng, n, 1.0));
+        let (mut dg, mut du) = (upb(&g, &g0)?, upb(&g, &u0)?);
+        k::swiglu_backward(&g, &mut dg, &mut du, &upb(&g, &dy)?, &gb, &ub, n, true)?;
+        let (mut rg, mut ru) = (g0.clone(), u0.clone());
         cpu::swiglu_backward(&mut rg, &mut ru, &dy, &gt, &up);
         t.add(format!("swiglu_backward dgate (N={n})"), rel_err(&down(&g, &dg, n)?, &rg), tol);
         t.add(format!("swiglu_backward dup (N={n})"), rel_err(&down(&g, &du, n)?, &ru), tol);
+        // written over poisoned (NaN) buffers, as the model uses it
+        let (mut dg, mut du) = (g.upload(&vec![0xffffu16; n])?, g.upload(&vec![0xffffu16; n])?);
+        k::swiglu_backward(&g, &mut dg, &mut du, &upb(&g, &dy)?, &gb, &ub, n, false)?;
+        let (mut rg, mut ru) = (vec![0.0; n], vec![0.0; n]);
+        cpu::swiglu_backward(&mut rg, &mut ru, &dy, &gt, &up);
+        t.add(format!("swiglu_backward overwrite dgate (N={n})"), rel_err(&down(&g, &dg, n)?, &rg), tol);
+        t.add(format!("swiglu_backward overwrite dup (N={n})"), rel_err(&down(&g, &du, n)?, &ru), tol);
     }
 
-    // Residual.
-    {
-        let n = 4099;
+    // Residual (n not a multiple of the kernel's 8).
+    for n in [4099, 8192] {
         let (x, y) = (randv(&mut rng, n, 1.0), randv(&mut rng, n, 1.0));
         let mut out = g.zeros::<Bf16>(n)?;
         k::residual_forward(&g, &mut out, &upb(&g, &x)?, &upb(&g, &y)?, n)?;
@@ -215,7 +207,7 @@ pub fn run(a: &CheckArgs) -> Result<()> {
     }
 
     // Cross-entropy with ignored positions.
-    for (n, v) in [(9, 1000), (4, 50000), (3, 128256)] {
+    for (n, v) in [(9, 1000), (5, 1003), (4, 50000), (3, 128256)] {
         let logits = randv(&mut rng, n * v, 3.0);
         let targets: Vec<i32> = (0..n).map(|i| if i % 3 == 1 { -100 } else { rng.below(v) as i32 }).collect();
         let mut lb = upb(&g, &logits)?;
@@ -308,9 +300,65 @@ pub fn run(a: &CheckArgs) -> Result<()> {
             let path = if matches!(how, Approx::Exact) { "exact" } else { "randomized" };
             t.add(format!("principal_mask {path} ({out_}x{inp}, r={r}, k={kk}): 1 - overlap"), 1.0 - lift::mask_overlap(&rm, &gm), 5e-3);
         }
+        // The production setting (r = 128, q = 256, 12 iterations) on a
+        // matrix with a sketch smaller than its side, with the sketch
+        // products in f32 and in TF32 (lift bench --sketch tf32): TF32 must
+        // keep 99% of the CPU's mask.
+        let (out_, inp, r) = (1024, 2048, 128);
+        let w = randv(&mut rng, out_ * inp, 0.05);
+        let kk = lift::budget_k(out_, inp, lift::Budget::Density(0.05))?;
+        let how = Approx::Randomized { oversample: 128, power_iters: 12, seed: 5 };
+        let rm = lift::principal_mask(&w, out_, inp, kk, r, how);
+        let wb = upb(&g, &w)?;
+        for tf32 in [false, true] {
+            sc.tf32 = tf32;
+            let gm = sc.select(&g, &[Job { w: &wb, out: out_, inp, k: kk, r, how }])?;
+            let gm = g.download(&gm[0], kk)?;
+            let what = if tf32 { "TF32 sketch" } else { "f32 sketch" };
+            t.add(format!("principal_mask randomized, {what} ({out_}x{inp}, r={r}, q=256): 1 - overlap"), 1.0 - lift::mask_overlap(&rm, &gm), 1e-2);
+        }
+        sc.tf32 = false;
+    }
+
+    // The batched Cholesky-inverse kernel of the orthonormalization against
+    // lift.rs's algorithm (transcribed below): Gram matrices of random
+    // sketches, full rank and rank-deficient (dropped pivots), q = 256 (the
+    // default sketch) and sizes that give its thread quads several rows.
+    for (q, rows, nb) in [(256, 700, 3), (37, 300, 2), (64, 40, 2), (300, 900, 1)] {
+        let mut grams = Vec::with_capacity(nb * q * q);
+        for _ in 0..nb {
+            let y: Vec<f32> = (0..rows * q).map(|i| rng.normal() * (1.0 + (i % q % 7) as f32)).collect();
+            let mut gm = vec![0.0f64; q * q];
+            for r in 0..rows {
+                for i in 0..q {
+                    let yi = y[r * q + i] as f64;
+                    for j in 0..q {
+                        gm[i * q + j] += yi * y[r * q + j] as f64;
+                    }
+                }
+            }
+            grams.extend(gm);
+        }
+        let gb = g.upload(&grams)?;
+        let (mut x, mut l, mut m) = (g.upload(&vec![f32::NAN; nb * q * q])?, g.zeros::<f64>(nb * q * q)?, g.zeros::<f64>(nb * q * q)?);
+        k::cholesky_inverse_transpose(&g, &mut x, &mut l, &mut m, &gb, q, nb)?;
+        let gx = g.download(&x, nb * q * q)?;
+        let rx: Vec<f32> = grams.chunks(q * q).flat_map(|gm| cholesky_inverse_transpose_ref(gm, q)).collect();
+        let name = format!("cholesky_inverse_transpose (q={q}, {rows} rows, batch of {nb})");
+        t.add(name, rel_err(&gx, &rx), 1e-5);
     }
 
     whole_step(&g, &mut t, a.seed)?;
+
+    // The tensor-core attention last: a fault there would end the run
+    // (a CUDA error poisons the context), so everything else is in by then.
+    g.set_attention(Attention::Tc);
+    for (b, tt, nh, kvh, hs) in
+        [(1, 37, 4, 2, 64), (2, 70, 6, 2, 64), (1, 1, 2, 1, 64), (1, 129, 2, 1, 128), (2, 100, 4, 4, 128), (1, 2048, 4, 1, 64)]
+    {
+        check_attention(&g, &mut t, &mut rng, Attn { b, t: tt, nh, kvh, hs }, "_tc")?;
+    }
+
 
     let failed = t.rows.iter().filter(|r| !r.3).count();
     eprintln!(
@@ -326,6 +374,135 @@ pub fn run(a: &CheckArgs) -> Result<()> {
         bail!("{failed} GPU checks failed");
     }
     Ok(())
+}
+
+/// attention_forward and attention_backward with the kernels selected on
+/// `g` against cpu::attention_forward / attention_backward on random inputs
+/// of shape `d`. The tensor-core kernels overwrite their outputs, so those
+/// are poisoned (NaN) first and an unwritten element fails; the plain ones
+/// accumulate into zeros.
+fn check_attention(g: &Gpu, t: &mut Table, rng: &mut Rng, d: Attn, tag: &str) -> Result<()> {
+    let Attn { b, t: tt, nh, kvh, hs } = d;
+    let tol = 1e-2;
+    let dims = AttnDims { b, tq: tt, tk: tt, tcap: tt, nh, kvh, hs };
+    let (nq, nkv, nr) = (b * tt * nh * hs, b * tt * kvh * hs, b * tt * nh);
+    let (q, kk, v) = (randv(rng, nq, 1.0), randv(rng, nkv, 1.0), randv(rng, nkv, 1.0));
+    let (qb, kb, vb) = (upb(g, &q)?, upb(g, &kk)?, upb(g, &v)?);
+    let overwrite = !k::attention_accumulates(g, d);
+    let out_buf = |n: usize| -> Result<Buf<Bf16>> { if overwrite { g.upload(&vec![0xffffu16; n]) } else { g.zeros::<Bf16>(n) } };
+    let (mut out, mut lse) = (out_buf(nq)?, g.upload(&vec![f32::NAN; nr])?);
+    k::attention_forward(g, &mut out, &mut lse, &qb, &kb, &vb, d)?;
+    let (mut r, mut rl) = (vec![0.0; nq], vec![0.0; nr]);
+    cpu::attention_forward(&mut r, &mut rl, &q, &kk, &v, dims, None);
+    let name = format!("(B={b}, T={tt}, NH={nh}, KVH={kvh}, HS={hs})");
+    let gout = down(g, &out, nq)?;
+    t.add(format!("attention_forward{tag} out {name}"), rel_err(&gout, &r), tol);
+    t.add(format!("attention_forward{tag} lse {name}"), rel_err(&g.download(&lse, nr)?, &rl), 1e-4);
+    let dout = randv(rng, nq, 1.0);
+    let (mut dq, mut dk, mut dv, mut delta) = (out_buf(nq)?, out_buf(nkv)?, out_buf(nkv)?, g.zeros::<f32>(nr)?);
+    k::attention_backward(g, &mut dq, &mut dk, &mut dv, &mut delta, &upb(g, &dout)?, &out, &lse, &qb, &kb, &vb, d)?;
+    // the CPU backward gets the GPU's (bf16) forward output, as the GPU does
+    let (mut rq, mut rk, mut rv, mut rd) = (vec![0.0; nq], vec![0.0; nkv], vec![0.0; nkv], vec![0.0; nr]);
+    cpu::attention_backward(&mut rq, &mut rk, &mut rv, &mut rd, &dout, &gout, &rl, &q, &kk, &v, dims);
+    t.add(format!("attention_backward{tag} dq {name}"), rel_err(&down(g, &dq, nq)?, &rq), tol);
+    t.add(format!("attention_backward{tag} dk {name}"), rel_err(&down(g, &dk, nkv)?, &rk), tol);
+    t.add(format!("attention_backward{tag} dv {name}"), rel_err(&down(g, &dv, nkv)?, &rv), tol);
+    Ok(())
+}
+
+/// The tensor-core attention kernels against the plain ones, on the GPU,
+/// on random inputs of both head sizes (forward and backward, T not a
+/// multiple of the tiles, GQA). Returns the worst relative difference over
+/// every output (NaN if any output is not finite). A few milliseconds: run
+/// before the tensor-core kernels are trusted with a benchmark or training.
+pub fn attention_self_check(g: &Gpu) -> Result<f64> {
+    let before = g.attention();
+    let mut rng = Rng::new(0x5e1f);
+    let mut worst = 0.0f64;
+    for d in [Attn { b: 2, t: 150, nh: 4, kvh: 2, hs: 64 }, Attn { b: 1, t: 77, nh: 4, kvh: 1, hs: 128 }] {
+        let (nq, nkv, nr) = (d.b * d.t * d.nh * d.hs, d.b * d.t * d.kvh * d.hs, d.b * d.t * d.nh);
+        let (q, kk, v, dout) = (randv(&mut rng, nq, 1.0), randv(&mut rng, nkv, 1.0), randv(&mut rng, nkv, 1.0), randv(&mut rng, nq, 1.0));
+        let (qb, kb, vb, db) = (upb(g, &q)?, upb(g, &kk)?, upb(g, &v)?, upb(g, &dout)?);
+        let mut results = Vec::new();
+        for a in [Attention::Plain, Attention::Tc] {
+            g.set_attention(a);
+            let poison = |n: usize| g.upload(&vec![0xffffu16; n]);
+            let (mut out, mut lse) = (poison(nq)?, g.upload(&vec![f32::NAN; nr])?);
+            k::attention_forward(g, &mut out, &mut lse, &qb, &kb, &vb, d)?;
+            let (mut dq, mut dk, mut dv, mut delta) = (g.zeros::<Bf16>(nq)?, g.zeros::<Bf16>(nkv)?, g.zeros::<Bf16>(nkv)?, g.zeros::<f32>(nr)?);
+            if a == Attention::Tc {
+                (dq, dk, dv) = (poison(nq)?, poison(nkv)?, poison(nkv)?);
+            }
+            k::attention_backward(g, &mut dq, &mut dk, &mut dv, &mut delta, &db, &out, &lse, &qb, &kb, &vb, d)?;
+            results.push([down(g, &out, nq)?, g.download(&lse, nr)?, down(g, &dq, nq)?, down(g, &dk, nkv)?, down(g, &dv, nkv)?]);
+        }
+        for (x, y) in results[1].iter().zip(&results[0]) {
+            let e = rel_err(x, y);
+            worst = if e.is_nan() || worst.is_nan() { f64::NAN } else { worst.max(e) };
+        }
+    }
+    g.set_attention(before);
+    Ok(worst)
+}
+
+/// Picks the attention kernels for a run: `plain` as asked; `tc` only if
+/// attention_self_check passes (else an error); `auto` tries tc and falls
+/// back to plain, saying so.
+pub fn choose_attention(g: &Gpu, requested: Attention) -> Result<Attention> {
+    if requested == Attention::Plain {
+        g.set_attention(Attention::Plain);
+        return Ok(Attention::Plain);
+    }
+    let worst = attention_self_check(g)?;
+    let ok = worst.is_finite() && worst <= 2e-2;
+    eprintln!("attention: tensor-core kernels vs plain, worst relative difference {worst:.2e} ({})", if ok { "ok" } else { "FAILED" });
+    if ok {
+        g.set_attention(Attention::Tc);
+        return Ok(Attention::Tc);
+    }
+    if requested == Attention::Tc {
+        bail!("--attention tc: the tensor-core attention kernels disagree with the plain ones ({worst:.2e}); use --attention plain");
+    }
+    eprintln!("attention: falling back to the plain kernels");
+    g.set_attention(Attention::Plain);
+    Ok(Attention::Plain)
+}
+
+/// lift.rs cholesky_inverse_transpose (private there), transcribed: the
+/// reference of the GPU kernel. g (q, q) symmetric PSD; returns X = L^{-T},
+/// zero rows and columns for dropped pivots.
+fn cholesky_inverse_transpose_ref(g: &[f64], q: usize) -> Vec<f32> {
+    const DROP: f64 = 1e-10;
+    let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
+    let mut l = vec![0.0f64; q * q];
+    let mut kept = vec![false; q];
+    for j in 0..q {
+        let dj = g[j * q + j] - dot(&l[j * q..j * q + j], &l[j * q..j * q + j]);
+        if !(dj > 0.0 && dj > DROP * g[j * q + j]) {
+            continue;
+        }
+        kept[j] = true;
+        let ljj = dj.sqrt();
+        l[j * q + j] = ljj;
+        for i in j + 1..q {
+            l[i * q + j] = (g[i * q + j] - dot(&l[i * q..i * q + j], &l[j * q..j * q + j])) / ljj;
+        }
+    }
+    let mut x = vec![0.0f32; q * q];
+    let mut col = vec![0.0f64; q];
+    for c in (0..q).filter(|&c| kept[c]) {
+        col.fill(0.0);
+        col[c] = 1.0 / l[c * q + c];
+        for i in c + 1..q {
+            if kept[i] {
+                col[i] = -dot(&l[i * q + c..i * q + i], &col[c..i]) / l[i * q + i];
+            }
+        }
+        for i in c..q {
+            x[c * q + i] = col[i] as f32;
+        }
+    }
+    x
 }
 
 /// Gathers, at given masks, the selected entries of every linear weight's
@@ -382,6 +559,9 @@ fn whole_step(g: &Gpu, t: &mut Table, seed: u64) -> Result<()> {
         mask_only: false,
         forward_only: false,
         checkpoint: None,
+        profile: false,
+        attention: Attention::Auto,
+        sketch: crate::bench::Sketch::F32,
         seed,
     };
     let opts = o.options();

@@ -7,16 +7,17 @@
 //! queued in order on the same stream, so the only synchronization needed is
 //! before the host reads device memory (copies to the host synchronize).
 
-use std::collections::HashMap;
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow, bail};
 use cudarc::cublas::sys as blas;
-use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 
-use super::kernels;
+use super::{Attention, kernels};
 
 /// bf16 values on the device are stored as their 16-bit patterns.
 pub type Bf16 = u16;
@@ -111,6 +112,10 @@ impl<T> Drop for Buf<T> {
 pub enum Dt {
     Bf16,
     F32,
+    /// f32 operands multiplied on the tensor cores in TF32 (10-bit mantissa
+    /// inputs, f32 sums): several times the f32 rate, for LIFT's sketches
+    /// where --sketch tf32 asks for it. Only as the operand type `ab`.
+    Tf32,
 }
 
 /// A kernel argument: device addresses and scalars.
@@ -131,6 +136,32 @@ pub struct Gpu {
     pub name: String,
     pub cc: (i32, i32),
     pub compile_s: f64,
+    /// Tc or Plain (never Auto): which attention kernels launch.rs runs.
+    attention: Cell<Attention>,
+    /// `Some` while op timing is on (`lift bench --profile`).
+    profile: RefCell<Option<Profiler>>,
+}
+
+/// Op timing with CUDA events: `Gpu::timed` records an event before and after
+/// the work it wraps, under the name of its op class; `Gpu::take_profile`
+/// waits for the GPU and sums the elapsed times per class. The events are
+/// kept and reused, so a profiled step allocates nothing. Spans must not nest
+/// (a nested span's time would be counted twice).
+struct Profiler {
+    pool: Vec<(CudaEvent, CudaEvent)>,
+    spans: Vec<&'static str>, // span i used pool[i]
+    /// Host-measured seconds per class (work done on the CPU, e.g. the
+    /// eigenproblems of the mask selection), added by `add_host_time`.
+    host: BTreeMap<&'static str, f64>,
+}
+
+/// One op class of a profile: GPU milliseconds and the number of spans.
+#[derive(Clone, Debug, Default)]
+pub struct ProfileRow {
+    pub ms: f64,
+    pub calls: usize,
+    /// Measured on the host (not GPU time; may overlap GPU work).
+    pub host: bool,
 }
 
 impl Gpu {
@@ -170,7 +201,102 @@ impl Gpu {
             }
         }
         let compile_s = t0.elapsed().as_secs_f64();
-        Ok(Gpu { ctx, stream, blas, functions, name, cc, compile_s })
+        // LIFT_ATTENTION=plain forces the CUDA-core kernels from the start
+        // (for `lift train`, whose options live elsewhere).
+        let attention = match std::env::var("LIFT_ATTENTION").as_deref() {
+            Ok("plain") => Attention::Plain,
+            _ => Attention::Tc,
+        };
+        Ok(Gpu {
+            ctx,
+            stream,
+            blas,
+            functions,
+            name,
+            cc,
+            compile_s,
+            attention: Cell::new(attention),
+            profile: RefCell::new(None),
+        })
+    }
+
+    /// The attention kernels in use (Tc or Plain).
+    pub fn attention(&self) -> Attention {
+        self.attention.get()
+    }
+
+    /// Selects the attention kernels (Auto counts as Tc); see check::choose_attention.
+    pub fn set_attention(&self, a: Attention) {
+        self.attention.set(if a == Attention::Plain { Attention::Plain } else { Attention::Tc });
+    }
+
+    // ------------------------------------------------------------------------
+    // Profiling
+
+    /// Turns op timing on (`lift bench --profile`).
+    pub fn enable_profiling(&self) {
+        *self.profile.borrow_mut() = Some(Profiler { pool: Vec::new(), spans: Vec::new(), host: BTreeMap::new() });
+    }
+
+    pub fn profiling(&self) -> bool {
+        self.profile.borrow().is_some()
+    }
+
+    /// Runs `f`, which queues GPU work, and when profiling counts the GPU time
+    /// of that work under `name`. Without profiling it is just `f()`.
+    pub fn timed<T>(&self, name: &'static str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        if !self.profiling() {
+            return f();
+        }
+        // The borrow ends before f runs, so f may time work of its own.
+        let i = {
+            let mut p = self.profile.borrow_mut();
+            let p = p.as_mut().expect("profiling is on");
+            let i = p.spans.len();
+            if i == p.pool.len() {
+                let timing = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+                let a = self.ctx.new_event(timing).map_err(|e| anyhow!("CUDA event: {e}"))?;
+                let b = self.ctx.new_event(timing).map_err(|e| anyhow!("CUDA event: {e}"))?;
+                p.pool.push((a, b));
+            }
+            p.spans.push(name);
+            p.pool[i].0.record(&self.stream).map_err(|e| anyhow!("CUDA event: {e}"))?;
+            i
+        };
+        let r = f();
+        if let Some(p) = self.profile.borrow().as_ref() {
+            p.pool[i].1.record(&self.stream).map_err(|e| anyhow!("CUDA event: {e}"))?;
+        }
+        r
+    }
+
+    /// Adds host-measured seconds to a class of the profile (when profiling).
+    pub fn add_host_time(&self, name: &'static str, seconds: f64) {
+        if let Some(p) = self.profile.borrow_mut().as_mut() {
+            *p.host.entry(name).or_insert(0.0) += seconds;
+        }
+    }
+
+    /// Waits for the GPU and returns the time per op class since the last
+    /// call (empty without profiling), then starts over.
+    pub fn take_profile(&self) -> Result<BTreeMap<&'static str, ProfileRow>> {
+        self.sync()?;
+        let mut out = BTreeMap::new();
+        let mut p = self.profile.borrow_mut();
+        let Some(p) = p.as_mut() else { return Ok(out) };
+        for (i, &name) in p.spans.iter().enumerate() {
+            let (a, b) = &p.pool[i];
+            let ms = a.elapsed_ms(b).map_err(|e| anyhow!("CUDA event: {e}"))? as f64;
+            let row: &mut ProfileRow = out.entry(name).or_default();
+            row.ms += ms;
+            row.calls += 1;
+        }
+        for (&name, &s) in &p.host {
+            out.insert(name, ProfileRow { ms: s * 1e3, calls: 1, host: true });
+        }
+        p.spans.clear();
+        p.host.clear();
+        Ok(out)
     }
 
     /// A zeroed device array.
@@ -317,8 +443,15 @@ impl Gpu {
         }
         let dt = |d: Dt| match d {
             Dt::Bf16 => blas::cudaDataType::CUDA_R_16BF,
-            Dt::F32 => blas::cudaDataType::CUDA_R_32F,
+            Dt::F32 | Dt::Tf32 => blas::cudaDataType::CUDA_R_32F,
         };
+        // bf16 operands with f32 compute run on the tensor cores (f32
+        // accumulation); f32 operands on the CUDA cores unless TF32 is asked for.
+        let compute = match ab {
+            Dt::Tf32 => blas::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32,
+            _ => blas::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+        };
+        assert!(ct != Dt::Tf32, "Dt::Tf32 is an operand type, not an output type");
         let op = |t: bool| if t { blas::cublasOperation_t::CUBLAS_OP_T } else { blas::cublasOperation_t::CUBLAS_OP_N };
         let lda = if ta { m } else { k };
         let ldb = if tb { k } else { n };
@@ -344,7 +477,7 @@ impl Gpu {
                 c as *mut _,
                 dt(ct),
                 n as i32,
-                blas::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                compute,
                 blas::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
         }

@@ -11,32 +11,54 @@ pub struct KernelFile {
     pub name: &'static str,
     pub source: &'static str,
     pub functions: &'static [&'static str],
+    /// Whether the file uses the tensor-core helpers of kernels/mma.cuh.
+    pub mma: bool,
 }
 
 /// Prepended to every file: bf16 helpers and reductions.
 pub const COMMON: &str = include_str!("../../kernels/common.cuh");
+/// Prepended after COMMON to the files with `mma: true`: the tensor-core
+/// instruction (inline PTX) and its bf16 packing.
+pub const MMA: &str = include_str!("../../kernels/mma.cuh");
 
 pub const FILES: &[KernelFile] = &[
     KernelFile {
         name: "embedding.cu",
         source: include_str!("../../kernels/embedding.cu"),
         functions: &["embedding_forward", "embedding_backward"],
+        mma: false,
     },
     KernelFile {
         name: "rmsnorm.cu",
         source: include_str!("../../kernels/rmsnorm.cu"),
         functions: &["rmsnorm_forward", "rmsnorm_backward"],
+        mma: false,
     },
-    KernelFile { name: "rope.cu", source: include_str!("../../kernels/rope.cu"), functions: &["rope_rotate"] },
+    KernelFile { name: "rope.cu", source: include_str!("../../kernels/rope.cu"), functions: &["rope_rotate"], mma: false },
     KernelFile {
         name: "attention.cu",
         source: include_str!("../../kernels/attention.cu"),
         functions: &["attention_forward", "attention_delta", "attention_backward_dq", "attention_backward_dkdv"],
+        mma: false,
+    },
+    KernelFile {
+        name: "attention_tc.cu",
+        source: include_str!("../../kernels/attention_tc.cu"),
+        functions: &[
+            "attention_forward_tc64",
+            "attention_forward_tc128",
+            "attention_backward_dq_tc64",
+            "attention_backward_dq_tc128",
+            "attention_backward_dkdv_tc64",
+            "attention_backward_dkdv_tc128",
+        ],
+        mma: true,
     },
     KernelFile {
         name: "swiglu.cu",
         source: include_str!("../../kernels/swiglu.cu"),
         functions: &["swiglu_forward", "swiglu_backward"],
+        mma: false,
     },
     KernelFile {
         name: "residual.cu",
@@ -51,26 +73,31 @@ pub const FILES: &[KernelFile] = &[
             "bf16_to_f64",
             "f64_to_f32",
         ],
+        mma: false,
     },
     KernelFile {
         name: "crossentropy.cu",
         source: include_str!("../../kernels/crossentropy.cu"),
         functions: &["crossentropy_forward", "crossentropy_backward"],
+        mma: false,
     },
     KernelFile {
         name: "adamw.cu",
         source: include_str!("../../kernels/adamw.cu"),
         functions: &["sparse_adamw", "adamw", "gather_bf16", "gather_add", "sum_squares"],
+        mma: false,
     },
     KernelFile {
         name: "lowrank.cu",
         source: include_str!("../../kernels/lowrank.cu"),
         functions: &["randn_splitmix", "cholesky_inverse_transpose"],
+        mma: false,
     },
     KernelFile {
         name: "topk.cu",
         source: include_str!("../../kernels/topk.cu"),
         functions: &["radix_histogram", "select_count", "select_write"],
+        mma: false,
     },
 ];
 
@@ -93,7 +120,8 @@ pub fn arch_name(major: i32, minor: i32) -> &'static str {
 
 /// Compiles one kernel file to PTX for `arch` (e.g. "compute_90").
 pub fn compile(file: &KernelFile, arch: &'static str) -> Result<Ptx> {
-    let src = format!("{COMMON}\n#line 1 \"{}\"\n{}", file.name, file.source);
+    let mma = if file.mma { MMA } else { "" };
+    let src = format!("{COMMON}\n{mma}\n#line 1 \"{}\"\n{}", file.name, file.source);
     let opts = CompileOptions {
         arch: Some(arch),
         options: vec!["--std=c++17".into()],

@@ -121,7 +121,29 @@ impl Attn {
     }
 }
 
-const TILE: usize = 32;
+const TILE: usize = 32; // attention.cu's rows per block
+const TC_ROWS: usize = 64; // attention_tc.cu's rows per block
+
+/// The tensor-core kernels' name suffix when they serve this shape (head
+/// size 64 or 128 and `Attention::Tc` selected), else None (attention.cu).
+fn tc_kernel(g: &Gpu, d: &Attn) -> Option<&'static str> {
+    match (g.attention(), d.hs) {
+        (super::Attention::Tc, 64) => Some("64"),
+        (super::Attention::Tc, 128) => Some("128"),
+        _ => None,
+    }
+}
+
+/// Whether attention_backward adds into dq, dk, dv (the plain kernels) or
+/// overwrites them (the tensor-core ones). Either way the result is right
+/// when the caller zeroes them first; model.rs skips that when it can.
+pub fn attention_accumulates(g: &Gpu, d: Attn) -> bool {
+    tc_kernel(g, &d).is_none()
+}
+
+fn aligned16<T>(bufs: &[&Buf<T>]) -> bool {
+    bufs.iter().all(|b| b.ptr() % 16 == 0)
+}
 
 pub fn attention_forward(g: &Gpu, out: &mut Buf<Bf16>, lse: &mut Buf<f32>, q: &Buf<Bf16>, k: &Buf<Bf16>, v: &Buf<Bf16>, d: Attn) -> Result<()> {
     d.check();
@@ -130,13 +152,26 @@ pub fn attention_forward(g: &Gpu, out: &mut Buf<Bf16>, lse: &mut Buf<f32>, q: &B
     need(k, d.kv_len(), "attention k");
     need(v, d.kv_len(), "attention v");
     need(lse, d.b * d.t * d.nh, "attention lse");
-    g.launch("attention_forward", (d.t.div_ceil(TILE) as u32, d.nh as u32, d.b as u32), 256, &[
-        Ptr(out.ptr()), Ptr(lse.ptr()), Ptr(q.ptr()), Ptr(k.ptr()), Ptr(v.ptr()),
-        I32(i32_of(d.t)), I32(i32_of(d.nh)), I32(i32_of(d.kvh)), I32(i32_of(d.hs)),
-    ])
+    let dims = [I32(i32_of(d.t)), I32(i32_of(d.nh)), I32(i32_of(d.kvh))];
+    let mut a = vec![Ptr(out.ptr()), Ptr(lse.ptr()), Ptr(q.ptr()), Ptr(k.ptr()), Ptr(v.ptr())];
+    a.extend(dims.iter().map(copy_arg));
+    match tc_kernel(g, &d) {
+        Some(hs) => {
+            // 16-byte loads of rows of q, k, v
+            assert!(aligned16(&[&*out, q, k, v]), "attention_forward_tc: buffers must be 16-byte aligned");
+            let name = if hs == "64" { "attention_forward_tc64" } else { "attention_forward_tc128" };
+            g.launch(name, (d.t.div_ceil(TC_ROWS) as u32, d.nh as u32, d.b as u32), 128, &a)
+        }
+        None => {
+            a.push(I32(i32_of(d.hs)));
+            g.launch("attention_forward", (d.t.div_ceil(TILE) as u32, d.nh as u32, d.b as u32), 256, &a)
+        }
+    }
 }
 
 /// cpu::attention_backward: delta, then dq (pass 1), then dk and dv (pass 2).
+/// The plain kernels add into dq, dk, dv, the tensor-core ones overwrite them
+/// (attention_accumulates).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
     g: &Gpu, dq: &mut Buf<Bf16>, dk: &mut Buf<Bf16>, dv: &mut Buf<Bf16>, delta: &mut Buf<f32>, dout: &Buf<Bf16>,
@@ -155,15 +190,34 @@ pub fn attention_backward(
     g.launch("attention_delta", ((rows_heads * 32).div_ceil(256) as u32, 1, 1), 256, &[
         Ptr(delta.ptr()), Ptr(dout.ptr()), Ptr(out.ptr()), I64(rows_heads as i64), I32(i32_of(d.hs)),
     ])?;
-    let dims = [I32(i32_of(d.t)), I32(i32_of(d.nh)), I32(i32_of(d.kvh)), I32(i32_of(d.hs))];
-    let mut a = vec![Ptr(dq.ptr()), Ptr(dout.ptr()), Ptr(lse.ptr()), Ptr(delta.ptr()), Ptr(q.ptr()), Ptr(k.ptr()), Ptr(v.ptr())];
-    a.extend(dims.iter().map(copy_arg));
-    g.launch("attention_backward_dq", (d.t.div_ceil(TILE) as u32, d.nh as u32, d.b as u32), 256, &a)?;
-    let mut a = vec![
-        Ptr(dk.ptr()), Ptr(dv.ptr()), Ptr(dout.ptr()), Ptr(lse.ptr()), Ptr(delta.ptr()), Ptr(q.ptr()), Ptr(k.ptr()), Ptr(v.ptr()),
-    ];
-    a.extend(dims.iter().map(copy_arg));
-    g.launch("attention_backward_dkdv", (d.t.div_ceil(TILE) as u32, d.kvh as u32, d.b as u32), 256, &a)
+    let mut dims = vec![I32(i32_of(d.t)), I32(i32_of(d.nh)), I32(i32_of(d.kvh))];
+    let tc = tc_kernel(g, &d);
+    if tc.is_none() {
+        dims.push(I32(i32_of(d.hs)));
+    }
+    let inputs = [Ptr(lse.ptr()), Ptr(delta.ptr()), Ptr(q.ptr()), Ptr(k.ptr()), Ptr(v.ptr())];
+    let mut a_dq = vec![Ptr(dq.ptr()), Ptr(dout.ptr())];
+    a_dq.extend(inputs.iter().chain(&dims).map(copy_arg));
+    let mut a_dkdv = vec![Ptr(dk.ptr()), Ptr(dv.ptr()), Ptr(dout.ptr())];
+    a_dkdv.extend(inputs.iter().chain(&dims).map(copy_arg));
+    match tc {
+        Some(hs) => {
+            assert!(aligned16(&[&*dq, &*dk, &*dv, dout, q, k, v]), "attention_backward_tc: buffers must be 16-byte aligned");
+            let (n_dq, n_dkdv) = if hs == "64" {
+                ("attention_backward_dq_tc64", "attention_backward_dkdv_tc64")
+            } else {
+                ("attention_backward_dq_tc128", "attention_backward_dkdv_tc128")
+            };
+            let blocks = d.t.div_ceil(TC_ROWS) as u32;
+            g.launch(n_dq, (blocks, d.nh as u32, d.b as u32), 128, &a_dq)?;
+            g.launch(n_dkdv, (blocks, d.kvh as u32, d.b as u32), 128, &a_dkdv)
+        }
+        None => {
+            let blocks = d.t.div_ceil(TILE) as u32;
+            g.launch("attention_backward_dq", (blocks, d.nh as u32, d.b as u32), 256, &a_dq)?;
+            g.launch("attention_backward_dkdv", (blocks, d.kvh as u32, d.b as u32), 256, &a_dkdv)
+        }
+    }
 }
 
 fn copy_arg(a: &Arg) -> Arg {
@@ -177,19 +231,30 @@ fn copy_arg(a: &Arg) -> Arg {
     }
 }
 
+/// The vectorized elementwise kernels (swiglu.cu, residual.cu) read 16
+/// bytes at a time from the start of each buffer: whole Bufs only.
+fn vec8_ok(bufs: &[&Buf<Bf16>]) -> bool {
+    aligned16(bufs)
+}
+
 pub fn swiglu_forward(g: &Gpu, out: &mut Buf<Bf16>, gate: &Buf<Bf16>, up: &Buf<Bf16>, n: usize) -> Result<()> {
     for (b, what) in [(&*out, "out"), (gate, "gate"), (up, "up")] {
         need(b, n, what);
     }
-    g.launch("swiglu_forward", (blocks(n), 1, 1), 256, &[Ptr(out.ptr()), Ptr(gate.ptr()), Ptr(up.ptr()), I64(n as i64)])
+    assert!(vec8_ok(&[&*out, gate, up]), "swiglu_forward: buffers must be 16-byte aligned");
+    g.launch("swiglu_forward", (blocks(n.div_ceil(8)), 1, 1), 256, &[Ptr(out.ptr()), Ptr(gate.ptr()), Ptr(up.ptr()), I64(n as i64)])
 }
 
-pub fn swiglu_backward(g: &Gpu, dgate: &mut Buf<Bf16>, dup: &mut Buf<Bf16>, dout: &Buf<Bf16>, gate: &Buf<Bf16>, up: &Buf<Bf16>, n: usize) -> Result<()> {
+/// cpu::swiglu_backward (accumulating into dgate and dup) with `accumulate`,
+/// else the gradients are written over whatever dgate and dup held.
+#[allow(clippy::too_many_arguments)]
+pub fn swiglu_backward(g: &Gpu, dgate: &mut Buf<Bf16>, dup: &mut Buf<Bf16>, dout: &Buf<Bf16>, gate: &Buf<Bf16>, up: &Buf<Bf16>, n: usize, accumulate: bool) -> Result<()> {
     for (b, what) in [(&*dgate, "dgate"), (&*dup, "dup"), (dout, "dout"), (gate, "gate"), (up, "up")] {
         need(b, n, what);
     }
-    g.launch("swiglu_backward", (blocks(n), 1, 1), 256, &[
-        Ptr(dgate.ptr()), Ptr(dup.ptr()), Ptr(dout.ptr()), Ptr(gate.ptr()), Ptr(up.ptr()), I64(n as i64),
+    assert!(vec8_ok(&[&*dgate, &*dup, dout, gate, up]), "swiglu_backward: buffers must be 16-byte aligned");
+    g.launch("swiglu_backward", (blocks(n.div_ceil(8)), 1, 1), 256, &[
+        Ptr(dgate.ptr()), Ptr(dup.ptr()), Ptr(dout.ptr()), Ptr(gate.ptr()), Ptr(up.ptr()), I64(n as i64), I32(accumulate as i32),
     ])
 }
 
@@ -197,7 +262,8 @@ pub fn residual_forward(g: &Gpu, out: &mut Buf<Bf16>, x: &Buf<Bf16>, y: &Buf<Bf1
     for (b, what) in [(&*out, "out"), (x, "x"), (y, "y")] {
         need(b, n, what);
     }
-    g.launch("residual_forward", (blocks(n), 1, 1), 256, &[Ptr(out.ptr()), Ptr(x.ptr()), Ptr(y.ptr()), I64(n as i64)])
+    assert!(vec8_ok(&[&*out, x, y]), "residual_forward: buffers must be 16-byte aligned");
+    g.launch("residual_forward", (blocks(n.div_ceil(8)), 1, 1), 256, &[Ptr(out.ptr()), Ptr(x.ptr()), Ptr(y.ptr()), I64(n as i64)])
 }
 
 pub fn scale_f32(g: &Gpu, x: &mut Buf<f32>, alpha: f32, n: usize) -> Result<()> {
@@ -309,13 +375,15 @@ pub fn randn(g: &Gpu, out: &mut Buf<f32>, n: usize, seed: u64) -> Result<()> {
     g.launch("randn_splitmix", (blocks(n.div_ceil(2)), 1, 1), 256, &[Ptr(out.ptr()), I64(n as i64), U64(seed)])
 }
 
-/// lift.rs cholesky_inverse_transpose on the device; lt and mt are scratch.
-pub fn cholesky_inverse_transpose(g: &Gpu, x: &mut Buf<f32>, lt: &mut Buf<f64>, mt: &mut Buf<f64>, gram: &Buf<f64>, q: usize) -> Result<()> {
-    assert!(q <= 1024, "cholesky kernel: q = {q} > 1024");
-    for (len, what) in [(x.len(), "x"), (lt.len(), "lt"), (mt.len(), "mt"), (gram.len(), "gram")] {
-        assert!(len >= q * q, "cholesky {what}: {len} values, needs {}", q * q);
+/// lift.rs cholesky_inverse_transpose on the device for `nb` matrices at
+/// once: gram (nb, q, q) f64 in, x (nb, q, q) f32 = L^{-T} out; l and m are
+/// (nb, q, q) f64 scratch. One block of 1024 threads per matrix.
+pub fn cholesky_inverse_transpose(g: &Gpu, x: &mut Buf<f32>, l: &mut Buf<f64>, m: &mut Buf<f64>, gram: &Buf<f64>, q: usize, nb: usize) -> Result<()> {
+    assert!(q <= 1024, "cholesky kernel: q = {q} > 1024 (4 rows per quad of 1024 threads)");
+    for (len, what) in [(x.len(), "x"), (l.len(), "l"), (m.len(), "m"), (gram.len(), "gram")] {
+        assert!(len >= nb * q * q, "cholesky {what}: {len} values, needs {}", nb * q * q);
     }
-    g.launch("cholesky_inverse_transpose", (1, 1, 1), 1024, &[Ptr(x.ptr()), Ptr(lt.ptr()), Ptr(mt.ptr()), Ptr(gram.ptr()), I32(i32_of(q))])
+    g.launch("cholesky_inverse_transpose", (nb as u32, 1, 1), 1024, &[Ptr(x.ptr()), Ptr(l.ptr()), Ptr(m.ptr()), Ptr(gram.ptr()), I32(i32_of(q))])
 }
 
 pub const HIST_BINS: usize = 2048;

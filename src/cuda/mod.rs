@@ -11,6 +11,12 @@
 //!   select.rs   principal-weight selection (lift.rs) on the GPU
 //!   train.rs    the methods' optimizer state and the training step / loop
 //!   check.rs    `lift gpu-check`: every kernel and a LIFT step vs the CPU
+//!
+//! Kernels with a fast twin (attention: attention.cu, CUDA cores, any head
+//! size; attention_tc.cu, tensor cores, head sizes 64 and 128) are picked at
+//! run time (`Attention`); the plain one is the reference the fast one is
+//! checked against, on the GPU before use (check::attention_self_check) and
+//! against the CPU in gpu-check. tests/gpu/emu runs kernels on the CPU.
 
 pub mod check;
 pub mod gpu;
@@ -40,4 +46,17 @@ impl Device {
             d => d,
         }
     }
+}
+
+/// Which attention kernels run (`--attention`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Attention {
+    /// Tensor cores where the head size allows (64, 128) and a quick check
+    /// against the plain kernels passes, else plain.
+    Auto,
+    /// The tensor-core kernels (attention_tc.cu); an error if their check fails.
+    Tc,
+    /// The CUDA-core kernels (attention.cu).
+    Plain,
 }

@@ -335,37 +335,47 @@ impl GpuModel {
         acts.n_counted = tg.iter().filter(|&&x| x >= 0).count();
         g.write(&mut acts.targets, 0, &tg)?;
 
-        k::embedding_forward(g, &mut acts.layers[0].x_in, &acts.tokens, &self.embed, n, d)?;
+        g.timed("embedding", || k::embedding_forward(g, &mut acts.layers[0].x_in, &acts.tokens, &self.embed, n, d))?;
         for l in 0..c.n_layers {
             let w = &self.layers[l];
             let (done, rest) = acts.layers.split_at_mut(l + 1);
             let a = &mut done[l];
             let id = |which| matrix_id(l, which);
             // Attention block: x_mid = x_in + o(attention(rope(q), rope(k), v)).
-            k::rmsnorm_forward(g, &mut a.xn1, &mut a.rstd1, &a.x_in, &w.attn_norm, n, d, c.norm_eps)?;
-            self.linear_forward(g, &a.q, &a.xn1, &w.wq, id(Linear::Q), a.xa.first(), n, d, qd)?;
-            self.linear_forward(g, &a.k, &a.xn1, &w.wk, id(Linear::K), a.xa.get(1), n, d, kvd)?;
-            self.linear_forward(g, &a.v, &a.xn1, &w.wv, id(Linear::V), a.xa.get(2), n, d, kvd)?;
-            k::rope_rotate(g, &mut a.q, &self.rope, n, t, c.n_heads, c.head_dim, 0, 1.0)?;
-            k::rope_rotate(g, &mut a.k, &self.rope, n, t, c.n_kv_heads, c.head_dim, 0, 1.0)?;
-            k::attention_forward(g, &mut a.att, &mut a.lse, &a.q, &a.k, &a.v, dims)?;
-            self.linear_forward(g, &acts.tmp, &a.att, &w.wo, id(Linear::O), a.xa.get(3), n, qd, d)?;
-            k::residual_forward(g, &mut a.x_mid, &a.x_in, &acts.tmp, n * d)?;
+            g.timed("rmsnorm", || k::rmsnorm_forward(g, &mut a.xn1, &mut a.rstd1, &a.x_in, &w.attn_norm, n, d, c.norm_eps))?;
+            g.timed("gemm fwd", || {
+                self.linear_forward(g, &a.q, &a.xn1, &w.wq, id(Linear::Q), a.xa.first(), n, d, qd)?;
+                self.linear_forward(g, &a.k, &a.xn1, &w.wk, id(Linear::K), a.xa.get(1), n, d, kvd)?;
+                self.linear_forward(g, &a.v, &a.xn1, &w.wv, id(Linear::V), a.xa.get(2), n, d, kvd)
+            })?;
+            g.timed("rope", || {
+                k::rope_rotate(g, &mut a.q, &self.rope, n, t, c.n_heads, c.head_dim, 0, 1.0)?;
+                k::rope_rotate(g, &mut a.k, &self.rope, n, t, c.n_kv_heads, c.head_dim, 0, 1.0)
+            })?;
+            g.timed("attention fwd", || k::attention_forward(g, &mut a.att, &mut a.lse, &a.q, &a.k, &a.v, dims))?;
+            g.timed("gemm fwd", || self.linear_forward(g, &acts.tmp, &a.att, &w.wo, id(Linear::O), a.xa.get(3), n, qd, d))?;
+            g.timed("residual", || k::residual_forward(g, &mut a.x_mid, &a.x_in, &acts.tmp, n * d))?;
             // MLP block: x_out = x_mid + down(silu(gate(x)) * up(x)).
-            k::rmsnorm_forward(g, &mut a.xn2, &mut a.rstd2, &a.x_mid, &w.mlp_norm, n, d, c.norm_eps)?;
-            self.linear_forward(g, &a.gate, &a.xn2, &w.w_gate, id(Linear::Gate), a.xa.get(4), n, d, f)?;
-            self.linear_forward(g, &a.up, &a.xn2, &w.w_up, id(Linear::Up), a.xa.get(5), n, d, f)?;
-            k::swiglu_forward(g, &mut a.h, &a.gate, &a.up, n * f)?;
-            self.linear_forward(g, &acts.tmp, &a.h, &w.w_down, id(Linear::Down), a.xa.get(6), n, f, d)?;
+            g.timed("rmsnorm", || k::rmsnorm_forward(g, &mut a.xn2, &mut a.rstd2, &a.x_mid, &w.mlp_norm, n, d, c.norm_eps))?;
+            g.timed("gemm fwd", || {
+                self.linear_forward(g, &a.gate, &a.xn2, &w.w_gate, id(Linear::Gate), a.xa.get(4), n, d, f)?;
+                self.linear_forward(g, &a.up, &a.xn2, &w.w_up, id(Linear::Up), a.xa.get(5), n, d, f)
+            })?;
+            g.timed("swiglu", || k::swiglu_forward(g, &mut a.h, &a.gate, &a.up, n * f))?;
+            g.timed("gemm fwd", || self.linear_forward(g, &acts.tmp, &a.h, &w.w_down, id(Linear::Down), a.xa.get(6), n, f, d))?;
             let x_out = match rest.first_mut() {
                 Some(next) => &mut next.x_in,
                 None => &mut acts.x_final,
             };
-            k::residual_forward(g, x_out, &a.x_mid, &acts.tmp, n * d)?;
+            g.timed("residual", || k::residual_forward(g, x_out, &a.x_mid, &acts.tmp, n * d))?;
         }
-        k::rmsnorm_forward(g, &mut acts.xf, &mut acts.rstd_f, &acts.x_final, &self.norm, n, d, c.norm_eps)?;
-        g.gemm(false, true, n, c.vocab_size, d, 1.0, acts.xf.ptr(), self.head().ptr(), 0.0, acts.logits.ptr(), Dt::Bf16, Dt::Bf16)?;
-        k::crossentropy_forward(g, &mut acts.losses, &mut acts.lse_ce, &acts.logits, &acts.targets, n, c.vocab_size)?;
+        g.timed("rmsnorm", || k::rmsnorm_forward(g, &mut acts.xf, &mut acts.rstd_f, &acts.x_final, &self.norm, n, d, c.norm_eps))?;
+        g.timed("lm head fwd", || {
+            g.gemm(false, true, n, c.vocab_size, d, 1.0, acts.xf.ptr(), self.head().ptr(), 0.0, acts.logits.ptr(), Dt::Bf16, Dt::Bf16)
+        })?;
+        g.timed("cross-entropy fwd", || {
+            k::crossentropy_forward(g, &mut acts.losses, &mut acts.lse_ce, &acts.logits, &acts.targets, n, c.vocab_size)
+        })?;
         if acts.n_counted == 0 {
             return Ok(0.0);
         }
@@ -386,10 +396,13 @@ impl GpuModel {
         let inv = 1.0 / (*n_counted).max(1) as f32;
 
         // Loss and LM head (frozen): dlogits (N, V), then dxn = dlogits @ W_head.
-        k::crossentropy_backward(g, logits, lse_ce, targets, n, v, inv)?;
-        g.gemm(false, false, n, d, v, 1.0, logits.ptr(), self.head().ptr(), 0.0, s.dxn.ptr(), Dt::Bf16, Dt::Bf16)?;
-        g.zero_range(&mut s.dres, 0, n * d)?;
-        k::rmsnorm_backward(g, &mut s.dres, None, &s.dxn, x_final, &self.norm, rstd_f, n, d)?;
+        g.timed("cross-entropy bwd", || k::crossentropy_backward(g, logits, lse_ce, targets, n, v, inv))?;
+        g.timed("lm head dX", || {
+            g.gemm(false, false, n, d, v, 1.0, logits.ptr(), self.head().ptr(), 0.0, s.dxn.ptr(), Dt::Bf16, Dt::Bf16)
+        })?;
+        g.timed("zero", || g.zero_range(&mut s.dres, 0, n * d))?;
+        g.timed("rmsnorm", || k::rmsnorm_backward(g, &mut s.dres, None, &s.dxn, x_final, &self.norm, rstd_f, n, d))?;
+        let zero_attn_grads = k::attention_accumulates(g, dims);
 
         for l in (0..c.n_layers).rev() {
             let w = &self.layers[l];
@@ -398,32 +411,43 @@ impl GpuModel {
             let xa = |i: usize| a.xa.get(i);
             // MLP block. s.dres holds d(x_out) and becomes d(x_mid).
             sink.linear(g, id(Linear::Down), &s.dres, &a.h, xa(6), n, f, d)?;
-            self.linear_backward_input(g, &s.dh, &s.dres, &w.w_down, id(Linear::Down), &s.dyb, 0.0, n, f, d)?;
-            g.zero_range(&mut s.dgate, 0, n * f)?;
-            g.zero_range(&mut s.dup, 0, n * f)?;
-            k::swiglu_backward(g, &mut s.dgate, &mut s.dup, &s.dh, &a.gate, &a.up, n * f)?;
+            g.timed("gemm dX", || self.linear_backward_input(g, &s.dh, &s.dres, &w.w_down, id(Linear::Down), &s.dyb, 0.0, n, f, d))?;
+            // dgate and dup are written, not accumulated: nothing else adds to them
+            g.timed("swiglu", || k::swiglu_backward(g, &mut s.dgate, &mut s.dup, &s.dh, &a.gate, &a.up, n * f, false))?;
             sink.linear(g, id(Linear::Gate), &s.dgate, &a.xn2, xa(4), n, d, f)?;
             sink.linear(g, id(Linear::Up), &s.dup, &a.xn2, xa(5), n, d, f)?;
-            self.linear_backward_input(g, &s.dxn, &s.dgate, &w.w_gate, id(Linear::Gate), &s.dyb, 0.0, n, d, f)?;
-            self.linear_backward_input(g, &s.dxn, &s.dup, &w.w_up, id(Linear::Up), &s.dyb, 1.0, n, d, f)?;
-            k::rmsnorm_backward(g, &mut s.dres, None, &s.dxn, &a.x_mid, &w.mlp_norm, &a.rstd2, n, d)?;
+            g.timed("gemm dX", || {
+                self.linear_backward_input(g, &s.dxn, &s.dgate, &w.w_gate, id(Linear::Gate), &s.dyb, 0.0, n, d, f)?;
+                self.linear_backward_input(g, &s.dxn, &s.dup, &w.w_up, id(Linear::Up), &s.dyb, 1.0, n, d, f)
+            })?;
+            g.timed("rmsnorm", || k::rmsnorm_backward(g, &mut s.dres, None, &s.dxn, &a.x_mid, &w.mlp_norm, &a.rstd2, n, d))?;
 
             // Attention block. s.dres holds d(x_mid) and becomes d(x_in).
             sink.linear(g, id(Linear::O), &s.dres, &a.att, xa(3), n, qd, d)?;
-            self.linear_backward_input(g, &s.datt, &s.dres, &w.wo, id(Linear::O), &s.dyb, 0.0, n, qd, d)?;
-            g.zero_range(&mut s.dq, 0, n * qd)?;
-            g.zero_range(&mut s.dk, 0, n * kvd)?;
-            g.zero_range(&mut s.dv, 0, n * kvd)?;
-            k::attention_backward(g, &mut s.dq, &mut s.dk, &mut s.dv, &mut s.delta, &s.datt, &a.att, &a.lse, &a.q, &a.k, &a.v, dims)?;
-            k::rope_rotate(g, &mut s.dq, &self.rope, n, t, c.n_heads, c.head_dim, 0, -1.0)?;
-            k::rope_rotate(g, &mut s.dk, &self.rope, n, t, c.n_kv_heads, c.head_dim, 0, -1.0)?;
+            g.timed("gemm dX", || self.linear_backward_input(g, &s.datt, &s.dres, &w.wo, id(Linear::O), &s.dyb, 0.0, n, qd, d))?;
+            if zero_attn_grads {
+                g.timed("zero", || {
+                    g.zero_range(&mut s.dq, 0, n * qd)?;
+                    g.zero_range(&mut s.dk, 0, n * kvd)?;
+                    g.zero_range(&mut s.dv, 0, n * kvd)
+                })?;
+            }
+            g.timed("attention bwd", || {
+                k::attention_backward(g, &mut s.dq, &mut s.dk, &mut s.dv, &mut s.delta, &s.datt, &a.att, &a.lse, &a.q, &a.k, &a.v, dims)
+            })?;
+            g.timed("rope", || {
+                k::rope_rotate(g, &mut s.dq, &self.rope, n, t, c.n_heads, c.head_dim, 0, -1.0)?;
+                k::rope_rotate(g, &mut s.dk, &self.rope, n, t, c.n_kv_heads, c.head_dim, 0, -1.0)
+            })?;
             sink.linear(g, id(Linear::Q), &s.dq, &a.xn1, xa(0), n, d, qd)?;
             sink.linear(g, id(Linear::K), &s.dk, &a.xn1, xa(1), n, d, kvd)?;
             sink.linear(g, id(Linear::V), &s.dv, &a.xn1, xa(2), n, d, kvd)?;
-            self.linear_backward_input(g, &s.dxn, &s.dq, &w.wq, id(Linear::Q), &s.dyb, 0.0, n, d, qd)?;
-            self.linear_backward_input(g, &s.dxn, &s.dk, &w.wk, id(Linear::K), &s.dyb, 1.0, n, d, kvd)?;
-            self.linear_backward_input(g, &s.dxn, &s.dv, &w.wv, id(Linear::V), &s.dyb, 1.0, n, d, kvd)?;
-            k::rmsnorm_backward(g, &mut s.dres, None, &s.dxn, &a.x_in, &w.attn_norm, &a.rstd1, n, d)?;
+            g.timed("gemm dX", || {
+                self.linear_backward_input(g, &s.dxn, &s.dq, &w.wq, id(Linear::Q), &s.dyb, 0.0, n, d, qd)?;
+                self.linear_backward_input(g, &s.dxn, &s.dk, &w.wk, id(Linear::K), &s.dyb, 1.0, n, d, kvd)?;
+                self.linear_backward_input(g, &s.dxn, &s.dv, &w.wv, id(Linear::V), &s.dyb, 1.0, n, d, kvd)
+            })?;
+            g.timed("rmsnorm", || k::rmsnorm_backward(g, &mut s.dres, None, &s.dxn, &a.x_in, &w.attn_norm, &a.rstd1, n, d))?;
         }
         Ok(())
     }

@@ -2,16 +2,30 @@
 //! approximation W_r by randomized subspace iteration on cuBLAS GEMMs with
 //! Cholesky-QR orthonormalization (f64 Gram by DGEMM, the factor and its
 //! inverse by one kernel), the small eigenproblem on the host (the same
-//! `lift::sym_eigen_top` the CPU uses, q x q, run for the seven matrices of a
-//! layer in parallel), then the exact top-k of |W_r| by radix select.
+//! `lift::sym_eigen_top` the CPU uses, q x q), then the exact top-k of |W_r|
+//! by radix select.
 //!
 //! The steps and their order are lift.rs's, so on the same weights and seed
 //! the masks agree with the CPU's up to f32 rounding (gpu-check measures it).
+//!
+//! How the work is arranged, for speed (the arithmetic is unchanged):
+//! - Matrices come in batches (a layer's seven). The randomized ones iterate
+//!   in lockstep, so each orthonormalization step runs the Cholesky kernel
+//!   once for the batch (one block per matrix) instead of once per matrix:
+//!   that kernel is a serial algorithm whose latency, not its arithmetic, is
+//!   its cost. Each matrix keeps W in f32 and its two sketches for the
+//!   duration of the batch.
+//! - The host's eigenproblems of batch i run on a CPU thread while the GPU
+//!   does batch i + 1; batch i's W_r and top-k follow (`select_batches`).
+//! - With `tf32`, the sketch products of the power iteration run on the
+//!   tensor cores in TF32; B = Q^T W and W_r stay f32.
+//!
 //! W_r is formed densely in one f32 scratch buffer the size of the largest
-//! matrix, reused matrix after matrix; a second one holds W in f32 for the
-//! power iterations.
+//! matrix, reused matrix after matrix.
 
-use anyhow::Result;
+use std::time::Instant;
+
+use anyhow::{Result, anyhow};
 use rayon::prelude::*;
 
 use super::gpu::{Bf16, Buf, Dt, Gpu};
@@ -21,19 +35,18 @@ use crate::lift::{self, Approx};
 /// Device scratch of the selection, grown on demand and reused.
 #[derive(Default)]
 pub struct SelectScratch {
-    wf: Option<Buf<f32>>,   // W in f32 (out*in)
     wr: Option<Buf<f32>>,   // W_r, the scores (out*in)
-    y: Option<Buf<f32>>,    // (out, q)
-    z: Option<Buf<f32>>,    // (in, q); first Omega
-    tmp: Option<Buf<f32>>,  // (max(out, in), q)
+    tmp: Option<Buf<f32>>,  // (rows, q): Y X, before it replaces Y
     y64: Option<Buf<f64>>,  // f64 copy of a sketch or of B
-    gram: Option<Buf<f64>>, // (q, q) or (m, m)
-    x: Option<Buf<f32>>,    // (q, q) = L^{-T}
-    lt: Option<Buf<f64>>,
+    gram: Option<Buf<f64>>, // (nb, q, q) Gram matrices, or (m, m)
+    x: Option<Buf<f32>>,    // (nb, q, q) = L^{-T}
+    lt: Option<Buf<f64>>,   // (nb, q, q) Cholesky scratch
     mt: Option<Buf<f64>>,
     hist: Option<Buf<u32>>,
     above: Option<Buf<u32>>,
     ties: Option<Buf<u32>>,
+    /// Sketch products in TF32 (see the module comment).
+    pub tf32: bool,
 }
 
 fn grow<'a, T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(g: &Gpu, slot: &'a mut Option<Buf<T>>, n: usize) -> Result<&'a mut Buf<T>> {
@@ -45,6 +58,7 @@ fn grow<'a, T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(g: 
 }
 
 /// One matrix to select from.
+#[derive(Clone, Copy)]
 pub struct Job<'a> {
     pub w: &'a Buf<Bf16>,
     pub out: usize,
@@ -56,99 +70,187 @@ pub struct Job<'a> {
     pub how: Approx,
 }
 
+/// A randomized sketch in progress: W (out, in) in f32, Y (out, q) and
+/// Z (in, q), the two sides of the subspace iteration.
+struct Sketch {
+    wf: Buf<f32>,
+    y: Buf<f32>,
+    z: Buf<f32>,
+    out: usize,
+    inp: usize,
+}
+
 /// What phase A leaves for the host eigenproblem and phase B.
 enum Pending {
     /// W_r = W (r >= min side, or the magnitude ablation).
     Whole,
-    /// Randomized: Q (out, q) and B = Q^T W (q, in); gram = B B^T (q, q).
-    Randomized { qm: Buf<f32>, bm: Buf<f32>, q: usize, gram: Vec<f64> },
-    /// Exact: W in f64 (out, in), gram of the small side (m, m).
-    Exact { w64: Buf<f64>, m: usize, gram: Vec<f64> },
+    /// Randomized: Q (out, q) and B = Q^T W (q, in); the host gets B B^T.
+    Randomized { qm: Buf<f32>, bm: Buf<f32>, q: usize },
+    /// Exact: W in f64 (out, in); the host gets the Gram matrix of the small side.
+    Exact { w64: Buf<f64> },
+}
+
+/// A randomized sketch's result: Q (out, q), B = Q^T W (q, in), and B B^T
+/// (q, q) on the host.
+type Sketched = (Buf<f32>, Buf<f32>, Vec<f64>);
+
+/// The host's part of one matrix: the top r eigenvectors of a symmetric
+/// (m, m) matrix.
+struct Eigen {
+    gram: Vec<f64>,
+    m: usize,
+    r: usize,
 }
 
 impl SelectScratch {
-    /// Y (rows, q) <- Y R^{-1} with Y^T Y = R^T R: one Cholesky-QR pass
-    /// (lift.rs cholesky_qr). `which` picks y or z.
-    fn cholesky_qr(&mut self, g: &Gpu, use_z: bool, rows: usize, q: usize) -> Result<()> {
-        let n = rows * q;
-        grow(g, &mut self.y64, n)?;
-        grow(g, &mut self.tmp, n)?;
-        for slot in [&mut self.gram] {
-            grow(g, slot, q * q)?;
-        }
-        for slot in [&mut self.lt, &mut self.mt] {
-            grow(g, slot, q * q)?;
-        }
-        grow(g, &mut self.x, q * q)?;
-        // Disjoint fields, borrowed together.
-        let SelectScratch { y, z, y64, gram, x, lt, mt, tmp, .. } = self;
-        let (y64, gram, x, lt, mt, tmp) = (
-            y64.as_mut().unwrap(),
-            gram.as_mut().unwrap(),
-            x.as_mut().unwrap(),
-            lt.as_mut().unwrap(),
-            mt.as_mut().unwrap(),
-            tmp.as_mut().unwrap(),
-        );
-        let y = if use_z { z } else { y }.as_mut().expect("sketch allocated");
-        k::convert(g, "f32_to_f64", y64, y, n)?;
-        g.dgemm(true, false, q, q, rows, y64.ptr(), y64.ptr(), gram.ptr())?; // G = Y^T Y (f64)
-        k::cholesky_inverse_transpose(g, x, lt, mt, gram, q)?; // X = L^{-T}
-        g.gemm(false, false, rows, q, q, 1.0, y.ptr(), x.ptr(), 0.0, tmp.ptr(), Dt::F32, Dt::F32)?; // Y X
-        g.copy(y, 0, tmp, 0, n)
+    /// Sketches (rows, q) <- sketch R^{-1} with sketch^T sketch = R^T R, for
+    /// every sketch of the batch: one Cholesky-QR pass each (lift.rs
+    /// cholesky_qr), the factorizations in one kernel launch. `use_z` picks
+    /// Z, else Y.
+    fn cholesky_qr(&mut self, g: &Gpu, sk: &mut [Sketch], use_z: bool, q: usize) -> Result<()> {
+        let nb = sk.len();
+        let rows_of = |s: &Sketch| if use_z { s.inp } else { s.out };
+        let max_rows = sk.iter().map(rows_of).max().unwrap_or(0);
+        grow(g, &mut self.y64, max_rows * q)?;
+        grow(g, &mut self.tmp, max_rows * q)?;
+        grow(g, &mut self.gram, nb * q * q)?;
+        grow(g, &mut self.lt, nb * q * q)?;
+        grow(g, &mut self.mt, nb * q * q)?;
+        grow(g, &mut self.x, nb * q * q)?;
+        let SelectScratch { y64, gram, x, lt, mt, tmp, .. } = self;
+        let (y64, gram, x, lt, mt, tmp) =
+            (y64.as_mut().unwrap(), gram.as_mut().unwrap(), x.as_mut().unwrap(), lt.as_mut().unwrap(), mt.as_mut().unwrap(), tmp.as_mut().unwrap());
+        g.timed("cholqr gram (f64)", || {
+            for (b, s) in sk.iter().enumerate() {
+                let (rows, y) = (rows_of(s), if use_z { &s.z } else { &s.y });
+                k::convert(g, "f32_to_f64", y64, y, rows * q)?;
+                g.dgemm(true, false, q, q, rows, y64.ptr(), y64.ptr(), gram.at(b * q * q))?; // G = Y^T Y (f64)
+            }
+            Ok(())
+        })?;
+        g.timed("cholqr cholesky", || k::cholesky_inverse_transpose(g, x, lt, mt, gram, q, nb))?; // X = L^{-T}
+        g.timed("cholqr apply", || {
+            for (b, s) in sk.iter_mut().enumerate() {
+                let rows = rows_of(s);
+                let y = if use_z { &mut s.z } else { &mut s.y };
+                g.gemm(false, false, rows, q, q, 1.0, y.ptr(), x.at(b * q * q), 0.0, tmp.ptr(), Dt::F32, Dt::F32)?; // Y X
+                g.copy(y, 0, tmp, 0, rows * q)?;
+            }
+            Ok(())
+        })
     }
 
-    /// Phase A of one matrix: everything up to the small eigenproblem.
-    fn phase_a(&mut self, g: &Gpu, job: &Job) -> Result<Pending> {
-        let (out, inp, r) = (job.out, job.inp, job.r);
-        let m = out.min(inp);
-        let n = out * inp;
-        if r == 0 || r >= m {
-            return Ok(Pending::Whole);
-        }
-        match job.how {
-            Approx::Randomized { oversample, power_iters, seed } if r + oversample < m => {
-                let q = r + oversample;
-                let wf = grow(g, &mut self.wf, n)?;
-                k::convert(g, "bf16_to_f32", wf, job.w, n)?;
-                grow(g, &mut self.y, out * q)?;
-                let z = grow(g, &mut self.z, inp * q)?;
-                k::randn(g, z, inp * q, seed)?; // Omega (in, q)
-                let (wp, yp, zp) = (self.wf.as_ref().unwrap().ptr(), self.y.as_ref().unwrap().ptr(), self.z.as_ref().unwrap().ptr());
-                g.gemm(false, false, out, q, inp, 1.0, wp, zp, 0.0, yp, Dt::F32, Dt::F32)?; // Y = W Omega
-                self.cholesky_qr(g, false, out, q)?;
-                for _ in 0..power_iters {
-                    g.gemm(true, false, inp, q, out, 1.0, wp, yp, 0.0, zp, Dt::F32, Dt::F32)?; // Z = W^T Y
-                    self.cholesky_qr(g, true, inp, q)?;
-                    g.gemm(false, false, out, q, inp, 1.0, wp, zp, 0.0, yp, Dt::F32, Dt::F32)?; // Y = W Z
-                    self.cholesky_qr(g, false, out, q)?;
-                }
-                self.cholesky_qr(g, false, out, q)?; // CholQR2
-                let mut qm = g.zeros::<f32>(out * q)?;
-                g.copy(&mut qm, 0, self.y.as_ref().unwrap(), 0, out * q)?;
-                let bm = g.zeros::<f32>(q * inp)?;
-                g.gemm(true, false, q, inp, out, 1.0, qm.ptr(), wp, 0.0, bm.ptr(), Dt::F32, Dt::F32)?; // B = Q^T W
-                let b64 = grow(g, &mut self.y64, q * inp)?;
-                k::convert(g, "f32_to_f64", b64, &bm, q * inp)?;
-                let b64p = self.y64.as_ref().unwrap().ptr();
-                let gram = grow(g, &mut self.gram, q * q)?;
-                g.dgemm(false, true, q, q, inp, b64p, b64p, gram.ptr())?; // B B^T
-                let gram = g.download(self.gram.as_ref().unwrap(), q * q)?;
-                Ok(Pending::Randomized { qm, bm, q, gram })
+    /// lift.rs randomized_range and the first half of low_rank_randomized
+    /// for a batch of matrices with the same q and iteration count: returns,
+    /// per matrix, Q (out, q), B = Q^T W (q, in) and B B^T (q, q) on the host.
+    fn randomized_batch(&mut self, g: &Gpu, jobs: &[&Job], q: usize, iters: usize) -> Result<Vec<Sketched>> {
+        let nb = jobs.len();
+        let ab = if self.tf32 { Dt::Tf32 } else { Dt::F32 };
+        let mut sk = Vec::with_capacity(nb);
+        g.timed("sketch setup", || {
+            for job in jobs {
+                let Approx::Randomized { seed, .. } = job.how else { unreachable!("a randomized job") };
+                let (out, inp) = (job.out, job.inp);
+                let mut wf = g.zeros::<f32>(out * inp)?;
+                k::convert(g, "bf16_to_f32", &mut wf, job.w, out * inp)?;
+                let mut z = g.zeros::<f32>(inp * q)?;
+                k::randn(g, &mut z, inp * q, seed)?; // Omega (in, q)
+                sk.push(Sketch { wf, y: g.zeros::<f32>(out * q)?, z, out, inp });
             }
-            _ => {
-                let mut w64 = g.zeros::<f64>(n)?;
-                k::convert(g, "bf16_to_f64", &mut w64, job.w, n)?;
-                let gram = grow(g, &mut self.gram, m * m)?;
-                if out <= inp {
-                    g.dgemm(false, true, out, out, inp, w64.ptr(), w64.ptr(), gram.ptr())?; // W W^T
-                } else {
-                    g.dgemm(true, false, inp, inp, out, w64.ptr(), w64.ptr(), gram.ptr())?; // W^T W
+            Ok(())
+        })?;
+        let products = |sk: &[Sketch], w_t: bool| {
+            g.timed("sketch gemm", || {
+                for s in sk {
+                    if w_t {
+                        g.gemm(true, false, s.inp, q, s.out, 1.0, s.wf.ptr(), s.y.ptr(), 0.0, s.z.ptr(), ab, Dt::F32)?; // Z = W^T Y
+                    } else {
+                        g.gemm(false, false, s.out, q, s.inp, 1.0, s.wf.ptr(), s.z.ptr(), 0.0, s.y.ptr(), ab, Dt::F32)?; // Y = W Z
+                    }
                 }
-                let gram = g.download(self.gram.as_ref().unwrap(), m * m)?;
-                Ok(Pending::Exact { w64, m, gram })
+                Ok(())
+            })
+        };
+        products(&sk, false)?; // Y = W Omega
+        self.cholesky_qr(g, &mut sk, false, q)?;
+        for _ in 0..iters {
+            products(&sk, true)?;
+            self.cholesky_qr(g, &mut sk, true, q)?;
+            products(&sk, false)?;
+            self.cholesky_qr(g, &mut sk, false, q)?;
+        }
+        self.cholesky_qr(g, &mut sk, false, q)?; // CholQR2: orthonormal to f32 precision
+        // B = Q^T W (f32) and B B^T (f64), for every matrix; one download.
+        let gram_all = grow(g, &mut self.gram, nb * q * q)?.ptr();
+        let mut bms = Vec::with_capacity(nb);
+        for (b, s) in sk.iter().enumerate() {
+            let bm = g.zeros::<f32>(q * s.inp)?;
+            g.timed("sketch gemm", || g.gemm(true, false, q, s.inp, s.out, 1.0, s.y.ptr(), s.wf.ptr(), 0.0, bm.ptr(), Dt::F32, Dt::F32))?;
+            let b64 = grow(g, &mut self.y64, q * s.inp)?;
+            g.timed("B gram (f64)", || {
+                k::convert(g, "f32_to_f64", b64, &bm, q * s.inp)?;
+                g.dgemm(false, true, q, q, s.inp, b64.ptr(), b64.ptr(), gram_all + (b * q * q * 8) as u64) // B B^T
+            })?;
+            bms.push(bm);
+        }
+        let grams = g.download(self.gram.as_ref().unwrap(), nb * q * q)?;
+        Ok(sk.into_iter().zip(bms).enumerate().map(|(b, (s, bm))| (s.y, bm, grams[b * q * q..(b + 1) * q * q].to_vec())).collect())
+    }
+
+    /// Phase A of a batch: everything up to the small eigenproblems.
+    fn phase_a(&mut self, g: &Gpu, jobs: &[Job]) -> Result<(Vec<Pending>, Vec<Option<Eigen>>)> {
+        let mut pending: Vec<Option<Pending>> = jobs.iter().map(|_| None).collect();
+        let mut eigen: Vec<Option<Eigen>> = jobs.iter().map(|_| None).collect();
+        // The randomized ones, grouped by (q, iterations): each group in lockstep.
+        let mut groups: Vec<((usize, usize), Vec<usize>)> = Vec::new();
+        for (i, job) in jobs.iter().enumerate() {
+            let m = job.out.min(job.inp);
+            if job.r == 0 || job.r >= m {
+                pending[i] = Some(Pending::Whole);
+                continue;
+            }
+            match job.how {
+                Approx::Randomized { oversample, power_iters, .. } if job.r + oversample < m => {
+                    let key = (job.r + oversample, power_iters);
+                    match groups.iter_mut().find(|(k, _)| *k == key) {
+                        Some((_, v)) => v.push(i),
+                        None => groups.push((key, vec![i])),
+                    }
+                }
+                _ => {
+                    let (p, gram) = self.exact_a(g, job)?;
+                    eigen[i] = Some(Eigen { gram, m, r: job.r });
+                    pending[i] = Some(p);
+                }
             }
         }
+        for ((q, iters), idx) in groups {
+            let batch: Vec<&Job> = idx.iter().map(|&i| &jobs[i]).collect();
+            let done = self.randomized_batch(g, &batch, q, iters)?;
+            for (i, (qm, bm, gram)) in idx.into_iter().zip(done) {
+                eigen[i] = Some(Eigen { gram, m: q, r: jobs[i].r });
+                pending[i] = Some(Pending::Randomized { qm, bm, q });
+            }
+        }
+        Ok((pending.into_iter().map(|p| p.expect("every job has a path")).collect(), eigen))
+    }
+
+    /// The exact path's phase A: W in f64 and the Gram matrix of its small side.
+    fn exact_a(&mut self, g: &Gpu, job: &Job) -> Result<(Pending, Vec<f64>)> {
+        let (out, inp) = (job.out, job.inp);
+        let (m, n) = (out.min(inp), out * inp);
+        let mut w64 = g.zeros::<f64>(n)?;
+        k::convert(g, "bf16_to_f64", &mut w64, job.w, n)?;
+        let gram = grow(g, &mut self.gram, m * m)?;
+        g.timed("exact gram (f64)", || {
+            if out <= inp {
+                g.dgemm(false, true, out, out, inp, w64.ptr(), w64.ptr(), gram.ptr()) // W W^T
+            } else {
+                g.dgemm(true, false, inp, inp, out, w64.ptr(), w64.ptr(), gram.ptr()) // W^T W
+            }
+        })?;
+        let gram = g.download(self.gram.as_ref().unwrap(), m * m)?;
+        Ok((Pending::Exact { w64 }, gram))
     }
 
     /// Phase B: W_r into the scores buffer from the eigenvectors `vecs`
@@ -158,39 +260,46 @@ impl SelectScratch {
         let n = out * inp;
         grow(g, &mut self.wr, n)?;
         let wr = self.wr.as_mut().unwrap();
-        match pending {
-            Pending::Whole => k::convert(g, "bf16_to_f32", wr, job.w, n)?,
-            Pending::Randomized { qm, bm, q, .. } => {
-                let u: Vec<f32> = vecs.iter().map(|&x| x as f32).collect();
-                let u = g.upload(&u)?; // U_B^T (r, q)
-                let coef = g.zeros::<f32>(r * inp)?;
-                g.gemm(false, false, r, inp, q, 1.0, u.ptr(), bm.ptr(), 0.0, coef.ptr(), Dt::F32, Dt::F32)?;
-                let basis = g.zeros::<f32>(out * r)?;
-                g.gemm(false, true, out, r, q, 1.0, qm.ptr(), u.ptr(), 0.0, basis.ptr(), Dt::F32, Dt::F32)?;
-                g.gemm(false, false, out, inp, r, 1.0, basis.ptr(), coef.ptr(), 0.0, wr.ptr(), Dt::F32, Dt::F32)?;
-            }
-            Pending::Exact { w64, .. } => {
-                let p = g.upload(vecs)?; // P (r, m)
-                let wr64 = g.zeros::<f64>(n)?;
-                if out <= inp {
-                    let pa = g.zeros::<f64>(r * inp)?;
-                    g.dgemm(false, false, r, inp, out, p.ptr(), w64.ptr(), pa.ptr())?; // P A
-                    g.dgemm(true, false, out, inp, r, p.ptr(), pa.ptr(), wr64.ptr())?; // P^T (P A)
-                } else {
-                    let wp = g.zeros::<f64>(out * r)?;
-                    g.dgemm(false, true, out, r, inp, w64.ptr(), p.ptr(), wp.ptr())?; // W P^T
-                    g.dgemm(false, false, out, inp, r, wp.ptr(), p.ptr(), wr64.ptr())?; // (W P^T) P
+        g.timed("W_r formation", || {
+            match pending {
+                Pending::Whole => k::convert(g, "bf16_to_f32", wr, job.w, n)?,
+                Pending::Randomized { qm, bm, q } => {
+                    let u: Vec<f32> = vecs.iter().map(|&x| x as f32).collect();
+                    let u = g.upload(&u)?; // U_B^T (r, q)
+                    let coef = g.zeros::<f32>(r * inp)?;
+                    g.gemm(false, false, r, inp, q, 1.0, u.ptr(), bm.ptr(), 0.0, coef.ptr(), Dt::F32, Dt::F32)?;
+                    let basis = g.zeros::<f32>(out * r)?;
+                    g.gemm(false, true, out, r, q, 1.0, qm.ptr(), u.ptr(), 0.0, basis.ptr(), Dt::F32, Dt::F32)?;
+                    g.gemm(false, false, out, inp, r, 1.0, basis.ptr(), coef.ptr(), 0.0, wr.ptr(), Dt::F32, Dt::F32)?;
                 }
-                k::convert(g, "f64_to_f32", wr, &wr64, n)?;
-                g.sync()?; // wr64, pa, wp are freed on return
+                Pending::Exact { w64, .. } => {
+                    let p = g.upload(vecs)?; // P (r, m)
+                    let wr64 = g.zeros::<f64>(n)?;
+                    if out <= inp {
+                        let pa = g.zeros::<f64>(r * inp)?;
+                        g.dgemm(false, false, r, inp, out, p.ptr(), w64.ptr(), pa.ptr())?; // P A
+                        g.dgemm(true, false, out, inp, r, p.ptr(), pa.ptr(), wr64.ptr())?; // P^T (P A)
+                    } else {
+                        let wp = g.zeros::<f64>(out * r)?;
+                        g.dgemm(false, true, out, r, inp, w64.ptr(), p.ptr(), wp.ptr())?; // W P^T
+                        g.dgemm(false, false, out, inp, r, wp.ptr(), p.ptr(), wr64.ptr())?; // (W P^T) P
+                    }
+                    k::convert(g, "f64_to_f32", wr, &wr64, n)?;
+                    g.sync()?; // wr64, pa, wp are freed on return
+                }
             }
-        }
+            Ok(())
+        })?;
         self.top_k_abs(g, n, job.k)
     }
 
     /// lift::top_k_abs on the scores buffer `wr` (n values): the k largest
     /// |scores|, ties toward the smaller index, ascending.
     fn top_k_abs(&mut self, g: &Gpu, n: usize, kk: usize) -> Result<Buf<u32>> {
+        g.timed("top-k", || self.top_k_abs_inner(g, n, kk))
+    }
+
+    fn top_k_abs_inner(&mut self, g: &Gpu, n: usize, kk: usize) -> Result<Buf<u32>> {
         assert!(kk <= n && n <= 1 << 32, "top_k_abs: k = {kk}, n = {n}");
         if kk == 0 {
             return g.zeros::<u32>(0);
@@ -252,28 +361,61 @@ impl SelectScratch {
         Ok(sel)
     }
 
-    /// Selects the masks of a batch of matrices (a layer's seven): phase A
-    /// for each on the GPU, the eigenproblems on the host in parallel, then
-    /// phase B and the top-k for each.
-    pub fn select(&mut self, g: &Gpu, jobs: &[Job]) -> Result<Vec<Buf<u32>>> {
-        let mut pending = Vec::with_capacity(jobs.len());
-        for job in jobs {
-            pending.push(self.phase_a(g, job)?);
-        }
-        let vecs: Vec<Vec<f64>> = pending
-            .par_iter()
-            .zip(jobs)
-            .map(|(p, job)| match p {
-                Pending::Whole => Vec::new(),
-                Pending::Randomized { q, gram, .. } => lift::sym_eigen_top(gram.clone(), *q, job.r).1,
-                Pending::Exact { m, gram, .. } => lift::sym_eigen_top(gram.clone(), *m, job.r).1,
-            })
-            .collect();
+    /// Selects the masks of batches of matrices (one batch per layer), in
+    /// order: phase A of batch i on the GPU; its eigenproblems on a CPU
+    /// thread (each matrix's in parallel) while phase B of batch i - 1 and
+    /// phase A of batch i + 1 run; then phase B of batch i.
+    pub fn select_batches(&mut self, g: &Gpu, batches: &[&[Job]]) -> Result<Vec<Buf<u32>>> {
+        let mut masks = Vec::new();
+        let (mut host_s, mut wait_s) = (0.0f64, 0.0f64);
+        std::thread::scope(|scope| -> Result<()> {
+            let mut prev = None;
+            for (bi, jobs) in batches.iter().enumerate() {
+                let (pending, problems) = self.phase_a(g, jobs)?;
+                let handle = scope.spawn(move || {
+                    let t0 = Instant::now();
+                    let vecs: Vec<Vec<f64>> = problems
+                        .into_par_iter()
+                        .map(|p| match p {
+                            Some(e) => lift::sym_eigen_top(e.gram, e.m, e.r).1,
+                            None => Vec::new(),
+                        })
+                        .collect();
+                    (vecs, t0.elapsed().as_secs_f64())
+                });
+                if let Some((pb, pp, ph)) = prev.replace((bi, pending, handle)) {
+                    masks.extend(self.finish(g, batches[pb], pp, ph, &mut host_s, &mut wait_s)?);
+                }
+            }
+            if let Some((pb, pp, ph)) = prev.take() {
+                masks.extend(self.finish(g, batches[pb], pp, ph, &mut host_s, &mut wait_s)?);
+            }
+            Ok(())
+        })?;
+        g.add_host_time("host eigen (overlapped)", host_s);
+        g.add_host_time("host eigen (waited for)", wait_s);
+        Ok(masks)
+    }
+
+    /// Phase B of a batch, once its eigenvectors are in.
+    fn finish(
+        &mut self, g: &Gpu, jobs: &[Job], pending: Vec<Pending>, eig: std::thread::ScopedJoinHandle<'_, (Vec<Vec<f64>>, f64)>,
+        host_s: &mut f64, wait_s: &mut f64,
+    ) -> Result<Vec<Buf<u32>>> {
+        let t0 = Instant::now();
+        let (vecs, secs) = eig.join().map_err(|_| anyhow!("mask selection: the eigen-decomposition thread panicked"))?;
+        *wait_s += t0.elapsed().as_secs_f64();
+        *host_s += secs;
         let mut masks = Vec::with_capacity(jobs.len());
         for ((job, p), v) in jobs.iter().zip(pending).zip(&vecs) {
             masks.push(self.phase_b(g, job, p, v)?);
         }
         Ok(masks)
+    }
+
+    /// Selects the masks of one batch of matrices (see select_batches).
+    pub fn select(&mut self, g: &Gpu, jobs: &[Job]) -> Result<Vec<Buf<u32>>> {
+        self.select_batches(g, &[jobs])
     }
 
     /// top_k_abs of an f32 score array given on the host (for gpu-check).

@@ -66,6 +66,10 @@ pub struct SelectOptions {
     pub oversample: usize,
     pub power_iters: usize,
     pub seed: u64,
+    /// Multiply the sketches in TF32 on the tensor cores instead of f32 on
+    /// the CUDA cores (`lift bench --sketch tf32`; gpu-check measures the
+    /// mask overlap it costs). Off for training.
+    pub sketch_tf32: bool,
 }
 
 impl SelectOptions {
@@ -83,6 +87,7 @@ impl SelectOptions {
             oversample: o.oversample,
             power_iters: o.power_iters,
             seed: o.seed,
+            sketch_tf32: false,
         }
     }
 
@@ -100,14 +105,15 @@ impl SelectOptions {
 }
 
 /// The masks of every linear matrix of the model (matrix_id order) on the
-/// device, selected layer by layer; round 0 at the start, +1 per refresh.
+/// device; round 0 at the start, +1 per refresh. The seven matrices of a
+/// layer are selected together (select.rs), and the host's eigenproblems of
+/// one layer overlap the GPU's work on the next.
 pub fn select_masks(g: &Gpu, model: &GpuModel, so: &SelectOptions, round: u64) -> Result<Vec<Buf<u32>>> {
     let c = &model.config;
-    let mut sc = SelectScratch::default();
+    let mut layers = Vec::with_capacity(c.n_layers);
     let mut masks = Vec::with_capacity(c.n_layers * 7);
     for l in 0..c.n_layers {
         let mut jobs = Vec::with_capacity(7);
-        let mut random = Vec::new();
         for w in Linear::ALL {
             let (out, inp) = w.shape(c);
             let kk = lift::budget_k(out, inp, so.budget).with_context(|| format!("layer {l} {w:?} ({out}x{inp})"))?;
@@ -116,20 +122,20 @@ pub fn select_masks(g: &Gpu, model: &GpuModel, so: &SelectOptions, round: u64) -
                 Method::Lift => lift::filter_rank(out, inp, so.filter_rank)?.0,
                 Method::Magnitude => 0,
                 Method::Random => {
-                    random.push((w, lift::random_mask(out * inp, kk, seed)));
+                    masks.push(g.upload(&lift::random_mask(out * inp, kk, seed))?);
                     continue;
                 }
                 _ => bail!("--method {:?} has no mask", so.method),
             };
             jobs.push(Job { w: model.layers[l].linear(w), out, inp, k: kk, r, how: so.approx(seed) });
         }
-        if !random.is_empty() {
-            for (_, m) in random {
-                masks.push(g.upload(&m)?);
-            }
-        } else {
-            masks.extend(sc.select(g, &jobs)?);
-        }
+        layers.push(jobs);
+    }
+    if so.method != Method::Random {
+        let mut sc = SelectScratch::default();
+        sc.tf32 = so.sketch_tf32;
+        let batches: Vec<&[Job]> = layers.iter().map(|j| j.as_slice()).collect();
+        masks = sc.select_batches(g, &batches)?;
     }
     g.sync()?;
     Ok(masks)
@@ -165,10 +171,11 @@ impl GpuSink for LiftSink<'_> {
     fn linear(&mut self, g: &Gpu, id: usize, dout: &Buf<Bf16>, inp: &Buf<Bf16>, _xa: Option<&Buf<Bf16>>, n: usize, ic: usize, oc: usize) -> Result<()> {
         // One dense dW in the reused buffer, of which only the k selected
         // entries are kept (train.rs Sink::linear).
+        // bf16 operands, f32 output and sums: a tensor-core GEMM.
         assert!(self.dw.len() >= oc * ic);
-        g.gemm(true, false, oc, ic, n, 1.0, dout.ptr(), inp.ptr(), 0.0, self.dw.ptr(), Dt::Bf16, Dt::F32)?;
+        g.timed("gemm dW", || g.gemm(true, false, oc, ic, n, 1.0, dout.ptr(), inp.ptr(), 0.0, self.dw.ptr(), Dt::Bf16, Dt::F32))?;
         let s = &mut self.states[id];
-        k::gather_add(g, &mut s.acc, self.dw, &s.idx, s.k)
+        g.timed("dW gather", || k::gather_add(g, &mut s.acc, self.dw, &s.idx, s.k))
     }
 }
 
@@ -180,7 +187,7 @@ impl GpuSink for FullSink<'_> {
     fn linear(&mut self, g: &Gpu, id: usize, dout: &Buf<Bf16>, inp: &Buf<Bf16>, _xa: Option<&Buf<Bf16>>, n: usize, ic: usize, oc: usize) -> Result<()> {
         // cpu::matmul_backward_weight: dW (OC, IC) += dout^T @ inp, in f32.
         let s = &mut self.states[id];
-        g.gemm(true, false, oc, ic, n, 1.0, dout.ptr(), inp.ptr(), 1.0, s.grad.ptr(), Dt::Bf16, Dt::F32)
+        g.timed("gemm dW", || g.gemm(true, false, oc, ic, n, 1.0, dout.ptr(), inp.ptr(), 1.0, s.grad.ptr(), Dt::Bf16, Dt::F32))
     }
 }
 
@@ -196,9 +203,11 @@ impl GpuSink for LoraSink<'_> {
         let ad = &self.adapters[id];
         let xa = xa.ok_or_else(|| anyhow!("LoRA: the forward pass kept no inp @ A^T"))?;
         let (sa, sb) = &mut self.states[id];
-        g.gemm(true, false, oc, ad.r, n, ad.scale, dout.ptr(), xa.ptr(), 1.0, sb.grad.ptr(), Dt::Bf16, Dt::F32)?;
-        g.gemm(false, false, n, ad.r, oc, 1.0, dout.ptr(), ad.b.ptr(), 0.0, self.dyb.ptr(), Dt::Bf16, Dt::Bf16)?;
-        g.gemm(true, false, ad.r, ic, n, ad.scale, self.dyb.ptr(), inp.ptr(), 1.0, sa.grad.ptr(), Dt::Bf16, Dt::F32)
+        g.timed("gemm dW", || {
+            g.gemm(true, false, oc, ad.r, n, ad.scale, dout.ptr(), xa.ptr(), 1.0, sb.grad.ptr(), Dt::Bf16, Dt::F32)?;
+            g.gemm(false, false, n, ad.r, oc, 1.0, dout.ptr(), ad.b.ptr(), 0.0, self.dyb.ptr(), Dt::Bf16, Dt::Bf16)?;
+            g.gemm(true, false, ad.r, ic, n, ad.scale, self.dyb.ptr(), inp.ptr(), 1.0, sa.grad.ptr(), Dt::Bf16, Dt::F32)
+        })
     }
 }
 
@@ -271,6 +280,10 @@ impl GpuTrainer {
 
     /// Zeroes the gradient accumulators.
     pub fn zero_grads(&mut self, g: &Gpu) -> Result<()> {
+        g.timed("zero", || self.zero_grads_inner(g))
+    }
+
+    fn zero_grads_inner(&mut self, g: &Gpu) -> Result<()> {
         match &mut self.state {
             GpuState::Sparse { states, .. } => states.iter_mut().try_for_each(|s| g.zero(&mut s.acc)),
             GpuState::Full { states } => states.iter_mut().try_for_each(|s| g.zero(&mut s.grad)),
@@ -306,7 +319,7 @@ impl GpuTrainer {
         let mut off = 0;
         let partial = &mut self.partial;
         let mut add = |buf: &Buf<f32>, n: usize| -> Result<()> {
-            k::sum_squares(g, partial, off, buf, n)?;
+            g.timed("grad norm", || k::sum_squares(g, partial, off, buf, n))?;
             off += k::SUMSQ_BLOCKS;
             Ok(())
         };
@@ -358,19 +371,21 @@ impl GpuTrainer {
                 for (id, s) in states.iter_mut().enumerate() {
                     let w = self.model.layers[id / 7].linear_mut(Linear::ALL[id % 7]);
                     let n = w.len();
-                    k::sparse_adamw(g, w, n, &s.idx, &mut s.m, &mut s.v, &mut s.master, &s.acc, s.k, gscale, opt, t)?;
+                    g.timed("adamw", || k::sparse_adamw(g, w, n, &s.idx, &mut s.m, &mut s.v, &mut s.master, &s.acc, s.k, gscale, opt, t))?;
                 }
             }
             GpuState::Full { states } => {
                 for (id, s) in states.iter_mut().enumerate() {
                     let w = self.model.layers[id / 7].linear_mut(Linear::ALL[id % 7]);
-                    k::adamw(g, w, &mut s.m, &mut s.v, &mut s.master, &s.grad, s.n, gscale, opt, t)?;
+                    g.timed("adamw", || k::adamw(g, w, &mut s.m, &mut s.v, &mut s.master, &s.grad, s.n, gscale, opt, t))?;
                 }
             }
             GpuState::Lora { states, .. } => {
                 for (ad, (sa, sb)) in self.model.adapters.iter_mut().zip(states.iter_mut()) {
-                    k::adamw(g, &mut ad.a, &mut sa.m, &mut sa.v, &mut sa.master, &sa.grad, sa.n, gscale, opt, t)?;
-                    k::adamw(g, &mut ad.b, &mut sb.m, &mut sb.v, &mut sb.master, &sb.grad, sb.n, gscale, opt, t)?;
+                    g.timed("adamw", || {
+                        k::adamw(g, &mut ad.a, &mut sa.m, &mut sa.v, &mut sa.master, &sa.grad, sa.n, gscale, opt, t)?;
+                        k::adamw(g, &mut ad.b, &mut sb.m, &mut sb.v, &mut sb.master, &sb.grad, sb.n, gscale, opt, t)
+                    })?;
                 }
             }
         }
@@ -454,6 +469,10 @@ pub fn train(o: &TrainOptions) -> Result<()> {
     let tok = ck.tokenizer.clone();
     let g = Gpu::new()?;
     eprintln!("device: {} (sm_{}{}), kernels compiled in {:.2}s", g.name, g.cc.0, g.cc.1, g.compile_s);
+    // tensor-core attention after a quick check against the plain kernels
+    // (LIFT_ATTENTION=plain skips it)
+    let wanted = if g.attention() == super::Attention::Plain { super::Attention::Plain } else { super::Attention::Auto };
+    super::check::choose_attention(&g, wanted)?;
     let loaded = data::load(&o.data, Purpose::Train, o.skip_bad)?;
     let eos = tok.eos_id().ok_or_else(|| anyhow!("{}: the tokenizer has no EOS token", o.checkpoint.display()))?;
     let bos = if tok.add_bos() { tok.bos_id() } else { None };

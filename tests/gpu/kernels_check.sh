@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # make kernels-check: compile every kernel in kernels/ with NVRTC for sm_80 and
 # sm_90 through the binary's own runtime path (`lift kernels-check`), then
-# assemble the PTX with ptxas -v and print each kernel's registers and spills.
+# assemble the PTX with ptxas -v and print each kernel's registers and spills;
+# then run the CPU-emulation tests of tests/gpu/emu (kernels as C++ on the CPU).
 # No GPU is needed: NVRTC and ptxas come from NVIDIA's CUDA 13.0 wheels on
 # PyPI, installed once into .cuda-wheels/ (git-ignored).
 set -euo pipefail
@@ -34,4 +35,10 @@ for f in "$OUTDIR"/*.ptx; do
                                   printf "%-6s %-28s %5s %8s %8s %8s\n", arch, name, regs, smem, st, ld }'
 done
 [ $fail -eq 0 ] && echo "kernels-check: every kernel compiled for sm_80 and sm_90"
+# The kernels with CPU-emulation tests (tests/gpu/emu): run them too, when a
+# C++20 compiler is here (about 30 s; EMU=0 skips).
+if [ "${EMU:-1}" != 0 ] && command -v "${CXX:-g++}" >/dev/null; then
+    echo
+    tests/gpu/emu/run.sh || fail=1
+fi
 exit $fail

@@ -3,13 +3,16 @@
 # release binary ./lift built on a CPU machine and carried over. Copies nothing
 # from the network. Every stage has its own time limit; all output goes to
 # $OUT/results.txt (or ./gpu-results.txt without $OUT). The whole script
-# stops within $BUDGET_S seconds (default 540): stages run in order of
-# importance, and each is cut to the time left.
+# stops within $BUDGET_S seconds (default 300): stages run in order of
+# importance, each is cut to the time left, and a failed stage does not stop
+# the ones after it.
 #   1. lift gpu-check                          (every kernel + a LIFT step vs CPU)
-#   2. 50-step LIFT run of a small model, GPU vs CPU loss curves
-#   3. llama-3.2-1b, seq 2048, batch 1: lift, lora, full, and the PyTorch reference
-#   4. mask selection for every linear layer of llama-3-8b (filter rank 128),
-#      on weights made on the GPU (no 16-32 GB file on disk)
+#   2. llama-3.2-1b, seq 2048, batch 1, LIFT: --profile with the tensor-core
+#      attention, then with the plain one; the PyTorch reference
+#   3. mask selection for every linear layer of llama-3-8b (filter rank 128),
+#      on weights made on the GPU, --profile, sketch products in f32 and TF32
+#   4. 50-step LIFT run of a small model, GPU vs CPU loss curves
+#   5. lora and full on the 1B shape; a summary table
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUTDIR=${OUT:-.}
@@ -18,7 +21,7 @@ mkdir -p "$OUTDIR" /tmp/liftgpu
 : > "$RES"
 log() { echo "$@" | tee -a "$RES"; }
 START=$(date +%s)
-BUDGET_S=${BUDGET_S:-540}
+BUDGET_S=${BUDGET_S:-300}
 run() { # run LIMIT_S NAME CMD...: time-limited, output appended to the results
     local limit=$1 name=$2; shift 2
     local left=$(( START + BUDGET_S - $(date +%s) - 10 ))
@@ -44,29 +47,32 @@ BIN=./lift
 [ -x "$BIN" ] || BIN=./target/release/lift
 log "binary: $BIN"
 
-# 2a. The CPU half of the loss-curve comparison runs in the background,
+# 4a. The CPU half of the loss-curve comparison runs in the background,
 # niced, while the GPU stages go on (the machine has 16 cores).
 "$BIN" init --config small -o /tmp/liftgpu/small.bin >>"$RES" 2>&1
 COMMON=(--checkpoint /tmp/liftgpu/small.bin --data data/math.json --method lift --max-steps 50
         --batch-size 4 --max-seq-len 384 --val-size 0 --lr 1e-3 --warmup 0 --schedule constant
         --svd randomized --filter-rank 16 --oversample 16 --power-iters 4 --update-interval 25
         --eval-every 0 --save-every 0 --log-every 10 --seed 7)
-( timeout -k 5 400 nice -n 10 "$BIN" train "${COMMON[@]}" --threads 6 --device cpu --out /tmp/liftgpu/cpu \
+( timeout -k 5 240 nice -n 10 "$BIN" train "${COMMON[@]}" --threads 6 --device cpu --out /tmp/liftgpu/cpu \
     > /tmp/liftgpu/train-cpu.log 2>&1; echo "rc=$?" >> /tmp/liftgpu/train-cpu.log ) &
 CPU_PID=$!
 
 # 1. Correctness.
-run 150 gpu-check "$BIN" gpu-check
+run 120 gpu-check "$BIN" gpu-check
 
-# 3. Llama-3.2-1B, seq 2048, batch 1: LIFT and the PyTorch reference first.
+# 2. Llama-3.2-1B, seq 2048, batch 1: LIFT with each attention, the PyTorch reference.
 B=(--config llama-3.2-1b --seq 2048 --batch 1 --steps 5 --warmup 2)
-run 90 bench-lift "$BIN" bench --device cuda --method lift "${B[@]}"
+run 60 bench-lift "$BIN" bench --device cuda --method lift --attention tc --profile "${B[@]}"
+run 60 bench-lift-plain "$BIN" bench --device cuda --method lift --attention plain --profile "${B[@]}"
 run 100 bench-torch-lift python3 tests/bench/torch_lift.py --device cuda --method lift "${B[@]}"
 
-# 4. Mask selection of every linear layer of Llama-3-8B (224 matrices).
-run 80 mask-8b "$BIN" bench --device cuda --config llama-3-8b --method lift --mask-only --filter-rank 128
+# 3. Mask selection of every linear layer of Llama-3-8B (224 matrices).
+M=(--device cuda --config llama-3-8b --method lift --mask-only --filter-rank 128 --profile)
+run 80 mask-8b "$BIN" bench "${M[@]}" --sketch f32
+run 60 mask-8b-tf32 "$BIN" bench "${M[@]}" --sketch tf32
 
-# 2b. The GPU half of the loss curves, then the comparison.
+# 4. The GPU half of the loss curves, then the comparison.
 run 60 train-gpu "$BIN" train "${COMMON[@]}" --device cuda --out /tmp/liftgpu/gpu
 wait $CPU_PID
 log "=== train-cpu (background):"; tail -n 8 /tmp/liftgpu/train-cpu.log >> "$RES"
@@ -84,23 +90,24 @@ PY
 
 # 5. The baselines' speed and memory on the same shape.
 for m in lora full; do
-    run 60 "bench-$m" "$BIN" bench --device cuda --method $m "${B[@]}"
+    run 45 "bench-$m" "$BIN" bench --device cuda --method $m "${B[@]}"
 done
 
 python3 - "$RES" <<'PY' | tee -a "$RES"
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
-b = {(r.get("impl"), r.get("method")): r for r in rows if r.get("config") == "llama-3.2-1b"}
-lift, lora, torch = b.get(("lift", "lift")), b.get(("lift", "lora")), b.get(("torch", "lift"))
+b = {(r.get("impl"), r.get("method"), r.get("attention", "-")): r for r in rows if r.get("config") == "llama-3.2-1b"}
+get = lambda impl, method, att=None: next((r for k, r in b.items() if k[0] == impl and k[1] == method and (att is None or k[2] == att)), None)
+lift, lift_plain, lora, torch = get("lift", "lift", "tc") or get("lift", "lift"), get("lift", "lift", "plain"), get("lift", "lora"), get("torch", "lift")
 print("=== summary")
 for k, r in sorted(b.items()):
-    print(f"{k[0]:5s} {k[1]:5s} {r['tokens_per_s']:9.0f} tok/s  step {r['step_ms']:8.1f} ms  peak {r['peak_mem_bytes']/2**30:6.2f} GiB  mfu {r['mfu']}")
+    print(f"{k[0]:5s} {k[1]:5s} {k[2]:5s} {r['tokens_per_s']:9.0f} tok/s  step {r['step_ms']:8.1f} ms  (fwd {r['forward_ms']:.1f}, bwd {r['backward_ms']:.1f}, opt {r['optimizer_ms']:.1f})  peak {r['peak_mem_bytes']/2**30:6.2f} GiB  mfu {r['mfu']}")
 if lift and torch:
     print(f"lift/torch tokens/s {lift['tokens_per_s']/torch['tokens_per_s']:.2f} (target >= 1.3); peak memory {lift['peak_mem_bytes']/torch['peak_mem_bytes']:.2f} (target <= 0.7)")
 if lift and lora:
     print(f"lift/lora peak memory {lift['peak_mem_bytes']/lora['peak_mem_bytes']:.2f} (target <= 1.2)")
-m = [r for r in rows if r.get("config") == "llama-3-8b"]
-if m:
-    print(f"llama-3-8b mask selection: {m[0]['mask_total_ms']/1e3:.2f} s for {m[0]['matrices']} matrices (target < 10 s)")
+for r in rows:
+    if r.get("config") == "llama-3-8b":
+        print(f"llama-3-8b mask selection ({r.get('sketch', 'f32')} sketch): {r['mask_total_ms']/1e3:.2f} s for {r['matrices']} matrices (target < 10 s)")
 PY
 log "done $(date -u +%H:%M:%S)"

@@ -1,0 +1,144 @@
+// The tensor-core attention kernels (kernels/attention_tc.cu), run on the CPU
+// by emu.h, against causal GQA attention computed here in f64 from the same
+// bf16 inputs: forward out and lse, backward dq, dk, dv (given the reference
+// lse and delta, so each pass is checked alone). Outputs are poisoned (NaN)
+// before each launch, so an unwritten element fails. Shapes include T not a
+// multiple of the tiles, one row, GQA groups of 1, 2 and 4, HS 64 and 128.
+#include "emu.h"
+#include "../../../kernels/common.cuh"
+#include "emu_mma.h"
+#include "../../../kernels/attention_tc.cu"
+
+#include <random>
+#include <string>
+
+static float bfv(bf16 x) { return bf2f(x); }
+
+struct Shape {
+    int b, t, nh, kvh, hs;
+};
+
+static double rel(const std::vector<double>& ref, const std::vector<float>& got) {
+    double num = 0, den = 0;
+    for (size_t i = 0; i < ref.size(); i++) {
+        if (!std::isfinite(got[i])) return NAN;
+        num += (got[i] - ref[i]) * (got[i] - ref[i]);
+        den += ref[i] * ref[i];
+    }
+    return std::sqrt(num / (den > 0 ? den : 1));
+}
+
+int main() {
+    std::mt19937_64 rng(7);
+    std::normal_distribution<float> nd(0.0f, 1.0f);
+    std::vector<Shape> shapes = {{1, 37, 2, 1, 64}, {2, 70, 4, 2, 64}, {1, 1, 2, 2, 64}, {1, 64, 4, 1, 64},
+                                 {1, 130, 2, 1, 128}, {1, 17, 2, 2, 128}};
+    int failed = 0;
+    for (Shape s : shapes) {
+        int B = s.b, T = s.t, NH = s.nh, KVH = s.kvh, HS = s.hs, G = NH / KVH;
+        size_t nq = (size_t)B * T * NH * HS, nkv = (size_t)B * T * KVH * HS, nr = (size_t)B * T * NH;
+        auto randb = [&](size_t n) {
+            std::vector<bf16> v(n);
+            for (auto& x : v) x = f2bf(nd(rng));
+            return v;
+        };
+        std::vector<bf16> q = randb(nq), k = randb(nkv), v = randb(nkv), dout = randb(nq);
+        double scale = 1.0 / std::sqrt((double)HS);
+        auto Q = [&](int b, int t, int h, int d) { return (double)bfv(q[(((size_t)b * T + t) * NH + h) * HS + d]); };
+        auto K = [&](int b, int t, int h, int d) { return (double)bfv(k[(((size_t)b * T + t) * KVH + h) * HS + d]); };
+        auto V = [&](int b, int t, int h, int d) { return (double)bfv(v[(((size_t)b * T + t) * KVH + h) * HS + d]); };
+        auto DO = [&](int b, int t, int h, int d) { return (double)bfv(dout[(((size_t)b * T + t) * NH + h) * HS + d]); };
+
+        // Reference, f64.
+        std::vector<double> rout(nq), rlse(nr), rdelta(nr), rdq(nq, 0.0), rdk(nkv, 0.0), rdv(nkv, 0.0);
+        for (int b = 0; b < B; b++)
+            for (int h = 0; h < NH; h++) {
+                int kh = h / G;
+                for (int t = 0; t < T; t++) {
+                    std::vector<double> sc(t + 1);
+                    double m = -1e300;
+                    for (int j = 0; j <= t; j++) {
+                        double d = 0;
+                        for (int e = 0; e < HS; e++) d += Q(b, t, h, e) * K(b, j, kh, e);
+                        sc[j] = d * scale;
+                        m = std::max(m, sc[j]);
+                    }
+                    double l = 0;
+                    for (int j = 0; j <= t; j++) l += std::exp(sc[j] - m);
+                    double lse = m + std::log(l);
+                    size_t row = ((size_t)b * T + t) * NH + h;
+                    rlse[row] = lse;
+                    double delta = 0;
+                    for (int e = 0; e < HS; e++) {
+                        double o = 0;
+                        for (int j = 0; j <= t; j++) o += std::exp(sc[j] - lse) * V(b, j, kh, e);
+                        rout[row * HS + e] = o;
+                        delta += o * DO(b, t, h, e);
+                    }
+                    rdelta[row] = delta;
+                    for (int j = 0; j <= t; j++) {
+                        double p = std::exp(sc[j] - lse), dp = 0;
+                        for (int e = 0; e < HS; e++) dp += DO(b, t, h, e) * V(b, j, kh, e);
+                        double ds = p * (dp - delta);
+                        size_t kr = ((size_t)b * T + j) * KVH + kh;
+                        for (int e = 0; e < HS; e++) {
+                            rdq[row * HS + e] += scale * ds * K(b, j, kh, e);
+                            rdk[kr * HS + e] += scale * ds * Q(b, t, h, e);
+                            rdv[kr * HS + e] += p * DO(b, t, h, e);
+                        }
+                    }
+                }
+            }
+
+        // Kernels, outputs poisoned first.
+        const bf16 POISON = 0xffff; // a NaN
+        std::vector<bf16> out(nq, POISON), dq(nq, POISON), dk(nkv, POISON), dv(nkv, POISON);
+        std::vector<float> lse(nr, NAN), flse(nr), fdelta(nr);
+        for (size_t i = 0; i < nr; i++) {
+            flse[i] = (float)rlse[i];
+            fdelta[i] = (float)rdelta[i];
+        }
+        unsigned gx = (T + 63) / 64;
+        emu::launch({gx, (unsigned)NH, (unsigned)B}, {128, 1, 1}, [&] {
+            if (HS == 64) attention_forward_tc64(out.data(), lse.data(), q.data(), k.data(), v.data(), T, NH, KVH);
+            else attention_forward_tc128(out.data(), lse.data(), q.data(), k.data(), v.data(), T, NH, KVH);
+        });
+        emu::launch({gx, (unsigned)NH, (unsigned)B}, {128, 1, 1}, [&] {
+            if (HS == 64)
+                attention_backward_dq_tc64(dq.data(), dout.data(), flse.data(), fdelta.data(), q.data(), k.data(), v.data(), T, NH, KVH);
+            else
+                attention_backward_dq_tc128(dq.data(), dout.data(), flse.data(), fdelta.data(), q.data(), k.data(), v.data(), T, NH, KVH);
+        });
+        emu::launch({gx, (unsigned)KVH, (unsigned)B}, {128, 1, 1}, [&] {
+            if (HS == 64)
+                attention_backward_dkdv_tc64(dk.data(), dv.data(), dout.data(), flse.data(), fdelta.data(), q.data(), k.data(), v.data(), T, NH, KVH);
+            else
+                attention_backward_dkdv_tc128(dk.data(), dv.data(), dout.data(), flse.data(), fdelta.data(), q.data(), k.data(), v.data(), T, NH, KVH);
+        });
+        auto tof = [](const std::vector<bf16>& x) {
+            std::vector<float> r(x.size());
+            for (size_t i = 0; i < x.size(); i++) r[i] = bfv(x[i]);
+            return r;
+        };
+        char name[96];
+        snprintf(name, sizeof name, "(B=%d, T=%d, NH=%d, KVH=%d, HS=%d)", B, T, NH, KVH, HS);
+        struct Row {
+            const char* what;
+            double err, tol;
+        } rows[] = {
+            {"forward out", rel(rout, tof(out)), 1e-2},
+            {"forward lse", rel(rlse, lse), 1e-4},
+            {"backward dq", rel(rdq, tof(dq)), 1e-2},
+            {"backward dk", rel(rdk, tof(dk)), 1e-2},
+            {"backward dv", rel(rdv, tof(dv)), 1e-2},
+        };
+        for (auto& r : rows) {
+            bool ok = std::isfinite(r.err) && r.err <= r.tol;
+            failed += !ok;
+            printf("attention_tc %-12s %-36s %10.2e %8.1e  %s\n", r.what, name, r.err, r.tol, ok ? "PASS" : "FAIL");
+        }
+        fflush(stdout);
+    }
+    printf("%s\n", failed ? "FAILED" : "all passed");
+    return failed ? 1 : 0;
+}
