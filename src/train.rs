@@ -26,7 +26,7 @@ use crate::checkpoint::{self, Checkpoint};
 use crate::data::{self, Batch, Dataset, Purpose, Rng};
 use crate::lift::{self, Approx, Budget};
 use crate::lora::Adapter;
-use crate::model::{Activations, Config, GradSink, Linear, Model, Param, Weights};
+use crate::model::{Activations, Config, GradSink, Linear, Model, Param};
 use crate::optim::{self, AdamW, DenseState, RefreshStats, SparseState};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -1144,9 +1144,4 @@ fn validate(o: &TrainOptions) -> Result<()> {
         bail!("--lora-rank must be at least 1");
     }
     Ok(())
-}
-
-/// Weights for the tests: the trained copy of a model's linear weights.
-pub fn weights_of(model: &Model) -> &Weights {
-    &model.weights
 }
