@@ -581,12 +581,13 @@ fn whole_step(g: &Gpu, t: &mut Table, seed: u64) -> Result<()> {
         profile: false,
         attention: Attention::Auto,
         sketch: crate::bench::Sketch::F32,
+        recompute: false,
         seed,
     };
     let opts = o.options();
     let gm = GpuModel::upload(g, &model, tt)?;
     let mut tr = GpuTrainer::new(g, gm, &opts, b, tt)?;
-    let gmasks = tr.masks(g)?;
+    let gmasks = tr.masks()?;
 
     // CPU masks with the same seeds (train.rs's formula).
     let mut min_overlap = 1.0f64;
@@ -605,8 +606,8 @@ fn whole_step(g: &Gpu, t: &mut Table, seed: u64) -> Result<()> {
     let mut rng = Rng::new(seed ^ 5);
     let tokens: Vec<u32> = (0..b * tt).map(|_| rng.below(c.vocab_size) as u32).collect();
     let targets: Vec<i32> = (0..b * tt).map(|i| if i % 7 == 0 { -100 } else { rng.below(c.vocab_size) as i32 }).collect();
-    tr.zero_grads(g)?;
-    let (gloss, _, _) = tr.micro_step(g, b, tt, &tokens, &targets)?;
+    tr.zero_grads()?;
+    let (gloss, _, _) = tr.micro_step(b, tt, &tokens, &targets)?;
     let mut acts = Activations::new(&c, b, tt);
     let closs = model.forward(&mut acts, &tokens, Some(&targets));
     t.add("LIFT step: loss".into(), rel_err(&[gloss], &[closs]), 5e-3);
@@ -623,7 +624,7 @@ fn whole_step(g: &Gpu, t: &mut Table, seed: u64) -> Result<()> {
     let old: Vec<Vec<f32>> = (0..gmasks.len())
         .map(|id| gmasks[id].iter().map(|&i| model.weights.layers[id / 7].linear(Linear::ALL[id % 7])[i as usize]).collect())
         .collect();
-    tr.update(g, &opt, 1, 1.0, 1)?;
+    tr.update(&opt, 1, 1.0, 1)?;
     let sum_sq: f64 = sink.acc.iter().flatten().map(|&x| x as f64 * x as f64).sum();
     let clip = crate::optim::clip_scale(sum_sq, 1.0);
     let mut cpu_delta = Vec::new();
