@@ -621,10 +621,12 @@ impl Model {
         let Activations { layers, x_final, xf, rstd_f, logits, targets, tokens, scratch, xn, h, .. } = acts;
         let s = scratch.as_mut().expect("scratch allocated above");
 
-        // Loss and LM head: dlogits (N, V), then dxf = dlogits @ W_head.
+        // Loss and LM head: dlogits (N, V), then dxf = dlogits @ W_head. A
+        // tied head is the embedding, whose gradient then has both parts.
         cpu::crossentropy_backward_inplace(logits, targets, v);
-        if sink.wants(Param::LmHead) {
-            sink.linear(Param::LmHead, logits, xf, n, d, v);
+        let head = if c.tied_embeddings { Param::Embed } else { Param::LmHead };
+        if sink.wants(head) {
+            sink.linear(head, logits, xf, n, d, v);
         }
         s.dxn.fill(0.0);
         cpu::matmul_backward_input(&mut s.dxn, logits, self.weights.head(), n, d, v);
