@@ -204,11 +204,20 @@ struct Timings {
     opt: Vec<f64>,
 }
 
-fn report(a: &BenchArgs, c: &Config, t: Timings, mask_total_s: f64, peak: u64, device: &str, peak_flops: Option<f64>) -> serde_json::Value {
+fn report(
+    a: &BenchArgs,
+    c: &Config,
+    t: Timings,
+    mask_total_s: f64,
+    peak: u64,
+    device: &str,
+    peak_flops: Option<f64>,
+) -> serde_json::Value {
     let tokens = (a.batch * a.seq) as f64;
     let step_ms = median(t.step);
     let tps = tokens / (step_ms / 1e3);
-    let mask_ms = if a.method.is_sparse() && a.update_interval > 0 { mask_total_s * 1e3 / a.update_interval as f64 } else { 0.0 };
+    let mask_ms =
+        if a.method.is_sparse() && a.update_interval > 0 { mask_total_s * 1e3 / a.update_interval as f64 } else { 0.0 };
     let mfu = peak_flops.map(|p| flops_per_token(c, a.seq) * tps / p);
     serde_json::json!({
         "tokens_per_s": tps,
@@ -233,7 +242,12 @@ fn report(a: &BenchArgs, c: &Config, t: Timings, mask_total_s: f64, peak: u64, d
 
 /// The profile table: op classes by time, ms per step and share of the sum
 /// of GPU spans; host-timed rows (the selection's eigenproblems) apart.
-fn print_profile(title: &str, rows: &std::collections::BTreeMap<&'static str, crate::cuda::gpu::ProfileRow>, per: f64, total_ms: f64) -> serde_json::Value {
+fn print_profile(
+    title: &str,
+    rows: &std::collections::BTreeMap<&'static str, crate::cuda::gpu::ProfileRow>,
+    per: f64,
+    total_ms: f64,
+) -> serde_json::Value {
     let mut v: Vec<_> = rows.iter().collect();
     v.sort_by(|a, b| b.1.ms.total_cmp(&a.1.ms));
     let gpu_sum: f64 = v.iter().filter(|r| !r.1.host).map(|r| r.1.ms).sum::<f64>() / per;
@@ -245,12 +259,21 @@ fn print_profile(title: &str, rows: &std::collections::BTreeMap<&'static str, cr
         if r.host {
             eprintln!("  {:<28} {:>10.2} {:>7} {:>8}", format!("{name} [host]"), ms, "-", "-");
         } else {
-            eprintln!("  {:<28} {:>10.2} {:>6.1}% {:>8.0}", name, ms, 100.0 * ms / gpu_sum.max(1e-12), r.calls as f64 / per);
+            eprintln!(
+                "  {:<28} {:>10.2} {:>6.1}% {:>8.0}",
+                name,
+                ms,
+                100.0 * ms / gpu_sum.max(1e-12),
+                r.calls as f64 / per
+            );
         }
         json.insert(name.to_string(), serde_json::json!(ms));
     }
     eprintln!("  {:<28} {:>10.2}", "sum of GPU spans", gpu_sum);
-    eprintln!("  {:<28} {:>10.2}   (wall clock; the rest is launch gaps, syncs and host work)", "measured total", total_ms);
+    eprintln!(
+        "  {:<28} {:>10.2}   (wall clock; the rest is launch gaps, syncs and host work)",
+        "measured total", total_ms
+    );
     json.insert("sum_gpu_spans".into(), serde_json::json!(gpu_sum));
     serde_json::Value::Object(json)
 }
@@ -277,7 +300,8 @@ fn bench_gpu(a: &BenchArgs, c: &Config) -> Result<serde_json::Value> {
         let t0 = Instant::now();
         let masks = gt::select_masks(&g, &model, &so, 1)?;
         let s = t0.elapsed().as_secs_f64();
-        let profile = if a.profile { Some(print_profile("mask selection", &g.take_profile()?, 1.0, s * 1e3)) } else { None };
+        let profile =
+            if a.profile { Some(print_profile("mask selection", &g.take_profile()?, 1.0, s * 1e3)) } else { None };
         let k: usize = masks.iter().map(|m| m.len()).sum();
         return Ok(serde_json::json!({
             "mask_total_ms": s * 1e3, "matrices": masks.len(), "selected": k, "config": a.config,
@@ -314,7 +338,14 @@ fn bench_gpu(a: &BenchArgs, c: &Config) -> Result<serde_json::Value> {
     }
     let profile = if a.profile {
         let total: f64 = t.step.iter().sum::<f64>() / a.steps.max(1) as f64;
-        let title = format!("{} {} (B={}, T={}), attention {:?}, per step", a.config, format!("{:?}", a.method).to_lowercase(), a.batch, a.seq, attention);
+        let title = format!(
+            "{} {} (B={}, T={}), attention {:?}, per step",
+            a.config,
+            format!("{:?}", a.method).to_lowercase(),
+            a.batch,
+            a.seq,
+            attention
+        );
         Some(print_profile(&title, &prof, a.steps.max(1) as f64, total))
     } else {
         None

@@ -540,7 +540,14 @@ pub fn train(o: &TrainOptions, resume: Option<&Path>, device: Device) -> Result<
 }
 
 /// Writes DIR/state.bin (DIR = --out) for step `step`.
-fn save_state(tr: &dyn Trainer, o: &TrainOptions, c: &Config, step: u64, total_steps: u64, mask_round: u64) -> Result<()> {
+fn save_state(
+    tr: &dyn Trainer,
+    o: &TrainOptions,
+    c: &Config,
+    step: u64,
+    total_steps: u64,
+    mask_round: u64,
+) -> Result<()> {
     let tensors = state::saved_tensors(c, o.method, &extra_params(c, o)).iter().map(|p| p.name()).collect();
     let header = StateHeader { step, total_steps, mask_round, options: o.clone(), tensors };
     state::save(&o.out, &header, |w| tr.write_state(w))

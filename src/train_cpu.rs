@@ -246,8 +246,10 @@ impl CpuTrainer {
     /// (LoRA). Activations are sized for batches up to (B, T).
     pub fn new(model: Model, o: &TrainOptions, b: usize, t: usize) -> Result<CpuTrainer> {
         let trainable = new_trainable(&model, o)?;
-        let extra_states =
-            extra_params(&model.config, o).iter().map(|p| DenseState::new(p.shape(&model.config).iter().product())).collect();
+        let extra_states = extra_params(&model.config, o)
+            .iter()
+            .map(|p| DenseState::new(p.shape(&model.config).iter().product()))
+            .collect();
         Ok(CpuTrainer::resume(model, trainable, extra_states, o, b, t))
     }
 
@@ -264,7 +266,9 @@ impl CpuTrainer {
         let lora_base = match trainable {
             Trainable::Lora { .. } => {
                 let c = &model.config;
-                (0..c.n_layers * 7).map(|id| model.weights.layers[id / 7].linear(Linear::ALL[id % 7]).to_vec()).collect()
+                (0..c.n_layers * 7)
+                    .map(|id| model.weights.layers[id / 7].linear(Linear::ALL[id % 7]).to_vec())
+                    .collect()
             }
             _ => Vec::new(),
         };

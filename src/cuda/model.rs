@@ -353,7 +353,18 @@ impl GpuModel {
     /// out (N, OC) = inp @ W^T (+ s (inp @ A^T) @ B^T with an adapter,
     /// keeping inp @ A^T in `xa` for the backward pass).
     #[allow(clippy::too_many_arguments)]
-    fn linear_forward(&self, g: &Gpu, out: &Buf<Bf16>, inp: &Buf<Bf16>, w: &Buf<Bf16>, id: usize, xa: Option<&Buf<Bf16>>, n: usize, ic: usize, oc: usize) -> Result<()> {
+    fn linear_forward(
+        &self,
+        g: &Gpu,
+        out: &Buf<Bf16>,
+        inp: &Buf<Bf16>,
+        w: &Buf<Bf16>,
+        id: usize,
+        xa: Option<&Buf<Bf16>>,
+        n: usize,
+        ic: usize,
+        oc: usize,
+    ) -> Result<()> {
         g.gemm(false, true, n, oc, ic, 1.0, inp.ptr(), w.ptr(), 0.0, out.ptr(), Dt::Bf16, Dt::Bf16)?;
         if let (Some(ad), Some(xa)) = (self.adapters.get(id), xa) {
             g.gemm(false, true, n, ad.r, ic, 1.0, inp.ptr(), ad.a.ptr(), 0.0, xa.ptr(), Dt::Bf16, Dt::Bf16)?;
@@ -364,7 +375,19 @@ impl GpuModel {
 
     /// dinp (N, IC) = (beta * dinp) + dout @ W (+ s (dout @ B) @ A).
     #[allow(clippy::too_many_arguments)]
-    fn linear_backward_input(&self, g: &Gpu, dinp: &Buf<Bf16>, dout: &Buf<Bf16>, w: &Buf<Bf16>, id: usize, dyb: &Buf<Bf16>, beta: f32, n: usize, ic: usize, oc: usize) -> Result<()> {
+    fn linear_backward_input(
+        &self,
+        g: &Gpu,
+        dinp: &Buf<Bf16>,
+        dout: &Buf<Bf16>,
+        w: &Buf<Bf16>,
+        id: usize,
+        dyb: &Buf<Bf16>,
+        beta: f32,
+        n: usize,
+        ic: usize,
+        oc: usize,
+    ) -> Result<()> {
         g.gemm(false, false, n, ic, oc, 1.0, dout.ptr(), w.ptr(), beta, dinp.ptr(), Dt::Bf16, Dt::Bf16)?;
         if let Some(ad) = self.adapters.get(id) {
             g.gemm(false, false, n, ad.r, oc, 1.0, dout.ptr(), ad.b.ptr(), 0.0, dyb.ptr(), Dt::Bf16, Dt::Bf16)?;
@@ -559,7 +582,18 @@ impl GpuModel {
             }
             g.timed("attention bwd", || {
                 k::attention_backward(
-                    g, &mut s.dq, &mut s.dk, &mut s.dv, &mut s.delta, &s.datt, &a.att, &a.lse, &a.q, &a.k, &a.v, dims,
+                    g,
+                    &mut s.dq,
+                    &mut s.dk,
+                    &mut s.dv,
+                    &mut s.delta,
+                    &s.datt,
+                    &a.att,
+                    &a.lse,
+                    &a.q,
+                    &a.k,
+                    &a.v,
+                    dims,
                 )
             })?;
             g.timed("rope", || {

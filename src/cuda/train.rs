@@ -66,15 +66,29 @@ impl GpuDense {
     /// A saved state and its f32 master values.
     fn upload(g: &Gpu, s: &DenseState, master: &[f32]) -> Result<GpuDense> {
         assert_eq!(s.m.len(), master.len(), "dense state and master of one tensor");
-        Ok(GpuDense { n: master.len(), m: g.upload(&s.m)?, v: g.upload(&s.v)?, master: g.upload(master)?, grad: g.zeros(master.len())? })
+        Ok(GpuDense {
+            n: master.len(),
+            m: g.upload(&s.m)?,
+            v: g.upload(&s.v)?,
+            master: g.upload(master)?,
+            grad: g.zeros(master.len())?,
+        })
     }
 }
 
 pub enum GpuState {
-    Sparse { states: Vec<GpuSparse>, dw: Buf<f32> },
-    Full { states: Vec<GpuDense> },
+    Sparse {
+        states: Vec<GpuSparse>,
+        dw: Buf<f32>,
+    },
+    Full {
+        states: Vec<GpuDense>,
+    },
     /// (A, B) per matrix; dyb (N, r) is the sink's dout @ B.
-    Lora { states: Vec<(GpuDense, GpuDense)>, dyb: Buf<Bf16> },
+    Lora {
+        states: Vec<(GpuDense, GpuDense)>,
+        dyb: Buf<Bf16>,
+    },
 }
 
 /// What to select and how (the LIFT flags of TrainOptions).
@@ -168,7 +182,8 @@ pub fn select_masks(g: &Gpu, model: &GpuModel, so: &SelectOptions, round: u64) -
 pub fn open_gpu() -> Result<Gpu> {
     let g = Gpu::new()?;
     eprintln!("device: {} (sm_{}{}), kernels compiled in {:.2}s", g.name, g.cc.0, g.cc.1, g.compile_s);
-    let wanted = if g.attention() == super::Attention::Plain { super::Attention::Plain } else { super::Attention::Auto };
+    let wanted =
+        if g.attention() == super::Attention::Plain { super::Attention::Plain } else { super::Attention::Auto };
     super::check::choose_attention(&g, wanted)?;
     Ok(g)
 }
@@ -176,7 +191,10 @@ pub fn open_gpu() -> Result<Gpu> {
 /// Whether a model of this shape can train on the GPU.
 pub fn check_supported(c: &Config) -> Result<()> {
     if c.head_dim > 128 {
-        bail!("--device cuda does not support head size {} (the attention kernels take up to 128); use --device cpu", c.head_dim);
+        bail!(
+            "--device cuda does not support head size {} (the attention kernels take up to 128); use --device cpu",
+            c.head_dim
+        );
     }
     Ok(())
 }
@@ -246,9 +264,35 @@ impl GpuSink for Sink<'_> {
                 let xa = xa.ok_or_else(|| anyhow!("LoRA: the forward pass kept no inp @ A^T"))?;
                 let (sa, sb) = &mut states[id];
                 g.timed("gemm dW", || {
-                    g.gemm(true, false, oc, ad.r, n, ad.scale, dout.ptr(), xa.ptr(), 1.0, sb.grad.ptr(), Dt::Bf16, Dt::F32)?;
+                    g.gemm(
+                        true,
+                        false,
+                        oc,
+                        ad.r,
+                        n,
+                        ad.scale,
+                        dout.ptr(),
+                        xa.ptr(),
+                        1.0,
+                        sb.grad.ptr(),
+                        Dt::Bf16,
+                        Dt::F32,
+                    )?;
                     g.gemm(false, false, n, ad.r, oc, 1.0, dout.ptr(), ad.b.ptr(), 0.0, dyb.ptr(), Dt::Bf16, Dt::Bf16)?;
-                    g.gemm(true, false, ad.r, ic, n, ad.scale, dyb.ptr(), inp.ptr(), 1.0, sa.grad.ptr(), Dt::Bf16, Dt::F32)
+                    g.gemm(
+                        true,
+                        false,
+                        ad.r,
+                        ic,
+                        n,
+                        ad.scale,
+                        dyb.ptr(),
+                        inp.ptr(),
+                        1.0,
+                        sa.grad.ptr(),
+                        Dt::Bf16,
+                        Dt::F32,
+                    )
                 })
             }
         }
@@ -514,7 +558,9 @@ impl<'g> GpuTrainer<'g> {
             GpuState::Full { states } => {
                 for (id, s) in states.iter_mut().enumerate() {
                     let w = self.model.layers[id / 7].linear_mut(Linear::ALL[id % 7]);
-                    g.timed("adamw", || k::adamw(g, w, &mut s.m, &mut s.v, &mut s.master, &s.grad, s.n, gscale, opt, t))?;
+                    g.timed("adamw", || {
+                        k::adamw(g, w, &mut s.m, &mut s.v, &mut s.master, &s.grad, s.n, gscale, opt, t)
+                    })?;
                 }
             }
             GpuState::Lora { states, .. } => {
