@@ -362,8 +362,10 @@ pub fn train(o: &TrainOptions, resume: Option<&Path>, device: Device) -> Result<
 
     // RoPE and the activations cover the longest example, validation ones included.
     let longest = ds.train.iter().chain(&ds.val).map(|e| e.ids.len()).max().unwrap_or(1);
-    let (mut step, mut mask_round) = resumed.as_ref().map_or((0, 0), |r| (r.2, r.3));
-    let state = resumed.map(|(trainable, extra_states, ..)| (trainable, extra_states));
+    let (state, mut step, mut mask_round) = match resumed {
+        Some((trainable, extra_states, step, round)) => (Some((trainable, extra_states)), step, round),
+        None => (None, 0, 0),
+    };
     // The GPU, when asked for, outlives the trainer that borrows it.
     let gpu = if cuda { Some(crate::cuda::train::open_gpu()?) } else { None };
     let mut tr: Box<dyn Trainer + '_> = match (&gpu, state) {

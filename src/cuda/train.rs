@@ -702,7 +702,7 @@ impl Trainer for GpuTrainer<'_> {
         Ok(if n == 0 { f32::NAN } else { (sum / n as f64) as f32 })
     }
 
-    /// The same file as the CPU's: the trained tensors in f32 (see `weights`),
+    /// The same file as the CPU's: the trained tensors in f32 (see `tensor`),
     /// the masks and moments, the adapters' f32 masters.
     fn write_state(&self, w: &mut StateWriter) -> Result<()> {
         let g = self.g;
