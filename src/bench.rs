@@ -7,6 +7,10 @@
 //! memory (on the GPU for --device cuda), so no file is needed; tokens are
 //! random and every position counts in the loss.
 //!
+//! `--recompute` (CUDA) keeps only each layer's input through the forward
+//! pass and recomputes the rest in the backward pass; peak_mem_bytes shows
+//! what it saves, step_ms what it costs.
+//!
 //! `--profile` (CUDA) times every op class with CUDA events during the timed
 //! steps (or the timed selection, with --mask-only) and prints a table of
 //! milliseconds per step and share, also added to the JSON as "profile".
@@ -19,12 +23,11 @@ use anyhow::{Result, bail};
 use clap::Args;
 
 use crate::cuda::{Attention, Device};
+use crate::data::Batch;
 use crate::lift;
 use crate::model::{Config, Linear, Model};
-use crate::optim::AdamW;
 use crate::rng::Rng;
-use crate::data::Batch;
-use crate::train::{CpuTrainer, Method, Schedule, Svd, TrainOptions};
+use crate::train::{CpuTrainer, Method, Schedule, Svd, TrainOptions, Trainer};
 
 #[derive(Args, Clone)]
 pub struct BenchArgs {
@@ -82,6 +85,10 @@ pub struct BenchArgs {
     /// tf32 on the tensor cores.
     #[arg(long, value_enum, default_value = "f32")]
     pub sketch: Sketch,
+    /// Recompute each layer's activations in the backward pass instead of
+    /// keeping them (CUDA).
+    #[arg(long)]
+    pub recompute: bool,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 }
@@ -120,6 +127,7 @@ impl BenchArgs {
             train_norms: false,
             train_embeddings: false,
             skip_bad: false,
+            recompute: self.recompute,
         }
     }
 }
@@ -163,14 +171,14 @@ fn peak_flops(name: &str) -> Option<f64> {
 }
 
 /// Random tokens (B, T) and their next-token targets (every position counted).
-fn random_batch(c: &Config, b: usize, t: usize, seed: u64) -> (Vec<u32>, Vec<i32>) {
+fn random_batch(c: &Config, b: usize, t: usize, seed: u64) -> Batch {
     let mut rng = Rng::new(seed);
     let tokens: Vec<u32> = (0..b * t).map(|_| rng.below(c.vocab_size) as u32).collect();
     let mut targets = vec![0i32; b * t];
     for i in 0..b * t {
         targets[i] = if (i + 1) % t == 0 { rng.below(c.vocab_size) as i32 } else { tokens[i + 1] as i32 };
     }
-    (tokens, targets)
+    Batch { b, t, tokens, targets, n_loss: b * t }
 }
 
 pub fn run(a: &BenchArgs) -> Result<()> {
@@ -196,11 +204,20 @@ struct Timings {
     opt: Vec<f64>,
 }
 
-fn report(a: &BenchArgs, c: &Config, t: Timings, mask_total_s: f64, peak: u64, device: &str, peak_flops: Option<f64>) -> serde_json::Value {
+fn report(
+    a: &BenchArgs,
+    c: &Config,
+    t: Timings,
+    mask_total_s: f64,
+    peak: u64,
+    device: &str,
+    peak_flops: Option<f64>,
+) -> serde_json::Value {
     let tokens = (a.batch * a.seq) as f64;
     let step_ms = median(t.step);
     let tps = tokens / (step_ms / 1e3);
-    let mask_ms = if a.method.is_sparse() && a.update_interval > 0 { mask_total_s * 1e3 / a.update_interval as f64 } else { 0.0 };
+    let mask_ms =
+        if a.method.is_sparse() && a.update_interval > 0 { mask_total_s * 1e3 / a.update_interval as f64 } else { 0.0 };
     let mfu = peak_flops.map(|p| flops_per_token(c, a.seq) * tps / p);
     serde_json::json!({
         "tokens_per_s": tps,
@@ -218,13 +235,19 @@ fn report(a: &BenchArgs, c: &Config, t: Timings, mask_total_s: f64, peak: u64, d
         "batch": a.batch,
         "steps": a.steps,
         "mask_total_ms": mask_total_s * 1e3,
+        "recompute": a.recompute,
         "impl": "lift",
     })
 }
 
 /// The profile table: op classes by time, ms per step and share of the sum
 /// of GPU spans; host-timed rows (the selection's eigenproblems) apart.
-fn print_profile(title: &str, rows: &std::collections::BTreeMap<&'static str, crate::cuda::gpu::ProfileRow>, per: f64, total_ms: f64) -> serde_json::Value {
+fn print_profile(
+    title: &str,
+    rows: &std::collections::BTreeMap<&'static str, crate::cuda::gpu::ProfileRow>,
+    per: f64,
+    total_ms: f64,
+) -> serde_json::Value {
     let mut v: Vec<_> = rows.iter().collect();
     v.sort_by(|a, b| b.1.ms.total_cmp(&a.1.ms));
     let gpu_sum: f64 = v.iter().filter(|r| !r.1.host).map(|r| r.1.ms).sum::<f64>() / per;
@@ -236,12 +259,21 @@ fn print_profile(title: &str, rows: &std::collections::BTreeMap<&'static str, cr
         if r.host {
             eprintln!("  {:<28} {:>10.2} {:>7} {:>8}", format!("{name} [host]"), ms, "-", "-");
         } else {
-            eprintln!("  {:<28} {:>10.2} {:>6.1}% {:>8.0}", name, ms, 100.0 * ms / gpu_sum.max(1e-12), r.calls as f64 / per);
+            eprintln!(
+                "  {:<28} {:>10.2} {:>6.1}% {:>8.0}",
+                name,
+                ms,
+                100.0 * ms / gpu_sum.max(1e-12),
+                r.calls as f64 / per
+            );
         }
         json.insert(name.to_string(), serde_json::json!(ms));
     }
     eprintln!("  {:<28} {:>10.2}", "sum of GPU spans", gpu_sum);
-    eprintln!("  {:<28} {:>10.2}   (wall clock; the rest is launch gaps, syncs and host work)", "measured total", total_ms);
+    eprintln!(
+        "  {:<28} {:>10.2}   (wall clock; the rest is launch gaps, syncs and host work)",
+        "measured total", total_ms
+    );
     json.insert("sum_gpu_spans".into(), serde_json::json!(gpu_sum));
     serde_json::Value::Object(json)
 }
@@ -268,7 +300,8 @@ fn bench_gpu(a: &BenchArgs, c: &Config) -> Result<serde_json::Value> {
         let t0 = Instant::now();
         let masks = gt::select_masks(&g, &model, &so, 1)?;
         let s = t0.elapsed().as_secs_f64();
-        let profile = if a.profile { Some(print_profile("mask selection", &g.take_profile()?, 1.0, s * 1e3)) } else { None };
+        let profile =
+            if a.profile { Some(print_profile("mask selection", &g.take_profile()?, 1.0, s * 1e3)) } else { None };
         let k: usize = masks.iter().map(|m| m.len()).sum();
         return Ok(serde_json::json!({
             "mask_total_ms": s * 1e3, "matrices": masks.len(), "selected": k, "config": a.config,
@@ -278,8 +311,7 @@ fn bench_gpu(a: &BenchArgs, c: &Config) -> Result<serde_json::Value> {
         }));
     }
     let mut tr = gt::GpuTrainer::new(&g, model, &o, a.batch, a.seq)?;
-    let (tokens, targets) = random_batch(c, a.batch, a.seq, a.seed ^ 1);
-    let opt = AdamW { lr: 1e-5, ..AdamW::default() };
+    let batch = random_batch(c, a.batch, a.seq, a.seed ^ 1);
     let mut t = Timings { step: vec![], fwd: vec![], bwd: vec![], opt: vec![] };
     let mut prof = std::collections::BTreeMap::new();
     for i in 0..a.warmup + a.steps {
@@ -287,7 +319,7 @@ fn bench_gpu(a: &BenchArgs, c: &Config) -> Result<serde_json::Value> {
             g.enable_profiling();
         }
         let t0 = Instant::now();
-        let st = tr.step(&g, &[(a.batch, a.seq, &tokens[..], &targets[..])], &opt, i as u64 + 1, 1.0)?;
+        let st = tr.step(std::slice::from_ref(&batch), o.lr, i as u64 + 1)?;
         let dt = t0.elapsed().as_secs_f64() * 1e3;
         if i >= a.warmup {
             t.step.push(dt);
@@ -306,7 +338,14 @@ fn bench_gpu(a: &BenchArgs, c: &Config) -> Result<serde_json::Value> {
     }
     let profile = if a.profile {
         let total: f64 = t.step.iter().sum::<f64>() / a.steps.max(1) as f64;
-        let title = format!("{} {} (B={}, T={}), attention {:?}, per step", a.config, format!("{:?}", a.method).to_lowercase(), a.batch, a.seq, attention);
+        let title = format!(
+            "{} {} (B={}, T={}), attention {:?}, per step",
+            a.config,
+            format!("{:?}", a.method).to_lowercase(),
+            a.batch,
+            a.seq,
+            attention
+        );
         Some(print_profile(&title, &prof, a.steps.max(1) as f64, total))
     } else {
         None
@@ -332,6 +371,9 @@ fn bench_cpu(a: &BenchArgs, c: &Config) -> Result<serde_json::Value> {
         None => eprintln!("random {} in {:.1}s", a.config, t0.elapsed().as_secs_f64()),
     }
     let o = a.options();
+    if a.recompute {
+        bail!("--recompute is implemented for --device cuda only");
+    }
     let device = format!("cpu ({} threads)", rayon::current_num_threads());
     if a.mask_only {
         if !a.method.is_sparse() {
@@ -348,12 +390,12 @@ fn bench_cpu(a: &BenchArgs, c: &Config) -> Result<serde_json::Value> {
     }
     if a.forward_only {
         model.ensure_rope(a.seq);
-        let (tokens, targets) = random_batch(c, a.batch, a.seq, a.seed ^ 1);
+        let batch = random_batch(c, a.batch, a.seq, a.seed ^ 1);
         let mut acts = crate::model::Activations::new(c, a.batch, a.seq);
         let mut fwd = Vec::new();
         for i in 0..a.warmup + a.steps {
             let t0 = Instant::now();
-            let loss = model.forward(&mut acts, &tokens, Some(&targets));
+            let loss = model.forward(&mut acts, &batch.tokens, Some(&batch.targets));
             let dt = t0.elapsed().as_secs_f64() * 1e3;
             if i >= a.warmup {
                 fwd.push(dt);
@@ -370,12 +412,11 @@ fn bench_cpu(a: &BenchArgs, c: &Config) -> Result<serde_json::Value> {
     let t_mask = Instant::now();
     let mut tr = CpuTrainer::new(model, &o, a.batch, a.seq)?;
     let mask_s = if a.method.is_sparse() { t_mask.elapsed().as_secs_f64() } else { 0.0 };
-    let (tokens, targets) = random_batch(c, a.batch, a.seq, a.seed ^ 1);
-    let batch = Batch { b: a.batch, t: a.seq, tokens, targets, n_loss: a.batch * a.seq };
+    let batch = random_batch(c, a.batch, a.seq, a.seed ^ 1);
     let mut t = Timings { step: vec![], fwd: vec![], bwd: vec![], opt: vec![] };
     for i in 0..a.warmup + a.steps {
         let t0 = Instant::now();
-        let st = tr.step(std::slice::from_ref(&batch), 1e-5, i as u64 + 1)?;
+        let st = tr.step(std::slice::from_ref(&batch), o.lr, i as u64 + 1)?;
         let dt = t0.elapsed().as_secs_f64() * 1e3;
         if i >= a.warmup {
             t.step.push(dt);

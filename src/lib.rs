@@ -25,5 +25,7 @@ pub mod optim;
 pub mod plot;
 pub mod rng;
 pub mod safetensors;
+pub mod state;
 pub mod tokenizer;
 pub mod train;
+pub mod train_cpu;

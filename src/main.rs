@@ -168,6 +168,11 @@ struct TrainArgs {
     /// Where to train: cuda (an NVIDIA GPU), cpu, or auto (cuda when one is found).
     #[arg(long, value_enum, default_value = "cpu")]
     device: lift::cuda::Device,
+    /// Keep only each layer's input in the forward pass and recompute the
+    /// layer's activations in the backward pass: less memory for long
+    /// sequences, about one more forward pass of time (--device cuda).
+    #[arg(long)]
+    recompute: bool,
 }
 
 #[derive(Args)]
@@ -352,6 +357,7 @@ fn train(a: TrainArgs) -> Result<()> {
         train_norms: a.train_norms,
         train_embeddings: a.train_embeddings,
         skip_bad: a.skip_bad,
+        recompute: a.recompute,
     };
     // Ctrl-C: the first asks the loop to save and stop after the current
     // step; a second one quits at once.
@@ -361,13 +367,7 @@ fn train(a: TrainArgs) -> Result<()> {
         }
         eprintln!("\ninterrupt: saving the state after this step (Ctrl-C again to quit now)");
     })?;
-    if a.device.resolve() == lift::cuda::Device::Cuda {
-        if a.resume.is_some() {
-            bail!("--resume is not supported with --device cuda yet");
-        }
-        return lift::cuda::train::train(&o);
-    }
-    let s = lift::train::train(&o, a.resume.as_deref())?;
+    let s = lift::train::train(&o, a.resume.as_deref(), a.device.resolve())?;
     if let (false, Some(v)) = (s.interrupted, s.final_val_loss) {
         eprintln!("done: {} steps, last train loss {:.4}, validation loss {v:.4}", s.steps, s.final_train_loss);
     }

@@ -58,16 +58,14 @@ impl Config {
                 bail!("model config: {name} must be positive");
             }
         }
-        if self.n_heads % self.n_kv_heads != 0 {
-            bail!(
-                "model config: n_heads {} is not a multiple of n_kv_heads {}",
-                self.n_heads,
-                self.n_kv_heads
-            );
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
+            bail!("model config: n_heads {} is not a multiple of n_kv_heads {}", self.n_heads, self.n_kv_heads);
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             bail!("model config: head_dim {} must be even for RoPE", self.head_dim);
         }
+        // Written so that NaN fails too.
+        #[allow(clippy::neg_cmp_op_on_partial_ord)]
         if !(self.norm_eps > 0.0) || !(self.rope_theta > 0.0) {
             bail!("model config: norm_eps and rope_theta must be positive");
         }
@@ -92,8 +90,7 @@ impl Config {
     pub fn rope_inv_freq(&self) -> Vec<f64> {
         let hs = self.head_dim;
         let base = self.rope_theta as f64;
-        let mut inv: Vec<f64> =
-            (0..hs / 2).map(|i| 1.0 / base.powf((2 * i) as f64 / hs as f64)).collect();
+        let mut inv: Vec<f64> = (0..hs / 2).map(|i| 1.0 / base.powf((2 * i) as f64 / hs as f64)).collect();
         if let Some(s) = self.rope_scaling {
             let old = s.original_max_position_embeddings as f64;
             let (lo, hi, factor) = (s.low_freq_factor as f64, s.high_freq_factor as f64, s.factor as f64);
@@ -129,8 +126,7 @@ pub enum Linear {
 }
 
 impl Linear {
-    pub const ALL: [Linear; 7] =
-        [Linear::Q, Linear::K, Linear::V, Linear::O, Linear::Gate, Linear::Up, Linear::Down];
+    pub const ALL: [Linear; 7] = [Linear::Q, Linear::K, Linear::V, Linear::O, Linear::Gate, Linear::Up, Linear::Down];
 
     /// (out, in) of the weight matrix, as PyTorch stores it.
     pub fn shape(self, c: &Config) -> (usize, usize) {
@@ -321,9 +317,7 @@ impl Weights {
                 .layers
                 .iter()
                 .map(|l| {
-                    l.attn_norm.len()
-                        + l.mlp_norm.len()
-                        + Linear::ALL.iter().map(|&w| l.linear(w).len()).sum::<usize>()
+                    l.attn_norm.len() + l.mlp_norm.len() + Linear::ALL.iter().map(|&w| l.linear(w).len()).sum::<usize>()
                 })
                 .sum::<usize>()
     }
@@ -380,7 +374,7 @@ struct Scratch {
 pub struct Activations {
     pub b: usize,
     pub t: usize,
-    tokens: Vec<u32>, // (N)
+    tokens: Vec<u32>,  // (N)
     targets: Vec<i32>, // (N), negative = no loss here
     layers: Vec<LayerActs>,
     tmp: Vec<f32>,     // (N, C) a block's output before the residual add
@@ -621,10 +615,12 @@ impl Model {
         let Activations { layers, x_final, xf, rstd_f, logits, targets, tokens, scratch, xn, h, .. } = acts;
         let s = scratch.as_mut().expect("scratch allocated above");
 
-        // Loss and LM head: dlogits (N, V), then dxf = dlogits @ W_head.
+        // Loss and LM head: dlogits (N, V), then dxf = dlogits @ W_head. A
+        // tied head is the embedding, whose gradient then has both parts.
         cpu::crossentropy_backward_inplace(logits, targets, v);
-        if sink.wants(Param::LmHead) {
-            sink.linear(Param::LmHead, logits, xf, n, d, v);
+        let head = if c.tied_embeddings { Param::Embed } else { Param::LmHead };
+        if sink.wants(head) {
+            sink.linear(head, logits, xf, n, d, v);
         }
         s.dxn.fill(0.0);
         cpu::matmul_backward_input(&mut s.dxn, logits, self.weights.head(), n, d, v);
@@ -670,7 +666,17 @@ impl Model {
             s.dk.fill(0.0);
             s.dv.fill(0.0);
             cpu::attention_backward(
-                &mut s.dq, &mut s.dk, &mut s.dv, &mut s.delta, &s.datt, &a.att, &a.lse, &a.q, &a.k, &a.v, dims,
+                &mut s.dq,
+                &mut s.dk,
+                &mut s.dv,
+                &mut s.delta,
+                &s.datt,
+                &a.att,
+                &a.lse,
+                &a.q,
+                &a.k,
+                &a.v,
+                dims,
             );
             cpu::rope_backward(&mut s.dq, &self.rope, t, c.n_heads, c.head_dim);
             cpu::rope_backward(&mut s.dk, &self.rope, t, c.n_kv_heads, c.head_dim);
@@ -739,10 +745,12 @@ impl Model {
         assert_eq!(tokens.len(), rows, "forward_cached: tokens must be (B, n)");
         assert!(pos0 + n <= cache.cap, "forward_cached: KV cache is full");
         assert!(self.rope.max_pos() >= pos0 + n, "forward_cached: call ensure_rope first");
-        let dims = AttnDims { b, tq: n, tk: pos0 + n, tcap: cache.cap, nh: c.n_heads, kvh: c.n_kv_heads, hs: c.head_dim };
+        let dims =
+            AttnDims { b, tq: n, tk: pos0 + n, tcap: cache.cap, nh: c.n_heads, kvh: c.n_kv_heads, hs: c.head_dim };
         let z = |len: usize| vec![0.0f32; len];
         let (mut x, mut xn, mut rstd, mut tmp) = (z(rows * d), z(rows * d), z(rows), z(rows * d));
-        let (mut q, mut k, mut v, mut att, mut lse) = (z(rows * qd), z(rows * kvd), z(rows * kvd), z(rows * qd), z(rows * c.n_heads));
+        let (mut q, mut k, mut v, mut att, mut lse) =
+            (z(rows * qd), z(rows * kvd), z(rows * kvd), z(rows * qd), z(rows * c.n_heads));
         let (mut gate, mut up, mut h) = (z(rows * f), z(rows * f), z(rows * f));
 
         cpu::embedding_forward(&mut x, tokens, &self.weights.embed, d);

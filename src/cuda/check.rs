@@ -11,8 +11,8 @@
 
 use anyhow::{Result, bail};
 
-use super::gpu::{Bf16, Buf, Dt, Gpu};
 use super::Attention;
+use super::gpu::{Bf16, Buf, Dt, Gpu};
 use super::launch::{self as k, Attn, RopeDev};
 use super::model::{GpuModel, from_bf16, to_bf16};
 use super::select::{Job, SelectScratch};
@@ -116,7 +116,11 @@ pub fn run(a: &CheckArgs) -> Result<()> {
         g.gemm(true, false, oc, ic, n, 1.0, dyb.ptr(), xb.ptr(), 0.0, dw.ptr(), Dt::Bf16, Dt::F32)?;
         let mut r = vec![0.0; oc * ic];
         cpu::matmul_backward_weight(&mut r, &dy, &x, n, ic, oc);
-        t.add(format!("matmul_backward_weight (N={n}, IC={ic}, OC={oc})"), rel_err(&g.download(&dw, oc * ic)?, &r), 1e-4);
+        t.add(
+            format!("matmul_backward_weight (N={n}, IC={ic}, OC={oc})"),
+            rel_err(&g.download(&dw, oc * ic)?, &r),
+            1e-4,
+        );
     }
 
     // Embedding.
@@ -299,7 +303,9 @@ pub fn run(a: &CheckArgs) -> Result<()> {
             let err = if gsel == rsel { 0.0 } else { 1.0 - lift::mask_overlap(&rsel, &gsel) + 1e-9 };
             t.add(format!("top_k_abs radix select (n={n}, k={kk}, ties={})", levels > 0), err, 0.0);
         }
-        for (out_, inp, r, p, iters) in [(300, 700, 16, 16, 4), (700, 300, 16, 16, 4), (96, 200, 8, 128, 0), (257, 129, 20, 0, 0)] {
+        for (out_, inp, r, p, iters) in
+            [(300, 700, 16, 16, 4), (700, 300, 16, 16, 4), (96, 200, 8, 128, 0), (257, 129, 20, 0, 0)]
+        {
             let w = randv(&mut rng, out_ * inp, 0.05);
             let kk = lift::budget_k(out_, inp, lift::Budget::Density(0.05))?;
             let how = if p > 0 && r + p < out_.min(inp) {
@@ -312,7 +318,11 @@ pub fn run(a: &CheckArgs) -> Result<()> {
             let gm = g.download(&gm[0], kk)?;
             let rm = lift::principal_mask(&w, out_, inp, kk, r, how);
             let path = if matches!(how, Approx::Exact) { "exact" } else { "randomized" };
-            t.add(format!("principal_mask {path} ({out_}x{inp}, r={r}, k={kk}): 1 - overlap"), 1.0 - lift::mask_overlap(&rm, &gm), 5e-3);
+            t.add(
+                format!("principal_mask {path} ({out_}x{inp}, r={r}, k={kk}): 1 - overlap"),
+                1.0 - lift::mask_overlap(&rm, &gm),
+                5e-3,
+            );
         }
         // The production setting (r = 128, q = 256, 12 iterations) on a
         // matrix with a sketch smaller than its side, with the sketch
@@ -329,7 +339,11 @@ pub fn run(a: &CheckArgs) -> Result<()> {
             let gm = sc.select(&g, &[Job { w: &wb, out: out_, inp, k: kk, r, how }])?;
             let gm = g.download(&gm[0], kk)?;
             let what = if tf32 { "TF32 sketch" } else { "f32 sketch" };
-            t.add(format!("principal_mask randomized, {what} ({out_}x{inp}, r={r}, q=256): 1 - overlap"), 1.0 - lift::mask_overlap(&rm, &gm), 1e-2);
+            t.add(
+                format!("principal_mask randomized, {what} ({out_}x{inp}, r={r}, q=256): 1 - overlap"),
+                1.0 - lift::mask_overlap(&rm, &gm),
+                1e-2,
+            );
         }
         sc.tf32 = false;
     }
@@ -354,7 +368,8 @@ pub fn run(a: &CheckArgs) -> Result<()> {
             grams.extend(gm);
         }
         let gb = g.upload(&grams)?;
-        let (mut x, mut l, mut m) = (g.upload(&vec![f32::NAN; nb * q * q])?, g.zeros::<f64>(nb * q * q)?, g.zeros::<f64>(nb * q * q)?);
+        let (mut x, mut l, mut m) =
+            (g.upload(&vec![f32::NAN; nb * q * q])?, g.zeros::<f64>(nb * q * q)?, g.zeros::<f64>(nb * q * q)?);
         k::cholesky_inverse_transpose(&g, &mut x, &mut l, &mut m, &gb, q, nb)?;
         let gx = g.download(&x, nb * q * q)?;
         let rx: Vec<f32> = grams.chunks(q * q).flat_map(|gm| cholesky_inverse_transpose_ref(gm, q)).collect();
@@ -363,16 +378,25 @@ pub fn run(a: &CheckArgs) -> Result<()> {
     }
 
     whole_step(&g, &mut t, a.seed)?;
+    for config in ["tiny", "small"] {
+        if let Err(e) = every_gradient(&g, &mut t, config, a.seed) {
+            t.add(format!("every gradient ({config}): {e}"), f64::NAN, 0.0);
+        }
+    }
 
     // The tensor-core attention last: a fault there would end the run
     // (a CUDA error poisons the context), so everything else is in by then.
     g.set_attention(Attention::Tc);
-    for (b, tt, nh, kvh, hs) in
-        [(1, 37, 4, 2, 64), (2, 70, 6, 2, 64), (1, 1, 2, 1, 64), (1, 129, 2, 1, 128), (2, 100, 4, 4, 128), (1, 2048, 4, 1, 64)]
-    {
+    for (b, tt, nh, kvh, hs) in [
+        (1, 37, 4, 2, 64),
+        (2, 70, 6, 2, 64),
+        (1, 1, 2, 1, 64),
+        (1, 129, 2, 1, 128),
+        (2, 100, 4, 4, 128),
+        (1, 2048, 4, 1, 64),
+    ] {
         check_attention(&g, &mut t, &mut rng, Attn { b, t: tt, nh, kvh, hs }, "_tc")?;
     }
-
 
     let failed = t.rows.iter().filter(|r| !r.3).count();
     eprintln!(
@@ -403,7 +427,8 @@ fn check_attention(g: &Gpu, t: &mut Table, rng: &mut Rng, d: Attn, tag: &str) ->
     let (q, kk, v) = (randv(rng, nq, 1.0), randv(rng, nkv, 1.0), randv(rng, nkv, 1.0));
     let (qb, kb, vb) = (upb(g, &q)?, upb(g, &kk)?, upb(g, &v)?);
     let overwrite = !k::attention_accumulates(g, d);
-    let out_buf = |n: usize| -> Result<Buf<Bf16>> { if overwrite { g.upload(&vec![0xffffu16; n]) } else { g.zeros::<Bf16>(n) } };
+    let out_buf =
+        |n: usize| -> Result<Buf<Bf16>> { if overwrite { g.upload(&vec![0xffffu16; n]) } else { g.zeros::<Bf16>(n) } };
     let (mut out, mut lse) = (out_buf(nq)?, g.upload(&vec![f32::NAN; nr])?);
     k::attention_forward(g, &mut out, &mut lse, &qb, &kb, &vb, d)?;
     let (mut r, mut rl) = (vec![0.0; nq], vec![0.0; nr]);
@@ -440,7 +465,8 @@ pub fn attention_self_check(g: &Gpu) -> Result<f64> {
     let mut worst = 0.0f64;
     for d in [Attn { b: 2, t: 150, nh: 4, kvh: 2, hs: 64 }, Attn { b: 1, t: 77, nh: 4, kvh: 1, hs: 128 }] {
         let (nq, nkv, nr) = (d.b * d.t * d.nh * d.hs, d.b * d.t * d.kvh * d.hs, d.b * d.t * d.nh);
-        let (q, kk, v, dout) = (randv(&mut rng, nq, 1.0), randv(&mut rng, nkv, 1.0), randv(&mut rng, nkv, 1.0), randv(&mut rng, nq, 1.0));
+        let (q, kk, v, dout) =
+            (randv(&mut rng, nq, 1.0), randv(&mut rng, nkv, 1.0), randv(&mut rng, nkv, 1.0), randv(&mut rng, nq, 1.0));
         let (qb, kb, vb, db) = (upb(g, &q)?, upb(g, &kk)?, upb(g, &v)?, upb(g, &dout)?);
         let mut results = Vec::new();
         for a in [Attention::Plain, Attention::Tc] {
@@ -448,12 +474,19 @@ pub fn attention_self_check(g: &Gpu) -> Result<f64> {
             let poison = |n: usize| g.upload(&vec![0xffffu16; n]);
             let (mut out, mut lse) = (poison(nq)?, g.upload(&vec![f32::NAN; nr])?);
             k::attention_forward(g, &mut out, &mut lse, &qb, &kb, &vb, d)?;
-            let (mut dq, mut dk, mut dv, mut delta) = (g.zeros::<Bf16>(nq)?, g.zeros::<Bf16>(nkv)?, g.zeros::<Bf16>(nkv)?, g.zeros::<f32>(nr)?);
+            let (mut dq, mut dk, mut dv, mut delta) =
+                (g.zeros::<Bf16>(nq)?, g.zeros::<Bf16>(nkv)?, g.zeros::<Bf16>(nkv)?, g.zeros::<f32>(nr)?);
             if a == Attention::Tc {
                 (dq, dk, dv) = (poison(nq)?, poison(nkv)?, poison(nkv)?);
             }
             k::attention_backward(g, &mut dq, &mut dk, &mut dv, &mut delta, &db, &out, &lse, &qb, &kb, &vb, d)?;
-            results.push([down(g, &out, nq)?, g.download(&lse, nr)?, down(g, &dq, nq)?, down(g, &dk, nkv)?, down(g, &dv, nkv)?]);
+            results.push([
+                down(g, &out, nq)?,
+                g.download(&lse, nr)?,
+                down(g, &dq, nq)?,
+                down(g, &dk, nkv)?,
+                down(g, &dv, nkv)?,
+            ]);
         }
         for (x, y) in results[1].iter().zip(&results[0]) {
             let e = rel_err(x, y);
@@ -474,13 +507,18 @@ pub fn choose_attention(g: &Gpu, requested: Attention) -> Result<Attention> {
     }
     let worst = attention_self_check(g)?;
     let ok = worst.is_finite() && worst <= 2e-2;
-    eprintln!("attention: tensor-core kernels vs plain, worst relative difference {worst:.2e} ({})", if ok { "ok" } else { "FAILED" });
+    eprintln!(
+        "attention: tensor-core kernels vs plain, worst relative difference {worst:.2e} ({})",
+        if ok { "ok" } else { "FAILED" }
+    );
     if ok {
         g.set_attention(Attention::Tc);
         return Ok(Attention::Tc);
     }
     if requested == Attention::Tc {
-        bail!("--attention tc: the tensor-core attention kernels disagree with the plain ones ({worst:.2e}); use --attention plain");
+        bail!(
+            "--attention tc: the tensor-core attention kernels disagree with the plain ones ({worst:.2e}); use --attention plain"
+        );
     }
     eprintln!("attention: falling back to the plain kernels");
     g.set_attention(Attention::Plain);
@@ -549,6 +587,120 @@ impl GradSink for MaskSink<'_> {
     }
 }
 
+/// Every gradient of a whole backward pass against the CPU's FullGrads:
+/// `--method full --train-norms --train-embeddings` on a random model of
+/// `config` ("tiny": tied embeddings, head size 32; "small": untied), so the
+/// linear weights, norms, embedding and LM head all get theirs. Then the
+/// same micro-batch with `--recompute`: every kernel of the forward pass is
+/// deterministic, so the recomputed activations, the loss and the linear
+/// gradients (cuBLAS, no atomics) are bit-identical to the kept ones; the
+/// norm and embedding gradients are summed with atomicAdd, in varying order.
+fn every_gradient(g: &Gpu, t: &mut Table, config: &str, seed: u64) -> Result<()> {
+    let c = crate::init::named_config(config)?;
+    let mut w = crate::init::random_weights(&c, seed ^ 11);
+    for p in Param::all(&c) {
+        w.get_mut(p).iter_mut().for_each(|x| *x = bf(*x));
+    }
+    let (b, tt) = (2, 45);
+    let mut model = Model::new(c.clone(), w);
+    model.ensure_rope(tt);
+    let mut rng = Rng::new(seed ^ 12);
+    let tokens: Vec<u32> = (0..b * tt).map(|_| rng.below(c.vocab_size) as u32).collect();
+    let targets: Vec<i32> =
+        (0..b * tt).map(|i| if i % 5 == 0 { -100 } else { rng.below(c.vocab_size) as i32 }).collect();
+
+    let mut acts = Activations::new(&c, b, tt);
+    let closs = model.forward(&mut acts, &tokens, Some(&targets));
+    let mut cpu_grads = crate::model::FullGrads::new(&c);
+    model.backward(&mut acts, &mut cpu_grads);
+
+    // (loss, linear gradients, extras' gradients) of one GPU micro-step.
+    type Grads = (f32, Vec<Vec<f32>>, Vec<(Param, Vec<f32>)>);
+    let gpu_step = |recompute: bool| -> Result<Grads> {
+        let mut o = crate::train::TrainOptions { method: crate::train::Method::Full, ..bench_options(config, seed) };
+        o.train_norms = true;
+        o.train_embeddings = true;
+        o.recompute = recompute;
+        let mut tr = GpuTrainer::new(g, GpuModel::upload(g, &model, tt)?, &o, b, tt)?;
+        tr.zero_grads()?;
+        let (loss, _, _) = tr.micro_step(b, tt, &tokens, &targets)?;
+        let linear = match &tr.state {
+            super::train::GpuState::Full { states } => {
+                states.iter().map(|s| g.download(&s.grad, s.n)).collect::<Result<_>>()?
+            }
+            _ => bail!("full state expected"),
+        };
+        let extras = tr.extras.iter().map(|(p, s)| Ok((*p, g.download(&s.grad, s.n)?))).collect::<Result<_>>()?;
+        Ok((loss, linear, extras))
+    };
+    let (gloss, glinear, gextras) = gpu_step(false)?;
+    let tag = format!("{config}, {}", if c.tied_embeddings { "tied" } else { "untied" });
+    t.add(format!("every gradient ({tag}): loss"), rel_err(&[gloss], &[closs]), 5e-3);
+    let clinear: Vec<f32> = (0..glinear.len())
+        .flat_map(|id| cpu_grads.grads.get(Param::Linear(id / 7, Linear::ALL[id % 7])).to_vec())
+        .collect();
+    t.add(format!("every gradient ({tag}): linear weights"), rel_err(&glinear.concat(), &clinear), 3e-2);
+    let class = |p: &Param| match p {
+        Param::Embed => "embedding (+ LM head when tied)",
+        Param::LmHead => "LM head",
+        _ => "norms",
+    };
+    for name in ["embedding (+ LM head when tied)", "LM head", "norms"] {
+        let (gv, cv): (Vec<f32>, Vec<f32>) = gextras
+            .iter()
+            .filter(|(p, _)| class(p) == name)
+            .flat_map(|(p, gv)| gv.iter().copied().zip(cpu_grads.grads.get(*p).iter().copied()))
+            .unzip();
+        if !gv.is_empty() {
+            t.add(format!("every gradient ({tag}): {name}"), rel_err(&gv, &cv), 3e-2);
+        }
+    }
+
+    let (rloss, rlinear, rextras) = gpu_step(true)?;
+    let same = |a: &[f32], b: &[f32]| a.iter().zip(b).filter(|(x, y)| x.to_bits() != y.to_bits()).count() as f64;
+    t.add(
+        format!("--recompute ({tag}): loss and linear gradients, values not bit-equal"),
+        same(&[rloss], &[gloss]) + same(&rlinear.concat(), &glinear.concat()),
+        0.0,
+    );
+    let flat = |e: &[(Param, Vec<f32>)]| e.iter().flat_map(|(_, v)| v.iter().copied()).collect::<Vec<f32>>();
+    t.add(
+        format!("--recompute ({tag}): norm and embedding gradients"),
+        rel_err(&flat(&rextras), &flat(&gextras)),
+        1e-5,
+    );
+    Ok(())
+}
+
+/// The training options of `lift bench` (lr 1e-5, constant, clip 1) for a config.
+fn bench_options(config: &str, seed: u64) -> crate::train::TrainOptions {
+    crate::bench::BenchArgs {
+        config: config.into(),
+        method: crate::train::Method::Lift,
+        seq: 1,
+        batch: 1,
+        steps: 1,
+        warmup: 0,
+        device: super::Device::Cuda,
+        density: 0.05,
+        filter_rank: 16,
+        oversample: 16,
+        power_iters: 4,
+        svd: crate::train::Svd::Randomized,
+        update_interval: 400,
+        lora_rank: 4,
+        mask_only: false,
+        forward_only: false,
+        checkpoint: None,
+        profile: false,
+        attention: Attention::Auto,
+        sketch: crate::bench::Sketch::F32,
+        recompute: false,
+        seed,
+    }
+    .options()
+}
+
 /// One LIFT step of the `small` model (randomized selection path) on both
 /// backends: masks, loss, selected gradients, updated weights.
 fn whole_step(g: &Gpu, t: &mut Table, seed: u64) -> Result<()> {
@@ -581,12 +733,13 @@ fn whole_step(g: &Gpu, t: &mut Table, seed: u64) -> Result<()> {
         profile: false,
         attention: Attention::Auto,
         sketch: crate::bench::Sketch::F32,
+        recompute: false,
         seed,
     };
     let opts = o.options();
     let gm = GpuModel::upload(g, &model, tt)?;
     let mut tr = GpuTrainer::new(g, gm, &opts, b, tt)?;
-    let gmasks = tr.masks(g)?;
+    let gmasks = tr.masks()?;
 
     // CPU masks with the same seeds (train.rs's formula).
     let mut min_overlap = 1.0f64;
@@ -600,20 +753,27 @@ fn whole_step(g: &Gpu, t: &mut Table, seed: u64) -> Result<()> {
             min_overlap = min_overlap.min(lift::mask_overlap(&m, &gmasks[id]));
         }
     }
-    t.add(format!("LIFT step ({}): masks, worst 1 - overlap of {} matrices", "small", gmasks.len()), 1.0 - min_overlap, 5e-3);
+    t.add(
+        format!("LIFT step ({}): masks, worst 1 - overlap of {} matrices", "small", gmasks.len()),
+        1.0 - min_overlap,
+        5e-3,
+    );
 
     let mut rng = Rng::new(seed ^ 5);
     let tokens: Vec<u32> = (0..b * tt).map(|_| rng.below(c.vocab_size) as u32).collect();
-    let targets: Vec<i32> = (0..b * tt).map(|i| if i % 7 == 0 { -100 } else { rng.below(c.vocab_size) as i32 }).collect();
-    tr.zero_grads(g)?;
-    let (gloss, _, _) = tr.micro_step(g, b, tt, &tokens, &targets)?;
+    let targets: Vec<i32> =
+        (0..b * tt).map(|i| if i % 7 == 0 { -100 } else { rng.below(c.vocab_size) as i32 }).collect();
+    tr.zero_grads()?;
+    let (gloss, _, _) = tr.micro_step(b, tt, &tokens, &targets)?;
     let mut acts = Activations::new(&c, b, tt);
     let closs = model.forward(&mut acts, &tokens, Some(&targets));
     t.add("LIFT step: loss".into(), rel_err(&[gloss], &[closs]), 5e-3);
     let mut sink = MaskSink { masks: &gmasks, acc: gmasks.iter().map(|m| vec![0.0; m.len()]).collect() };
     model.backward(&mut acts, &mut sink);
     let ggrads: Vec<Vec<f32>> = match &tr.state {
-        super::train::GpuState::Sparse { states, .. } => states.iter().map(|s| g.download(&s.acc, s.k)).collect::<Result<_>>()?,
+        super::train::GpuState::Sparse { states, .. } => {
+            states.iter().map(|s| g.download(&s.acc, s.k)).collect::<Result<_>>()?
+        }
         _ => bail!("LIFT state expected"),
     };
     let flat = |v: &[Vec<f32>]| v.iter().flatten().copied().collect::<Vec<f32>>();
@@ -621,15 +781,19 @@ fn whole_step(g: &Gpu, t: &mut Table, seed: u64) -> Result<()> {
 
     let opt = AdamW { lr: 1e-3, ..AdamW::default() };
     let old: Vec<Vec<f32>> = (0..gmasks.len())
-        .map(|id| gmasks[id].iter().map(|&i| model.weights.layers[id / 7].linear(Linear::ALL[id % 7])[i as usize]).collect())
+        .map(|id| {
+            gmasks[id].iter().map(|&i| model.weights.layers[id / 7].linear(Linear::ALL[id % 7])[i as usize]).collect()
+        })
         .collect();
-    tr.update(g, &opt, 1, 1.0, 1)?;
+    tr.update(&opt, 1, 1.0, 1)?;
     let sum_sq: f64 = sink.acc.iter().flatten().map(|&x| x as f64 * x as f64).sum();
     let clip = crate::optim::clip_scale(sum_sq, 1.0);
     let mut cpu_delta = Vec::new();
     let mut gpu_delta = Vec::new();
     let masters: Vec<Vec<f32>> = match &tr.state {
-        super::train::GpuState::Sparse { states, .. } => states.iter().map(|s| g.download(&s.master, s.k)).collect::<Result<_>>()?,
+        super::train::GpuState::Sparse { states, .. } => {
+            states.iter().map(|s| g.download(&s.master, s.k)).collect::<Result<_>>()?
+        }
         _ => unreachable!(),
     };
     for id in 0..gmasks.len() {
@@ -646,15 +810,20 @@ fn whole_step(g: &Gpu, t: &mut Table, seed: u64) -> Result<()> {
     // AdamW's first step is lr * g/|g| per entry: only entries whose gradient
     // is near zero (sign flips between backends) can disagree.
     let agree = cpu_delta.iter().zip(&gpu_delta).filter(|(a, b)| (*a - *b).abs() <= 1e-4).count();
-    t.add("LIFT step: updated weights, share of entries off by > 0.1 lr".into(), 1.0 - agree as f64 / cpu_delta.len() as f64, 2e-2);
+    t.add(
+        "LIFT step: updated weights, share of entries off by > 0.1 lr".into(),
+        1.0 - agree as f64 / cpu_delta.len() as f64,
+        2e-2,
+    );
     let gw = tr.model.download(g)?;
     let mut changed_outside = 0usize;
     let before = crate::init::random_weights(&c, seed); // the same weights, regenerated
-    for id in 0..gmasks.len() {
+    for (id, mask) in gmasks.iter().enumerate() {
         let (l, wk) = (id / 7, Linear::ALL[id % 7]);
-        let sel: std::collections::HashSet<u32> = gmasks[id].iter().copied().collect();
+        let sel: std::collections::HashSet<u32> = mask.iter().copied().collect();
         let (a, bw) = (gw.layers[l].linear(wk), before.layers[l].linear(wk));
-        changed_outside += a.iter().zip(bw).enumerate().filter(|(i, (x, y))| !sel.contains(&(*i as u32)) && **x != bf(**y)).count();
+        changed_outside +=
+            a.iter().zip(bw).enumerate().filter(|(i, (x, y))| !sel.contains(&(*i as u32)) && **x != bf(**y)).count();
     }
     t.add("LIFT step: unselected entries changed".into(), changed_outside as f64, 0.0);
     Ok(())

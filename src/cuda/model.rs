@@ -5,17 +5,20 @@
 //!
 //! Differences from the CPU model, all deliberate:
 //! - only training shapes (no KV cache: generation stays on the CPU);
-//! - embeddings, norms and the LM head are frozen (`--train-norms` and
-//!   `--train-embeddings` are CPU-only), so their gradients are not formed;
+//! - the gradients of the norms and embeddings are formed only when the sink
+//!   asks for them (`--train-norms`, `--train-embeddings`);
 //! - LoRA adapters run unmerged (W x + s B A x), as LoRA does on a GPU, so
-//!   the frozen base needs no second copy; the CPU merges instead.
+//!   the frozen base needs no second copy; the CPU merges instead;
+//! - with `recompute` (`--recompute`), the forward pass keeps only each
+//!   layer's input, and the backward pass runs each layer's forward again
+//!   just before its backward (one layer's activations live at a time).
 
 use anyhow::{Result, bail};
 use half::bf16;
 
 use super::gpu::{Bf16, Buf, Dt, Gpu};
 use super::launch::{self as k, Attn, RopeDev};
-use crate::model::{Config, Linear, Model, Weights};
+use crate::model::{Config, Linear, Model, Param, Weights};
 
 /// bf16 bit patterns of f32 values (round to nearest even).
 pub fn to_bf16(x: &[f32]) -> Vec<Bf16> {
@@ -135,6 +138,38 @@ impl GpuModel {
         self.lm_head.as_ref().unwrap_or(&self.embed)
     }
 
+    /// The parameter whose gradient the LM head's dW is: its own, or the
+    /// embedding's when tied.
+    fn head_param(&self) -> Param {
+        if self.lm_head.is_some() { Param::LmHead } else { Param::Embed }
+    }
+
+    /// The device tensor of a parameter (Weights::get on the GPU).
+    pub fn param(&self, p: Param) -> &Buf<Bf16> {
+        match p {
+            Param::Embed => &self.embed,
+            Param::AttnNorm(l) => &self.layers[l].attn_norm,
+            Param::MlpNorm(l) => &self.layers[l].mlp_norm,
+            Param::Linear(l, w) => self.layers[l].linear(w),
+            Param::Norm => &self.norm,
+            Param::LmHead => self.head(),
+        }
+    }
+
+    pub fn param_mut(&mut self, p: Param) -> &mut Buf<Bf16> {
+        match p {
+            Param::Embed => &mut self.embed,
+            Param::AttnNorm(l) => &mut self.layers[l].attn_norm,
+            Param::MlpNorm(l) => &mut self.layers[l].mlp_norm,
+            Param::Linear(l, w) => self.layers[l].linear_mut(w),
+            Param::Norm => &mut self.norm,
+            Param::LmHead => match self.lm_head.as_mut() {
+                Some(h) => h,
+                None => &mut self.embed,
+            },
+        }
+    }
+
     /// Every weight back on the host in f32 (the bf16 values, widened).
     pub fn download(&self, g: &Gpu) -> Result<Weights> {
         let c = &self.config;
@@ -156,9 +191,9 @@ impl GpuModel {
     }
 }
 
-/// What the forward pass of one block keeps for the backward pass (N = B*T).
+/// What the forward pass of one block keeps for the backward pass (N = B*T),
+/// besides its input (GpuActs::x).
 pub struct GpuLayerActs {
-    pub x_in: Buf<Bf16>,  // (N, C)
     pub xn1: Buf<Bf16>,   // (N, C)
     pub rstd1: Buf<f32>,  // (N)
     pub q: Buf<Bf16>,     // (N, NH*HS) after RoPE
@@ -198,9 +233,14 @@ pub struct GpuActs {
     pub cap: usize, // B*T the buffers were made for
     pub tokens: Buf<u32>,
     pub targets: Buf<i32>,
+    /// The residual stream, L + 1 of (N, C): x[l] is layer l's input, x[L]
+    /// the last layer's output.
+    pub x: Vec<Buf<Bf16>>,
+    /// What each layer keeps: L sets, or with `recompute` one set that each
+    /// layer fills in turn (in the forward pass, and again in the backward).
     pub layers: Vec<GpuLayerActs>,
+    pub recompute: bool,
     pub tmp: Buf<Bf16>,
-    pub x_final: Buf<Bf16>,
     pub xf: Buf<Bf16>,
     pub rstd_f: Buf<f32>,
     /// (N, V) logits after forward; dlogits after backward.
@@ -214,16 +254,16 @@ pub struct GpuActs {
 
 impl GpuActs {
     /// Allocates for batches of up to b * t rows; `lora_r` > 0 adds the
-    /// adapters' buffers.
-    pub fn new(g: &Gpu, c: &Config, b: usize, t: usize, lora_r: usize) -> Result<GpuActs> {
+    /// adapters' buffers; `recompute` keeps one layer's activations, not L.
+    pub fn new(g: &Gpu, c: &Config, b: usize, t: usize, lora_r: usize, recompute: bool) -> Result<GpuActs> {
         let n = b * t;
         let (d, q, kv, f) = (c.dim, c.q_dim(), c.kv_dim(), c.ffn_dim);
         let z = |len: usize| g.zeros::<Bf16>(len);
         let zf = |len: usize| g.zeros::<f32>(len);
-        let mut layers = Vec::with_capacity(c.n_layers);
-        for _ in 0..c.n_layers {
+        let sets = if recompute { 1 } else { c.n_layers };
+        let mut layers = Vec::with_capacity(sets);
+        for _ in 0..sets {
             layers.push(GpuLayerActs {
-                x_in: z(n * d)?,
                 xn1: z(n * d)?,
                 rstd1: zf(n)?,
                 q: z(n * q)?,
@@ -246,9 +286,10 @@ impl GpuActs {
             cap: n,
             tokens: g.zeros(n)?,
             targets: g.zeros(n)?,
+            x: (0..=c.n_layers).map(|_| z(n * d)).collect::<Result<_>>()?,
             layers,
+            recompute,
             tmp: z(n * d)?,
-            x_final: z(n * d)?,
             xf: z(n * d)?,
             rstd_f: zf(n)?,
             logits: z(n * c.vocab_size)?,
@@ -280,21 +321,50 @@ impl GpuActs {
         self.t = t;
         Ok(())
     }
+
+    /// Which activation set layer l uses.
+    fn slot(&self, l: usize) -> usize {
+        if self.recompute { 0 } else { l }
+    }
 }
 
-/// Where the backward pass delivers the weight gradients of the linear
-/// layers (the GPU's GradSink): dW (OC, IC) += dout^T @ inp, or whatever
-/// part of it the method keeps. `xa` is the adapter's inp @ A^T under LoRA.
+/// Where the backward pass delivers the weight gradients (the GPU's
+/// GradSink). `linear`: dW (OC, IC) += dout^T @ inp of linear matrix `id`,
+/// or whatever part of it the method keeps; `xa` is the adapter's
+/// inp @ A^T under LoRA. `dense`: the f32 gradient buffer of a norm, the
+/// embedding or an untied LM head, if that tensor is trained.
 pub trait GpuSink {
     #[allow(clippy::too_many_arguments)]
-    fn linear(&mut self, g: &Gpu, id: usize, dout: &Buf<Bf16>, inp: &Buf<Bf16>, xa: Option<&Buf<Bf16>>, n: usize, ic: usize, oc: usize) -> Result<()>;
+    fn linear(
+        &mut self,
+        g: &Gpu,
+        id: usize,
+        dout: &Buf<Bf16>,
+        inp: &Buf<Bf16>,
+        xa: Option<&Buf<Bf16>>,
+        n: usize,
+        ic: usize,
+        oc: usize,
+    ) -> Result<()>;
+    fn dense(&mut self, p: Param) -> Option<&mut Buf<f32>>;
 }
 
 impl GpuModel {
     /// out (N, OC) = inp @ W^T (+ s (inp @ A^T) @ B^T with an adapter,
     /// keeping inp @ A^T in `xa` for the backward pass).
     #[allow(clippy::too_many_arguments)]
-    fn linear_forward(&self, g: &Gpu, out: &Buf<Bf16>, inp: &Buf<Bf16>, w: &Buf<Bf16>, id: usize, xa: Option<&Buf<Bf16>>, n: usize, ic: usize, oc: usize) -> Result<()> {
+    fn linear_forward(
+        &self,
+        g: &Gpu,
+        out: &Buf<Bf16>,
+        inp: &Buf<Bf16>,
+        w: &Buf<Bf16>,
+        id: usize,
+        xa: Option<&Buf<Bf16>>,
+        n: usize,
+        ic: usize,
+        oc: usize,
+    ) -> Result<()> {
         g.gemm(false, true, n, oc, ic, 1.0, inp.ptr(), w.ptr(), 0.0, out.ptr(), Dt::Bf16, Dt::Bf16)?;
         if let (Some(ad), Some(xa)) = (self.adapters.get(id), xa) {
             g.gemm(false, true, n, ad.r, ic, 1.0, inp.ptr(), ad.a.ptr(), 0.0, xa.ptr(), Dt::Bf16, Dt::Bf16)?;
@@ -305,11 +375,78 @@ impl GpuModel {
 
     /// dinp (N, IC) = (beta * dinp) + dout @ W (+ s (dout @ B) @ A).
     #[allow(clippy::too_many_arguments)]
-    fn linear_backward_input(&self, g: &Gpu, dinp: &Buf<Bf16>, dout: &Buf<Bf16>, w: &Buf<Bf16>, id: usize, dyb: &Buf<Bf16>, beta: f32, n: usize, ic: usize, oc: usize) -> Result<()> {
+    fn linear_backward_input(
+        &self,
+        g: &Gpu,
+        dinp: &Buf<Bf16>,
+        dout: &Buf<Bf16>,
+        w: &Buf<Bf16>,
+        id: usize,
+        dyb: &Buf<Bf16>,
+        beta: f32,
+        n: usize,
+        ic: usize,
+        oc: usize,
+    ) -> Result<()> {
         g.gemm(false, false, n, ic, oc, 1.0, dout.ptr(), w.ptr(), beta, dinp.ptr(), Dt::Bf16, Dt::Bf16)?;
         if let Some(ad) = self.adapters.get(id) {
             g.gemm(false, false, n, ad.r, oc, 1.0, dout.ptr(), ad.b.ptr(), 0.0, dyb.ptr(), Dt::Bf16, Dt::Bf16)?;
             g.gemm(false, false, n, ic, ad.r, ad.scale, dyb.ptr(), ad.a.ptr(), 1.0, dinp.ptr(), Dt::Bf16, Dt::Bf16)?;
+        }
+        Ok(())
+    }
+
+    /// One block's forward pass, Model::forward's loop body: x_out (N, C) =
+    /// x_in + attention(x_in) + mlp(...), keeping in `a` what the backward
+    /// pass needs. `x_out` None (recomputation, in the backward pass) skips
+    /// the last residual add: the output is known already, only the
+    /// activations are wanted. `tmp` (N, C) is scratch.
+    #[allow(clippy::too_many_arguments)]
+    fn block_forward(
+        &self,
+        g: &Gpu,
+        l: usize,
+        a: &mut GpuLayerActs,
+        x_in: &Buf<Bf16>,
+        x_out: Option<&mut Buf<Bf16>>,
+        tmp: &Buf<Bf16>,
+        b: usize,
+        t: usize,
+    ) -> Result<()> {
+        let c = &self.config;
+        let n = b * t;
+        let (d, qd, kvd, f) = (c.dim, c.q_dim(), c.kv_dim(), c.ffn_dim);
+        let dims = Attn { b, t, nh: c.n_heads, kvh: c.n_kv_heads, hs: c.head_dim };
+        let w = &self.layers[l];
+        let id = |which| matrix_id(l, which);
+        // Attention block: x_mid = x_in + o(attention(rope(q), rope(k), v)).
+        g.timed("rmsnorm", || k::rmsnorm_forward(g, &mut a.xn1, &mut a.rstd1, x_in, &w.attn_norm, n, d, c.norm_eps))?;
+        g.timed("gemm fwd", || {
+            self.linear_forward(g, &a.q, &a.xn1, &w.wq, id(Linear::Q), a.xa.first(), n, d, qd)?;
+            self.linear_forward(g, &a.k, &a.xn1, &w.wk, id(Linear::K), a.xa.get(1), n, d, kvd)?;
+            self.linear_forward(g, &a.v, &a.xn1, &w.wv, id(Linear::V), a.xa.get(2), n, d, kvd)
+        })?;
+        g.timed("rope", || {
+            k::rope_rotate(g, &mut a.q, &self.rope, n, t, c.n_heads, c.head_dim, 0, 1.0)?;
+            k::rope_rotate(g, &mut a.k, &self.rope, n, t, c.n_kv_heads, c.head_dim, 0, 1.0)
+        })?;
+        g.timed("attention fwd", || k::attention_forward(g, &mut a.att, &mut a.lse, &a.q, &a.k, &a.v, dims))?;
+        g.timed("gemm fwd", || self.linear_forward(g, tmp, &a.att, &w.wo, id(Linear::O), a.xa.get(3), n, qd, d))?;
+        g.timed("residual", || k::residual_forward(g, &mut a.x_mid, x_in, tmp, n * d))?;
+        // MLP block: x_out = x_mid + down(silu(gate(x)) * up(x)).
+        g.timed("rmsnorm", || {
+            k::rmsnorm_forward(g, &mut a.xn2, &mut a.rstd2, &a.x_mid, &w.mlp_norm, n, d, c.norm_eps)
+        })?;
+        g.timed("gemm fwd", || {
+            self.linear_forward(g, &a.gate, &a.xn2, &w.w_gate, id(Linear::Gate), a.xa.get(4), n, d, f)?;
+            self.linear_forward(g, &a.up, &a.xn2, &w.w_up, id(Linear::Up), a.xa.get(5), n, d, f)
+        })?;
+        g.timed("swiglu", || k::swiglu_forward(g, &mut a.h, &a.gate, &a.up, n * f))?;
+        // (With LoRA this also refills the down adapter's xa, which a
+        // recomputation needs, so it runs even when x_out is not wanted.)
+        g.timed("gemm fwd", || self.linear_forward(g, tmp, &a.h, &w.w_down, id(Linear::Down), a.xa.get(6), n, f, d))?;
+        if let Some(x_out) = x_out {
+            g.timed("residual", || k::residual_forward(g, x_out, &a.x_mid, tmp, n * d))?;
         }
         Ok(())
     }
@@ -325,8 +462,7 @@ impl GpuModel {
         if let Some(&bad) = tokens.iter().find(|&&id| id as usize >= c.vocab_size) {
             bail!("token id {bad} is out of range (vocab {})", c.vocab_size);
         }
-        let (d, qd, kvd, f) = (c.dim, c.q_dim(), c.kv_dim(), c.ffn_dim);
-        let dims = Attn { b, t, nh: c.n_heads, kvh: c.n_kv_heads, hs: c.head_dim };
+        let d = c.dim;
         g.write(&mut acts.tokens, 0, tokens)?;
         let tg: Vec<i32> = match targets {
             Some(tg) => tg.to_vec(),
@@ -335,43 +471,31 @@ impl GpuModel {
         acts.n_counted = tg.iter().filter(|&&x| x >= 0).count();
         g.write(&mut acts.targets, 0, &tg)?;
 
-        g.timed("embedding", || k::embedding_forward(g, &mut acts.layers[0].x_in, &acts.tokens, &self.embed, n, d))?;
+        g.timed("embedding", || k::embedding_forward(g, &mut acts.x[0], &acts.tokens, &self.embed, n, d))?;
         for l in 0..c.n_layers {
-            let w = &self.layers[l];
-            let (done, rest) = acts.layers.split_at_mut(l + 1);
-            let a = &mut done[l];
-            let id = |which| matrix_id(l, which);
-            // Attention block: x_mid = x_in + o(attention(rope(q), rope(k), v)).
-            g.timed("rmsnorm", || k::rmsnorm_forward(g, &mut a.xn1, &mut a.rstd1, &a.x_in, &w.attn_norm, n, d, c.norm_eps))?;
-            g.timed("gemm fwd", || {
-                self.linear_forward(g, &a.q, &a.xn1, &w.wq, id(Linear::Q), a.xa.first(), n, d, qd)?;
-                self.linear_forward(g, &a.k, &a.xn1, &w.wk, id(Linear::K), a.xa.get(1), n, d, kvd)?;
-                self.linear_forward(g, &a.v, &a.xn1, &w.wv, id(Linear::V), a.xa.get(2), n, d, kvd)
-            })?;
-            g.timed("rope", || {
-                k::rope_rotate(g, &mut a.q, &self.rope, n, t, c.n_heads, c.head_dim, 0, 1.0)?;
-                k::rope_rotate(g, &mut a.k, &self.rope, n, t, c.n_kv_heads, c.head_dim, 0, 1.0)
-            })?;
-            g.timed("attention fwd", || k::attention_forward(g, &mut a.att, &mut a.lse, &a.q, &a.k, &a.v, dims))?;
-            g.timed("gemm fwd", || self.linear_forward(g, &acts.tmp, &a.att, &w.wo, id(Linear::O), a.xa.get(3), n, qd, d))?;
-            g.timed("residual", || k::residual_forward(g, &mut a.x_mid, &a.x_in, &acts.tmp, n * d))?;
-            // MLP block: x_out = x_mid + down(silu(gate(x)) * up(x)).
-            g.timed("rmsnorm", || k::rmsnorm_forward(g, &mut a.xn2, &mut a.rstd2, &a.x_mid, &w.mlp_norm, n, d, c.norm_eps))?;
-            g.timed("gemm fwd", || {
-                self.linear_forward(g, &a.gate, &a.xn2, &w.w_gate, id(Linear::Gate), a.xa.get(4), n, d, f)?;
-                self.linear_forward(g, &a.up, &a.xn2, &w.w_up, id(Linear::Up), a.xa.get(5), n, d, f)
-            })?;
-            g.timed("swiglu", || k::swiglu_forward(g, &mut a.h, &a.gate, &a.up, n * f))?;
-            g.timed("gemm fwd", || self.linear_forward(g, &acts.tmp, &a.h, &w.w_down, id(Linear::Down), a.xa.get(6), n, f, d))?;
-            let x_out = match rest.first_mut() {
-                Some(next) => &mut next.x_in,
-                None => &mut acts.x_final,
-            };
-            g.timed("residual", || k::residual_forward(g, x_out, &a.x_mid, &acts.tmp, n * d))?;
+            let slot = acts.slot(l);
+            let (inputs, outputs) = acts.x.split_at_mut(l + 1);
+            self.block_forward(g, l, &mut acts.layers[slot], &inputs[l], Some(&mut outputs[0]), &acts.tmp, b, t)?;
         }
-        g.timed("rmsnorm", || k::rmsnorm_forward(g, &mut acts.xf, &mut acts.rstd_f, &acts.x_final, &self.norm, n, d, c.norm_eps))?;
+        let x_final = &acts.x[c.n_layers];
+        g.timed("rmsnorm", || {
+            k::rmsnorm_forward(g, &mut acts.xf, &mut acts.rstd_f, x_final, &self.norm, n, d, c.norm_eps)
+        })?;
         g.timed("lm head fwd", || {
-            g.gemm(false, true, n, c.vocab_size, d, 1.0, acts.xf.ptr(), self.head().ptr(), 0.0, acts.logits.ptr(), Dt::Bf16, Dt::Bf16)
+            g.gemm(
+                false,
+                true,
+                n,
+                c.vocab_size,
+                d,
+                1.0,
+                acts.xf.ptr(),
+                self.head().ptr(),
+                0.0,
+                acts.logits.ptr(),
+                Dt::Bf16,
+                Dt::Bf16,
+            )
         })?;
         g.timed("cross-entropy fwd", || {
             k::crossentropy_forward(g, &mut acts.losses, &mut acts.lse_ce, &acts.logits, &acts.targets, n, c.vocab_size)
@@ -385,33 +509,52 @@ impl GpuModel {
     }
 
     /// Model::backward on the GPU, for the loss of the last `forward`. Weight
-    /// gradients of the linear layers go to `sink`; acts.logits becomes dlogits.
+    /// gradients go to `sink`; acts.logits becomes dlogits.
     pub fn backward(&self, g: &Gpu, acts: &mut GpuActs, sink: &mut dyn GpuSink) -> Result<()> {
         let c = &self.config;
         let (b, t) = (acts.b, acts.t);
         let n = b * t;
         let (d, qd, kvd, f, v) = (c.dim, c.q_dim(), c.kv_dim(), c.ffn_dim, c.vocab_size);
         let dims = Attn { b, t, nh: c.n_heads, kvh: c.n_kv_heads, hs: c.head_dim };
-        let GpuActs { layers, x_final, xf: _, rstd_f, logits, targets, lse_ce, scratch: s, n_counted, .. } = acts;
+        let recompute = acts.recompute;
+        let GpuActs { x, layers, xf, rstd_f, logits, tokens, targets, lse_ce, scratch: s, tmp, n_counted, .. } = acts;
         let inv = 1.0 / (*n_counted).max(1) as f32;
 
-        // Loss and LM head (frozen): dlogits (N, V), then dxn = dlogits @ W_head.
+        // Loss and LM head: dlogits (N, V), then dxn = dlogits @ W_head;
+        // dW_head (V, C) += dlogits^T @ xf when the head (or the embedding
+        // it is tied to) is trained.
         g.timed("cross-entropy bwd", || k::crossentropy_backward(g, logits, lse_ce, targets, n, v, inv))?;
+        if let Some(dw) = sink.dense(self.head_param()) {
+            g.timed("lm head dW", || {
+                g.gemm(true, false, v, d, n, 1.0, logits.ptr(), xf.ptr(), 1.0, dw.ptr(), Dt::Bf16, Dt::F32)
+            })?;
+        }
         g.timed("lm head dX", || {
             g.gemm(false, false, n, d, v, 1.0, logits.ptr(), self.head().ptr(), 0.0, s.dxn.ptr(), Dt::Bf16, Dt::Bf16)
         })?;
         g.timed("zero", || g.zero_range(&mut s.dres, 0, n * d))?;
-        g.timed("rmsnorm", || k::rmsnorm_backward(g, &mut s.dres, None, &s.dxn, x_final, &self.norm, rstd_f, n, d))?;
+        let x_final = &x[c.n_layers];
+        g.timed("rmsnorm", || {
+            k::rmsnorm_backward(g, &mut s.dres, sink.dense(Param::Norm), &s.dxn, x_final, &self.norm, rstd_f, n, d)
+        })?;
         let zero_attn_grads = k::attention_accumulates(g, dims);
 
         for l in (0..c.n_layers).rev() {
             let w = &self.layers[l];
-            let a = &layers[l];
+            let x_in = &x[l];
+            let a = &mut layers[if recompute { 0 } else { l }];
+            if recompute {
+                // This layer's activations again, from its kept input.
+                self.block_forward(g, l, a, x_in, None, tmp, b, t)?;
+            }
+            let a = &*a;
             let id = |which| matrix_id(l, which);
             let xa = |i: usize| a.xa.get(i);
             // MLP block. s.dres holds d(x_out) and becomes d(x_mid).
             sink.linear(g, id(Linear::Down), &s.dres, &a.h, xa(6), n, f, d)?;
-            g.timed("gemm dX", || self.linear_backward_input(g, &s.dh, &s.dres, &w.w_down, id(Linear::Down), &s.dyb, 0.0, n, f, d))?;
+            g.timed("gemm dX", || {
+                self.linear_backward_input(g, &s.dh, &s.dres, &w.w_down, id(Linear::Down), &s.dyb, 0.0, n, f, d)
+            })?;
             // dgate and dup are written, not accumulated: nothing else adds to them
             g.timed("swiglu", || k::swiglu_backward(g, &mut s.dgate, &mut s.dup, &s.dh, &a.gate, &a.up, n * f, false))?;
             sink.linear(g, id(Linear::Gate), &s.dgate, &a.xn2, xa(4), n, d, f)?;
@@ -420,11 +563,16 @@ impl GpuModel {
                 self.linear_backward_input(g, &s.dxn, &s.dgate, &w.w_gate, id(Linear::Gate), &s.dyb, 0.0, n, d, f)?;
                 self.linear_backward_input(g, &s.dxn, &s.dup, &w.w_up, id(Linear::Up), &s.dyb, 1.0, n, d, f)
             })?;
-            g.timed("rmsnorm", || k::rmsnorm_backward(g, &mut s.dres, None, &s.dxn, &a.x_mid, &w.mlp_norm, &a.rstd2, n, d))?;
+            g.timed("rmsnorm", || {
+                let dw = sink.dense(Param::MlpNorm(l));
+                k::rmsnorm_backward(g, &mut s.dres, dw, &s.dxn, &a.x_mid, &w.mlp_norm, &a.rstd2, n, d)
+            })?;
 
             // Attention block. s.dres holds d(x_mid) and becomes d(x_in).
             sink.linear(g, id(Linear::O), &s.dres, &a.att, xa(3), n, qd, d)?;
-            g.timed("gemm dX", || self.linear_backward_input(g, &s.datt, &s.dres, &w.wo, id(Linear::O), &s.dyb, 0.0, n, qd, d))?;
+            g.timed("gemm dX", || {
+                self.linear_backward_input(g, &s.datt, &s.dres, &w.wo, id(Linear::O), &s.dyb, 0.0, n, qd, d)
+            })?;
             if zero_attn_grads {
                 g.timed("zero", || {
                     g.zero_range(&mut s.dq, 0, n * qd)?;
@@ -433,7 +581,20 @@ impl GpuModel {
                 })?;
             }
             g.timed("attention bwd", || {
-                k::attention_backward(g, &mut s.dq, &mut s.dk, &mut s.dv, &mut s.delta, &s.datt, &a.att, &a.lse, &a.q, &a.k, &a.v, dims)
+                k::attention_backward(
+                    g,
+                    &mut s.dq,
+                    &mut s.dk,
+                    &mut s.dv,
+                    &mut s.delta,
+                    &s.datt,
+                    &a.att,
+                    &a.lse,
+                    &a.q,
+                    &a.k,
+                    &a.v,
+                    dims,
+                )
             })?;
             g.timed("rope", || {
                 k::rope_rotate(g, &mut s.dq, &self.rope, n, t, c.n_heads, c.head_dim, 0, -1.0)?;
@@ -447,7 +608,14 @@ impl GpuModel {
                 self.linear_backward_input(g, &s.dxn, &s.dk, &w.wk, id(Linear::K), &s.dyb, 1.0, n, d, kvd)?;
                 self.linear_backward_input(g, &s.dxn, &s.dv, &w.wv, id(Linear::V), &s.dyb, 1.0, n, d, kvd)
             })?;
-            g.timed("rmsnorm", || k::rmsnorm_backward(g, &mut s.dres, None, &s.dxn, &a.x_in, &w.attn_norm, &a.rstd1, n, d))?;
+            g.timed("rmsnorm", || {
+                let dw = sink.dense(Param::AttnNorm(l));
+                k::rmsnorm_backward(g, &mut s.dres, dw, &s.dxn, x_in, &w.attn_norm, &a.rstd1, n, d)
+            })?;
+        }
+        // s.dres is d(x[0]), the embedded tokens': scattered into the rows of dW_embed.
+        if let Some(dw) = sink.dense(Param::Embed) {
+            g.timed("embedding bwd", || k::embedding_backward(g, dw, &s.dres, tokens, n, d))?;
         }
         Ok(())
     }

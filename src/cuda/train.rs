@@ -1,26 +1,40 @@
 //! Training on the GPU: each method's optimizer state on the device, the
-//! gradient sinks the backward pass feeds, one optimizer step, and the
-//! `lift train --device cuda` loop (train.rs's loop, on GpuModel).
+//! gradient sink the backward pass feeds, and one optimizer step
+//! (`GpuTrainer`, the GPU's `Trainer`; train_cpu.rs is its CPU twin). The
+//! loop that drives it is train.rs's, the same for both devices.
 //!
 //! Memory, per method, besides the bf16 weights and the activations:
 //!   lift   k x (index u32 + m + v + f32 master + gradient accumulator f32)
 //!          = 20 bytes per selected entry, plus ONE dense f32 dW buffer the
 //!          size of the largest matrix, reused matrix after matrix;
 //!   full   20 bytes per trained weight (f32 gradient, m, v, master);
-//!   lora   20 bytes per adapter value, plus its bf16 copy.
+//!   lora   20 bytes per adapter value, plus its bf16 copy;
+//!   norms and embeddings, when trained: 20 bytes per value, as `full`.
+//!
+//! The weights live in bf16; the f32 values of the trained entries are the
+//! masters. What the run started from (the checkpoint's f32 weights, or a
+//! resumed state's) is kept on the host as the `reference`: masters start
+//! from it, and model.bin and state.bin take from it every entry that the
+//! training left where it was (its bf16 rounding is still what the device
+//! holds), so those stay bit-identical to the base as on the CPU.
 
+use std::borrow::Cow;
 use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow, bail};
+use half::bf16;
 
 use super::gpu::{Bf16, Buf, Dt, Gpu};
 use super::launch as k;
 use super::model::{GpuActs, GpuAdapter, GpuModel, GpuSink, matrix_id, to_bf16};
 use super::select::{Job, SelectScratch};
+use crate::data::Batch;
 use crate::lift::{self, Approx, Budget};
-use crate::model::{Config, Linear};
-use crate::optim::{self, AdamW};
-use crate::train::{Method, Svd, TrainOptions};
+use crate::lora::Adapter;
+use crate::model::{Config, Linear, Model, Param, Weights};
+use crate::optim::{self, AdamW, DenseState, RefreshStats};
+use crate::state::{Kind, StateWriter, Trainable};
+use crate::train::{Method, StepStats, Svd, TrainOptions, Trainer, extra_params};
 
 /// Sparse AdamW state of one matrix (optim::SparseState, plus the f32 master
 /// values of the selected entries and their gradient accumulator).
@@ -43,17 +57,38 @@ pub struct GpuDense {
 }
 
 impl GpuDense {
-    fn new(g: &Gpu, master: &[f32]) -> Result<GpuDense> {
+    /// Zero moments, the given f32 master.
+    fn fresh(g: &Gpu, master: Buf<f32>) -> Result<GpuDense> {
         let n = master.len();
-        Ok(GpuDense { n, m: g.zeros(n)?, v: g.zeros(n)?, master: g.upload(master)?, grad: g.zeros(n)? })
+        Ok(GpuDense { n, m: g.zeros(n)?, v: g.zeros(n)?, master, grad: g.zeros(n)? })
+    }
+
+    /// A saved state and its f32 master values.
+    fn upload(g: &Gpu, s: &DenseState, master: &[f32]) -> Result<GpuDense> {
+        assert_eq!(s.m.len(), master.len(), "dense state and master of one tensor");
+        Ok(GpuDense {
+            n: master.len(),
+            m: g.upload(&s.m)?,
+            v: g.upload(&s.v)?,
+            master: g.upload(master)?,
+            grad: g.zeros(master.len())?,
+        })
     }
 }
 
 pub enum GpuState {
-    Sparse { states: Vec<GpuSparse>, dw: Buf<f32> },
-    Full { states: Vec<GpuDense> },
+    Sparse {
+        states: Vec<GpuSparse>,
+        dw: Buf<f32>,
+    },
+    Full {
+        states: Vec<GpuDense>,
+    },
     /// (A, B) per matrix; dyb (N, r) is the sink's dout @ B.
-    Lora { states: Vec<(GpuDense, GpuDense)>, dyb: Buf<Bf16> },
+    Lora {
+        states: Vec<(GpuDense, GpuDense)>,
+        dyb: Buf<Bf16>,
+    },
 }
 
 /// What to select and how (the LIFT flags of TrainOptions).
@@ -141,181 +176,340 @@ pub fn select_masks(g: &Gpu, model: &GpuModel, so: &SelectOptions, round: u64) -
     Ok(masks)
 }
 
+/// Opens the GPU for `lift train --device cuda`: the libraries, the kernels
+/// (compiled by NVRTC), then the tensor-core attention after a quick check
+/// against the plain kernels (LIFT_ATTENTION=plain skips it).
+pub fn open_gpu() -> Result<Gpu> {
+    let g = Gpu::new()?;
+    eprintln!("device: {} (sm_{}{}), kernels compiled in {:.2}s", g.name, g.cc.0, g.cc.1, g.compile_s);
+    let wanted =
+        if g.attention() == super::Attention::Plain { super::Attention::Plain } else { super::Attention::Auto };
+    super::check::choose_attention(&g, wanted)?;
+    Ok(g)
+}
+
+/// Whether a model of this shape can train on the GPU.
+pub fn check_supported(c: &Config) -> Result<()> {
+    if c.head_dim > 128 {
+        bail!(
+            "--device cuda does not support head size {} (the attention kernels take up to 128); use --device cpu",
+            c.head_dim
+        );
+    }
+    Ok(())
+}
+
 /// The model, its activations and the method's state: one training step at a time.
-pub struct GpuTrainer {
+pub struct GpuTrainer<'g> {
+    g: &'g Gpu,
     pub model: GpuModel,
     pub acts: GpuActs,
     pub state: GpuState,
+    /// Dense AdamW state of the norms and embeddings when trained, in the
+    /// order of `extra_params`.
+    pub extras: Vec<(Param, GpuDense)>,
     pub select: SelectOptions,
+    opts: TrainOptions,
+    /// The f32 weights the run started from (see the module comment); None
+    /// for a model made on the device (`lift bench`, `lift gpu-check`), whose
+    /// masters start from the bf16 weights.
+    reference: Option<Weights>,
     partial: Buf<f64>,
     /// Seconds spent selecting masks (start and refreshes).
     pub mask_s: f64,
 }
 
-/// Timings of one step, in ms, and its loss and gradient norm.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct StepStats {
-    pub loss: f32,
-    pub grad_norm: f64,
-    pub forward_ms: f64,
-    pub backward_ms: f64,
-    pub optimizer_ms: f64,
-}
-
-struct LiftSink<'a> {
-    states: &'a mut [GpuSparse],
-    dw: &'a mut Buf<f32>,
-}
-
-impl GpuSink for LiftSink<'_> {
-    fn linear(&mut self, g: &Gpu, id: usize, dout: &Buf<Bf16>, inp: &Buf<Bf16>, _xa: Option<&Buf<Bf16>>, n: usize, ic: usize, oc: usize) -> Result<()> {
-        // One dense dW in the reused buffer, of which only the k selected
-        // entries are kept (train.rs Sink::linear).
-        // bf16 operands, f32 output and sums: a tensor-core GEMM.
-        assert!(self.dw.len() >= oc * ic);
-        g.timed("gemm dW", || g.gemm(true, false, oc, ic, n, 1.0, dout.ptr(), inp.ptr(), 0.0, self.dw.ptr(), Dt::Bf16, Dt::F32))?;
-        let s = &mut self.states[id];
-        g.timed("dW gather", || k::gather_add(g, &mut s.acc, self.dw, &s.idx, s.k))
-    }
-}
-
-struct FullSink<'a> {
-    states: &'a mut [GpuDense],
-}
-
-impl GpuSink for FullSink<'_> {
-    fn linear(&mut self, g: &Gpu, id: usize, dout: &Buf<Bf16>, inp: &Buf<Bf16>, _xa: Option<&Buf<Bf16>>, n: usize, ic: usize, oc: usize) -> Result<()> {
-        // cpu::matmul_backward_weight: dW (OC, IC) += dout^T @ inp, in f32.
-        let s = &mut self.states[id];
-        g.timed("gemm dW", || g.gemm(true, false, oc, ic, n, 1.0, dout.ptr(), inp.ptr(), 1.0, s.grad.ptr(), Dt::Bf16, Dt::F32))
-    }
-}
-
-struct LoraSink<'a> {
-    states: &'a mut [(GpuDense, GpuDense)],
+/// Routes the backward pass's weight gradients into the method's
+/// accumulators (train_cpu.rs's Sink, on the GPU).
+struct Sink<'a> {
+    state: &'a mut GpuState,
+    extras: &'a mut [(Param, GpuDense)],
     adapters: &'a [GpuAdapter],
-    dyb: &'a Buf<Bf16>,
 }
 
-impl GpuSink for LoraSink<'_> {
-    fn linear(&mut self, g: &Gpu, id: usize, dout: &Buf<Bf16>, inp: &Buf<Bf16>, xa: Option<&Buf<Bf16>>, n: usize, ic: usize, oc: usize) -> Result<()> {
-        // lora.rs Adapter::backward: dB = s dout^T (inp A^T), dA = s (dout B)^T inp.
-        let ad = &self.adapters[id];
-        let xa = xa.ok_or_else(|| anyhow!("LoRA: the forward pass kept no inp @ A^T"))?;
-        let (sa, sb) = &mut self.states[id];
-        g.timed("gemm dW", || {
-            g.gemm(true, false, oc, ad.r, n, ad.scale, dout.ptr(), xa.ptr(), 1.0, sb.grad.ptr(), Dt::Bf16, Dt::F32)?;
-            g.gemm(false, false, n, ad.r, oc, 1.0, dout.ptr(), ad.b.ptr(), 0.0, self.dyb.ptr(), Dt::Bf16, Dt::Bf16)?;
-            g.gemm(true, false, ad.r, ic, n, ad.scale, self.dyb.ptr(), inp.ptr(), 1.0, sa.grad.ptr(), Dt::Bf16, Dt::F32)
-        })
+impl GpuSink for Sink<'_> {
+    fn linear(
+        &mut self,
+        g: &Gpu,
+        id: usize,
+        dout: &Buf<Bf16>,
+        inp: &Buf<Bf16>,
+        xa: Option<&Buf<Bf16>>,
+        n: usize,
+        ic: usize,
+        oc: usize,
+    ) -> Result<()> {
+        match self.state {
+            GpuState::Sparse { states, dw } => {
+                // One dense dW in the reused buffer, of which only the k
+                // selected entries are kept. bf16 operands, f32 output and
+                // sums: a tensor-core GEMM.
+                assert!(dw.len() >= oc * ic);
+                g.timed("gemm dW", || {
+                    g.gemm(true, false, oc, ic, n, 1.0, dout.ptr(), inp.ptr(), 0.0, dw.ptr(), Dt::Bf16, Dt::F32)
+                })?;
+                let s = &mut states[id];
+                g.timed("dW gather", || k::gather_add(g, &mut s.acc, dw, &s.idx, s.k))
+            }
+            GpuState::Full { states } => {
+                // cpu::matmul_backward_weight: dW (OC, IC) += dout^T @ inp, in f32.
+                let s = &mut states[id];
+                g.timed("gemm dW", || {
+                    g.gemm(true, false, oc, ic, n, 1.0, dout.ptr(), inp.ptr(), 1.0, s.grad.ptr(), Dt::Bf16, Dt::F32)
+                })
+            }
+            GpuState::Lora { states, dyb } => {
+                // lora.rs Adapter::backward: dB = s dout^T (inp A^T), dA = s (dout B)^T inp.
+                let ad = &self.adapters[id];
+                let xa = xa.ok_or_else(|| anyhow!("LoRA: the forward pass kept no inp @ A^T"))?;
+                let (sa, sb) = &mut states[id];
+                g.timed("gemm dW", || {
+                    g.gemm(
+                        true,
+                        false,
+                        oc,
+                        ad.r,
+                        n,
+                        ad.scale,
+                        dout.ptr(),
+                        xa.ptr(),
+                        1.0,
+                        sb.grad.ptr(),
+                        Dt::Bf16,
+                        Dt::F32,
+                    )?;
+                    g.gemm(false, false, n, ad.r, oc, 1.0, dout.ptr(), ad.b.ptr(), 0.0, dyb.ptr(), Dt::Bf16, Dt::Bf16)?;
+                    g.gemm(
+                        true,
+                        false,
+                        ad.r,
+                        ic,
+                        n,
+                        ad.scale,
+                        dyb.ptr(),
+                        inp.ptr(),
+                        1.0,
+                        sa.grad.ptr(),
+                        Dt::Bf16,
+                        Dt::F32,
+                    )
+                })
+            }
+        }
+    }
+
+    fn dense(&mut self, p: Param) -> Option<&mut Buf<f32>> {
+        self.extras.iter_mut().find(|(q, _)| *q == p).map(|(_, s)| &mut s.grad)
     }
 }
 
-impl GpuTrainer {
-    /// Sets up `method` on a model already on the GPU, with activations for
-    /// batches of up to (b, t). LIFT's masks are selected here.
-    pub fn new(g: &Gpu, mut model: GpuModel, o: &TrainOptions, b: usize, t: usize) -> Result<GpuTrainer> {
+/// f32 masters of a whole tensor: the reference values, or the device's bf16 widened.
+fn dense_master(g: &Gpu, reference: Option<&[f32]>, w: &Buf<Bf16>) -> Result<Buf<f32>> {
+    match reference {
+        Some(r) => g.upload(r),
+        None => {
+            let mut master = g.zeros::<f32>(w.len())?;
+            k::convert(g, "bf16_to_f32", &mut master, w, w.len())?;
+            Ok(master)
+        }
+    }
+}
+
+/// f32 masters of the selected entries `idx` of a matrix, likewise.
+fn sparse_master(g: &Gpu, reference: Option<&[f32]>, w: &Buf<Bf16>, idx: &Buf<u32>) -> Result<Buf<f32>> {
+    match reference {
+        Some(r) => {
+            let host_idx = g.download(idx, idx.len())?;
+            g.upload(&host_idx.iter().map(|&i| r[i as usize]).collect::<Vec<f32>>())
+        }
+        None => {
+            let mut master = g.zeros::<f32>(idx.len())?;
+            k::gather_bf16(g, &mut master, w, idx, idx.len())?;
+            Ok(master)
+        }
+    }
+}
+
+impl<'g> GpuTrainer<'g> {
+    /// Sets up a fresh run of `method` on a model made on the device
+    /// (benchmarks, checks), with activations for batches of up to (b, t).
+    /// LIFT's masks are selected here.
+    pub fn new(g: &'g Gpu, model: GpuModel, o: &TrainOptions, b: usize, t: usize) -> Result<GpuTrainer<'g>> {
+        GpuTrainer::build(g, model, o, b, t, None, None)
+    }
+
+    /// `lift train`'s trainer: uploads the host model (whose weights become
+    /// the reference) and starts fresh, or from a state read from state.bin
+    /// (the model's weights then hold its saved tensors).
+    pub fn start(
+        g: &'g Gpu,
+        model: Model,
+        o: &TrainOptions,
+        b: usize,
+        t: usize,
+        state: Option<(Trainable, Vec<DenseState>)>,
+    ) -> Result<GpuTrainer<'g>> {
+        let gm = GpuModel::upload(g, &model, t)?;
+        GpuTrainer::build(g, gm, o, b, t, Some(model.weights), state)
+    }
+
+    fn build(
+        g: &'g Gpu,
+        mut model: GpuModel,
+        o: &TrainOptions,
+        b: usize,
+        t: usize,
+        reference: Option<Weights>,
+        saved: Option<(Trainable, Vec<DenseState>)>,
+    ) -> Result<GpuTrainer<'g>> {
         let c = model.config.clone();
         let so = SelectOptions::of(o);
         let t0 = Instant::now();
-        let state = match o.method {
-            Method::Lift | Method::Magnitude | Method::Random => {
+        let reference_of = |id: usize| reference.as_ref().map(|r| r.layers[id / 7].linear(Linear::ALL[id % 7]));
+        let (saved, saved_extras) = match saved {
+            Some((tr, ex)) => (Some(tr), Some(ex)),
+            None => (None, None),
+        };
+        let state = match (o.method, saved) {
+            (Method::Lift | Method::Magnitude | Method::Random, None) => {
                 let masks = select_masks(g, &model, &so, 0)?;
                 let mut states = Vec::with_capacity(masks.len());
                 for (id, idx) in masks.into_iter().enumerate() {
                     let kk = idx.len();
-                    let mut master = g.zeros::<f32>(kk)?;
                     let w = model.layers[id / 7].linear(Linear::ALL[id % 7]);
-                    k::gather_bf16(g, &mut master, w, &idx, kk)?;
+                    let master = sparse_master(g, reference_of(id), w, &idx)?;
                     states.push(GpuSparse { k: kk, idx, m: g.zeros(kk)?, v: g.zeros(kk)?, master, acc: g.zeros(kk)? });
                 }
-                let max = Linear::ALL.iter().map(|w| w.shape(&c).0 * w.shape(&c).1).max().unwrap_or(0);
-                GpuState::Sparse { states, dw: g.zeros(max)? }
+                let k_sum: usize = states.iter().map(|s| s.k).sum();
+                let n: usize = Linear::ALL.iter().map(|w| w.shape(&c).0 * w.shape(&c).1).sum::<usize>() * c.n_layers;
+                eprintln!(
+                    "masks: {} matrices, {k_sum} of {n} entries selected ({:.2}%), {:.2}s on the GPU",
+                    states.len(),
+                    100.0 * k_sum as f64 / n as f64,
+                    t0.elapsed().as_secs_f64()
+                );
+                GpuState::Sparse { states, dw: g.zeros(largest_matrix(&c))? }
             }
-            Method::Full => {
+            (Method::Lift | Method::Magnitude | Method::Random, Some(Trainable::Sparse { states: saved })) => {
+                let reference = reference.as_ref().ok_or_else(|| anyhow!("resuming needs the host weights"))?;
+                let mut states = Vec::with_capacity(saved.len());
+                for (id, s) in saved.iter().enumerate() {
+                    let w = reference.layers[id / 7].linear(Linear::ALL[id % 7]);
+                    let master: Vec<f32> = s.indices.iter().map(|&i| w[i as usize]).collect();
+                    states.push(GpuSparse {
+                        k: s.k(),
+                        idx: g.upload(&s.indices)?,
+                        m: g.upload(&s.m)?,
+                        v: g.upload(&s.v)?,
+                        master: g.upload(&master)?,
+                        acc: g.zeros(s.k())?,
+                    });
+                }
+                GpuState::Sparse { states, dw: g.zeros(largest_matrix(&c))? }
+            }
+            (Method::Full, saved) => {
+                let saved = match saved {
+                    Some(Trainable::Full { states }) => Some(states),
+                    None => None,
+                    Some(_) => bail!("the saved state is not --method full's"),
+                };
                 let mut states = Vec::with_capacity(c.n_layers * 7);
-                for l in 0..c.n_layers {
-                    for w in Linear::ALL {
-                        let b = model.layers[l].linear(w);
-                        let mut master = g.zeros::<f32>(b.len())?;
-                        k::convert(g, "bf16_to_f32", &mut master, b, b.len())?;
-                        let n = b.len();
-                        states.push(GpuDense { n, m: g.zeros(n)?, v: g.zeros(n)?, master, grad: g.zeros(n)? });
-                    }
+                for id in 0..c.n_layers * 7 {
+                    let w = model.layers[id / 7].linear(Linear::ALL[id % 7]);
+                    states.push(match &saved {
+                        None => GpuDense::fresh(g, dense_master(g, reference_of(id), w)?)?,
+                        Some(s) => {
+                            let r = reference_of(id).ok_or_else(|| anyhow!("resuming needs the host weights"))?;
+                            GpuDense::upload(g, &s[id], r)?
+                        }
+                    });
                 }
                 GpuState::Full { states }
             }
-            Method::Lora => {
+            (Method::Lora, saved) => {
                 if o.lora_rank == 0 {
                     bail!("--lora-rank must be at least 1");
                 }
-                // The same initialization as train.rs: A ~ U(-1/sqrt(IC), 1/sqrt(IC)), B = 0.
-                let mut rng = crate::data::Rng::stream(o.seed, 7);
-                let mut uniform = || rng.next_f32();
-                let mut states = Vec::new();
-                for _l in 0..c.n_layers {
-                    for w in Linear::ALL {
-                        let (out, inp) = w.shape(&c);
-                        let ad = crate::lora::Adapter::new(out, inp, o.lora_rank.min(out.min(inp)), o.lora_alpha, &mut uniform);
-                        states.push((GpuDense::new(g, &ad.a)?, GpuDense::new(g, &ad.b)?));
-                        model.adapters.push(GpuAdapter { r: ad.r, scale: ad.scale, a: g.upload(&to_bf16(&ad.a))?, b: g.upload(&to_bf16(&ad.b))? });
-                    }
+                // The same adapters as the CPU's (A uniform, B = 0, from the seed's stream 7).
+                let (adapters, moments) = match saved {
+                    Some(Trainable::Lora { adapters, states }) => (adapters, states),
+                    None => crate::train_cpu::new_adapters(&c, o),
+                    Some(_) => bail!("the saved state is not --method lora's"),
+                };
+                let mut states = Vec::with_capacity(adapters.len());
+                for (ad, (sa, sb)) in adapters.iter().zip(&moments) {
+                    states.push((GpuDense::upload(g, sa, &ad.a)?, GpuDense::upload(g, sb, &ad.b)?));
+                    model.adapters.push(GpuAdapter {
+                        r: ad.r,
+                        scale: ad.scale,
+                        a: g.upload(&to_bf16(&ad.a))?,
+                        b: g.upload(&to_bf16(&ad.b))?,
+                    });
                 }
                 let r = model.adapters.iter().map(|a| a.r).max().unwrap_or(1);
                 GpuState::Lora { states, dyb: g.zeros(b * t * r)? }
             }
+            (m, Some(_)) => bail!("the saved state is not --method {m:?}'s"),
         };
+        let mut extras = Vec::new();
+        for (i, p) in extra_params(&c, o).into_iter().enumerate() {
+            let reference = reference.as_ref().map(|r| r.get(p));
+            let s = match &saved_extras {
+                None => GpuDense::fresh(g, dense_master(g, reference, model.param(p))?)?,
+                Some(ex) => {
+                    let r = reference.ok_or_else(|| anyhow!("resuming needs the host weights"))?;
+                    GpuDense::upload(g, &ex[i], r)?
+                }
+            };
+            extras.push((p, s));
+        }
         g.sync()?;
         let mask_s = if o.method.is_sparse() { t0.elapsed().as_secs_f64() } else { 0.0 };
         let lora_r = if o.method == Method::Lora { model.adapters.iter().map(|a| a.r).max().unwrap_or(0) } else { 0 };
-        let acts = GpuActs::new(g, &c, b, t, lora_r)?;
-        let n_tensors = match &state {
-            GpuState::Sparse { states, .. } => states.len(),
-            GpuState::Full { states } => states.len(),
-            GpuState::Lora { states, .. } => 2 * states.len(),
-        };
+        let acts = GpuActs::new(g, &c, b, t, lora_r, o.recompute)?;
+        let n_tensors = extras.len()
+            + match &state {
+                GpuState::Sparse { states, .. } => states.len(),
+                GpuState::Full { states } => states.len(),
+                GpuState::Lora { states, .. } => 2 * states.len(),
+            };
         let partial = g.zeros(n_tensors * k::SUMSQ_BLOCKS)?;
-        Ok(GpuTrainer { model, acts, state, select: so, partial, mask_s })
+        Ok(GpuTrainer { g, model, acts, state, extras, select: so, opts: o.clone(), reference, partial, mask_s })
     }
 
     /// Zeroes the gradient accumulators.
-    pub fn zero_grads(&mut self, g: &Gpu) -> Result<()> {
-        g.timed("zero", || self.zero_grads_inner(g))
-    }
-
-    fn zero_grads_inner(&mut self, g: &Gpu) -> Result<()> {
-        match &mut self.state {
-            GpuState::Sparse { states, .. } => states.iter_mut().try_for_each(|s| g.zero(&mut s.acc)),
-            GpuState::Full { states } => states.iter_mut().try_for_each(|s| g.zero(&mut s.grad)),
-            GpuState::Lora { states, .. } => states.iter_mut().try_for_each(|(a, b)| {
-                g.zero(&mut a.grad)?;
-                g.zero(&mut b.grad)
-            }),
-        }
+    pub fn zero_grads(&mut self) -> Result<()> {
+        let g = self.g;
+        g.timed("zero", || {
+            match &mut self.state {
+                GpuState::Sparse { states, .. } => states.iter_mut().try_for_each(|s| g.zero(&mut s.acc))?,
+                GpuState::Full { states } => states.iter_mut().try_for_each(|s| g.zero(&mut s.grad))?,
+                GpuState::Lora { states, .. } => states.iter_mut().try_for_each(|(a, b)| {
+                    g.zero(&mut a.grad)?;
+                    g.zero(&mut b.grad)
+                })?,
+            }
+            self.extras.iter_mut().try_for_each(|(_, s)| g.zero(&mut s.grad))
+        })
     }
 
     /// Forward and backward of one micro-batch (tokens and targets (B, T)),
     /// accumulating gradients. Returns (loss, forward ms, backward ms).
-    pub fn micro_step(&mut self, g: &Gpu, b: usize, t: usize, tokens: &[u32], targets: &[i32]) -> Result<(f32, f64, f64)> {
+    pub fn micro_step(&mut self, b: usize, t: usize, tokens: &[u32], targets: &[i32]) -> Result<(f32, f64, f64)> {
+        let g = self.g;
         self.acts.set_shape(b, t)?;
         let t0 = Instant::now();
         let loss = self.model.forward(g, &mut self.acts, tokens, Some(targets))?; // synchronizes (loss)
         let t1 = Instant::now();
-        match &mut self.state {
-            GpuState::Sparse { states, dw } => self.model.backward(g, &mut self.acts, &mut LiftSink { states, dw })?,
-            GpuState::Full { states } => self.model.backward(g, &mut self.acts, &mut FullSink { states })?,
-            GpuState::Lora { states, dyb } => self.model.backward(
-                g,
-                &mut self.acts,
-                &mut LoraSink { states, adapters: &self.model.adapters, dyb },
-            )?,
-        }
+        let mut sink = Sink { state: &mut self.state, extras: &mut self.extras, adapters: &self.model.adapters };
+        self.model.backward(g, &mut self.acts, &mut sink)?;
         g.sync()?;
         Ok((loss, (t1 - t0).as_secs_f64() * 1e3, t1.elapsed().as_secs_f64() * 1e3))
     }
 
     /// Sum of squares of every gradient accumulator (f64, deterministic).
-    fn grad_sum_sq(&mut self, g: &Gpu) -> Result<f64> {
+    fn grad_sum_sq(&mut self) -> Result<f64> {
+        let g = self.g;
         let mut off = 0;
         let partial = &mut self.partial;
         let mut add = |buf: &Buf<f32>, n: usize| -> Result<()> {
@@ -331,39 +525,24 @@ impl GpuTrainer {
                 add(&b.grad, b.n)
             })?,
         }
+        self.extras.iter().try_for_each(|(_, s)| add(&s.grad, s.n))?;
         let p = g.download(&self.partial, off)?;
         Ok(p.iter().sum())
     }
 
-    /// One optimizer step over `micro` micro-batches (each (b, t, tokens,
-    /// targets)), at step t (1-based), learning rate lr: train.rs's step.
-    pub fn step(&mut self, g: &Gpu, micro: &[(usize, usize, &[u32], &[i32])], opt: &AdamW, t: u64, grad_clip: f32) -> Result<StepStats> {
-        self.zero_grads(g)?;
-        let mut st = StepStats::default();
-        let mut loss_sum = 0.0f64;
-        for &(b, tt, tokens, targets) in micro {
-            let (loss, f, bw) = self.micro_step(g, b, tt, tokens, targets)?;
-            if !loss.is_finite() {
-                bail!("loss is {loss} at step {t}; stopped");
-            }
-            loss_sum += loss as f64;
-            st.forward_ms += f;
-            st.backward_ms += bw;
-        }
-        let (grad_norm, ms) = self.update(g, opt, t, grad_clip, micro.len().max(1))?;
-        st.optimizer_ms = ms;
-        st.grad_norm = grad_norm;
-        st.loss = (loss_sum / micro.len().max(1) as f64) as f32;
-        Ok(st)
-    }
-
     /// The optimizer half of a step: global-norm clipping of the accumulated
     /// gradients (averaged over `accum` micro-batches), then AdamW at step t.
+    /// A non-finite gradient norm is an error, and nothing is updated.
     /// Returns (gradient norm, ms).
-    pub fn update(&mut self, g: &Gpu, opt: &AdamW, t: u64, grad_clip: f32, accum: usize) -> Result<(f64, f64)> {
+    pub fn update(&mut self, opt: &AdamW, t: u64, grad_clip: f32, accum: usize) -> Result<(f64, f64)> {
+        let g = self.g;
         let t0 = Instant::now();
         let accum = accum as f32;
-        let sum_sq = self.grad_sum_sq(g)? / (accum as f64 * accum as f64);
+        let sum_sq = self.grad_sum_sq()? / (accum as f64 * accum as f64);
+        // As on the CPU: clipping would scale an infinite gradient to NaN.
+        if !sum_sq.is_finite() {
+            bail!("the gradient norm is {} at step {t}", sum_sq.sqrt());
+        }
         let clip = optim::clip_scale(sum_sq, grad_clip);
         let gscale = clip / accum;
         match &mut self.state {
@@ -371,13 +550,17 @@ impl GpuTrainer {
                 for (id, s) in states.iter_mut().enumerate() {
                     let w = self.model.layers[id / 7].linear_mut(Linear::ALL[id % 7]);
                     let n = w.len();
-                    g.timed("adamw", || k::sparse_adamw(g, w, n, &s.idx, &mut s.m, &mut s.v, &mut s.master, &s.acc, s.k, gscale, opt, t))?;
+                    g.timed("adamw", || {
+                        k::sparse_adamw(g, w, n, &s.idx, &mut s.m, &mut s.v, &mut s.master, &s.acc, s.k, gscale, opt, t)
+                    })?;
                 }
             }
             GpuState::Full { states } => {
                 for (id, s) in states.iter_mut().enumerate() {
                     let w = self.model.layers[id / 7].linear_mut(Linear::ALL[id % 7]);
-                    g.timed("adamw", || k::adamw(g, w, &mut s.m, &mut s.v, &mut s.master, &s.grad, s.n, gscale, opt, t))?;
+                    g.timed("adamw", || {
+                        k::adamw(g, w, &mut s.m, &mut s.v, &mut s.master, &s.grad, s.n, gscale, opt, t)
+                    })?;
                 }
             }
             GpuState::Lora { states, .. } => {
@@ -389,20 +572,89 @@ impl GpuTrainer {
                 }
             }
         }
+        for (p, s) in self.extras.iter_mut() {
+            let w = self.model.param_mut(*p);
+            g.timed("adamw", || k::adamw(g, w, &mut s.m, &mut s.v, &mut s.master, &s.grad, s.n, gscale, opt, t))?;
+        }
         g.sync()?;
         Ok((sum_sq.sqrt(), t0.elapsed().as_secs_f64() * 1e3))
     }
 
-    /// A mask refresh (train.rs): new masks from the current weights;
-    /// entries selected before and after keep m, v and their master value,
-    /// new ones start from zero state and the current weight. The merge of
-    /// the two ascending index lists is optim::SparseState::refresh's, on
-    /// the host (every --update-interval steps, so its cost is amortized).
-    pub fn refresh_masks(&mut self, g: &Gpu, round: u64) -> Result<(usize, usize)> {
+    /// The masks on the host (matrix_id order), for checks.
+    pub fn masks(&self) -> Result<Vec<Vec<u32>>> {
+        match &self.state {
+            GpuState::Sparse { states, .. } => states.iter().map(|s| self.g.download(&s.idx, s.k)).collect(),
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    /// The adapter of linear matrix `id` with its f32 masters, on the host.
+    fn adapter(&self, id: usize) -> Result<Adapter> {
+        let GpuState::Lora { states, .. } = &self.state else { bail!("not a LoRA run") };
+        let (sa, sb) = &states[id];
+        let (oc, ic) = Linear::ALL[id % 7].shape(&self.model.config);
+        let ad = &self.model.adapters[id];
+        let (a, b) = (self.g.download(&sa.master, sa.n)?, self.g.download(&sb.master, sb.n)?);
+        Ok(Adapter { r: ad.r, oc, ic, scale: ad.scale, a, b })
+    }
+
+    /// The device's bf16 values of one tensor, widened, where they differ
+    /// from the reference's rounding; the reference's f32 values elsewhere.
+    fn current(&self, p: Param) -> Result<Vec<f32>> {
+        let buf = self.model.param(p);
+        let dev = self.g.download(buf, buf.len())?;
+        let widen = |x: Bf16| bf16::from_bits(x).to_f32();
+        Ok(match &self.reference {
+            Some(r) => r
+                .get(p)
+                .iter()
+                .zip(&dev)
+                .map(|(&x, &d)| if bf16::from_f32(x).to_bits() == d { x } else { widen(d) })
+                .collect(),
+            None => dev.into_iter().map(widen).collect(),
+        })
+    }
+}
+
+/// f32 values in the largest linear matrix (the sparse dW scratch).
+fn largest_matrix(c: &Config) -> usize {
+    Linear::ALL.iter().map(|w| w.shape(c).0 * w.shape(c).1).max().unwrap_or(0)
+}
+
+impl Trainer for GpuTrainer<'_> {
+    fn step(&mut self, batches: &[Batch], lr: f32, t: u64) -> Result<StepStats> {
+        self.zero_grads()?;
+        let mut st = StepStats::default();
+        let mut loss_sum = 0.0f64;
+        for (micro, b) in batches.iter().enumerate() {
+            let (loss, f, bw) = self.micro_step(b.b, b.t, &b.tokens, &b.targets)?;
+            if !loss.is_finite() {
+                bail!("loss is {loss} at step {t} (micro-batch {micro})");
+            }
+            loss_sum += loss as f64;
+            st.forward_ms += f;
+            st.backward_ms += bw;
+            st.tokens += b.tokens.len();
+        }
+        let opt = AdamW { lr, ..self.opts.adamw() };
+        let (grad_norm, ms) = self.update(&opt, t, self.opts.grad_clip, batches.len().max(1))?;
+        st.optimizer_ms = ms;
+        st.grad_norm = grad_norm;
+        st.loss = (loss_sum / batches.len().max(1) as f64) as f32;
+        Ok(st)
+    }
+
+    /// New masks from the current weights; entries selected before and
+    /// after keep m, v and their master value, new ones start from zero
+    /// state and their current (bf16) weight. The merge of the two ascending
+    /// index lists is optim::SparseState::refresh's, on the host (every
+    /// --update-interval steps, so its cost is amortized).
+    fn refresh_masks(&mut self, round: u64) -> Result<RefreshStats> {
+        let g = self.g;
         let t0 = Instant::now();
-        let GpuState::Sparse { states, .. } = &mut self.state else { return Ok((0, 0)) };
+        let GpuState::Sparse { states, .. } = &mut self.state else { return Ok(RefreshStats::default()) };
         let masks = select_masks(g, &self.model, &self.select, round)?;
-        let (mut kept, mut total) = (0, 0);
+        let mut stats = RefreshStats::default();
         for (id, (s, new_idx)) in states.iter_mut().zip(masks).enumerate() {
             let (old_idx, old_m, old_v, old_master) =
                 (g.download(&s.idx, s.k)?, g.download(&s.m, s.k)?, g.download(&s.v, s.k)?, g.download(&s.master, s.k)?);
@@ -422,160 +674,142 @@ impl GpuTrainer {
                     m[j] = old_m[i];
                     v[j] = old_v[i];
                     master[j] = old_master[i];
-                    kept += 1;
+                    stats.kept += 1;
                 }
             }
-            total += kk;
-            *s = GpuSparse { k: kk, idx: new_idx, m: g.upload(&m)?, v: g.upload(&v)?, master: g.upload(&master)?, acc: g.zeros(kk)? };
+            stats.total += kk;
+            *s = GpuSparse {
+                k: kk,
+                idx: new_idx,
+                m: g.upload(&m)?,
+                v: g.upload(&v)?,
+                master: g.upload(&master)?,
+                acc: g.zeros(kk)?,
+            };
         }
         self.mask_s += t0.elapsed().as_secs_f64();
-        Ok((kept, total))
+        Ok(stats)
     }
 
-    /// The masks on the host (matrix_id order), for checks.
-    pub fn masks(&self, g: &Gpu) -> Result<Vec<Vec<u32>>> {
-        match &self.state {
-            GpuState::Sparse { states, .. } => states.iter().map(|s| g.download(&s.idx, s.k)).collect(),
-            _ => Ok(Vec::new()),
-        }
-    }
-}
-
-/// Checks that the options can run on the GPU.
-pub fn unsupported(o: &TrainOptions, c: &Config) -> Option<String> {
-    if o.train_norms || o.train_embeddings {
-        return Some("--train-norms and --train-embeddings".into());
-    }
-    if c.head_dim > 128 {
-        return Some(format!("head size {} (the attention kernels take up to 128)", c.head_dim));
-    }
-    None
-}
-
-/// `lift train --device cuda`: train.rs's loop (data, schedule, clipping,
-/// refreshes, validation, metrics.jsonl, model.bin) with the steps on the GPU.
-pub fn train(o: &TrainOptions) -> Result<()> {
-    use crate::checkpoint::{self, Checkpoint};
-    use crate::data::{self, Dataset, Purpose};
-
-    let ck = Checkpoint::open(&o.checkpoint)?;
-    let c = ck.config.clone();
-    if let Some(what) = unsupported(o, &c) {
-        bail!("--device cuda does not support {what}; use --device cpu");
-    }
-    if o.batch_size == 0 || o.grad_accum == 0 {
-        bail!("--batch-size and --grad-accum must be at least 1");
-    }
-    let tok = ck.tokenizer.clone();
-    let g = Gpu::new()?;
-    eprintln!("device: {} (sm_{}{}), kernels compiled in {:.2}s", g.name, g.cc.0, g.cc.1, g.compile_s);
-    // tensor-core attention after a quick check against the plain kernels
-    // (LIFT_ATTENTION=plain skips it)
-    let wanted = if g.attention() == super::Attention::Plain { super::Attention::Plain } else { super::Attention::Auto };
-    super::check::choose_attention(&g, wanted)?;
-    let loaded = data::load(&o.data, Purpose::Train, o.skip_bad)?;
-    let eos = tok.eos_id().ok_or_else(|| anyhow!("{}: the tokenizer has no EOS token", o.checkpoint.display()))?;
-    let bos = if tok.add_bos() { tok.bos_id() } else { None };
-    let encode = |s: &str| tok.encode(s);
-    let ds = Dataset::new(&loaded.examples, &encode, bos, eos, o.max_seq_len, o.val_size, o.seed)
-        .with_context(|| o.data.display().to_string())?;
-    if ds.train.is_empty() {
-        bail!("{}: no training examples left", o.data.display());
-    }
-    let pad = eos;
-    let val_batches = ds.val_batches(o.batch_size, pad);
-    let per_epoch = ds.batches_per_epoch(o.batch_size) as u64;
-    let mut total_steps = (o.epochs as u64 * per_epoch).div_ceil(o.grad_accum as u64);
-    if let Some(m) = o.max_steps {
-        total_steps = total_steps.min(m);
-    }
-    if total_steps == 0 {
-        bail!("nothing to train: 0 optimizer steps (check --epochs and --max-steps)");
-    }
-    std::fs::create_dir_all(&o.out).with_context(|| format!("{}: cannot create the output directory", o.out.display()))?;
-
-    let longest = ds.train.iter().chain(ds.val.iter()).map(|e| e.ids.len()).max().unwrap_or(1);
-    let cpu_model = crate::model::Model::new(c.clone(), ck.load_weights()?);
-    let gm = GpuModel::upload(&g, &cpu_model, longest)?;
-    drop(cpu_model);
-    let mut tr = GpuTrainer::new(&g, gm, o, o.batch_size, longest)?;
-    if o.method.is_sparse() {
-        eprintln!("masks selected on the GPU in {:.2}s", tr.mask_s);
-    }
-    let opt_base = AdamW { lr: o.lr, weight_decay: o.weight_decay, ..AdamW::default() };
-    let eval = |tr: &mut GpuTrainer| -> Result<f32> {
+    fn eval_loss(&mut self, batches: &[Batch]) -> Result<f32> {
         let (mut sum, mut n) = (0.0f64, 0usize);
-        for b in &val_batches {
-            tr.acts.set_shape(b.b, b.t)?;
-            let l = tr.model.forward(&g, &mut tr.acts, &b.tokens, Some(&b.targets))?;
+        for b in batches {
+            self.acts.set_shape(b.b, b.t)?;
+            let l = self.model.forward(self.g, &mut self.acts, &b.tokens, Some(&b.targets))?;
             sum += l as f64 * b.n_loss as f64;
             n += b.n_loss;
         }
         Ok(if n == 0 { f32::NAN } else { (sum / n as f64) as f32 })
-    };
-    let mut history: Vec<serde_json::Value> = Vec::new();
-    if !val_batches.is_empty() {
-        let v = eval(&mut tr)?;
-        eprintln!("step 0: validation loss {v:.4}");
-        history.push(serde_json::json!({"step": 0, "val_loss": v}));
     }
-    let t_start = Instant::now();
-    let (mut order_epoch, mut order) = (usize::MAX, Vec::new());
-    let mut mask_round = 0u64;
-    let mut step = 0u64;
-    while step < total_steps {
-        let t0 = Instant::now();
-        let mut batches = Vec::with_capacity(o.grad_accum);
-        for micro in 0..o.grad_accum as u64 {
-            let m = step * o.grad_accum as u64 + micro;
-            let epoch = (m / per_epoch) as usize;
-            if epoch != order_epoch {
-                order = ds.epoch_order(epoch, o.seed);
-                order_epoch = epoch;
+
+    /// The same file as the CPU's: the trained tensors in f32 (see `tensor`),
+    /// the masks and moments, the adapters' f32 masters.
+    fn write_state(&self, w: &mut StateWriter) -> Result<()> {
+        let g = self.g;
+        let c = &self.model.config;
+        let extra: Vec<Param> = self.extras.iter().map(|(p, _)| *p).collect();
+        for p in crate::state::saved_tensors(c, self.opts.method, &extra) {
+            w.f32s(&self.tensor(p)?)?;
+        }
+        match &self.state {
+            GpuState::Sparse { states, .. } => {
+                w.begin(Kind::Sparse, states.len())?;
+                for s in states {
+                    w.sparse(&g.download(&s.idx, s.k)?, &g.download(&s.m, s.k)?, &g.download(&s.v, s.k)?)?;
+                }
             }
-            batches.push(ds.train_batch(&order, (m % per_epoch) as usize, o.batch_size, pad));
+            GpuState::Full { states } => {
+                w.begin(Kind::Full, states.len())?;
+                for s in states {
+                    w.dense(&g.download(&s.m, s.n)?, &g.download(&s.v, s.n)?)?;
+                }
+            }
+            GpuState::Lora { states, .. } => {
+                w.begin(Kind::Lora, states.len())?;
+                for (id, (sa, sb)) in states.iter().enumerate() {
+                    w.adapter(&self.adapter(id)?)?;
+                    w.dense(&g.download(&sa.m, sa.n)?, &g.download(&sa.v, sa.n)?)?;
+                    w.dense(&g.download(&sb.m, sb.n)?, &g.download(&sb.v, sb.n)?)?;
+                }
+            }
         }
-        let micro: Vec<(usize, usize, &[u32], &[i32])> =
-            batches.iter().map(|b| (b.b, b.t, &b.tokens[..], &b.targets[..])).collect();
-        let lr = crate::train::lr_at(o, step, total_steps);
-        let opt = AdamW { lr, ..opt_base };
-        step += 1;
-        let st = tr.step(&g, &micro, &opt, step, o.grad_clip)?;
-        if o.method.is_sparse() && o.update_interval > 0 && step % o.update_interval == 0 && step < total_steps {
-            mask_round += 1;
-            let (kept, total) = tr.refresh_masks(&g, mask_round)?;
-            eprintln!("step {step}: masks refreshed, {:.1}% of entries kept their state", 100.0 * kept as f64 / total.max(1) as f64);
+        w.extras(self.extras.len())?;
+        for (_, s) in &self.extras {
+            w.dense(&g.download(&s.m, s.n)?, &g.download(&s.v, s.n)?)?;
         }
-        let tokens: usize = batches.iter().map(|b| b.tokens.len()).sum();
-        let dt = t0.elapsed().as_secs_f64();
-        let mut rec = serde_json::json!({
-            "step": step, "loss": st.loss, "lr": lr, "grad_norm": st.grad_norm, "tokens": tokens,
-            "step_s": dt, "tokens_per_s": tokens as f64 / dt, "elapsed_s": t_start.elapsed().as_secs_f64(),
-        });
-        if (o.eval_every > 0 && step % o.eval_every == 0 || step == total_steps) && !val_batches.is_empty() {
-            rec["val_loss"] = serde_json::json!(eval(&mut tr)?);
-        }
-        if step % o.log_every.max(1) == 0 || step == total_steps {
-            eprintln!("step {step}/{total_steps} | loss {:.4} | lr {lr:.2e} | {:.0} tok/s", st.loss, tokens as f64 / dt);
-        }
-        history.push(rec);
+        Ok(())
     }
-    let text: String = history.iter().map(|r| format!("{r}\n")).collect();
-    std::fs::write(o.out.join("metrics.jsonl"), text)?;
-    let weights = tr.model.download(&g)?;
-    let mut meta = std::collections::BTreeMap::new();
-    meta.insert("base_checkpoint".to_string(), o.checkpoint.display().to_string());
-    meta.insert("method".to_string(), format!("{:?}", o.method).to_lowercase());
-    meta.insert("steps".to_string(), step.to_string());
-    meta.insert("device".to_string(), g.name.clone());
-    if o.method == Method::Lora {
-        eprintln!("note: LoRA adapters are not merged into the saved model.bin on the GPU path yet");
+
+    /// Extras: their f32 masters. Linear weights: the current values (see
+    /// `current`) with the selected entries' masters over them (sparse), the
+    /// masters (full), or base + (alpha / r) B A from the f32 masters of A
+    /// and B (LoRA: the adapters merged, as the CPU's model.bin has them).
+    fn tensor(&self, p: Param) -> Result<Cow<'_, [f32]>> {
+        let g = self.g;
+        if let Some((_, s)) = self.extras.iter().find(|(q, _)| *q == p) {
+            return Ok(Cow::Owned(g.download(&s.master, s.n)?));
+        }
+        let Param::Linear(l, which) = p else { return Ok(Cow::Owned(self.current(p)?)) };
+        let id = matrix_id(l, which);
+        Ok(Cow::Owned(match &self.state {
+            GpuState::Lora { .. } => {
+                let base = match &self.reference {
+                    Some(r) => r.get(p).to_vec(),
+                    None => self.current(p)?,
+                };
+                let mut merged = vec![0.0f32; base.len()];
+                self.adapter(id)?.merge_into(&mut merged, &base);
+                merged
+            }
+            GpuState::Full { states } => g.download(&states[id].master, states[id].n)?,
+            GpuState::Sparse { states, .. } => {
+                let s = &states[id];
+                let mut values = self.current(p)?;
+                for (&i, x) in g.download(&s.idx, s.k)?.iter().zip(g.download(&s.master, s.k)?) {
+                    values[i as usize] = x;
+                }
+                values
+            }
+        }))
     }
-    checkpoint::save_weights(&o.out.join("model.bin"), &c, &tok, &weights, ck.dtype(), &meta)?;
-    eprintln!(
-        "saved {}; GPU memory peak {:.1} MiB",
-        o.out.join("model.bin").display(),
-        super::gpu::mem_peak() as f64 / (1 << 20) as f64
-    );
-    Ok(())
+
+    fn trainable_count(&self) -> usize {
+        match &self.state {
+            GpuState::Sparse { states, .. } => states.iter().map(|s| s.k).sum(),
+            GpuState::Full { states } => states.iter().map(|s| s.n).sum(),
+            GpuState::Lora { states, .. } => states.iter().map(|(a, b)| a.n + b.n).sum(),
+        }
+    }
+
+    /// Indices, moments and f32 masters (and LoRA's bf16 adapter copies).
+    fn state_bytes(&self) -> usize {
+        let dense = |s: &GpuDense| s.m.bytes() + s.v.bytes() + s.master.bytes();
+        let method = match &self.state {
+            GpuState::Sparse { states, .. } => {
+                states.iter().map(|s| s.idx.bytes() + s.m.bytes() + s.v.bytes() + s.master.bytes()).sum()
+            }
+            GpuState::Full { states } => states.iter().map(dense).sum(),
+            GpuState::Lora { states, .. } => {
+                states.iter().map(|(a, b)| dense(a) + dense(b)).sum::<usize>()
+                    + self.model.adapters.iter().map(|a| a.a.bytes() + a.b.bytes()).sum::<usize>()
+            }
+        };
+        method + self.extras.iter().map(|(_, s)| dense(s)).sum::<usize>()
+    }
+
+    /// Accumulators, the sparse dW scratch, LoRA's dout @ B.
+    fn grad_bytes(&self) -> usize {
+        let method = match &self.state {
+            GpuState::Sparse { states, dw } => states.iter().map(|s| s.acc.bytes()).sum::<usize>() + dw.bytes(),
+            GpuState::Full { states } => states.iter().map(|s| s.grad.bytes()).sum(),
+            GpuState::Lora { states, dyb } => {
+                states.iter().map(|(a, b)| a.grad.bytes() + b.grad.bytes()).sum::<usize>() + dyb.bytes()
+            }
+        };
+        method + self.extras.iter().map(|(_, s)| s.grad.bytes()).sum::<usize>()
+    }
+
+    fn device_peak_bytes(&self) -> Option<u64> {
+        Some(super::gpu::mem_peak() as u64)
+    }
 }

@@ -7,6 +7,10 @@
 # importance, each is cut to the time left, and a failed stage does not stop
 # the ones after it.
 #   1. lift gpu-check                          (every kernel + a LIFT step vs CPU)
+#   1b. the training loop on the GPU, small model (tests/gpu/train_checks.py):
+#      LoRA merged into model.bin (rank <= r updates); Ctrl-C + --resume vs an
+#      uninterrupted run, and the same state resumed on the CPU; --recompute:
+#      peak memory of llama-3.2-1b seq 2048 with and without
 #   2. llama-3.2-1b, seq 2048, batch 1, LIFT: --profile with the tensor-core
 #      attention, then with the plain one; the PyTorch reference
 #   3. mask selection for every linear layer of llama-3-8b (filter rank 128),
@@ -61,6 +65,40 @@ CPU_PID=$!
 # 1. Correctness.
 run 120 gpu-check "$BIN" gpu-check
 
+# 1b. The training loop (train.rs's, shared with the CPU) on the GPU.
+CHECK=tests/gpu/train_checks.py
+rm -rf /tmp/liftgpu/{lora,lora-hf,small-hf,whole,cut,cut-cpu}
+SMALL=(--checkpoint /tmp/liftgpu/small.bin --data data/math.json --batch-size 4 --max-seq-len 384 --seed 7)
+# LoRA: the adapters are merged into model.bin, W' = W + (alpha/r) B A in f32,
+# so W' - W has rank <= 4 and every other tensor is the base's, bit for bit.
+run 30 lora-gpu "$BIN" train "${SMALL[@]}" --device cuda --method lora --lora-rank 4 --lora-alpha 8 --max-steps 10 \
+    --lr 1e-3 --warmup 0 --val-size 0 --eval-every 0 --save-every 0 --log-every 5 --out /tmp/liftgpu/lora
+run 20 lora-export "$BIN" export --checkpoint /tmp/liftgpu/lora/model.bin --format hf -o /tmp/liftgpu/lora-hf
+run 20 base-export "$BIN" export --checkpoint /tmp/liftgpu/small.bin --format hf -o /tmp/liftgpu/small-hf
+run 40 lora-rank python3 "$CHECK" lora-rank /tmp/liftgpu/small-hf /tmp/liftgpu/lora-hf 4
+# Resume: 20 LIFT steps (warmup + cosine, validation every 5, masks refreshed
+# at 7 and 14, a save at 10) uninterrupted; the same run interrupted by
+# SIGINT at step 10 and resumed. The GPU step has no float atomics (cuBLAS on
+# one stream, block reductions, the attention kernels write each output
+# once), so the curves should be bit-identical; the pass mark is 2e-3
+# relative (bf16's unit roundoff 2^-9), what reordered sums could move.
+R=("${SMALL[@]}" --method lift --max-steps 20 --val-size 16 --lr 1e-3 --warmup 0.1 --schedule cosine --svd randomized
+   --filter-rank 16 --oversample 16 --power-iters 4 --update-interval 7 --eval-every 5 --save-every 10 --log-every 1)
+run 30 resume-whole "$BIN" train "${R[@]}" --device cuda --out /tmp/liftgpu/whole
+run 30 resume-cut python3 "$CHECK" interrupt 10 -- "$BIN" train "${R[@]}" --device cuda --out /tmp/liftgpu/cut
+cp -r /tmp/liftgpu/cut /tmp/liftgpu/cut-cpu
+run 30 resume-rest "$BIN" train "${R[@]}" --device cuda --resume /tmp/liftgpu/cut
+run 20 resume-compare python3 "$CHECK" compare /tmp/liftgpu/whole /tmp/liftgpu/cut 2e-3
+# The GPU's state.bin resumed on the CPU (the same file format): the losses
+# of CPU and GPU differ by bf16 rounding, so stage 4's tolerance (2%) applies.
+run 60 resume-on-cpu "$BIN" train "${R[@]}" --device cpu --threads 8 --resume /tmp/liftgpu/cut-cpu
+run 20 resume-cpu-compare python3 "$CHECK" compare /tmp/liftgpu/whole /tmp/liftgpu/cut-cpu 2e-2 loss,val_loss,lr,tokens
+# --recompute: llama-3.2-1b, seq 2048; peak memory and step time, with and without.
+RB=(--device cuda --config llama-3.2-1b --method lift --seq 2048 --batch 1 --steps 3 --warmup 1)
+run 40 bench-keep "$BIN" bench "${RB[@]}"
+run 40 bench-recompute "$BIN" bench "${RB[@]}" --recompute
+run 10 recompute-memory python3 "$CHECK" recompute "$RES"
+
 # 2. Llama-3.2-1B, seq 2048, batch 1: LIFT with each attention, the PyTorch reference.
 B=(--config llama-3.2-1b --seq 2048 --batch 1 --steps 5 --warmup 2)
 run 60 bench-lift "$BIN" bench --device cuda --method lift --attention tc --profile "${B[@]}"
@@ -96,7 +134,9 @@ done
 python3 - "$RES" <<'PY' | tee -a "$RES"
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
-b = {(r.get("impl"), r.get("method"), r.get("attention", "-")): r for r in rows if r.get("config") == "llama-3.2-1b"}
+# (--recompute's rows are compared in stage 1b; the profiled run is the lift row here)
+b = {(r.get("impl"), r.get("method"), r.get("attention", "-")): r for r in rows
+     if r.get("config") == "llama-3.2-1b" and not r.get("recompute") and (r.get("method") != "lift" or r.get("impl") != "lift" or "profile" in r)}
 get = lambda impl, method, att=None: next((r for k, r in b.items() if k[0] == impl and k[1] == method and (att is None or k[2] == att)), None)
 lift, lift_plain, lora, torch = get("lift", "lift", "tc") or get("lift", "lift"), get("lift", "lift", "plain"), get("lift", "lora"), get("torch", "lift")
 print("=== summary")

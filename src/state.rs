@@ -1,0 +1,324 @@
+//! The resumable training state, DIR/state.bin: where a run stands, the
+//! current values of the tensors it trains, and its optimizer state. Both
+//! devices write and read the same file, so a run saved on one can continue
+//! on the other.
+//!
+//! Layout (little-endian; "len" is a u64, arrays are f32 unless marked):
+//!
+//! ```text
+//! "LIFTSTAT" | len | header JSON (StateHeader)
+//! the tensors the header names, in its order: f32 x numel each
+//! kind (one byte: 0 sparse, 1 full, 2 lora) | count = L*7, one record per linear weight:
+//!   sparse  len k | k u32 indices (ascending) | m (k) | v (k)
+//!   full    len n | m (n) | v (n)
+//!   lora    len r | len OC | len IC | scale (1) | A (r*IC) | B (OC*r) | A's state | B's state
+//!           (each state a `full` record)
+//! len e | e `full` records: the dense state of the extra tensors (norms, embeddings)
+//! ```
+//!
+//! A sparse method saves every linear weight whole (f32), a LoRA run none
+//! (its frozen base is the checkpoint's, its adapters are in the records).
+
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint;
+use crate::lora::Adapter;
+use crate::model::{Config, Linear, Param, Weights};
+use crate::optim::{DenseState, SparseState};
+use crate::train::{Method, TrainOptions};
+
+/// A method's trainable state on the host: what the CPU trains with, what
+/// the GPU uploads when it resumes, and what state.bin stores.
+pub enum Trainable {
+    /// lift / magnitude / random: one SparseState per linear matrix (L*7).
+    Sparse { states: Vec<SparseState> },
+    /// full: one DenseState per linear matrix (L*7).
+    Full { states: Vec<DenseState> },
+    /// lora: one adapter per linear matrix and the AdamW state of its A and B.
+    Lora { adapters: Vec<Adapter>, states: Vec<(DenseState, DenseState)> },
+}
+
+impl Trainable {
+    /// Bytes of optimizer state (LoRA's adapters count as state: they are what is trained).
+    pub fn state_bytes(&self) -> usize {
+        match self {
+            Trainable::Sparse { states } => states.iter().map(SparseState::bytes).sum(),
+            Trainable::Full { states } => states.iter().map(DenseState::bytes).sum(),
+            Trainable::Lora { adapters, states } => {
+                states.iter().map(|(a, b)| a.bytes() + b.bytes()).sum::<usize>()
+                    + adapters.iter().map(|a| 4 * (a.a.len() + a.b.len())).sum::<usize>()
+            }
+        }
+    }
+
+    pub fn trainable_count(&self) -> usize {
+        match self {
+            Trainable::Sparse { states } => states.iter().map(SparseState::k).sum(),
+            Trainable::Full { states } => states.iter().map(|s| s.m.len()).sum(),
+            Trainable::Lora { adapters, .. } => adapters.iter().map(|a| a.a.len() + a.b.len()).sum(),
+        }
+    }
+
+    /// Writes the optimizer records (everything after the tensors but the extras).
+    pub fn write(&self, w: &mut StateWriter) -> Result<()> {
+        match self {
+            Trainable::Sparse { states } => {
+                w.begin(Kind::Sparse, states.len())?;
+                for s in states {
+                    w.sparse(&s.indices, &s.m, &s.v)?;
+                }
+            }
+            Trainable::Full { states } => {
+                w.begin(Kind::Full, states.len())?;
+                for s in states {
+                    w.dense(&s.m, &s.v)?;
+                }
+            }
+            Trainable::Lora { adapters, states } => {
+                w.begin(Kind::Lora, adapters.len())?;
+                for (ad, (sa, sb)) in adapters.iter().zip(states) {
+                    w.adapter(ad)?;
+                    w.dense(&sa.m, &sa.v)?;
+                    w.dense(&sb.m, &sb.v)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What state.bin holds besides the arrays: where the run stands.
+#[derive(Serialize, Deserialize)]
+pub struct StateHeader {
+    pub step: u64,
+    pub total_steps: u64,
+    pub mask_round: u64,
+    pub options: TrainOptions,
+    /// The trainable tensors' current values (names of Param), saved whole.
+    pub tensors: Vec<String>,
+}
+
+/// The tensors a run saves whole: every linear weight unless the method is
+/// LoRA, then the extra tensors it trains densely, in `extras` order.
+pub fn saved_tensors(c: &Config, method: Method, extras: &[Param]) -> Vec<Param> {
+    let mut v: Vec<Param> = match method {
+        Method::Lora => Vec::new(),
+        _ => (0..c.n_layers).flat_map(|l| Linear::ALL.map(|w| Param::Linear(l, w))).collect(),
+    };
+    v.extend_from_slice(extras);
+    v
+}
+
+/// The kind byte of the optimizer records.
+#[derive(Clone, Copy)]
+pub enum Kind {
+    Sparse = 0,
+    Full = 1,
+    Lora = 2,
+}
+
+/// Writes the arrays of state.bin in its layout, one record at a time, so a
+/// trainer can hand over its state piece by piece (the GPU downloads one
+/// tensor at a time).
+pub struct StateWriter {
+    w: std::io::BufWriter<std::fs::File>,
+}
+
+impl StateWriter {
+    pub fn f32s(&mut self, xs: &[f32]) -> Result<()> {
+        let bytes: Vec<u8> = xs.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.w.write_all(&bytes)?;
+        Ok(())
+    }
+
+    fn len(&mut self, n: usize) -> Result<()> {
+        self.w.write_all(&(n as u64).to_le_bytes())?;
+        Ok(())
+    }
+
+    /// The kind byte and the record count (one record per linear weight).
+    pub fn begin(&mut self, kind: Kind, count: usize) -> Result<()> {
+        self.w.write_all(&[kind as u8])?;
+        self.len(count)
+    }
+
+    /// A sparse record: the selected indices (k), then m and v (k each).
+    pub fn sparse(&mut self, indices: &[u32], m: &[f32], v: &[f32]) -> Result<()> {
+        self.len(indices.len())?;
+        self.w.write_all(&indices.iter().flat_map(|i| i.to_le_bytes()).collect::<Vec<u8>>())?;
+        self.f32s(m)?;
+        self.f32s(v)
+    }
+
+    /// A dense record: m and v of one tensor.
+    pub fn dense(&mut self, m: &[f32], v: &[f32]) -> Result<()> {
+        self.len(m.len())?;
+        self.f32s(m)?;
+        self.f32s(v)
+    }
+
+    /// An adapter (its A and B states follow as dense records).
+    pub fn adapter(&mut self, ad: &Adapter) -> Result<()> {
+        for n in [ad.r, ad.oc, ad.ic] {
+            self.len(n)?;
+        }
+        self.f32s(&[ad.scale])?;
+        self.f32s(&ad.a)?;
+        self.f32s(&ad.b)
+    }
+
+    /// The count of extra dense records that follow.
+    pub fn extras(&mut self, count: usize) -> Result<()> {
+        self.len(count)
+    }
+}
+
+/// Writes DIR/state.bin atomically: the header, then whatever `body` writes
+/// (the tensors the header names, the optimizer records, the extras).
+pub fn save(dir: &Path, header: &StateHeader, body: impl FnOnce(&mut StateWriter) -> Result<()>) -> Result<()> {
+    let path = dir.join("state.bin");
+    let tmp = checkpoint::tmp_path(&path);
+    let result = (|| -> Result<()> {
+        let f = std::fs::File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+        let mut w = StateWriter { w: std::io::BufWriter::with_capacity(1 << 20, f) };
+        let head = serde_json::to_vec(header)?;
+        w.w.write_all(b"LIFTSTAT")?;
+        w.len(head.len())?;
+        w.w.write_all(&head)?;
+        body(&mut w)?;
+        w.w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        Ok(())
+    })();
+    match result {
+        Ok(()) => std::fs::rename(&tmp, &path).with_context(|| format!("{}: cannot write", path.display())),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e.context(format!("{}: cannot save the training state", path.display())))
+        }
+    }
+}
+
+/// A state read back: the header, the method's state and the extras' dense
+/// states. The saved tensor values have been written into the weights.
+pub struct Saved {
+    pub header: StateHeader,
+    pub trainable: Trainable,
+    pub extras: Vec<DenseState>,
+}
+
+/// Reads DIR/state.bin: the saved tensors go into `weights` (which hold the
+/// base checkpoint's), the rest is returned.
+pub fn load(dir: &Path, c: &Config, weights: &mut Weights) -> Result<Saved> {
+    let path = dir.join("state.bin");
+    let p = path.display().to_string();
+    let bytes = std::fs::read(&path)
+        .with_context(|| format!("{p}: cannot read (is {} the --out of a training run?)", dir.display()))?;
+    let mut r = Reader { bytes: &bytes, pos: 0 };
+    let inner = |r: &mut Reader, weights: &mut Weights| -> Result<Saved> {
+        if r.bytes(8)? != b"LIFTSTAT" {
+            bail!("not a lift training state");
+        }
+        let hlen = r.len()?;
+        let header: StateHeader = serde_json::from_slice(r.bytes(hlen)?).map_err(|e| anyhow!("corrupt header: {e}"))?;
+        let params = Param::all(c);
+        for name in &header.tensors {
+            let param = params.iter().find(|q| q.name() == *name).ok_or_else(|| anyhow!("unknown tensor {name}"))?;
+            let n = weights.get(*param).len();
+            let values = r.f32s(n)?;
+            weights.get_mut(*param).copy_from_slice(&values);
+        }
+        let (trainable, extras) = read_optimizer(r, c)?;
+        Ok(Saved { header, trainable, extras })
+    };
+    inner(&mut r, weights).map_err(|e| anyhow!("{p}: {e}"))
+}
+
+/// Reads the optimizer records and the extras.
+fn read_optimizer(r: &mut Reader, c: &Config) -> Result<(Trainable, Vec<DenseState>)> {
+    let dense = |r: &mut Reader| -> Result<DenseState> {
+        let n = r.len()?;
+        Ok(DenseState { m: r.f32s(n)?, v: r.f32s(n)? })
+    };
+    let kind = r.bytes(1)?[0];
+    let count = r.len()?;
+    // One state per linear weight of this model, each of its size: a state
+    // from another model must fail here, not index out of bounds later.
+    if count != c.n_layers * 7 {
+        bail!("optimizer state for {count} linear weights, the model has {}", c.n_layers * 7);
+    }
+    let size = |id: usize| Linear::ALL[id % 7].shape(c);
+    let trainable = match kind {
+        0 => {
+            let mut states = Vec::with_capacity(count);
+            for id in 0..count {
+                let k = r.len()?;
+                let indices = r.u32s(k)?;
+                let (out, inp) = size(id);
+                if indices.iter().any(|&i| i as usize >= out * inp) {
+                    bail!("mask {id} has an index beyond its {out}x{inp} weight");
+                }
+                states.push(SparseState { indices, m: r.f32s(k)?, v: r.f32s(k)? });
+            }
+            Trainable::Sparse { states }
+        }
+        1 => {
+            let states: Vec<DenseState> = (0..count).map(|_| dense(r)).collect::<Result<_>>()?;
+            if let Some(id) = (0..count).find(|&id| states[id].m.len() != size(id).0 * size(id).1) {
+                bail!("optimizer state {id} does not have the size of its weight");
+            }
+            Trainable::Full { states }
+        }
+        2 => {
+            let (mut adapters, mut states) = (Vec::new(), Vec::new());
+            for id in 0..count {
+                let (rank, oc, ic) = (r.len()?, r.len()?, r.len()?);
+                if (oc, ic) != size(id) {
+                    bail!("adapter {id} is {oc}x{ic}, its weight {}x{}", size(id).0, size(id).1);
+                }
+                let scale = r.f32s(1)?[0];
+                let (a, b) = (r.f32s(rank * ic)?, r.f32s(oc * rank)?);
+                adapters.push(Adapter { r: rank, oc, ic, scale, a, b });
+                let (sa, sb) = (dense(r)?, dense(r)?);
+                if sa.m.len() != rank * ic || sb.m.len() != oc * rank {
+                    bail!("adapter {id}: optimizer state of another size");
+                }
+                states.push((sa, sb));
+            }
+            Trainable::Lora { adapters, states }
+        }
+        k => bail!("unknown optimizer kind {k}"),
+    };
+    let n_extra = r.len()?;
+    let extra = (0..n_extra).map(|_| dense(r)).collect::<Result<_>>()?;
+    Ok((trainable, extra))
+}
+
+/// Reads little-endian values from a byte buffer, failing on truncation.
+struct Reader<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl Reader<'_> {
+    fn bytes(&mut self, n: usize) -> Result<&[u8]> {
+        let end = self.pos.checked_add(n).filter(|&e| e <= self.bytes.len()).ok_or_else(|| anyhow!("truncated"))?;
+        let s = &self.bytes[self.pos..end];
+        self.pos = end;
+        Ok(s)
+    }
+    fn len(&mut self) -> Result<usize> {
+        Ok(u64::from_le_bytes(self.bytes(8)?.try_into().unwrap()) as usize)
+    }
+    fn f32s(&mut self, n: usize) -> Result<Vec<f32>> {
+        let b = self.bytes(n.checked_mul(4).ok_or_else(|| anyhow!("corrupt length"))?)?;
+        Ok(b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect())
+    }
+    fn u32s(&mut self, n: usize) -> Result<Vec<u32>> {
+        let b = self.bytes(n.checked_mul(4).ok_or_else(|| anyhow!("corrupt length"))?)?;
+        Ok(b.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect())
+    }
+}

@@ -1,0 +1,420 @@
+//! Training on the CPU: each method's state, the gradient sink the backward
+//! pass feeds, and one optimizer step (`CpuTrainer`, the CPU's `Trainer`;
+//! cuda/train.rs is its GPU twin). What "trainable" means per method:
+//!   lift       the principal weights of every linear layer (sparse AdamW),
+//!              masks recomputed every `update_interval` steps
+//!   magnitude  the largest |W| entries instead (ablation)
+//!   random     random entries instead (ablation)
+//!   full       every entry of every linear layer (dense AdamW)
+//!   lora       low-rank adapters on every linear layer (dense AdamW on A, B)
+//! plus the norms and embeddings when `--train-norms` / `--train-embeddings`
+//! ask for them (dense AdamW whatever the method).
+
+use std::borrow::Cow;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use rayon::prelude::*;
+
+use crate::data::{Batch, Rng};
+use crate::lift;
+use crate::lora::Adapter;
+use crate::model::{Activations, Config, GradSink, Linear, Model, Param};
+use crate::optim::{self, AdamW, DenseState, RefreshStats, SparseState};
+use crate::state::{StateWriter, Trainable};
+use crate::train::{Method, StepStats, TrainOptions, Trainer, extra_params, matrix_id};
+
+/// Selects the masks of every linear matrix for a sparse method.
+pub fn select_masks(model: &Model, o: &TrainOptions, round: u64, log: bool) -> Result<Vec<Vec<u32>>> {
+    let c = &model.config;
+    let t0 = Instant::now();
+    let mut masks = Vec::with_capacity(c.n_layers * 7);
+    let mut capped = false;
+    for l in 0..c.n_layers {
+        for w in Linear::ALL {
+            let (out, inp) = w.shape(c);
+            let k = lift::budget_k(out, inp, o.budget()).with_context(|| format!("layer {l} {w:?} ({out}x{inp})"))?;
+            let weights = model.weights.layers[l].linear(w);
+            let seed = o.seed ^ (round << 32) ^ matrix_id(l, w) as u64;
+            let mask = match o.method {
+                Method::Lift => {
+                    let (r, was_capped) = lift::filter_rank(out, inp, o.filter_rank)?;
+                    capped |= was_capped;
+                    lift::principal_mask(weights, out, inp, k, r, o.approx(out, inp, seed))
+                }
+                Method::Magnitude => lift::magnitude_mask(weights, k),
+                Method::Random => lift::random_mask(out * inp, k, seed),
+                _ => unreachable!("dense methods have no mask"),
+            };
+            masks.push(mask);
+        }
+    }
+    if log {
+        if capped {
+            eprintln!("note: --filter-rank {} capped at the smaller side of some matrices", o.filter_rank);
+        }
+        let k: usize = masks.iter().map(Vec::len).sum();
+        let n: usize = Linear::ALL.iter().map(|w| w.shape(c).0 * w.shape(c).1).sum::<usize>() * c.n_layers;
+        eprintln!(
+            "masks: {} matrices, {k} of {n} entries selected ({:.2}%), {:.1}s",
+            masks.len(),
+            100.0 * k as f64 / n as f64,
+            t0.elapsed().as_secs_f64()
+        );
+    }
+    Ok(masks)
+}
+
+/// A fresh run's state: the masks (sparse methods), zero moments (full), or
+/// new adapters (LoRA, A uniform and B zero, from the seed's stream 7).
+pub fn new_trainable(model: &Model, o: &TrainOptions) -> Result<Trainable> {
+    let c = &model.config;
+    Ok(match o.method {
+        Method::Lift | Method::Magnitude | Method::Random => {
+            let masks = select_masks(model, o, 0, true)?;
+            Trainable::Sparse { states: masks.into_iter().map(SparseState::new).collect() }
+        }
+        Method::Full => Trainable::Full {
+            states: (0..c.n_layers * 7)
+                .map(|id| {
+                    let (out, inp) = Linear::ALL[id % 7].shape(c);
+                    DenseState::new(out * inp)
+                })
+                .collect(),
+        },
+        Method::Lora => {
+            let (adapters, states) = new_adapters(c, o);
+            Trainable::Lora { adapters, states }
+        }
+    })
+}
+
+/// LoRA's fresh adapters, one per linear matrix (matrix_id order), with
+/// zero moments: A uniform from the seed's stream 7, B = 0. The GPU makes
+/// its adapters here too, so both devices start from the same ones.
+pub fn new_adapters(c: &Config, o: &TrainOptions) -> (Vec<Adapter>, Vec<(DenseState, DenseState)>) {
+    let mut rng = Rng::stream(o.seed, 7);
+    let mut uniform = || rng.next_f32();
+    let (mut adapters, mut states) = (Vec::new(), Vec::new());
+    for _l in 0..c.n_layers {
+        for w in Linear::ALL {
+            let (out, inp) = w.shape(c);
+            let ad = Adapter::new(out, inp, o.lora_rank.min(out.min(inp)), o.lora_alpha, &mut uniform);
+            states.push((DenseState::new(ad.a.len()), DenseState::new(ad.b.len())));
+            adapters.push(ad);
+        }
+    }
+    (adapters, states)
+}
+
+/// For LoRA: rebuilds every linear weight of the model as base + s B A.
+fn merge_lora(trainable: &Trainable, base: &[Vec<f32>], model: &mut Model) {
+    if let Trainable::Lora { adapters, .. } = trainable {
+        let n_layers = model.config.n_layers;
+        for l in 0..n_layers {
+            for w in Linear::ALL {
+                let id = matrix_id(l, w);
+                adapters[id].merge_into(model.weights.layers[l].linear_mut(w), &base[id]);
+            }
+        }
+    }
+}
+
+/// Gradient accumulators, kept outside `Trainable` so a state file need not hold them.
+struct Grads {
+    /// Per linear matrix: k gradients (sparse), out*in (full), or (dA, dB) flattened (lora).
+    linear: Vec<Vec<f32>>,
+    /// Dense gradients of the extra tensors.
+    extra: Vec<(Param, Vec<f32>)>,
+    /// Scratch for the transposed factors of a sampled dW (sparse only),
+    /// reused matrix after matrix; it grows to N * (OC + IC) floats.
+    dw: Vec<f32>,
+}
+
+impl Grads {
+    fn new(trainable: &Trainable, c: &Config, o: &TrainOptions) -> Grads {
+        let linear = match trainable {
+            Trainable::Sparse { states } => states.iter().map(|s| vec![0.0; s.k()]).collect(),
+            Trainable::Full { states } => states.iter().map(|s| vec![0.0; s.m.len()]).collect(),
+            Trainable::Lora { adapters, .. } => adapters.iter().map(|a| vec![0.0; a.a.len() + a.b.len()]).collect(),
+        };
+        let extra = extra_params(c, o).into_iter().map(|p| (p, vec![0.0; p.shape(c).iter().product()])).collect();
+        Grads { linear, extra, dw: Vec::new() }
+    }
+
+    fn zero(&mut self) {
+        for g in self.linear.iter_mut().chain(self.extra.iter_mut().map(|(_, g)| g)) {
+            g.fill(0.0);
+        }
+    }
+
+    fn scale(&mut self, s: f32) {
+        for g in self.linear.iter_mut().chain(self.extra.iter_mut().map(|(_, g)| g)) {
+            g.iter_mut().for_each(|x| *x *= s);
+        }
+    }
+
+    fn sum_sq(&self) -> f64 {
+        self.linear
+            .iter()
+            .chain(self.extra.iter().map(|(_, g)| g))
+            .map(|g| g.iter().map(|&x| x as f64 * x as f64).sum::<f64>())
+            .sum()
+    }
+
+    fn bytes(&self) -> usize {
+        4 * (self.linear.iter().map(Vec::len).sum::<usize>()
+            + self.extra.iter().map(|(_, g)| g.len()).sum::<usize>()
+            + self.dw.len())
+    }
+}
+
+/// Routes the backward pass's weight gradients into the method's accumulators.
+struct Sink<'a> {
+    trainable: &'a Trainable,
+    grads: &'a mut Grads,
+}
+
+impl GradSink for Sink<'_> {
+    fn wants(&self, p: Param) -> bool {
+        matches!(p, Param::Linear(..)) || self.grads.extra.iter().any(|(q, _)| *q == p)
+    }
+
+    fn linear(&mut self, p: Param, dout: &[f32], inp: &[f32], n: usize, ic: usize, oc: usize) {
+        let Param::Linear(l, w) = p else {
+            // The LM head (only with --train-embeddings; a tied head's
+            // gradient goes to the embedding).
+            let g = self.dense(p);
+            crate::cpu::matmul_backward_weight(g, dout, inp, n, ic, oc);
+            return;
+        };
+        let id = matrix_id(l, w);
+        let acc = &mut self.grads.linear[id];
+        match self.trainable {
+            Trainable::Sparse { states } => {
+                // Only the k selected entries of dW are computed (a sampled
+                // product); the dense (OC, IC) gradient never exists.
+                let need = n * (oc + ic);
+                if self.grads.dw.len() < need {
+                    self.grads.dw.resize(need, 0.0);
+                }
+                let (dout_t, inp_t) = self.grads.dw[..need].split_at_mut(n * oc);
+                crate::cpu::matmul_backward_weight_sampled(
+                    acc,
+                    &states[id].indices,
+                    dout,
+                    inp,
+                    n,
+                    ic,
+                    oc,
+                    dout_t,
+                    inp_t,
+                );
+            }
+            Trainable::Full { .. } => crate::cpu::matmul_backward_weight(acc, dout, inp, n, ic, oc),
+            Trainable::Lora { adapters, .. } => {
+                let ad = &adapters[id];
+                let (da, db) = acc.split_at_mut(ad.a.len());
+                ad.backward(da, db, dout, inp, n);
+            }
+        }
+    }
+
+    fn dense(&mut self, p: Param) -> &mut [f32] {
+        let slot = self.grads.extra.iter_mut().find(|(q, _)| *q == p).expect("wants() said yes");
+        &mut slot.1
+    }
+}
+
+/// A model with a method's trainable state, ready to take optimizer steps:
+/// what `lift train --device cpu` runs and what `lift bench` times.
+pub struct CpuTrainer {
+    pub model: Model,
+    trainable: Trainable,
+    /// LoRA only: the frozen base of each linear matrix (L*7); the model
+    /// holds base + s B A.
+    lora_base: Vec<Vec<f32>>,
+    /// Dense AdamW state of the extra tensors, in the order of `extra_params`.
+    extra_states: Vec<DenseState>,
+    grads: Grads,
+    acts: Activations,
+    opts: TrainOptions,
+}
+
+impl CpuTrainer {
+    /// A fresh run: selects the masks (sparse methods) or makes the adapters
+    /// (LoRA). Activations are sized for batches up to (B, T).
+    pub fn new(model: Model, o: &TrainOptions, b: usize, t: usize) -> Result<CpuTrainer> {
+        let trainable = new_trainable(&model, o)?;
+        let extra_states = extra_params(&model.config, o)
+            .iter()
+            .map(|p| DenseState::new(p.shape(&model.config).iter().product()))
+            .collect();
+        Ok(CpuTrainer::resume(model, trainable, extra_states, o, b, t))
+    }
+
+    /// A run from a given state (a fresh one, or one read from state.bin).
+    /// For LoRA the model's linear weights are the frozen base.
+    pub fn resume(
+        mut model: Model,
+        trainable: Trainable,
+        extra_states: Vec<DenseState>,
+        o: &TrainOptions,
+        b: usize,
+        t: usize,
+    ) -> CpuTrainer {
+        let lora_base = match trainable {
+            Trainable::Lora { .. } => {
+                let c = &model.config;
+                (0..c.n_layers * 7)
+                    .map(|id| model.weights.layers[id / 7].linear(Linear::ALL[id % 7]).to_vec())
+                    .collect()
+            }
+            _ => Vec::new(),
+        };
+        merge_lora(&trainable, &lora_base, &mut model);
+        model.ensure_rope(t);
+        let grads = Grads::new(&trainable, &model.config, o);
+        let acts = Activations::new(&model.config, b, t);
+        CpuTrainer { model, trainable, lora_base, extra_states, grads, acts, opts: o.clone() }
+    }
+
+    /// One optimizer update of everything trainable, at step t (1-based).
+    fn apply_update(&mut self, opt: &AdamW, t: u64) {
+        let grads = &self.grads;
+        // Layers are independent: one task per layer, its seven matrices in turn.
+        let layers = self.model.weights.layers.par_iter_mut().enumerate();
+        match &mut self.trainable {
+            Trainable::Sparse { states } => {
+                let states: Vec<&mut [SparseState]> = states.chunks_mut(7).collect();
+                layers.zip(states).for_each(|((l, lw), st)| {
+                    for (i, w) in Linear::ALL.into_iter().enumerate() {
+                        st[i].step(opt, t, lw.linear_mut(w), &grads.linear[matrix_id(l, w)]);
+                    }
+                });
+            }
+            Trainable::Full { states } => {
+                let states: Vec<&mut [DenseState]> = states.chunks_mut(7).collect();
+                layers.zip(states).for_each(|((l, lw), st)| {
+                    for (i, w) in Linear::ALL.into_iter().enumerate() {
+                        st[i].step(opt, t, lw.linear_mut(w), &grads.linear[matrix_id(l, w)]);
+                    }
+                });
+            }
+            Trainable::Lora { adapters, states } => {
+                for (id, ad) in adapters.iter_mut().enumerate() {
+                    let (da, db) = grads.linear[id].split_at(ad.a.len());
+                    states[id].0.step(opt, t, &mut ad.a, da);
+                    states[id].1.step(opt, t, &mut ad.b, db);
+                }
+            }
+        }
+        for ((p, g), s) in grads.extra.iter().zip(self.extra_states.iter_mut()) {
+            s.step(opt, t, self.model.weights.get_mut(*p), g);
+        }
+        merge_lora(&self.trainable, &self.lora_base, &mut self.model);
+    }
+}
+
+impl Trainer for CpuTrainer {
+    /// One optimizer step (t, 1-based) over the micro-batches: forward and
+    /// backward of each, gradients averaged and clipped by global norm, then
+    /// the AdamW update at learning rate `lr`. A non-finite loss or gradient
+    /// is returned as an error before anything is updated, so the weights
+    /// stay those of the last good step.
+    fn step(&mut self, batches: &[Batch], lr: f32, t: u64) -> Result<StepStats> {
+        let c = &self.model.config;
+        let mut st = StepStats::default();
+        self.grads.zero();
+        let mut loss_sum = 0.0f64;
+        for (micro, batch) in batches.iter().enumerate() {
+            self.acts.set_shape(c, batch.b, batch.t);
+            let t0 = Instant::now();
+            let loss = self.model.forward(&mut self.acts, &batch.tokens, Some(&batch.targets));
+            st.forward_ms += t0.elapsed().as_secs_f64() * 1e3;
+            if !loss.is_finite() {
+                bail!("loss is {loss} at step {t} (micro-batch {micro})");
+            }
+            let t0 = Instant::now();
+            self.model.backward(&mut self.acts, &mut Sink { trainable: &self.trainable, grads: &mut self.grads });
+            st.backward_ms += t0.elapsed().as_secs_f64() * 1e3;
+            loss_sum += loss as f64;
+            st.tokens += batch.tokens.len();
+        }
+        let t0 = Instant::now();
+        self.grads.scale(1.0 / batches.len().max(1) as f32);
+        let sum_sq = self.grads.sum_sq();
+        // A finite loss can still have an overflowing gradient; applying it
+        // would write NaN into the weights (clipping scales inf to NaN).
+        if !sum_sq.is_finite() {
+            bail!("the gradient norm is {} at step {t}", sum_sq.sqrt());
+        }
+        let clip = optim::clip_scale(sum_sq, self.opts.grad_clip);
+        if clip != 1.0 {
+            self.grads.scale(clip);
+        }
+        let opt = AdamW { lr, ..self.opts.adamw() };
+        self.apply_update(&opt, t);
+        st.optimizer_ms = t0.elapsed().as_secs_f64() * 1e3;
+        st.loss = (loss_sum / batches.len().max(1) as f64) as f32;
+        st.grad_norm = sum_sq.sqrt();
+        Ok(st)
+    }
+
+    /// Recomputes the masks from the current weights (sparse methods):
+    /// returns how many selected entries kept their optimizer state, of how many.
+    fn refresh_masks(&mut self, round: u64) -> Result<RefreshStats> {
+        let masks = select_masks(&self.model, &self.opts, round, false)?;
+        let mut stats = RefreshStats::default();
+        if let Trainable::Sparse { states } = &mut self.trainable {
+            for (s, m) in states.iter_mut().zip(masks) {
+                let r = s.refresh(m);
+                stats.kept += r.kept;
+                stats.total += r.total;
+            }
+        }
+        self.grads = Grads::new(&self.trainable, &self.model.config, &self.opts);
+        Ok(stats)
+    }
+
+    fn eval_loss(&mut self, batches: &[Batch]) -> Result<f32> {
+        Ok(crate::train::eval_loss(&self.model, &mut self.acts, batches))
+    }
+
+    /// The trained tensors are the model's own f32 values.
+    fn write_state(&self, w: &mut StateWriter) -> Result<()> {
+        let c = &self.model.config;
+        let extras = extra_params(c, &self.opts);
+        for p in crate::state::saved_tensors(c, self.opts.method, &extras) {
+            w.f32s(self.model.weights.get(p))?;
+        }
+        self.trainable.write(w)?;
+        w.extras(self.extra_states.len())?;
+        for s in &self.extra_states {
+            w.dense(&s.m, &s.v)?;
+        }
+        Ok(())
+    }
+
+    /// The model's own values (LoRA's are merged after every step).
+    fn tensor(&self, p: Param) -> Result<Cow<'_, [f32]>> {
+        Ok(Cow::Borrowed(self.model.weights.get(p)))
+    }
+
+    fn trainable_count(&self) -> usize {
+        self.trainable.trainable_count()
+    }
+
+    /// Bytes of optimizer state, and of gradient accumulators.
+    fn state_bytes(&self) -> usize {
+        self.trainable.state_bytes() + self.extra_states.iter().map(DenseState::bytes).sum::<usize>()
+    }
+
+    fn grad_bytes(&self) -> usize {
+        self.grads.bytes()
+    }
+
+    fn device_peak_bytes(&self) -> Option<u64> {
+        None
+    }
+}
