@@ -113,8 +113,8 @@ impl Checkpoint {
         let Some(hend) = hend else {
             bail!("{p}: header of {hlen} bytes runs past the end of the file ({} bytes; truncated?)", map.len());
         };
-        let header: Header = serde_json::from_slice(&map[PREAMBLE..hend as usize])
-            .map_err(|e| anyhow!("{p}: corrupt header: {e}"))?;
+        let header: Header =
+            serde_json::from_slice(&map[PREAMBLE..hend as usize]).map_err(|e| anyhow!("{p}: corrupt header: {e}"))?;
         header.config.validate().with_context(|| format!("{p}"))?;
         let data_start = (hend as usize).next_multiple_of(ALIGN);
         for t in &header.tensors {
@@ -148,10 +148,9 @@ impl Checkpoint {
         let bytes = &self.map[start..start + t.nbytes as usize];
         match t.dtype {
             DType::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect(),
-            DType::Bf16 => bytes
-                .chunks_exact(2)
-                .map(|b| bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
-                .collect(),
+            DType::Bf16 => {
+                bytes.chunks_exact(2).map(|b| bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()).collect()
+            }
         }
     }
 
@@ -199,12 +198,8 @@ pub fn write_model_bin(
         entries.push(TensorEntry { name: name.clone(), dtype, shape: shape.clone(), offset, nbytes });
         offset = (offset + nbytes).next_multiple_of(ALIGN as u64);
     }
-    let header = Header {
-        config: config.clone(),
-        tokenizer: tokenizer.clone(),
-        tensors: entries,
-        metadata: metadata.clone(),
-    };
+    let header =
+        Header { config: config.clone(), tokenizer: tokenizer.clone(), tensors: entries, metadata: metadata.clone() };
     let json = serde_json::to_vec(&header)?;
     let tmp = tmp_path(path);
     let result = (|| -> Result<()> {
@@ -220,7 +215,13 @@ pub fn write_model_bin(
         for t in &header.tensors {
             let values = fetch(&t.name)?;
             if values.len() * dtype.size() != t.nbytes as usize {
-                bail!("tensor {} has {} values, its shape {:?} needs {}", t.name, values.len(), t.shape, t.nbytes as usize / dtype.size());
+                bail!(
+                    "tensor {} has {} values, its shape {:?} needs {}",
+                    t.name,
+                    values.len(),
+                    t.shape,
+                    t.nbytes as usize / dtype.size()
+                );
             }
             let bytes: Vec<u8> = match dtype {
                 DType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),

@@ -32,8 +32,11 @@ struct Source {
     kind: &'static str,
     config: Config,
     tokenizer: Tokenizer,
-    read: Box<dyn FnMut(&str) -> Result<(Vec<usize>, Vec<f32>)>>,
+    read: TensorReader,
 }
+
+/// Reads one tensor by Hugging Face name: its shape and f32 values.
+type TensorReader = Box<dyn FnMut(&str) -> Result<(Vec<usize>, Vec<f32>)>>;
 
 /// Converts a GGUF file or a Hugging Face directory at `input` into a
 /// model.bin at `output`.
@@ -88,7 +91,9 @@ fn open_source(input: &Path) -> Result<Source> {
         return open_gguf(input);
     }
     if input.extension().is_some_and(|e| e == "safetensors") {
-        bail!("{p}: give the Hugging Face model directory (with config.json and tokenizer.json), not the .safetensors file");
+        bail!(
+            "{p}: give the Hugging Face model directory (with config.json and tokenizer.json), not the .safetensors file"
+        );
     }
     bail!("{p}: not a GGUF file or a Hugging Face model directory")
 }
@@ -104,8 +109,7 @@ fn open_gguf(path: &Path) -> Result<Source> {
         bail!("{p}: architecture {arch:?} is not supported (lift reads Llama-family models)");
     }
     let key = |k: &str| format!("{arch}.{k}");
-    let tokens: Vec<String> =
-        g.require_str_array("tokenizer.ggml.tokens")?.into_iter().map(String::from).collect();
+    let tokens: Vec<String> = g.require_str_array("tokenizer.ggml.tokens")?.into_iter().map(String::from).collect();
     let dim = g.require_u64(&key("embedding_length"))? as usize;
     let n_heads = g.require_u64(&key("attention.head_count"))? as usize;
     let n_kv_heads = g.get_u64(&key("attention.head_count_kv")).map_or(n_heads, |v| v as usize);
@@ -145,7 +149,7 @@ fn open_gguf(path: &Path) -> Result<Source> {
     } else if let Some(t) = g.find("rope_freqs.weight") {
         // llama.cpp stores Llama-3.1/3.2 scaling as per-frequency divisors.
         let factors = g.tensor_f32(t)?;
-        config.rope_scaling = Some(fit_llama3_scaling(&config, &factors).with_context(|| format!("{p}"))?);
+        config.rope_scaling = Some(fit_llama3_scaling(&config, &factors).with_context(|| p.clone())?);
     }
     config.validate().with_context(|| p.clone())?;
 
@@ -264,7 +268,8 @@ fn fit_llama3_scaling(c: &Config, factors: &[f32]) -> Result<RopeScaling> {
         }
     }
     for (lo, hi, orig) in candidates.into_iter().map(|o| (1.0, 4.0, o)) {
-        let s = RopeScaling { factor, low_freq_factor: lo, high_freq_factor: hi, original_max_position_embeddings: orig };
+        let s =
+            RopeScaling { factor, low_freq_factor: lo, high_freq_factor: hi, original_max_position_embeddings: orig };
         let probe = Config { rope_scaling: Some(s), ..c.clone() };
         let plain = Config { rope_scaling: None, ..c.clone() };
         let (scaled, base) = (probe.rope_inv_freq(), plain.rope_inv_freq());
@@ -292,8 +297,8 @@ fn open_hf_dir(dir: &Path) -> Result<Source> {
         std::fs::read_to_string(&tok_path).with_context(|| format!("{}: cannot read", tok_path.display()))?;
     let tc_path = dir.join("tokenizer_config.json");
     let tc_text = std::fs::read_to_string(&tc_path).ok();
-    let tokenizer = Tokenizer::from_hf_json(&tok_text, tc_text.as_deref())
-        .with_context(|| format!("{}", tok_path.display()))?;
+    let tokenizer =
+        Tokenizer::from_hf_json(&tok_text, tc_text.as_deref()).with_context(|| format!("{}", tok_path.display()))?;
 
     // One file, or shards listed in model.safetensors.index.json.
     let single = dir.join("model.safetensors");
@@ -306,10 +311,7 @@ fn open_hf_dir(dir: &Path) -> Result<Source> {
         let ip = index.display().to_string();
         let text = std::fs::read_to_string(&index).with_context(|| format!("{ip}: cannot read"))?;
         let json: Value = serde_json::from_str(&text).map_err(|e| anyhow!("{ip}: not valid JSON: {e}"))?;
-        let map = json
-            .get("weight_map")
-            .and_then(Value::as_object)
-            .ok_or_else(|| anyhow!("{ip}: no weight_map"))?;
+        let map = json.get("weight_map").and_then(Value::as_object).ok_or_else(|| anyhow!("{ip}: no weight_map"))?;
         let mut shard_ids: BTreeMap<String, usize> = BTreeMap::new();
         for (name, shard) in map {
             let shard = shard.as_str().ok_or_else(|| anyhow!("{ip}: weight_map entry {name} is not a file name"))?;
@@ -353,10 +355,7 @@ pub fn hf_config(j: &Value) -> Result<Config> {
         bail!("model_type {what:?} is not supported (lift reads Llama-family models)");
     }
     let req = |k: &str| -> Result<usize> {
-        j.get(k)
-            .and_then(Value::as_u64)
-            .map(|v| v as usize)
-            .ok_or_else(|| anyhow!("missing field {k}"))
+        j.get(k).and_then(Value::as_u64).map(|v| v as usize).ok_or_else(|| anyhow!("missing field {k}"))
     };
     let opt = |k: &str| j.get(k).and_then(Value::as_u64).map(|v| v as usize);
     let dim = req("hidden_size")?;

@@ -90,27 +90,13 @@ pub fn matmul_forward(out: &mut [f32], inp: &[f32], weight: &[f32], n: usize, ic
 
 /// Gradient of a linear layer with respect to its input.
 /// dout is (N, OC), weight is (OC, IC); dinp (N, IC) += dout @ weight.
-pub fn matmul_backward_input(
-    dinp: &mut [f32],
-    dout: &[f32],
-    weight: &[f32],
-    n: usize,
-    ic: usize,
-    oc: usize,
-) {
+pub fn matmul_backward_input(dinp: &mut [f32], dout: &[f32], weight: &[f32], n: usize, ic: usize, oc: usize) {
     sgemm(n, ic, oc, dout, oc, 1, weight, ic, 1, dinp, ic, true);
 }
 
 /// Gradient of a linear layer with respect to its weight.
 /// dout is (N, OC), inp is (N, IC); dweight (OC, IC) += dout^T @ inp.
-pub fn matmul_backward_weight(
-    dweight: &mut [f32],
-    dout: &[f32],
-    inp: &[f32],
-    n: usize,
-    ic: usize,
-    oc: usize,
-) {
+pub fn matmul_backward_weight(dweight: &mut [f32], dout: &[f32], inp: &[f32], n: usize, ic: usize, oc: usize) {
     sgemm(oc, ic, n, dout, 1, oc, inp, ic, 1, dweight, ic, true);
 }
 
@@ -189,25 +175,15 @@ pub fn embedding_backward(dwte: &mut [f32], dout: &[f32], tokens: &[u32], c: usi
 /// inp is (N, C), weight is (C); out will be (N, C) and rstd (N).
 /// out = inp * rstd * weight with rstd = 1 / sqrt(mean(inp^2) + eps),
 /// computed in f32 as Hugging Face's LlamaRMSNorm does.
-pub fn rmsnorm_forward(
-    out: &mut [f32],
-    rstd: &mut [f32],
-    inp: &[f32],
-    weight: &[f32],
-    c: usize,
-    eps: f32,
-) {
-    out.par_chunks_mut(c)
-        .zip(rstd.par_iter_mut())
-        .zip(inp.par_chunks(c))
-        .for_each(|((o, r), x)| {
-            let ms = x.iter().map(|v| v * v).sum::<f32>() / c as f32;
-            let s = 1.0 / (ms + eps).sqrt();
-            *r = s;
-            for ((o, x), w) in o.iter_mut().zip(x).zip(weight) {
-                *o = x * s * w;
-            }
-        });
+pub fn rmsnorm_forward(out: &mut [f32], rstd: &mut [f32], inp: &[f32], weight: &[f32], c: usize, eps: f32) {
+    out.par_chunks_mut(c).zip(rstd.par_iter_mut()).zip(inp.par_chunks(c)).for_each(|((o, r), x)| {
+        let ms = x.iter().map(|v| v * v).sum::<f32>() / c as f32;
+        let s = 1.0 / (ms + eps).sqrt();
+        *r = s;
+        for ((o, x), w) in o.iter_mut().zip(x).zip(weight) {
+            *o = x * s * w;
+        }
+    });
 }
 
 /// Backward of rmsnorm_forward. With xhat = inp * rstd and g = dout * weight:
@@ -223,11 +199,8 @@ pub fn rmsnorm_backward(
     rstd: &[f32],
     c: usize,
 ) {
-    dinp.par_chunks_mut(c)
-        .zip(dout.par_chunks(c))
-        .zip(inp.par_chunks(c))
-        .zip(rstd.par_iter())
-        .for_each(|(((dx, dy), x), &s)| {
+    dinp.par_chunks_mut(c).zip(dout.par_chunks(c)).zip(inp.par_chunks(c)).zip(rstd.par_iter()).for_each(
+        |(((dx, dy), x), &s)| {
             let mut dot = 0.0f32;
             for i in 0..c {
                 dot += dy[i] * weight[i] * x[i] * s;
@@ -237,7 +210,8 @@ pub fn rmsnorm_backward(
                 let xhat = x[i] * s;
                 dx[i] += s * (dy[i] * weight[i] - xhat * mean);
             }
-        });
+        },
+    );
     if let Some(dw) = dweight {
         // Rows are summed serially per column block so the result does not
         // depend on the thread count.
@@ -351,41 +325,38 @@ pub fn attention_forward_naive(
     let scale = 1.0 / (hs as f32).sqrt();
     let group = nh / kvh;
     // One task per query row (b, t), all heads; `scores` is the task's scratch.
-    out.par_chunks_mut(nh * hs)
-        .zip(lse.par_chunks_mut(nh))
-        .enumerate()
-        .for_each_init(
-            || vec![0.0f32; tk],
-            |scores, (row, (out_t, lse_t))| {
-                let (b, t) = (row / tq, row % tq);
-                let pos = tk - tq + t; // causal: keys lo..=pos
-                let lo = starts.map_or(0, |s| s[b].min(pos));
-                let n_keys = pos + 1 - lo;
-                let q_t = &q[row * nh * hs..(row + 1) * nh * hs];
-                for h in 0..nh {
-                    let kv = h / group;
-                    let qh = &q_t[h * hs..(h + 1) * hs];
-                    let key = |j: usize| &k[((b * tcap + lo + j) * kvh + kv) * hs..][..hs];
-                    let val = |j: usize| &v[((b * tcap + lo + j) * kvh + kv) * hs..][..hs];
-                    let mut max = f32::NEG_INFINITY;
-                    for (j, s) in scores[..n_keys].iter_mut().enumerate() {
-                        *s = dot(qh, key(j)) * scale;
-                        max = max.max(*s);
-                    }
-                    let mut sum = 0.0f32;
-                    for s in scores[..n_keys].iter_mut() {
-                        *s = (*s - max).exp();
-                        sum += *s;
-                    }
-                    let o = &mut out_t[h * hs..(h + 1) * hs];
-                    o.fill(0.0);
-                    for (j, &p) in scores[..n_keys].iter().enumerate() {
-                        axpy(o, p / sum, val(j));
-                    }
-                    lse_t[h] = max + sum.ln();
+    out.par_chunks_mut(nh * hs).zip(lse.par_chunks_mut(nh)).enumerate().for_each_init(
+        || vec![0.0f32; tk],
+        |scores, (row, (out_t, lse_t))| {
+            let (b, t) = (row / tq, row % tq);
+            let pos = tk - tq + t; // causal: keys lo..=pos
+            let lo = starts.map_or(0, |s| s[b].min(pos));
+            let n_keys = pos + 1 - lo;
+            let q_t = &q[row * nh * hs..(row + 1) * nh * hs];
+            for h in 0..nh {
+                let kv = h / group;
+                let qh = &q_t[h * hs..(h + 1) * hs];
+                let key = |j: usize| &k[((b * tcap + lo + j) * kvh + kv) * hs..][..hs];
+                let val = |j: usize| &v[((b * tcap + lo + j) * kvh + kv) * hs..][..hs];
+                let mut max = f32::NEG_INFINITY;
+                for (j, s) in scores[..n_keys].iter_mut().enumerate() {
+                    *s = dot(qh, key(j)) * scale;
+                    max = max.max(*s);
                 }
-            },
-        );
+                let mut sum = 0.0f32;
+                for s in scores[..n_keys].iter_mut() {
+                    *s = (*s - max).exp();
+                    sum += *s;
+                }
+                let o = &mut out_t[h * hs..(h + 1) * hs];
+                o.fill(0.0);
+                for (j, &p) in scores[..n_keys].iter().enumerate() {
+                    axpy(o, p / sum, val(j));
+                }
+                lse_t[h] = max + sum.ln();
+            }
+        },
+    );
 }
 
 /// The naive twin of `attention_backward`: two passes of dot products, each
@@ -438,29 +409,26 @@ pub fn attention_backward_naive(
 
     // Pass 2: dk and dv, one task per key row (b, j); each key/value head
     // gathers from every query head of its group and every later time.
-    dk.par_chunks_mut(kvh * hs)
-        .zip(dv.par_chunks_mut(kvh * hs))
-        .enumerate()
-        .for_each(|(row, (dk_j, dv_j))| {
-            let (b, j) = (row / t_len, row % t_len);
-            for kv in 0..kvh {
-                let kj = &k[kvrow(b, j, kv)..][..hs];
-                let vj = &v[kvrow(b, j, kv)..][..hs];
-                let dkh = &mut dk_j[kv * hs..(kv + 1) * hs];
-                let dvh = &mut dv_j[kv * hs..(kv + 1) * hs];
-                for h in kv * group..(kv + 1) * group {
-                    for t in j..t_len {
-                        let i = qrow(b, t, h);
-                        let (qt, dot_t) = (&q[i..i + hs], &dout[i..i + hs]);
-                        let m = (b * t_len + t) * nh + h;
-                        let p = (dot(qt, kj) * scale - lse[m]).exp();
-                        let ds = p * (dot(dot_t, vj) - delta[m]);
-                        axpy(dkh, ds * scale, qt);
-                        axpy(dvh, p, dot_t);
-                    }
+    dk.par_chunks_mut(kvh * hs).zip(dv.par_chunks_mut(kvh * hs)).enumerate().for_each(|(row, (dk_j, dv_j))| {
+        let (b, j) = (row / t_len, row % t_len);
+        for kv in 0..kvh {
+            let kj = &k[kvrow(b, j, kv)..][..hs];
+            let vj = &v[kvrow(b, j, kv)..][..hs];
+            let dkh = &mut dk_j[kv * hs..(kv + 1) * hs];
+            let dvh = &mut dv_j[kv * hs..(kv + 1) * hs];
+            for h in kv * group..(kv + 1) * group {
+                for t in j..t_len {
+                    let i = qrow(b, t, h);
+                    let (qt, dot_t) = (&q[i..i + hs], &dout[i..i + hs]);
+                    let m = (b * t_len + t) * nh + h;
+                    let p = (dot(qt, kj) * scale - lse[m]).exp();
+                    let ds = p * (dot(dot_t, vj) - delta[m]);
+                    axpy(dkh, ds * scale, qt);
+                    axpy(dvh, p, dot_t);
                 }
             }
-        });
+        }
+    });
 }
 
 /// out (B, Tq, NH, HS) = softmax(q k^T / sqrt(HS) + causal mask) v, per head;
@@ -539,7 +507,15 @@ fn softmax_visible(row: &mut [f32], lo: usize, hi: usize, scale: f32) -> f32 {
 
 /// Per-(batch row, head) results (Tq, HS) and (Tq) into out (B, Tq, NH, HS)
 /// and lse (B, Tq, NH).
-fn scatter_heads(out: &mut [f32], lse: &mut [f32], heads: &[(Vec<f32>, Vec<f32>)], b: usize, tq: usize, nh: usize, hs: usize) {
+fn scatter_heads(
+    out: &mut [f32],
+    lse: &mut [f32],
+    heads: &[(Vec<f32>, Vec<f32>)],
+    b: usize,
+    tq: usize,
+    nh: usize,
+    hs: usize,
+) {
     out.par_chunks_mut(nh * hs).zip(lse.par_chunks_mut(nh)).enumerate().for_each(|(row, (o, l))| {
         let (bi, t) = (row / tq, row % tq);
         for h in 0..nh {
@@ -645,14 +621,11 @@ pub fn attention_backward(
 /// gate and up are (N, F); out will be (N, F) = silu(gate) * up,
 /// silu(x) = x * sigmoid(x).
 pub fn swiglu_forward(out: &mut [f32], gate: &[f32], up: &[f32]) {
-    out.par_chunks_mut(4096)
-        .zip(gate.par_chunks(4096))
-        .zip(up.par_chunks(4096))
-        .for_each(|((o, g), u)| {
-            for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-                *o = g / (1.0 + (-g).exp()) * u;
-            }
-        });
+    out.par_chunks_mut(4096).zip(gate.par_chunks(4096)).zip(up.par_chunks(4096)).for_each(|((o, g), u)| {
+        for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+            *o = g / (1.0 + (-g).exp()) * u;
+        }
+    });
 }
 
 /// Backward of swiglu_forward: with s = sigmoid(gate),
@@ -692,13 +665,9 @@ pub fn residual_forward(x: &mut [f32], y: &[f32]) {
 /// or 0 where ignored, and returns their mean over the counted positions
 /// (0 when none counts), which is PyTorch's `cross_entropy(ignore_index=-100)`.
 pub fn crossentropy_forward(losses: &mut [f32], logits: &[f32], targets: &[i32], v: usize) -> f32 {
-    losses
-        .par_iter_mut()
-        .zip(logits.par_chunks(v))
-        .zip(targets.par_iter())
-        .for_each(|((loss, row), &tgt)| {
-            *loss = if tgt < 0 { 0.0 } else { logsumexp(row) - row[tgt as usize] };
-        });
+    losses.par_iter_mut().zip(logits.par_chunks(v)).zip(targets.par_iter()).for_each(|((loss, row), &tgt)| {
+        *loss = if tgt < 0 { 0.0 } else { logsumexp(row) - row[tgt as usize] };
+    });
     let n = targets.iter().filter(|&&t| t >= 0).count();
     if n == 0 {
         return 0.0;
@@ -792,7 +761,9 @@ mod tests {
     use super::*;
 
     fn pseudo(n: usize, seed: u32) -> Vec<f32> {
-        (0..n).map(|i| (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) % 1000) as f32 / 500.0 - 1.0).collect()
+        (0..n)
+            .map(|i| (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) % 1000) as f32 / 500.0 - 1.0)
+            .collect()
     }
 
     /// The sampled dW equals the same entries of dout^T @ inp computed by a

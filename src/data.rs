@@ -476,4 +476,3 @@ impl Dataset {
 
 // ----------------------------------------------------------------------------
 // A small seeded random number generator
-

@@ -135,9 +135,7 @@ const TYPES: &[(GgmlType, u64, u64)] = {
 /// types real Llama GGUFs use.
 pub const SUPPORTED_TYPES: &[GgmlType] = {
     use GgmlType::*;
-    &[
-        F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K,
-    ]
+    &[F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K]
 };
 
 impl GgmlType {
@@ -201,9 +199,7 @@ pub enum GgufValueType {
 impl GgufValueType {
     pub fn from_id(id: u32) -> Option<GgufValueType> {
         use GgufValueType::*;
-        let all = [
-            U8, I8, U16, I16, U32, I32, F32, Bool, String, Array, U64, I64, F64,
-        ];
+        let all = [U8, I8, U16, I16, U32, I32, F32, Bool, String, Array, U64, I64, F64];
         all.into_iter().find(|&t| t as u32 == id)
     }
 
@@ -264,26 +260,18 @@ impl GgufValue {
 
     /// A string array, e.g. `tokenizer.ggml.tokens`.
     pub fn string_array<S: AsRef<str>>(items: &[S]) -> GgufValue {
-        let items = items
-            .iter()
-            .map(|s| GgufValue::String(s.as_ref().to_owned()));
+        let items = items.iter().map(|s| GgufValue::String(s.as_ref().to_owned()));
         GgufValue::Array(GgufValueType::String, items.collect())
     }
 
     /// An i32 array, e.g. `tokenizer.ggml.token_type`.
     pub fn i32_array(items: &[i32]) -> GgufValue {
-        GgufValue::Array(
-            GgufValueType::I32,
-            items.iter().map(|&x| GgufValue::I32(x)).collect(),
-        )
+        GgufValue::Array(GgufValueType::I32, items.iter().map(|&x| GgufValue::I32(x)).collect())
     }
 
     /// An f32 array, e.g. `tokenizer.ggml.scores`.
     pub fn f32_array(items: &[f32]) -> GgufValue {
-        GgufValue::Array(
-            GgufValueType::F32,
-            items.iter().map(|&x| GgufValue::F32(x)).collect(),
-        )
+        GgufValue::Array(GgufValueType::F32, items.iter().map(|&x| GgufValue::F32(x)).collect())
     }
 
     /// Any integer type, as i128 so that every u64 and i64 fits.
@@ -358,12 +346,7 @@ impl GgufTensor {
     /// tensor of this type (overflow, a row that is not whole blocks).
     fn layout(&self) -> Result<(u64, u64), String> {
         let n = self.dims.iter().try_fold(1u64, |n, &d| n.checked_mul(d));
-        let n = n.ok_or_else(|| {
-            format!(
-                "tensor {} has dims {:?}, too many values",
-                self.name, self.dims
-            )
-        })?;
+        let n = n.ok_or_else(|| format!("tensor {} has dims {:?}, too many values", self.name, self.dims))?;
         let (block, block_bytes) = self.dtype.sizes();
         if !self.row_len().is_multiple_of(block) {
             return Err(format!(
@@ -376,12 +359,7 @@ impl GgufTensor {
         }
         // n is a multiple of the row length, hence of the block size.
         let bytes = (n / block).checked_mul(block_bytes);
-        let bytes = bytes.ok_or_else(|| {
-            format!(
-                "tensor {} has dims {:?}, too many bytes",
-                self.name, self.dims
-            )
-        })?;
+        let bytes = bytes.ok_or_else(|| format!("tensor {} has dims {:?}, too many bytes", self.name, self.dims))?;
         Ok((n, bytes))
     }
 }
@@ -426,23 +404,9 @@ impl GgufFile {
         // copying gigabytes just to dequantize them once.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| anyhow!("{name}: cannot map: {e}"))?;
         let header = parse_header(&mmap).map_err(|e| anyhow!("{name}: {e}"))?;
-        let Header {
-            version,
-            metadata,
-            tensors,
-            alignment,
-            data_start,
-        } = header;
-        let metadata_index = metadata
-            .iter()
-            .enumerate()
-            .map(|(i, (k, _))| (k.clone(), i))
-            .collect();
-        let tensor_index = tensors
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.name.clone(), i))
-            .collect();
+        let Header { version, metadata, tensors, alignment, data_start } = header;
+        let metadata_index = metadata.iter().enumerate().map(|(i, (k, _))| (k.clone(), i)).collect();
+        let tensor_index = tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
         Ok(GgufFile {
             path: path.to_owned(),
             mmap,
@@ -525,10 +489,7 @@ impl GgufFile {
     /// An array of any integer type whose values all fit in i32.
     pub fn get_i32_array(&self, key: &str) -> Option<Vec<i32>> {
         let items = self.get(key)?.items()?;
-        items
-            .iter()
-            .map(|v| v.as_int().and_then(|x| i32::try_from(x).ok()))
-            .collect()
+        items.iter().map(|v| v.as_int().and_then(|x| i32::try_from(x).ok())).collect()
     }
 
     /// An array of f32 (or f64, rounded).
@@ -549,46 +510,36 @@ impl GgufFile {
         let name = self.path.display();
         match self.get(key) {
             None => anyhow!("{name}: metadata key {key} is missing"),
-            Some(v) => anyhow!(
-                "{name}: metadata key {key} is {}, expected {expected}",
-                v.describe()
-            ),
+            Some(v) => anyhow!("{name}: metadata key {key} is {}, expected {expected}", v.describe()),
         }
     }
 
     pub fn require_str(&self, key: &str) -> Result<&str> {
-        self.get_str(key)
-            .ok_or_else(|| self.key_error(key, "a string"))
+        self.get_str(key).ok_or_else(|| self.key_error(key, "a string"))
     }
 
     pub fn require_u64(&self, key: &str) -> Result<u64> {
-        self.get_u64(key)
-            .ok_or_else(|| self.key_error(key, "a non-negative integer"))
+        self.get_u64(key).ok_or_else(|| self.key_error(key, "a non-negative integer"))
     }
 
     pub fn require_f32(&self, key: &str) -> Result<f32> {
-        self.get_f32(key)
-            .ok_or_else(|| self.key_error(key, "a number"))
+        self.get_f32(key).ok_or_else(|| self.key_error(key, "a number"))
     }
 
     pub fn require_bool(&self, key: &str) -> Result<bool> {
-        self.get_bool(key)
-            .ok_or_else(|| self.key_error(key, "a bool"))
+        self.get_bool(key).ok_or_else(|| self.key_error(key, "a bool"))
     }
 
     pub fn require_str_array(&self, key: &str) -> Result<Vec<&str>> {
-        self.get_str_array(key)
-            .ok_or_else(|| self.key_error(key, "an array of strings"))
+        self.get_str_array(key).ok_or_else(|| self.key_error(key, "an array of strings"))
     }
 
     pub fn require_i32_array(&self, key: &str) -> Result<Vec<i32>> {
-        self.get_i32_array(key)
-            .ok_or_else(|| self.key_error(key, "an array of i32"))
+        self.get_i32_array(key).ok_or_else(|| self.key_error(key, "an array of i32"))
     }
 
     pub fn require_f32_array(&self, key: &str) -> Result<Vec<f32>> {
-        self.get_f32_array(key)
-            .ok_or_else(|| self.key_error(key, "an array of f32"))
+        self.get_f32_array(key).ok_or_else(|| self.key_error(key, "an array of f32"))
     }
 
     /// The tensor index in file order.
@@ -601,8 +552,7 @@ impl GgufFile {
     }
 
     pub fn require_tensor(&self, name: &str) -> Result<&GgufTensor> {
-        self.find(name)
-            .ok_or_else(|| anyhow!("{}: tensor {name} is missing", self.path.display()))
+        self.find(name).ok_or_else(|| anyhow!("{}: tensor {name} is missing", self.path.display()))
     }
 
     /// The raw bytes of a tensor. The tensors of `tensors()` were checked
@@ -611,8 +561,8 @@ impl GgufFile {
     pub fn tensor_bytes(&self, t: &GgufTensor) -> Result<&[u8]> {
         let name = self.path.display();
         let (_, bytes) = t.layout().map_err(|e| anyhow!("{name}: {e}"))?;
-        let (start, end) = tensor_range(t, bytes, self.data_start, self.mmap.len() as u64)
-            .map_err(|e| anyhow!("{name}: {e}"))?;
+        let (start, end) =
+            tensor_range(t, bytes, self.data_start, self.mmap.len() as u64).map_err(|e| anyhow!("{name}: {e}"))?;
         Ok(&self.mmap[start as usize..end as usize])
     }
 
@@ -642,9 +592,7 @@ impl GgufFile {
         let row_len = t.row_len() as usize;
         let row_bytes = row_len / t.dtype.block_size() as usize * t.dtype.block_bytes() as usize;
         if n >= 1 << 16 {
-            out.par_chunks_mut(row_len)
-                .zip(bytes.par_chunks(row_bytes))
-                .for_each(|(y, x)| dequant_blocks(x, y));
+            out.par_chunks_mut(row_len).zip(bytes.par_chunks(row_bytes)).for_each(|(y, x)| dequant_blocks(x, y));
         } else {
             dequant_blocks(bytes, &mut out);
         }
@@ -654,12 +602,7 @@ impl GgufFile {
 
 /// The absolute byte range of a tensor of `bytes` bytes, or why it does not
 /// fit in the file.
-fn tensor_range(
-    t: &GgufTensor,
-    bytes: u64,
-    data_start: u64,
-    file_len: u64,
-) -> Result<(u64, u64), String> {
+fn tensor_range(t: &GgufTensor, bytes: u64, data_start: u64, file_len: u64) -> Result<(u64, u64), String> {
     let start = data_start.checked_add(t.offset);
     match start.and_then(|s| Some((s, s.checked_add(bytes)?))) {
         Some((start, end)) if end <= file_len => Ok((start, end)),
@@ -719,9 +662,7 @@ impl<'a> Cursor<'a> {
     fn array_len(&mut self, min_bytes: u64) -> Result<u64, String> {
         let at = self.pos;
         let n = self.u64()?;
-        if n.checked_mul(min_bytes)
-            .is_none_or(|need| need > self.remaining())
-        {
+        if n.checked_mul(min_bytes).is_none_or(|need| need > self.remaining()) {
             return Err(format!(
                 "array at offset {at} claims {n} elements, more than the {} bytes left in the file hold (truncated or corrupt?)",
                 self.remaining()
@@ -764,18 +705,13 @@ impl<'a> Cursor<'a> {
                 0 => V::Bool(false),
                 1 => V::Bool(true),
                 b => {
-                    return Err(format!(
-                        "bool at offset {} is {b}, not 0 or 1",
-                        self.pos - 1
-                    ));
+                    return Err(format!("bool at offset {} is {b}, not 0 or 1", self.pos - 1));
                 }
             },
             T::String => V::String(self.string()?),
             T::Array => {
                 if depth >= MAX_ARRAY_DEPTH {
-                    return Err(format!(
-                        "arrays nested deeper than {MAX_ARRAY_DEPTH} levels"
-                    ));
+                    return Err(format!("arrays nested deeper than {MAX_ARRAY_DEPTH} levels"));
                 }
                 let elem = self.value_type()?;
                 let n = self.array_len(elem.min_bytes())?;
@@ -809,10 +745,7 @@ fn parse_header(buf: &[u8]) -> Result<Header, String> {
     let mut c = Cursor { buf, pos: 0 };
     if buf.len() < 4 || &buf[..4] != b"GGUF" {
         let magic = &buf[..buf.len().min(4)];
-        return Err(format!(
-            "not a GGUF file (magic \"{}\", expected \"GGUF\")",
-            magic.escape_ascii()
-        ));
+        return Err(format!("not a GGUF file (magic \"{}\", expected \"GGUF\")", magic.escape_ascii()));
     }
     c.pos = 4;
     let version = c.u32().map_err(|e| format!("header: {e}"))?;
@@ -824,9 +757,7 @@ fn parse_header(buf: &[u8]) -> Result<Header, String> {
             return Err("big-endian GGUF, which lift cannot read".into());
         }
         v => {
-            return Err(format!(
-                "GGUF version {v} is not supported (only versions 2 and 3)"
-            ));
+            return Err(format!("GGUF version {v} is not supported (only versions 2 and 3)"));
         }
     }
     let n_tensors = c.u64().map_err(|e| format!("header: {e}"))?;
@@ -839,9 +770,7 @@ fn parse_header(buf: &[u8]) -> Result<Header, String> {
     let mut metadata = Vec::with_capacity(n_kv.min(c.remaining() / 13) as usize);
     let mut seen = HashSet::new();
     for i in 0..n_kv {
-        let key = c
-            .string()
-            .map_err(|e| format!("metadata entry {i} of {n_kv}: key: {e}"))?;
+        let key = c.string().map_err(|e| format!("metadata entry {i} of {n_kv}: key: {e}"))?;
         let value = c
             .value_type()
             .and_then(|ty| c.value(ty, 0))
@@ -855,8 +784,7 @@ fn parse_header(buf: &[u8]) -> Result<Header, String> {
     let mut tensors = Vec::with_capacity(n_tensors.min(c.remaining() / 24) as usize);
     let mut seen = HashSet::new();
     for i in 0..n_tensors {
-        let t =
-            read_tensor_info(&mut c).map_err(|e| format!("tensor info {i} of {n_tensors}: {e}"))?;
+        let t = read_tensor_info(&mut c).map_err(|e| format!("tensor info {i} of {n_tensors}: {e}"))?;
         if !seen.insert(t.name.clone()) {
             return Err(format!("tensor {} appears twice", t.name));
         }
@@ -884,13 +812,7 @@ fn parse_header(buf: &[u8]) -> Result<Header, String> {
         }
         tensor_range(t, bytes, data_start, file_len)?;
     }
-    Ok(Header {
-        version,
-        metadata,
-        tensors,
-        alignment,
-        data_start,
-    })
+    Ok(Header { version, metadata, tensors, alignment, data_start })
 }
 
 fn read_tensor_info(c: &mut Cursor) -> Result<GgufTensor, String> {
@@ -898,27 +820,17 @@ fn read_tensor_info(c: &mut Cursor) -> Result<GgufTensor, String> {
     let with_name = |e: String| format!("tensor {name}: {e}");
     let n_dims = c.u32().map_err(with_name)?;
     if n_dims > MAX_DIMS {
-        return Err(with_name(format!(
-            "{n_dims} dims, more than ggml's {MAX_DIMS}"
-        )));
+        return Err(with_name(format!("{n_dims} dims, more than ggml's {MAX_DIMS}")));
     }
     let mut dims = Vec::with_capacity(n_dims as usize);
     for _ in 0..n_dims {
         dims.push(c.u64().map_err(with_name)?);
     }
     let type_id = c.u32().map_err(with_name)?;
-    let dtype = GgmlType::from_id(type_id).ok_or_else(|| {
-        with_name(format!(
-            "unknown tensor type id {type_id} (a newer or removed ggml type)"
-        ))
-    })?;
+    let dtype = GgmlType::from_id(type_id)
+        .ok_or_else(|| with_name(format!("unknown tensor type id {type_id} (a newer or removed ggml type)")))?;
     let offset = c.u64().map_err(with_name)?;
-    Ok(GgufTensor {
-        name,
-        dims,
-        dtype,
-        offset,
-    })
+    Ok(GgufTensor { name, dims, dtype, offset })
 }
 
 // ---------------------------------------------------------------------------
@@ -1201,13 +1113,9 @@ pub fn write_gguf(
     tensors: &[(&str, &[u64], GgufWriteData)],
 ) -> Result<()> {
     let name = path.display();
-    let alignment = (
-        "general.alignment".to_string(),
-        GgufValue::U32(WRITE_ALIGNMENT as u32),
-    );
-    let metadata: Vec<&(String, GgufValue)> = std::iter::once(&alignment)
-        .chain(metadata.iter().filter(|(k, _)| k != "general.alignment"))
-        .collect();
+    let alignment = ("general.alignment".to_string(), GgufValue::U32(WRITE_ALIGNMENT as u32));
+    let metadata: Vec<&(String, GgufValue)> =
+        std::iter::once(&alignment).chain(metadata.iter().filter(|(k, _)| k != "general.alignment")).collect();
 
     let mut header = Vec::new();
     header.extend_from_slice(b"GGUF");
@@ -1242,16 +1150,11 @@ pub fn write_gguf(
             bail!("{name}: tensor name {tname} is longer than ggml's {MAX_NAME_BYTES} bytes");
         }
         if dims.len() > MAX_DIMS as usize {
-            bail!(
-                "{name}: tensor {tname} has {} dims, more than ggml's {MAX_DIMS}",
-                dims.len()
-            );
+            bail!("{name}: tensor {tname} has {} dims, more than ggml's {MAX_DIMS}", dims.len());
         }
         let expected = dims.iter().try_fold(1u64, |n, &d| n.checked_mul(d));
         if expected != Some(values as u64) {
-            bail!(
-                "{name}: tensor {tname} has {values} values, which does not match its dims {dims:?}"
-            );
+            bail!("{name}: tensor {tname} has {values} values, which does not match its dims {dims:?}");
         }
         put_string(&mut header, tname);
         header.extend_from_slice(&(dims.len() as u32).to_le_bytes());

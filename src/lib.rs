@@ -7,6 +7,7 @@
 //! batches), `generate`, `answer` (reading answers out of generated text).
 
 pub mod answer;
+pub mod bench;
 pub mod checkpoint;
 pub mod convert;
 pub mod cpu;
@@ -15,9 +16,8 @@ pub mod data;
 pub mod eval;
 pub mod export;
 pub mod generate;
-pub mod init;
-pub mod bench;
 pub mod gguf;
+pub mod init;
 pub mod lift;
 pub mod lora;
 pub mod model;

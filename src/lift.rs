@@ -75,7 +75,6 @@ pub fn filter_rank(out: usize, inp: usize, requested: usize) -> Result<(usize, b
     Ok((requested.min(m), requested > m))
 }
 
-
 // ----------------------------------------------------------------------------
 // Dense f64 building blocks for the exact path
 

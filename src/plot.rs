@@ -39,22 +39,46 @@ pub fn loss_svg(title: &str, train: &[(u64, f32)], val: &[(u64, f32)]) -> String
 
     // Axes, grid lines and tick labels.
     let (x_axis, y_axis) = (H - BOTTOM, LEFT);
-    let _ = writeln!(svg, r##"<g stroke="#444"><line x1="{y_axis}" y1="{TOP}" x2="{y_axis}" y2="{x_axis}"/><line x1="{y_axis}" y1="{x_axis}" x2="{}" y2="{x_axis}"/></g>"##, W - RIGHT);
+    let _ = writeln!(
+        svg,
+        r##"<g stroke="#444"><line x1="{y_axis}" y1="{TOP}" x2="{y_axis}" y2="{x_axis}"/><line x1="{y_axis}" y1="{x_axis}" x2="{}" y2="{x_axis}"/></g>"##,
+        W - RIGHT
+    );
     for i in 0..=5 {
         let l = y0 + (y1 - y0) * i as f64 / 5.0;
         let y = py(l as f32);
-        let _ = writeln!(svg, r##"<line x1="{y_axis}" y1="{y:.1}" x2="{}" y2="{y:.1}" stroke="#ddd"/><text x="{}" y="{:.1}" text-anchor="end">{l:.3}</text>"##, W - RIGHT, y_axis - 6.0, y + 4.0);
+        let _ = writeln!(
+            svg,
+            r##"<line x1="{y_axis}" y1="{y:.1}" x2="{}" y2="{y:.1}" stroke="#ddd"/><text x="{}" y="{:.1}" text-anchor="end">{l:.3}</text>"##,
+            W - RIGHT,
+            y_axis - 6.0,
+            y + 4.0
+        );
         let s = (x_max * i as f64 / 5.0).round() as u64;
         let x = px(s);
         let _ = writeln!(svg, r#"<text x="{x:.1}" y="{}" text-anchor="middle">{s}</text>"#, x_axis + 18.0);
     }
-    let _ = writeln!(svg, r#"<text x="{}" y="{}" text-anchor="middle">optimizer step</text>"#, (LEFT + W - RIGHT) / 2.0, H - 10.0);
-    let _ = writeln!(svg, r#"<text x="18" y="{}" text-anchor="middle" transform="rotate(-90 18 {})">loss</text>"#, H / 2.0, H / 2.0);
+    let _ = writeln!(
+        svg,
+        r#"<text x="{}" y="{}" text-anchor="middle">optimizer step</text>"#,
+        (LEFT + W - RIGHT) / 2.0,
+        H - 10.0
+    );
+    let _ = writeln!(
+        svg,
+        r#"<text x="18" y="{}" text-anchor="middle" transform="rotate(-90 18 {})">loss</text>"#,
+        H / 2.0,
+        H / 2.0
+    );
 
     let line = |svg: &mut String, pts: &[(u64, f32)], color: &str, dots: bool| {
         let pts: Vec<&(u64, f32)> = pts.iter().filter(finite).collect();
         let coords: Vec<String> = pts.iter().map(|p| format!("{:.1},{:.1}", px(p.0), py(p.1))).collect();
-        let _ = writeln!(svg, r#"<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{}"/>"#, coords.join(" "));
+        let _ = writeln!(
+            svg,
+            r#"<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{}"/>"#,
+            coords.join(" ")
+        );
         if dots {
             for p in &pts {
                 let _ = writeln!(svg, r#"<circle cx="{:.1}" cy="{:.1}" r="3" fill="{color}"/>"#, px(p.0), py(p.1));
@@ -64,11 +88,24 @@ pub fn loss_svg(title: &str, train: &[(u64, f32)], val: &[(u64, f32)]) -> String
     line(&mut svg, train, "#1f77b4", false);
     line(&mut svg, val, "#ff7f0e", true);
     let lx = W - RIGHT - 150.0;
-    let _ = writeln!(svg, r##"<rect x="{lx}" y="{TOP}" width="140" height="44" fill="white" stroke="#ccc"/>
+    let _ = writeln!(
+        svg,
+        r##"<rect x="{lx}" y="{TOP}" width="140" height="44" fill="white" stroke="#ccc"/>
 <line x1="{}" y1="{}" x2="{}" y2="{}" stroke="#1f77b4" stroke-width="2"/><text x="{}" y="{}">train loss</text>
 <line x1="{}" y1="{}" x2="{}" y2="{}" stroke="#ff7f0e" stroke-width="2"/><text x="{}" y="{}">validation loss</text>"##,
-        lx + 8.0, TOP + 14.0, lx + 30.0, TOP + 14.0, lx + 36.0, TOP + 18.0,
-        lx + 8.0, TOP + 32.0, lx + 30.0, TOP + 32.0, lx + 36.0, TOP + 36.0);
+        lx + 8.0,
+        TOP + 14.0,
+        lx + 30.0,
+        TOP + 14.0,
+        lx + 36.0,
+        TOP + 18.0,
+        lx + 8.0,
+        TOP + 32.0,
+        lx + 30.0,
+        TOP + 32.0,
+        lx + 36.0,
+        TOP + 36.0
+    );
     svg.push_str("</svg>\n");
     svg
 }

@@ -130,12 +130,7 @@ impl SafeTensors {
         // checkpoint is not edited while it is being read.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| anyhow!("{name}: cannot map: {e}"))?;
         let (tensors, metadata) = parse_header(&mmap).map_err(|e| anyhow!("{name}: {e}"))?;
-        Ok(SafeTensors {
-            path: path.to_owned(),
-            mmap,
-            tensors,
-            metadata,
-        })
+        Ok(SafeTensors { path: path.to_owned(), mmap, tensors, metadata })
     }
 
     pub fn path(&self) -> &Path {
@@ -159,9 +154,7 @@ impl SafeTensors {
     /// The values of tensor `name` as f32, row-major.
     pub fn tensor_f32(&self, name: &str) -> Result<Vec<f32>> {
         let path = self.path.display();
-        let t = self
-            .find(name)
-            .ok_or_else(|| anyhow!("{path}: tensor {name} is missing"))?;
+        let t = self.find(name).ok_or_else(|| anyhow!("{path}: tensor {name} is missing"))?;
         let bytes = &self.mmap[t.start..t.end];
         let convert: fn(&[u8], &mut [f32]) = match t.dtype {
             Dtype::F32 => |x, y| {
@@ -180,9 +173,7 @@ impl SafeTensors {
                 }
             },
             Dtype::Other(ref d) => {
-                bail!(
-                    "{path}: tensor {name} has dtype {d}, which lift cannot read (supported: F32, F16, BF16)"
-                )
+                bail!("{path}: tensor {name} has dtype {d}, which lift cannot read (supported: F32, F16, BF16)")
             }
         };
         // The sizes were checked at open, so bytes holds exactly n values.
@@ -192,9 +183,7 @@ impl SafeTensors {
         // Big tensors (the embedding is tens of millions of values) are
         // converted in parallel chunks; the conversion is per value.
         const CHUNK: usize = 1 << 16;
-        out.par_chunks_mut(CHUNK)
-            .zip(bytes.par_chunks(CHUNK * size.max(1)))
-            .for_each(|(y, x)| convert(x, y));
+        out.par_chunks_mut(CHUNK).zip(bytes.par_chunks(CHUNK * size.max(1))).for_each(|(y, x)| convert(x, y));
         Ok(out)
     }
 }
@@ -204,9 +193,7 @@ impl SafeTensors {
 fn parse_header(buf: &[u8]) -> Result<(Vec<SafeTensor>, BTreeMap<String, String>), String> {
     let file_len = buf.len() as u64;
     if file_len < 8 {
-        return Err(format!(
-            "not a safetensors file (only {file_len} bytes, no header length)"
-        ));
+        return Err(format!("not a safetensors file (only {file_len} bytes, no header length)"));
     }
     let mut len = [0u8; 8];
     len.copy_from_slice(&buf[..8]);
@@ -231,8 +218,8 @@ fn parse_header(buf: &[u8]) -> Result<(Vec<SafeTensor>, BTreeMap<String, String>
                 .map_err(|e| format!("__metadata__ is not a map of strings to strings: {e}"))?;
             continue;
         }
-        let entry: Entry = serde_json::from_value(value)
-            .map_err(|e| format!("tensor {name}: bad header entry: {e}"))?;
+        let entry: Entry =
+            serde_json::from_value(value).map_err(|e| format!("tensor {name}: bad header entry: {e}"))?;
         let dtype = Dtype::parse(&entry.dtype);
         let (begin, end) = entry.data_offsets;
         if begin > end || end > file_len - data_start {
@@ -314,10 +301,7 @@ pub fn write_safetensors(
         }
         let n = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
         if n != Some(data.len()) {
-            bail!(
-                "{name}: tensor {tname} has {} values, which does not match its shape {shape:?}",
-                data.len()
-            );
+            bail!("{name}: tensor {tname} has {} values, which does not match its shape {shape:?}", data.len());
         }
     }
     // A stable sort keeps the caller's order within each dtype.
@@ -331,21 +315,16 @@ pub fn write_safetensors(
     let mut offset = 0usize;
     for (tname, shape, data) in &order {
         let end = offset + data.len() * data.elem_bytes();
-        header.insert(
-            tname.to_string(),
-            json!({"dtype": data.dtype(), "shape": shape, "data_offsets": [offset, end]}),
-        );
+        header.insert(tname.to_string(), json!({"dtype": data.dtype(), "shape": shape, "data_offsets": [offset, end]}));
         offset = end;
     }
-    let mut header =
-        serde_json::to_vec(&header).map_err(|e| anyhow!("{name}: cannot encode header: {e}"))?;
+    let mut header = serde_json::to_vec(&header).map_err(|e| anyhow!("{name}: cannot encode header: {e}"))?;
     header.resize(header.len().div_ceil(8) * 8, b' ');
 
     let file = File::create(path).map_err(|e| anyhow!("{name}: cannot create: {e}"))?;
     let mut w = BufWriter::new(file);
     let io = |e: std::io::Error| anyhow!("{name}: cannot write: {e}");
-    w.write_all(&(header.len() as u64).to_le_bytes())
-        .map_err(io)?;
+    w.write_all(&(header.len() as u64).to_le_bytes()).map_err(io)?;
     w.write_all(&header).map_err(io)?;
     // Convert in chunks so a big tensor never needs a second full-size copy.
     let mut buf = Vec::new();

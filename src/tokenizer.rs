@@ -40,15 +40,15 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// GPT-2's pre-tokenizer regex (also used by `tokenizers`' ByteLevel with `use_regex`).
-pub const GPT2_REGEX: &str =
-    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
+pub const GPT2_REGEX: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
 
 /// Llama 3's pre-tokenizer regex: case-insensitive contractions, a letter run may
 /// take one leading non-letter, numbers in groups of at most three digits.
 pub const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// Qwen 2's: Llama 3's with single digits.
-const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_REGEX: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// GPT-4o's (also Llama 4's): words split at case changes, contractions attached.
 const GPT4O_REGEX: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
@@ -177,11 +177,7 @@ enum DecodeStep {
     /// Concatenate all tokens into one.
     Fuse,
     /// Remove up to `start` leading and `stop` trailing `content` chars of each token.
-    Strip {
-        content: char,
-        start: usize,
-        stop: usize,
-    },
+    Strip { content: char, start: usize, stop: usize },
     /// `▁` to space, except in the first token (when a `▁` was prepended).
     Metaspace { strip_first: bool },
 }
@@ -228,10 +224,7 @@ impl Tokenizer {
     /// names the BOS and EOS tokens. Without a config (or without `add_bos_token`
     /// in it) the tokenizer.json's post-processor decides: a template that starts
     /// with a special token adds that token as BOS.
-    pub fn from_hf_json(
-        tokenizer_json: &str,
-        tokenizer_config_json: Option<&str>,
-    ) -> Result<Tokenizer> {
+    pub fn from_hf_json(tokenizer_json: &str, tokenizer_config_json: Option<&str>) -> Result<Tokenizer> {
         let spec = hf_json::parse(tokenizer_json, tokenizer_config_json)?;
         Tokenizer::try_from(spec).map_err(|e| anyhow!("tokenizer.json: {e}"))
     }
@@ -256,17 +249,7 @@ impl Tokenizer {
         eos_id: Option<u32>,
         add_bos: bool,
     ) -> Result<Tokenizer> {
-        let spec = gguf_vocab::build(
-            model,
-            pre,
-            tokens,
-            token_types,
-            merges,
-            scores,
-            bos_id,
-            eos_id,
-            add_bos,
-        )?;
+        let spec = gguf_vocab::build(model, pre, tokens, token_types, merges, scores, bos_id, eos_id, add_bos)?;
         Tokenizer::try_from(spec).map_err(|e| anyhow!("GGUF tokenizer: {e}"))
     }
 
@@ -355,8 +338,7 @@ impl Tokenizer {
             match segment {
                 Segment::Added(id) => ids.push(id),
                 Segment::Text { text, at_start } => {
-                    let pieces =
-                        pre_tokenize(&self.spec.pre_tokenizer, &self.tables, text, at_start);
+                    let pieces = pre_tokenize(&self.spec.pre_tokenizer, &self.tables, text, at_start);
                     for piece in &pieces {
                         self.bpe_word(piece, ids);
                     }
@@ -413,16 +395,8 @@ impl Tokenizer {
     /// `▁` that encoding put in front), which the caller may drop.
     pub fn decode_token_bytes(&self, id: u32) -> Result<Vec<u8>> {
         let token = self.checked_token(id)?;
-        let byte_level = self
-            .spec
-            .decoder
-            .iter()
-            .any(|s| matches!(s, DecodeStep::ByteLevel));
-        let byte_fallback = self
-            .spec
-            .decoder
-            .iter()
-            .any(|s| matches!(s, DecodeStep::ByteFallback));
+        let byte_level = self.spec.decoder.iter().any(|s| matches!(s, DecodeStep::ByteLevel));
+        let byte_fallback = self.spec.decoder.iter().any(|s| matches!(s, DecodeStep::ByteFallback));
         if byte_level {
             return Ok(byte_level_bytes(token));
         }
@@ -441,12 +415,7 @@ impl Tokenizer {
     }
 
     fn checked_token(&self, id: u32) -> Result<&str> {
-        self.token_str(id).ok_or_else(|| {
-            anyhow!(
-                "token id {id} is out of range (vocab {})",
-                self.vocab_size()
-            )
-        })
+        self.token_str(id).ok_or_else(|| anyhow!("token id {id} is out of range (vocab {})", self.vocab_size()))
     }
 }
 
@@ -473,10 +442,7 @@ impl AddedMatcher {
                 first_bytes[b as usize] = true;
             }
         }
-        AddedMatcher {
-            patterns,
-            first_bytes,
-        }
+        AddedMatcher { patterns, first_bytes }
     }
 
     /// The leftmost match starting at or after `from`, the longest among those
@@ -545,19 +511,13 @@ fn split_added<'a>(text: &'a str, at_start: bool, m: &AddedMatcher) -> Vec<Segme
             search = end;
         }
         if done < start {
-            out.push(Segment::Text {
-                text: &text[done..start],
-                at_start: at_start && done == 0,
-            });
+            out.push(Segment::Text { text: &text[done..start], at_start: at_start && done == 0 });
         }
         out.push(Segment::Added(token.id));
         done = end;
     }
     if done < text.len() {
-        out.push(Segment::Text {
-            text: &text[done..],
-            at_start: at_start && done == 0,
-        });
+        out.push(Segment::Text { text: &text[done..], at_start: at_start && done == 0 });
     }
     out
 }
@@ -629,11 +589,7 @@ fn pre_tokenize(steps: &[PreTokenize], t: &Tables, text: &str, at_start: bool) -
             }
             PreTokenize::PrefixSpace => {
                 for p in pieces.drain(..) {
-                    next.push(if p.starts_with(' ') {
-                        p
-                    } else {
-                        format!(" {p}")
-                    });
+                    next.push(if p.starts_with(' ') { p } else { format!(" {p}") });
                 }
             }
             PreTokenize::ByteAlphabet => {
@@ -776,9 +732,7 @@ fn bpe_merge(mut ids: Vec<u32>, merges: &HashMap<(u32, u32), (u32, u32)>) -> Vec
         return ids;
     }
     let mut prev: Vec<usize> = (0..n).map(|i| if i == 0 { NONE } else { i - 1 }).collect();
-    let mut next: Vec<usize> = (0..n)
-        .map(|i| if i + 1 == n { NONE } else { i + 1 })
-        .collect();
+    let mut next: Vec<usize> = (0..n).map(|i| if i + 1 == n { NONE } else { i + 1 }).collect();
     let mut alive = vec![true; n];
     // Min-heap of (rank, position of the left symbol, merged id).
     let mut heap = BinaryHeap::with_capacity(n);
@@ -829,20 +783,12 @@ impl DecodeStep {
                 let bytes: Vec<u8> = tokens.iter().flat_map(|t| byte_level_bytes(t)).collect();
                 vec![String::from_utf8_lossy(&bytes).into_owned()]
             }
-            DecodeStep::Replace(from, to) => tokens
-                .into_iter()
-                .map(|t| t.replace(from.as_str(), to))
-                .collect(),
+            DecodeStep::Replace(from, to) => tokens.into_iter().map(|t| t.replace(from.as_str(), to)).collect(),
             DecodeStep::ByteFallback => byte_fallback(tokens),
             DecodeStep::Fuse => vec![tokens.concat()],
-            DecodeStep::Strip {
-                content,
-                start,
-                stop,
-            } => tokens
-                .into_iter()
-                .map(|t| strip(&t, *content, *start, *stop))
-                .collect(),
+            DecodeStep::Strip { content, start, stop } => {
+                tokens.into_iter().map(|t| strip(&t, *content, *start, *stop)).collect()
+            }
             DecodeStep::Metaspace { strip_first } => (tokens.iter().enumerate())
                 .map(|(i, t)| {
                     // tokenizers drops every ▁ of the first token, not just the
@@ -906,18 +852,9 @@ fn byte_fallback(tokens: Vec<String>) -> Vec<String> {
 
 fn strip(token: &str, content: char, start: usize, stop: usize) -> String {
     let chars: Vec<char> = token.chars().collect();
-    let from = chars
-        .iter()
-        .take(start)
-        .take_while(|&&c| c == content)
-        .count();
+    let from = chars.iter().take(start).take_while(|&&c| c == content).count();
     let rest = &chars[from..];
-    let cut = rest
-        .iter()
-        .rev()
-        .take(stop)
-        .take_while(|&&c| c == content)
-        .count();
+    let cut = rest.iter().rev().take(stop).take_while(|&&c| c == content).count();
     rest[..rest.len() - cut].iter().collect()
 }
 
@@ -940,11 +877,7 @@ impl Tables {
         }
         for a in &spec.added_tokens {
             if a.id as usize >= n {
-                bail!(
-                    "added token {:?} has id {}, out of range (vocab {n})",
-                    a.content,
-                    a.id
-                );
+                bail!("added token {:?} has id {}, out of range (vocab {n})", a.content, a.id);
             }
             token_to_id.insert(a.content.clone(), a.id);
         }
@@ -952,9 +885,10 @@ impl Tables {
         let mut merges = HashMap::with_capacity(spec.merges.len());
         for (rank, (a, b)) in spec.merges.iter().enumerate() {
             let id = |t: &str| {
-                token_to_id.get(t).copied().ok_or_else(|| {
-                    anyhow!("merge {a:?} {b:?}: token {t:?} is not in the vocabulary")
-                })
+                token_to_id
+                    .get(t)
+                    .copied()
+                    .ok_or_else(|| anyhow!("merge {a:?} {b:?}: token {t:?} is not in the vocabulary"))
             };
             let (a_id, b_id, new_id) = (id(a)?, id(b)?, id(&format!("{a}{b}"))?);
             // A repeated pair keeps its last rank, as tokenizers' HashMap insert does.
@@ -969,9 +903,8 @@ impl Tables {
         let mut regexes = Vec::new();
         for step in &spec.pre_tokenizer {
             if let PreTokenize::Split(pattern) = step {
-                let re = fancy_regex::Regex::new(pattern).map_err(|e| {
-                    anyhow!("pre-tokenizer regex {pattern:?} does not compile: {e}")
-                })?;
+                let re = fancy_regex::Regex::new(pattern)
+                    .map_err(|e| anyhow!("pre-tokenizer regex {pattern:?} does not compile: {e}"))?;
                 regexes.push(re);
             }
         }
@@ -1052,11 +985,8 @@ mod hf_json {
     use super::*;
 
     pub(super) fn parse(json: &str, config: Option<&str>) -> Result<Spec> {
-        let root: Value = serde_json::from_str(json)
-            .map_err(|e| anyhow!("tokenizer.json is not valid JSON: {e}"))?;
-        let model = root
-            .get("model")
-            .ok_or_else(|| anyhow!("tokenizer.json has no \"model\""))?;
+        let root: Value = serde_json::from_str(json).map_err(|e| anyhow!("tokenizer.json is not valid JSON: {e}"))?;
+        let model = root.get("model").ok_or_else(|| anyhow!("tokenizer.json has no \"model\""))?;
         let kind = str_field(model, "type").unwrap_or("BPE");
         if kind != "BPE" {
             bail!("tokenizer.json: model type {kind} is not supported (only BPE)");
@@ -1066,11 +996,7 @@ mod hf_json {
                 bail!("tokenizer.json: BPE option {key} is not supported");
             }
         }
-        if model
-            .get("dropout")
-            .and_then(Value::as_f64)
-            .is_some_and(|d| d > 0.0)
-        {
+        if model.get("dropout").and_then(Value::as_f64).is_some_and(|d| d > 0.0) {
             bail!("tokenizer.json: BPE dropout is not supported");
         }
 
@@ -1092,20 +1018,13 @@ mod hf_json {
             .and_then(Value::as_object)
             .ok_or_else(|| anyhow!("tokenizer.json: model.vocab is missing or not an object"))?;
         for (token, id) in vocab {
-            let id = id
-                .as_u64()
-                .ok_or_else(|| anyhow!("tokenizer.json: vocab id of {token:?} is not a number"))?;
+            let id = id.as_u64().ok_or_else(|| anyhow!("tokenizer.json: vocab id of {token:?} is not a number"))?;
             put(id, token)?;
         }
         let mut added_tokens = Vec::new();
-        for a in root
-            .get("added_tokens")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
-            let content = str_field(a, "content")
-                .ok_or_else(|| anyhow!("tokenizer.json: an added token has no content"))?;
+        for a in root.get("added_tokens").and_then(Value::as_array).into_iter().flatten() {
+            let content =
+                str_field(a, "content").ok_or_else(|| anyhow!("tokenizer.json: an added token has no content"))?;
             let id = a
                 .get("id")
                 .and_then(Value::as_u64)
@@ -1133,21 +1052,15 @@ mod hf_json {
         }
 
         let mut merges = Vec::new();
-        for m in model
-            .get("merges")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
+        for m in model.get("merges").and_then(Value::as_array).into_iter().flatten() {
             merges.push(parse_merge(m).map_err(|e| anyhow!("tokenizer.json: {e}"))?);
         }
 
-        let token_id =
-            |name: &str| -> Option<u32> { vocab.iter().rposition(|t| t == name).map(|i| i as u32) };
+        let token_id = |name: &str| -> Option<u32> { vocab.iter().rposition(|t| t == name).map(|i| i as u32) };
         let unk_id = match str_field(model, "unk_token") {
-            Some(unk) => Some(token_id(unk).ok_or_else(|| {
-                anyhow!("tokenizer.json: unk_token {unk:?} is not in the vocabulary")
-            })?),
+            Some(unk) => Some(
+                token_id(unk).ok_or_else(|| anyhow!("tokenizer.json: unk_token {unk:?} is not in the vocabulary"))?,
+            ),
             None => None,
         };
         let bpe = BpeOptions {
@@ -1166,14 +1079,12 @@ mod hf_json {
         // BOS/EOS: named by the config; BOS added if the config says so, or else
         // if the post-processor's template starts with a special token.
         let config: Option<Value> = match config {
-            Some(c) => Some(
-                serde_json::from_str(c)
-                    .map_err(|e| anyhow!("tokenizer_config.json is not valid JSON: {e}"))?,
-            ),
+            Some(c) => {
+                Some(serde_json::from_str(c).map_err(|e| anyhow!("tokenizer_config.json is not valid JSON: {e}"))?)
+            }
             None => None,
         };
-        let template_bos =
-            template_first_special(root.get("post_processor")).and_then(|name| token_id(&name));
+        let template_bos = template_first_special(root.get("post_processor")).and_then(|name| token_id(&name));
         let named = |key: &str| -> Result<Option<u32>> {
             let Some(v) = config.as_ref().and_then(|c| c.get(key)) else {
                 return Ok(None);
@@ -1182,13 +1093,12 @@ mod hf_json {
             let name = match v {
                 Value::Null => return Ok(None),
                 Value::String(s) => s.as_str(),
-                v => str_field(v, "content").ok_or_else(|| {
-                    anyhow!("tokenizer_config.json: {key} is neither a string nor has a content")
-                })?,
+                v => str_field(v, "content")
+                    .ok_or_else(|| anyhow!("tokenizer_config.json: {key} is neither a string nor has a content"))?,
             };
-            token_id(name).map(Some).ok_or_else(|| {
-                anyhow!("tokenizer_config.json: {key} {name:?} is not in the vocabulary")
-            })
+            token_id(name)
+                .map(Some)
+                .ok_or_else(|| anyhow!("tokenizer_config.json: {key} {name:?} is not in the vocabulary"))
         };
         let bos_id = named("bos_token")?.or(template_bos);
         let eos_id = named("eos_token")?;
@@ -1200,18 +1110,7 @@ mod hf_json {
             bail!("tokenizer_config.json: add_bos_token is true but no bos_token is named");
         }
 
-        Ok(Spec {
-            vocab,
-            merges,
-            added_tokens,
-            normalizer,
-            pre_tokenizer,
-            bpe,
-            decoder,
-            bos_id,
-            eos_id,
-            add_bos,
-        })
+        Ok(Spec { vocab, merges, added_tokens, normalizer, pre_tokenizer, bpe, decoder, bos_id, eos_id, add_bos })
     }
 
     /// A merge is "a b" (older files) or ["a", "b"].
@@ -1239,12 +1138,7 @@ mod hf_json {
         match type_of(v) {
             None => {}
             Some("Sequence") => {
-                for n in v
-                    .get("normalizers")
-                    .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten()
-                {
+                for n in v.get("normalizers").and_then(Value::as_array).into_iter().flatten() {
                     steps.extend(parse_normalizer(n)?);
                 }
             }
@@ -1267,12 +1161,7 @@ mod hf_json {
         match type_of(v) {
             None => {}
             Some("Sequence") => {
-                for p in v
-                    .get("pretokenizers")
-                    .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten()
-                {
+                for p in v.get("pretokenizers").and_then(Value::as_array).into_iter().flatten() {
                     steps.extend(parse_pre_tokenizer(p)?);
                 }
             }
@@ -1294,29 +1183,20 @@ mod hf_json {
                     );
                 }
                 let pattern = v.get("pattern");
-                let regex = match (
-                    pattern.and_then(|p| str_field(p, "Regex")),
-                    pattern.and_then(|p| str_field(p, "String")),
-                ) {
-                    (Some(r), _) => r.to_string(),
-                    (None, Some(s)) => fancy_regex::escape(s).into_owned(),
-                    _ => bail!("tokenizer.json: Split pre-tokenizer without a pattern"),
-                };
+                let regex =
+                    match (pattern.and_then(|p| str_field(p, "Regex")), pattern.and_then(|p| str_field(p, "String"))) {
+                        (Some(r), _) => r.to_string(),
+                        (None, Some(s)) => fancy_regex::escape(s).into_owned(),
+                        _ => bail!("tokenizer.json: Split pre-tokenizer without a pattern"),
+                    };
                 steps.push(PreTokenize::Split(regex));
             }
-            Some("Digits") => steps.push(PreTokenize::Digits {
-                individual: bool_field(v, "individual_digits", false),
-            }),
+            Some("Digits") => steps.push(PreTokenize::Digits { individual: bool_field(v, "individual_digits", false) }),
             Some("Metaspace") => {
                 if str_field(v, "replacement").is_some_and(|r| r != "▁") {
-                    bail!(
-                        "tokenizer.json: Metaspace with a replacement other than ▁ is not supported"
-                    );
+                    bail!("tokenizer.json: Metaspace with a replacement other than ▁ is not supported");
                 }
-                steps.push(PreTokenize::Metaspace {
-                    prepend: prepend_scheme(v)?,
-                    split: bool_field(v, "split", true),
-                });
+                steps.push(PreTokenize::Metaspace { prepend: prepend_scheme(v)?, split: bool_field(v, "split", true) });
             }
             Some(other) => bail!("tokenizer.json: pre-tokenizer {other} is not supported"),
         }
@@ -1328,12 +1208,7 @@ mod hf_json {
         match type_of(v) {
             None => {}
             Some("Sequence") => {
-                for d in v
-                    .get("decoders")
-                    .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten()
-                {
+                for d in v.get("decoders").and_then(Value::as_array).into_iter().flatten() {
                     steps.extend(parse_decoder(d)?);
                 }
             }
@@ -1345,25 +1220,15 @@ mod hf_json {
             Some("ByteFallback") => steps.push(DecodeStep::ByteFallback),
             Some("Fuse") => steps.push(DecodeStep::Fuse),
             Some("Strip") => {
-                let content = str_field(v, "content")
-                    .and_then(|s| s.chars().next())
-                    .unwrap_or(' ');
+                let content = str_field(v, "content").and_then(|s| s.chars().next()).unwrap_or(' ');
                 let count = |key| v.get(key).and_then(Value::as_u64).unwrap_or(0) as usize;
-                steps.push(DecodeStep::Strip {
-                    content,
-                    start: count("start"),
-                    stop: count("stop"),
-                });
+                steps.push(DecodeStep::Strip { content, start: count("start"), stop: count("stop") });
             }
             Some("Metaspace") => {
                 if str_field(v, "replacement").is_some_and(|r| r != "▁") {
-                    bail!(
-                        "tokenizer.json: Metaspace decoder with a replacement other than ▁ is not supported"
-                    );
+                    bail!("tokenizer.json: Metaspace decoder with a replacement other than ▁ is not supported");
                 }
-                steps.push(DecodeStep::Metaspace {
-                    strip_first: prepend_scheme(v)? != Prepend::Never,
-                });
+                steps.push(DecodeStep::Metaspace { strip_first: prepend_scheme(v)? != Prepend::Never });
             }
             Some(other) => bail!("tokenizer.json: decoder {other} is not supported"),
         }
@@ -1387,11 +1252,8 @@ mod hf_json {
         let from = v
             .get("pattern")
             .and_then(|p| str_field(p, "String"))
-            .ok_or_else(|| {
-                anyhow!("tokenizer.json: Replace is supported with a String pattern only")
-            })?;
-        let to = str_field(v, "content")
-            .ok_or_else(|| anyhow!("tokenizer.json: Replace without content"))?;
+            .ok_or_else(|| anyhow!("tokenizer.json: Replace is supported with a String pattern only"))?;
+        let to = str_field(v, "content").ok_or_else(|| anyhow!("tokenizer.json: Replace without content"))?;
         Ok((from.to_string(), to.to_string()))
     }
 
@@ -1403,21 +1265,13 @@ mod hf_json {
                 let first = v.get("single")?.as_array()?.first()?;
                 Some(str_field(first.get("SpecialToken")?, "id")?.to_string())
             }
-            Some("Sequence") => v
-                .get("processors")?
-                .as_array()?
-                .iter()
-                .find_map(|p| template_first_special(Some(p))),
+            Some("Sequence") => v.get("processors")?.as_array()?.iter().find_map(|p| template_first_special(Some(p))),
             _ => None,
         }
     }
 
     fn type_of(v: &Value) -> Option<&str> {
-        if v.is_null() {
-            None
-        } else {
-            Some(str_field(v, "type").unwrap_or("?"))
-        }
+        if v.is_null() { None } else { Some(str_field(v, "type").unwrap_or("?")) }
     }
 
     fn str_field<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
@@ -1525,9 +1379,7 @@ mod hf_write {
     /// comes before its regex split, so [PrefixSpace, Split(GPT-2), ByteAlphabet]
     /// must be written as one ByteLevel, not as a Split and a ByteLevel.
     fn pre_tokenizer_json(steps: &[PreTokenize]) -> Result<Vec<Value>> {
-        let byte_level = |prefix: bool, regex: bool| {
-            json!({"type": "ByteLevel", "add_prefix_space": prefix, "trim_offsets": true, "use_regex": regex})
-        };
+        let byte_level = |prefix: bool, regex: bool| json!({"type": "ByteLevel", "add_prefix_space": prefix, "trim_offsets": true, "use_regex": regex});
         let mut out = Vec::new();
         let mut i = 0;
         while i < steps.len() {
@@ -1544,7 +1396,9 @@ mod hf_write {
                 }
                 (PreTokenize::PrefixSpace, _, _) => bail!("cannot write this pre-tokenizer as tokenizer.json"),
                 (PreTokenize::Split(r), _, _) => {
-                    out.push(json!({"type": "Split", "pattern": {"Regex": r}, "behavior": "Isolated", "invert": false}));
+                    out.push(
+                        json!({"type": "Split", "pattern": {"Regex": r}, "behavior": "Isolated", "invert": false}),
+                    );
                     i += 1;
                 }
                 (PreTokenize::Digits { individual }, _, _) => {
@@ -1561,7 +1415,9 @@ mod hf_write {
                         Prepend::First => "first",
                         Prepend::Never => "never",
                     };
-                    out.push(json!({"type": "Metaspace", "replacement": "▁", "prepend_scheme": scheme, "split": split}));
+                    out.push(
+                        json!({"type": "Metaspace", "replacement": "▁", "prepend_scheme": scheme, "split": split}),
+                    );
                     i += 1;
                 }
             }
@@ -1606,8 +1462,7 @@ mod hf_write {
             // SentencePiece-style models merge by score: a token made by the
             // merge of rank r scores -r, so earlier merges win, as in the merge list.
             let mut scores = vec![-1e9f32; spec.vocab.len()];
-            let index: HashMap<&str, usize> =
-                spec.vocab.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
+            let index: HashMap<&str, usize> = spec.vocab.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
             for (rank, (a, b)) in spec.merges.iter().enumerate() {
                 if let Some(&id) = index.get(format!("{a}{b}").as_str())
                     && scores[id] == -1e9
@@ -1649,8 +1504,8 @@ mod gguf_vocab {
     /// ("smollm" also isolates every digit first: see `build`.)
     fn pre_regex(pre: &str) -> &'static str {
         match pre {
-            "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral"
-            | "midm-2.0" | "lfm2" | "jina-v5-nano" | "dbrx" | "smaug-bpe" => LLAMA3_REGEX,
+            "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0" | "lfm2"
+            | "jina-v5-nano" | "dbrx" | "smaug-bpe" => LLAMA3_REGEX,
             "qwen2" | "deepseek-r1-qwen" | "kormo" | "f2llmv2" | "megrez" => QWEN2_REGEX,
             "gpt-4o" | "llama4" | "kanana2" | "talkie" | "minimax-m2" => GPT4O_REGEX,
             _ => GPT2_REGEX,
@@ -1671,10 +1526,7 @@ mod gguf_vocab {
     ) -> Result<Spec> {
         let n = tokens.len();
         if !token_types.is_empty() && token_types.len() != n {
-            bail!(
-                "GGUF tokenizer: {} token types for {n} tokens",
-                token_types.len()
-            );
+            bail!("GGUF tokenizer: {} token types for {n} tokens", token_types.len());
         }
         for (what, id) in [("bos", bos_id), ("eos", eos_id)] {
             if let Some(id) = id.filter(|&id| id as usize >= n) {
@@ -1688,9 +1540,7 @@ mod gguf_vocab {
         match model {
             "gpt2" => {
                 if merge_list.is_empty() {
-                    bail!(
-                        "GGUF tokenizer: a gpt2 (byte-level) vocabulary needs tokenizer.ggml.merges"
-                    );
+                    bail!("GGUF tokenizer: a gpt2 (byte-level) vocabulary needs tokenizer.ggml.merges");
                 }
                 // A token with characters outside the byte alphabet is stored as
                 // raw text; transformers respells it in the alphabet.
@@ -1707,8 +1557,7 @@ mod gguf_vocab {
                     .collect::<Vec<String>>();
                 // A control token that is not in the alphabet is a mislabel that
                 // transformers leaves out; so do we.
-                added_tokens =
-                    added_from_types(&tokens, &ty, &special_ids, |i| in_alphabet(&tokens[i]));
+                added_tokens = added_from_types(&tokens, &ty, &special_ids, |i| in_alphabet(&tokens[i]));
                 merges = parse_merges(&merge_list)?;
                 normalizer = Vec::new();
                 // SmolLM's own tokenizer.json, and llama.cpp, isolate every digit
@@ -1725,21 +1574,13 @@ mod gguf_vocab {
                 } else {
                     vec![PreTokenize::Split(pre_regex(pre).to_string()), PreTokenize::ByteAlphabet]
                 };
-                bpe = BpeOptions {
-                    byte_fallback: false,
-                    unk_id: None,
-                    fuse_unk: false,
-                    ignore_merges: false,
-                };
+                bpe = BpeOptions { byte_fallback: false, unk_id: None, fuse_unk: false, ignore_merges: false };
                 decoder = vec![DecodeStep::ByteLevel];
             }
             "llama" => {
                 merges = if merge_list.is_empty() {
                     if scores.len() != n {
-                        bail!(
-                            "GGUF tokenizer: {} scores for {n} tokens, and no merges",
-                            scores.len()
-                        );
+                        bail!("GGUF tokenizer: {} scores for {n} tokens, and no merges", scores.len());
                     }
                     merges_from_scores(&tokens, &scores)
                 } else {
@@ -1750,43 +1591,18 @@ mod gguf_vocab {
                 normalizer = Vec::new();
                 // transformers' LlamaTokenizer (legacy=False): one ▁ at the start
                 // of the text only, no split at spaces.
-                pre_tokenizer = vec![PreTokenize::Metaspace {
-                    prepend: Prepend::First,
-                    split: false,
-                }];
-                bpe = BpeOptions {
-                    byte_fallback: true,
-                    unk_id: None,
-                    fuse_unk: true,
-                    ignore_merges: false,
-                };
+                pre_tokenizer = vec![PreTokenize::Metaspace { prepend: Prepend::First, split: false }];
+                bpe = BpeOptions { byte_fallback: true, unk_id: None, fuse_unk: true, ignore_merges: false };
                 decoder = vec![
                     DecodeStep::Replace("▁".to_string(), " ".to_string()),
                     DecodeStep::ByteFallback,
                     DecodeStep::Fuse,
-                    DecodeStep::Strip {
-                        content: ' ',
-                        start: 1,
-                        stop: 0,
-                    },
+                    DecodeStep::Strip { content: ' ', start: 1, stop: 0 },
                 ];
             }
-            other => bail!(
-                "GGUF tokenizer model {other:?} is not supported (only \"gpt2\" and \"llama\" BPE)"
-            ),
+            other => bail!("GGUF tokenizer model {other:?} is not supported (only \"gpt2\" and \"llama\" BPE)"),
         }
-        Ok(Spec {
-            vocab,
-            merges,
-            added_tokens,
-            normalizer,
-            pre_tokenizer,
-            bpe,
-            decoder,
-            bos_id,
-            eos_id,
-            add_bos,
-        })
+        Ok(Spec { vocab, merges, added_tokens, normalizer, pre_tokenizer, bpe, decoder, bos_id, eos_id, add_bos })
     }
 
     /// Control and unknown tokens (and the BOS/EOS tokens) become special added
@@ -1821,10 +1637,7 @@ mod gguf_vocab {
     }
 
     fn parse_merges(merges: &[String]) -> Result<Vec<(String, String)>> {
-        merges
-            .iter()
-            .map(|m| hf_json::split_merge(m).map_err(|e| anyhow!("GGUF tokenizer: {e}")))
-            .collect()
+        merges.iter().map(|m| hf_json::split_merge(m).map_err(|e| anyhow!("GGUF tokenizer: {e}"))).collect()
     }
 
     /// Merges for a SentencePiece vocabulary that stores only scores: every way of
@@ -1861,9 +1674,7 @@ mod gguf_vocab {
         }
         // Descending, stable: Python's sorted(..., reverse=True) keeps ties in order.
         all.sort_by(|x, y| y.2.total_cmp(&x.2).then(y.3.cmp(&x.3)).then(y.4.cmp(&x.4)));
-        all.into_iter()
-            .map(|(l, r, ..)| (l.to_string(), r.to_string()))
-            .collect()
+        all.into_iter().map(|(l, r, ..)| (l.to_string(), r.to_string())).collect()
     }
 }
 
@@ -1903,9 +1714,7 @@ mod tests {
     #[test]
     fn strip_and_byte_fallback_decoders() {
         assert_eq!(strip("  a ", ' ', 1, 0), " a ");
-        let toks = ["<0xE4>", "<0xB8>", "<0xAD>", "x", "<0xE4>"]
-            .map(String::from)
-            .to_vec();
+        let toks = ["<0xE4>", "<0xB8>", "<0xAD>", "x", "<0xE4>"].map(String::from).to_vec();
         assert_eq!(byte_fallback(toks), ["中", "x", "\u{FFFD}"]);
     }
 

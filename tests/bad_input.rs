@@ -53,7 +53,10 @@ fn not_a_model_file() {
     let txt = dir.join("notes.txt");
     std::fs::write(&txt, "just some text, not a model").unwrap();
     let out = dir.join("m.bin");
-    fails_with(&["convert", s(&txt), "-o", s(&out)], &["notes.txt", "not a GGUF file or a Hugging Face model directory"]);
+    fails_with(
+        &["convert", s(&txt), "-o", s(&out)],
+        &["notes.txt", "not a GGUF file or a Hugging Face model directory"],
+    );
     fails_with(&["generate", "--checkpoint", s(&txt), "--prompt", "hi"], &["notes.txt", "not a lift model.bin"]);
     let st = tiny_dir().join("model.safetensors");
     fails_with(&["convert", s(&st), "-o", s(&out)], &["model.safetensors", "directory"]);

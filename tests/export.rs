@@ -13,7 +13,14 @@ fn round_trip(format: &str, dtype: &str, name: &str, src: &str, exact: bool) {
     common::convert(&common::root().join("tests/reference").join(src), &bin);
     let out = dir.join(if format == "hf" { "hf" } else { "m.gguf" });
     let (code, _, err) = common::lift(&[
-        "export", "--checkpoint", bin.to_str().unwrap(), "--format", format, "--dtype", dtype, "-o",
+        "export",
+        "--checkpoint",
+        bin.to_str().unwrap(),
+        "--format",
+        format,
+        "--dtype",
+        dtype,
+        "-o",
         out.to_str().unwrap(),
     ]);
     assert_eq!(code, 0, "{err}");
@@ -30,8 +37,10 @@ fn round_trip(format: &str, dtype: &str, name: &str, src: &str, exact: bool) {
     }
     let text = std::fs::read_to_string(common::root().join("tests/data/tokenizer_corpus.txt")).unwrap();
     assert_eq!(a.tokenizer.encode(&text), b.tokenizer.encode(&text), "tokenization survives");
-    assert_eq!((a.tokenizer.bos_id(), a.tokenizer.eos_id(), a.tokenizer.add_bos()),
-               (b.tokenizer.bos_id(), b.tokenizer.eos_id(), b.tokenizer.add_bos()));
+    assert_eq!(
+        (a.tokenizer.bos_id(), a.tokenizer.eos_id(), a.tokenizer.add_bos()),
+        (b.tokenizer.bos_id(), b.tokenizer.eos_id(), b.tokenizer.add_bos())
+    );
 }
 
 #[test]

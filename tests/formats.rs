@@ -18,9 +18,7 @@ use serde_json::Value;
 // Helpers
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data/formats")
-        .join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/formats").join(name)
 }
 
 /// expected.json: what gguf-py and safetensors saw in the fixtures.
@@ -32,20 +30,14 @@ fn manifest() -> Value {
 /// expected.f32: the reference values, concatenated.
 fn expected_values() -> Vec<f32> {
     let bytes = std::fs::read(fixture("expected.f32")).unwrap();
-    bytes
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect()
+    bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
 }
 
 /// The slice of expected.f32 that a manifest entry's "expected": [offset,
 /// count] points at, or None for a tensor without reference values.
 fn expected_for<'a>(entry: &Value, all: &'a [f32]) -> Option<&'a [f32]> {
     let e = entry["expected"].as_array()?;
-    let (offset, count) = (
-        e[0].as_u64().unwrap() as usize,
-        e[1].as_u64().unwrap() as usize,
-    );
+    let (offset, count) = (e[0].as_u64().unwrap() as usize, e[1].as_u64().unwrap() as usize);
     Some(&all[offset..offset + count])
 }
 
@@ -68,21 +60,12 @@ fn write_tmp(name: &str, bytes: &[u8]) -> PathBuf {
 #[track_caller]
 fn expect_err<T>(r: anyhow::Result<T>, path: &Path, needle: &str) -> String {
     let msg = match r {
-        Ok(_) => panic!(
-            "{}: expected an error containing {needle:?}, got Ok",
-            path.display()
-        ),
+        Ok(_) => panic!("{}: expected an error containing {needle:?}, got Ok", path.display()),
         Err(e) => format!("{e:#}"),
     };
-    assert!(
-        msg.starts_with(&format!("{}: ", path.display())),
-        "error does not name the file: {msg}"
-    );
+    assert!(msg.starts_with(&format!("{}: ", path.display())), "error does not name the file: {msg}");
     assert!(!msg.contains('\n'), "error is not one line: {msg}");
-    assert!(
-        msg.contains(needle),
-        "error {msg:?} does not contain {needle:?}"
-    );
+    assert!(msg.contains(needle), "error {msg:?} does not contain {needle:?}");
     msg
 }
 
@@ -91,20 +74,10 @@ fn expect_err<T>(r: anyhow::Result<T>, path: &Path, needle: &str) -> String {
 #[track_caller]
 fn assert_same_bits(got: &[f32], want: &[f32], what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: length");
-    let first = got
-        .iter()
-        .zip(want)
-        .position(|(a, b)| a.to_bits() != b.to_bits());
+    let first = got.iter().zip(want).position(|(a, b)| a.to_bits() != b.to_bits());
     if let Some(i) = first {
-        let max = got
-            .iter()
-            .zip(want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
-        panic!(
-            "{what}: value {i} is {} but the reference is {} (max abs diff {max})",
-            got[i], want[i]
-        );
+        let max = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        panic!("{what}: value {i} is {} but the reference is {} (max abs diff {max})", got[i], want[i]);
     }
 }
 
@@ -112,10 +85,7 @@ fn assert_same_bits(got: &[f32], want: &[f32], what: &str) {
 /// make_format_fixtures.py --check-written recomputes:
 /// ((i * 37) % 101 - 50) / 7 in f32.
 fn written_values(n: usize) -> Vec<f32> {
-    (0..n)
-        .map(|i| ((i * 37) % 101) as f32 - 50.0)
-        .map(|x| x / 7.0)
-        .collect()
+    (0..n).map(|i| ((i * 37) % 101) as f32 - 50.0).map(|x| x / 7.0).collect()
 }
 
 /// A GGUF built byte by byte from the format description, for the files
@@ -135,12 +105,7 @@ fn gguf_string(s: &str) -> Vec<u8> {
 
 impl RawGguf {
     fn new() -> RawGguf {
-        RawGguf {
-            version: 3,
-            kv: vec![],
-            infos: vec![],
-            data: vec![],
-        }
+        RawGguf { version: 3, kv: vec![], infos: vec![], data: vec![] }
     }
 
     /// A metadata entry: key, value type id, and the encoded value.
@@ -175,10 +140,7 @@ impl RawGguf {
         b.extend_from_slice(&self.version.to_le_bytes());
         b.extend_from_slice(&(self.infos.len() as u64).to_le_bytes());
         b.extend_from_slice(&(self.kv.len() as u64).to_le_bytes());
-        self.kv
-            .iter()
-            .chain(&self.infos)
-            .for_each(|x| b.extend_from_slice(x));
+        self.kv.iter().chain(&self.infos).for_each(|x| b.extend_from_slice(x));
         b.resize(b.len().div_ceil(32) * 32, 0);
         b.extend_from_slice(&self.data);
         b
@@ -210,31 +172,11 @@ fn gguf_tensor_index_equals_gguf_py() {
     assert_eq!(f.tensors().len(), want.len());
     for (t, w) in f.tensors().iter().zip(want) {
         assert_eq!(t.name, w["name"].as_str().unwrap());
-        let dims: Vec<u64> = w["dims"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|d| d.as_u64().unwrap())
-            .collect();
+        let dims: Vec<u64> = w["dims"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap()).collect();
         assert_eq!(t.dims, dims, "{}", t.name);
-        assert_eq!(
-            t.dtype.to_string(),
-            w["type"].as_str().unwrap(),
-            "{}",
-            t.name
-        );
-        assert_eq!(
-            f.data_start() + t.offset,
-            w["data_offset"].as_u64().unwrap(),
-            "{}",
-            t.name
-        );
-        assert_eq!(
-            f.tensor_bytes(t).unwrap().len() as u64,
-            w["n_bytes"].as_u64().unwrap(),
-            "{}",
-            t.name
-        );
+        assert_eq!(t.dtype.to_string(), w["type"].as_str().unwrap(), "{}", t.name);
+        assert_eq!(f.data_start() + t.offset, w["data_offset"].as_u64().unwrap(), "{}", t.name);
+        assert_eq!(f.tensor_bytes(t).unwrap().len() as u64, w["n_bytes"].as_u64().unwrap(), "{}", t.name);
         assert_eq!(f.find(&t.name), Some(t));
     }
 }
@@ -273,19 +215,11 @@ fn gguf_parallel_dequantization_equals_gguf_py() {
     let f = GgufFile::open(&fixture("quants.gguf")).unwrap();
     let all = expected_values();
     for name in ["q4_k", "q6_k"] {
-        let w = m["tensors"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|t| t["name"] == name)
-            .unwrap();
+        let w = m["tensors"].as_array().unwrap().iter().find(|t| t["name"] == name).unwrap();
         let t = f.find(name).unwrap();
         let bytes = f.tensor_bytes(t).unwrap().repeat(100);
         let dtype = t.dtype as u32;
-        let path = RawGguf::new()
-            .tensor(name, &[512, 300], dtype, 0)
-            .data(&bytes)
-            .write(&format!("big_{name}.gguf"));
+        let path = RawGguf::new().tensor(name, &[512, 300], dtype, 0).data(&bytes).write(&format!("big_{name}.gguf"));
         let big = GgufFile::open(&path).unwrap();
         let got = big.tensor_f32(&big.tensors()[0]).unwrap();
         let want = expected_for(w, &all).unwrap().repeat(100);
@@ -301,11 +235,7 @@ fn gguf_unsupported_type_is_named() {
     let f = GgufFile::open(&path).unwrap();
     let t = f.find("iq2_xxs").unwrap();
     assert_eq!(t.dtype, GgmlType::IQ2_XXS);
-    let msg = expect_err(
-        f.tensor_f32(t),
-        &path,
-        "tensor iq2_xxs has type IQ2_XXS, which lift cannot read",
-    );
+    let msg = expect_err(f.tensor_f32(t), &path, "tensor iq2_xxs has type IQ2_XXS, which lift cannot read");
     assert!(msg.contains("supported: F32, F16, BF16, Q8_0"), "{msg}");
 }
 
@@ -404,35 +334,15 @@ fn gguf_getters_convert_and_require_names_key() {
     assert_eq!(f.get_str_array("test.arr_string").unwrap(), ["a", "", "ü€"]);
     assert_eq!(f.get_i32_array("test.arr_i32").unwrap(), [-1, 0, i32::MAX]);
     assert_eq!(f.get_i32_array("test.arr_u8").unwrap(), [0, 255, 7]);
-    assert_eq!(
-        f.get_i32_array("test.arr_u32"),
-        None,
-        "4294967295 does not fit in i32"
-    );
+    assert_eq!(f.get_i32_array("test.arr_u32"), None, "4294967295 does not fit in i32");
     assert_eq!(f.get_f32_array("test.arr_f32").unwrap(), [0.5, -1.25, 3e-8]);
     assert_eq!(f.get_str("test.u8"), None, "wrong type");
     assert_eq!(f.get("no.such.key"), None);
 
-    expect_err(
-        f.require_u64("llama.context_length"),
-        &path,
-        "metadata key llama.context_length is missing",
-    );
-    expect_err(
-        f.require_str("test.u32"),
-        &path,
-        "metadata key test.u32 is U32, expected a string",
-    );
-    expect_err(
-        f.require_str_array("test.arr_i32"),
-        &path,
-        "is array of I32, expected an array of strings",
-    );
-    expect_err(
-        f.require_tensor("blk.0.attn_q.weight"),
-        &path,
-        "tensor blk.0.attn_q.weight is missing",
-    );
+    expect_err(f.require_u64("llama.context_length"), &path, "metadata key llama.context_length is missing");
+    expect_err(f.require_str("test.u32"), &path, "metadata key test.u32 is U32, expected a string");
+    expect_err(f.require_str_array("test.arr_i32"), &path, "is array of I32, expected an array of strings");
+    expect_err(f.require_tensor("blk.0.attn_q.weight"), &path, "tensor blk.0.attn_q.weight is missing");
 }
 
 /// Version 2 differs from 3 only in allowing big-endian files, so a v3 file
@@ -497,18 +407,10 @@ fn gguf_unsupported_versions() {
     let mut raw = RawGguf::new();
     raw.version = 1;
     let path = raw.write("v1.gguf");
-    expect_err(
-        GgufFile::open(&path),
-        &path,
-        "GGUF version 1 is not supported",
-    );
+    expect_err(GgufFile::open(&path), &path, "GGUF version 1 is not supported");
     raw.version = 4;
     let path = raw.write("v4.gguf");
-    expect_err(
-        GgufFile::open(&path),
-        &path,
-        "GGUF version 4 is not supported",
-    );
+    expect_err(GgufFile::open(&path), &path, "GGUF version 4 is not supported");
     raw.version = 3u32.swap_bytes();
     let path = raw.write("big_endian.gguf");
     expect_err(GgufFile::open(&path), &path, "big-endian GGUF");
@@ -516,55 +418,31 @@ fn gguf_unsupported_versions() {
 
 #[test]
 fn gguf_unknown_tensor_type() {
-    let path = RawGguf::new()
-        .tensor("t", &[32], 99, 0)
-        .data(&[0; 128])
-        .write("unknown_type.gguf");
-    expect_err(
-        GgufFile::open(&path),
-        &path,
-        "tensor t: unknown tensor type id 99",
-    );
+    let path = RawGguf::new().tensor("t", &[32], 99, 0).data(&[0; 128]).write("unknown_type.gguf");
+    expect_err(GgufFile::open(&path), &path, "tensor t: unknown tensor type id 99");
 }
 
 #[test]
 fn gguf_tensor_data_past_the_end() {
     // 32 x 4 f32 need 512 bytes; the data section (at 96, after a 65-byte
     // header and tensor info) has 100.
-    let path = RawGguf::new()
-        .tensor("t", &[32, 4], 0, 0)
-        .data(&[0; 100])
-        .write("past_end.gguf");
+    let path = RawGguf::new().tensor("t", &[32, 4], 0, 0).data(&[0; 100]).write("past_end.gguf");
     expect_err(
         GgufFile::open(&path),
         &path,
         "tensor t needs 512 bytes at offset 96, but the file ends at 196 (truncated?)",
     );
     // An offset so large that offset + size overflows u64.
-    let path = RawGguf::new()
-        .tensor("t", &[32], 0, u64::MAX - 31)
-        .data(&[0; 128])
-        .write("offset_overflow.gguf");
-    expect_err(
-        GgufFile::open(&path),
-        &path,
-        "tensor t needs 128 bytes at offset",
-    );
+    let path = RawGguf::new().tensor("t", &[32], 0, u64::MAX - 31).data(&[0; 128]).write("offset_overflow.gguf");
+    expect_err(GgufFile::open(&path), &path, "tensor t needs 128 bytes at offset");
 }
 
 #[test]
 fn gguf_absurd_counts_and_lengths() {
-    let mut bytes = RawGguf::new()
-        .tensor("t", &[4], 0, 0)
-        .data(&[0; 16])
-        .bytes();
+    let mut bytes = RawGguf::new().tensor("t", &[4], 0, 0).data(&[0; 16]).bytes();
     bytes[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
     let path = write_tmp("huge_tensor_count.gguf", &bytes);
-    expect_err(
-        GgufFile::open(&path),
-        &path,
-        "tensor info 1 of 18446744073709551615: ",
-    );
+    expect_err(GgufFile::open(&path), &path, "tensor info 1 of 18446744073709551615: ");
 
     let mut bytes = RawGguf::new().kv("k", 4, &[0; 4]).bytes();
     bytes[16..24].copy_from_slice(&(1u64 << 40).to_le_bytes());
@@ -576,9 +454,7 @@ fn gguf_absurd_counts_and_lengths() {
     );
 
     // A string value claiming 2^60 bytes.
-    let path = RawGguf::new()
-        .kv("k", 8, &(1u64 << 60).to_le_bytes())
-        .write("huge_string.gguf");
+    let path = RawGguf::new().kv("k", 8, &(1u64 << 60).to_le_bytes()).write("huge_string.gguf");
     expect_err(
         GgufFile::open(&path),
         &path,
@@ -603,31 +479,17 @@ fn gguf_absurd_counts_and_lengths() {
     let path = RawGguf::new().kv("k", 9, &value).write("deep_array.gguf");
     expect_err(GgufFile::open(&path), &path, "nested deeper than");
 
-    let path = RawGguf::new()
-        .tensor("t", &[1, 1, 1, 1, 1], 0, 0)
-        .data(&[0; 4])
-        .write("five_dims.gguf");
-    expect_err(
-        GgufFile::open(&path),
-        &path,
-        "tensor t: 5 dims, more than ggml's 4",
-    );
+    let path = RawGguf::new().tensor("t", &[1, 1, 1, 1, 1], 0, 0).data(&[0; 4]).write("five_dims.gguf");
+    expect_err(GgufFile::open(&path), &path, "tensor t: 5 dims, more than ggml's 4");
 
-    let path = RawGguf::new()
-        .tensor("t", &[1 << 32, 1 << 32], 0, 0)
-        .data(&[0; 4])
-        .write("dims_overflow.gguf");
+    let path = RawGguf::new().tensor("t", &[1 << 32, 1 << 32], 0, 0).data(&[0; 4]).write("dims_overflow.gguf");
     expect_err(GgufFile::open(&path), &path, "too many values");
 }
 
 #[test]
 fn gguf_inconsistent_headers() {
     let cases: Vec<(&str, RawGguf, &str)> = vec![
-        (
-            "bad_value_type",
-            RawGguf::new().kv("k", 13, &[0; 8]),
-            "metadata key k (entry 0 of 1): unknown value type 13",
-        ),
+        ("bad_value_type", RawGguf::new().kv("k", 13, &[0; 8]), "metadata key k (entry 0 of 1): unknown value type 13"),
         (
             "bad_bool",
             RawGguf::new().kv("k", 7, &[2]),
@@ -638,17 +500,10 @@ fn gguf_inconsistent_headers() {
             RawGguf::new().kv("k", 8, &[2, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xfe]),
             "metadata key k (entry 0 of 1): string at offset 37 is not valid UTF-8",
         ),
-        (
-            "duplicate_key",
-            RawGguf::new().kv("k", 0, &[1]).kv("k", 0, &[2]),
-            "metadata key k appears twice",
-        ),
+        ("duplicate_key", RawGguf::new().kv("k", 0, &[1]).kv("k", 0, &[2]), "metadata key k appears twice"),
         (
             "duplicate_tensor",
-            RawGguf::new()
-                .tensor("t", &[4], 0, 0)
-                .tensor("t", &[4], 0, 32)
-                .data(&[0; 64]),
+            RawGguf::new().tensor("t", &[4], 0, 0).tensor("t", &[4], 0, 32).data(&[0; 64]),
             "tensor t appears twice",
         ),
         (
@@ -663,9 +518,7 @@ fn gguf_inconsistent_headers() {
         ),
         (
             "partial_block",
-            RawGguf::new()
-                .tensor("t", &[48], GgmlType::Q4_0 as u32, 0)
-                .data(&[0; 64]),
+            RawGguf::new().tensor("t", &[48], GgmlType::Q4_0 as u32, 0).data(&[0; 64]),
             "tensor t has rows of 48 values, not a multiple of the Q4_0 block size 32",
         ),
     ];
@@ -693,10 +546,7 @@ fn gguf_every_truncation_is_an_error() {
     let info_start = m["tensor_info_start"].as_u64().unwrap() as usize;
     let data_start = m["data_start"].as_u64().unwrap() as usize;
     let path = tmp("truncated.gguf");
-    for len in (0..data_start)
-        .chain((data_start..data_end).step_by(61))
-        .chain([data_end - 1])
-    {
+    for len in (0..data_start).chain((data_start..data_end).step_by(61)).chain([data_end - 1]) {
         std::fs::write(&path, &bytes[..len]).unwrap();
         expect_err(GgufFile::open(&path), &path, "");
     }
@@ -708,11 +558,7 @@ fn gguf_every_truncation_is_an_error() {
         std::fs::write(&path, &bytes[..len]).unwrap();
         GgufFile::open(&path).map(|_| ())
     };
-    expect_err(
-        cut(12),
-        &path,
-        "header: needs 8 bytes at offset 8, but the file ends at 12 (truncated?)",
-    );
+    expect_err(cut(12), &path, "header: needs 8 bytes at offset 8, but the file ends at 12 (truncated?)");
     expect_err(
         cut(100),
         &path,
@@ -783,19 +629,13 @@ fn written_gguf_metadata() -> Vec<(String, GgufValue)> {
         kv("lift.f64", GgufValue::F64(0.1)),
         kv("lift.bool", GgufValue::Bool(true)),
         kv("lift.string", GgufValue::String("lift ✓".into())),
-        kv(
-            "lift.tokens",
-            GgufValue::string_array(&["<s>", "</s>", "Ġthe"]),
-        ),
+        kv("lift.tokens", GgufValue::string_array(&["<s>", "</s>", "Ġthe"])),
         kv("lift.scores", GgufValue::f32_array(&[0.0, -1.5])),
         kv("lift.token_type", GgufValue::i32_array(&[1, 3, 1])),
         kv("lift.empty", GgufValue::i32_array(&[])),
         kv(
             "lift.nested",
-            GgufValue::Array(
-                GgufValueType::Array,
-                vec![GgufValue::i32_array(&[1, 2]), GgufValue::i32_array(&[3])],
-            ),
+            GgufValue::Array(GgufValueType::Array, vec![GgufValue::i32_array(&[1, 2]), GgufValue::i32_array(&[3])]),
         ),
     ]
 }
@@ -818,10 +658,7 @@ fn gguf_writer_output_reads_back() {
 
     let f = GgufFile::open(&path).unwrap();
     assert_eq!(f.version(), 3);
-    assert_eq!(
-        f.metadata()[0],
-        ("general.alignment".to_string(), GgufValue::U32(32))
-    );
+    assert_eq!(f.metadata()[0], ("general.alignment".to_string(), GgufValue::U32(32)));
     assert_eq!(&f.metadata()[1..], &metadata[..]);
     let names: Vec<&str> = f.tensors().iter().map(|t| t.name.as_str()).collect();
     assert_eq!(names, ["w.f32", "w.f16", "b"]);
@@ -829,17 +666,10 @@ fn gguf_writer_output_reads_back() {
         assert_eq!((f.data_start() + t.offset) % 32, 0, "{} is aligned", t.name);
     }
     let t = f.find("w.f16").unwrap();
-    assert_eq!(
-        (t.dims.as_slice(), t.dtype),
-        (&[16u64, 2, 2][..], GgmlType::F16)
-    );
+    assert_eq!((t.dims.as_slice(), t.dtype), (&[16u64, 2, 2][..], GgmlType::F16));
     let h16: Vec<f32> = h.iter().map(|&x| f16::from_f32(x).to_f32()).collect();
     assert_same_bits(&f.tensor_f32(t).unwrap(), &h16, "w.f16");
-    assert_same_bits(
-        &f.tensor_f32(f.find("w.f32").unwrap()).unwrap(),
-        &w,
-        "w.f32",
-    );
+    assert_same_bits(&f.tensor_f32(f.find("w.f32").unwrap()).unwrap(), &w, "w.f32");
     assert_same_bits(&f.tensor_f32(f.find("b").unwrap()).unwrap(), &b, "b");
 }
 
@@ -848,57 +678,20 @@ fn gguf_writer_refuses_bad_input() {
     let path = tmp("bad_write.gguf");
     let v = [1.0f32; 6];
     let bad_dims = [("t", &[4u64, 2][..], GgufWriteData::F32(&v))];
-    expect_err(
-        write_gguf(&path, &[], &bad_dims),
-        &path,
-        "tensor t has 6 values, which does not match its dims [4, 2]",
-    );
-    let twice = [
-        ("t", &[6u64][..], GgufWriteData::F32(&v)),
-        ("t", &[6u64][..], GgufWriteData::F16(&v)),
-    ];
-    expect_err(
-        write_gguf(&path, &[], &twice),
-        &path,
-        "tensor t given twice",
-    );
-    let mixed = GgufValue::Array(
-        GgufValueType::I32,
-        vec![GgufValue::I32(1), GgufValue::F32(2.0)],
-    );
-    expect_err(
-        write_gguf(&path, &[("k".into(), mixed)], &[]),
-        &path,
-        "metadata key k: array of I32 holds a F32",
-    );
-    let dup = vec![
-        ("k".to_string(), GgufValue::U8(1)),
-        ("k".to_string(), GgufValue::U8(2)),
-    ];
-    expect_err(
-        write_gguf(&path, &dup, &[]),
-        &path,
-        "metadata key k given twice",
-    );
+    expect_err(write_gguf(&path, &[], &bad_dims), &path, "tensor t has 6 values, which does not match its dims [4, 2]");
+    let twice = [("t", &[6u64][..], GgufWriteData::F32(&v)), ("t", &[6u64][..], GgufWriteData::F16(&v))];
+    expect_err(write_gguf(&path, &[], &twice), &path, "tensor t given twice");
+    let mixed = GgufValue::Array(GgufValueType::I32, vec![GgufValue::I32(1), GgufValue::F32(2.0)]);
+    expect_err(write_gguf(&path, &[("k".into(), mixed)], &[]), &path, "metadata key k: array of I32 holds a F32");
+    let dup = vec![("k".to_string(), GgufValue::U8(1)), ("k".to_string(), GgufValue::U8(2))];
+    expect_err(write_gguf(&path, &dup, &[]), &path, "metadata key k given twice");
     let five = [("t", &[1u64, 1, 1, 2, 3][..], GgufWriteData::F32(&v))];
-    expect_err(
-        write_gguf(&path, &[], &five),
-        &path,
-        "tensor t has 5 dims, more than ggml's 4",
-    );
+    expect_err(write_gguf(&path, &[], &five), &path, "tensor t has 5 dims, more than ggml's 4");
     let long = "x".repeat(64);
     let long_name = [(long.as_str(), &[6u64][..], GgufWriteData::F32(&v))];
-    expect_err(
-        write_gguf(&path, &[], &long_name),
-        &path,
-        "is longer than ggml's 63 bytes",
-    );
+    expect_err(write_gguf(&path, &[], &long_name), &path, "is longer than ggml's 63 bytes");
     let missing_dir = tmp("no/such/dir.gguf");
-    expect_err(
-        write_gguf(&missing_dir, &[], &[]),
-        &missing_dir,
-        "cannot create",
-    );
+    expect_err(write_gguf(&missing_dir, &[], &[]), &missing_dir, "cannot create");
 }
 
 /// A general.alignment passed in (say, copied from the input model) is
@@ -927,20 +720,14 @@ fn safetensors_values_equal_torch() {
     let path = fixture(m["file"].as_str().unwrap());
     let f = SafeTensors::open(&path).unwrap();
     let all = expected_values();
-    let want_meta: BTreeMap<String, String> =
-        serde_json::from_value(m["metadata"].clone()).unwrap();
+    let want_meta: BTreeMap<String, String> = serde_json::from_value(m["metadata"].clone()).unwrap();
     assert_eq!(f.metadata(), &want_meta);
     let entries = m["tensors"].as_array().unwrap();
     assert_eq!(f.tensors().len(), entries.len());
     for w in entries {
         let name = w["name"].as_str().unwrap();
         let t = f.find(name).unwrap();
-        let shape: Vec<usize> = w["shape"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|d| d.as_u64().unwrap() as usize)
-            .collect();
+        let shape: Vec<usize> = w["shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect();
         assert_eq!(t.shape, shape, "{name}");
         assert_eq!(t.dtype.to_string(), w["dtype"].as_str().unwrap(), "{name}");
         if let Some(want) = expected_for(w, &all) {
@@ -963,19 +750,13 @@ fn safetensors_values_equal_torch() {
 #[test]
 fn safetensors_writer_output_reads_back() {
     let (a, c) = (written_values(12), written_values(3));
-    let b: Vec<bf16> = written_values(10)
-        .iter()
-        .map(|&x| bf16::from_f32(x))
-        .collect();
+    let b: Vec<bf16> = written_values(10).iter().map(|&x| bf16::from_f32(x)).collect();
     let tensors = [
         ("a.f32", &[3usize, 4][..], TensorData::F32(&a)),
         ("b.bf16", &[2, 5][..], TensorData::BF16(&b)),
         ("c.f32", &[3][..], TensorData::F32(&c)),
     ];
-    let meta = BTreeMap::from([
-        ("format".to_string(), "pt".to_string()),
-        ("writer".to_string(), "lift".to_string()),
-    ]);
+    let meta = BTreeMap::from([("format".to_string(), "pt".to_string()), ("writer".to_string(), "lift".to_string())]);
     let path = tmp("written.safetensors");
     write_safetensors(&path, &tensors, Some(&meta)).unwrap();
 
@@ -1012,15 +793,8 @@ fn safetensors_writer_refuses_bad_input() {
         &path,
         "tensor t has 6 values, which does not match its shape [4, 2]",
     );
-    let twice = [
-        ("t", &[6usize][..], TensorData::F32(&v)),
-        ("t", &[6usize][..], TensorData::F32(&v)),
-    ];
-    expect_err(
-        write_safetensors(&path, &twice, None),
-        &path,
-        "tensor name t is used twice or reserved",
-    );
+    let twice = [("t", &[6usize][..], TensorData::F32(&v)), ("t", &[6usize][..], TensorData::F32(&v))];
+    expect_err(write_safetensors(&path, &twice, None), &path, "tensor name t is used twice or reserved");
 }
 
 /// A safetensors file from a header given as text and `data_len` zero bytes.
@@ -1035,18 +809,10 @@ fn raw_safetensors(name: &str, header: &str, data_len: usize) -> PathBuf {
 fn safetensors_bad_input() {
     let ok = r#"{"t": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}"#;
     let path = raw_safetensors("ok.safetensors", ok, 16);
-    assert_eq!(
-        SafeTensors::open(&path).unwrap().tensor_f32("t").unwrap(),
-        [0.0; 4]
-    );
+    assert_eq!(SafeTensors::open(&path).unwrap().tensor_f32("t").unwrap(), [0.0; 4]);
 
     let cases = [
-        (
-            "not_json",
-            "{\"t\": [1, 2",
-            0,
-            "header is not a JSON object",
-        ),
+        ("not_json", "{\"t\": [1, 2", 0, "header is not a JSON object"),
         ("json_array", "[1, 2, 3]", 0, "header is not a JSON object"),
         (
             "no_dtype",
@@ -1060,18 +826,8 @@ fn safetensors_bad_input() {
             8,
             "tensor t: bad header entry",
         ),
-        (
-            "past_end",
-            ok,
-            12,
-            "tensor t has data_offsets [0, 16], but the data section is 12 bytes (truncated?)",
-        ),
-        (
-            "reversed",
-            r#"{"t": {"dtype": "F32", "shape": [0], "data_offsets": [8, 0]}}"#,
-            8,
-            "data_offsets [8, 0]",
-        ),
+        ("past_end", ok, 12, "tensor t has data_offsets [0, 16], but the data section is 12 bytes (truncated?)"),
+        ("reversed", r#"{"t": {"dtype": "F32", "shape": [0], "data_offsets": [8, 0]}}"#, 8, "data_offsets [8, 0]"),
         (
             "wrong_size",
             r#"{"t": {"dtype": "BF16", "shape": [2, 2], "data_offsets": [0, 16]}}"#,
@@ -1084,12 +840,7 @@ fn safetensors_bad_input() {
             16,
             "tensor t has shape [4294967296, 4294967296]",
         ),
-        (
-            "bad_metadata",
-            r#"{"__metadata__": {"n": 1}}"#,
-            0,
-            "__metadata__ is not a map of strings to strings",
-        ),
+        ("bad_metadata", r#"{"__metadata__": {"n": 1}}"#, 0, "__metadata__ is not a map of strings to strings"),
     ];
     for (name, header, data_len, needle) in cases {
         let path = raw_safetensors(&format!("{name}.safetensors"), header, data_len);
@@ -1097,19 +848,11 @@ fn safetensors_bad_input() {
     }
 
     let path = write_tmp("short.safetensors", &[1, 2, 3]);
-    expect_err(
-        SafeTensors::open(&path),
-        &path,
-        "not a safetensors file (only 3 bytes",
-    );
+    expect_err(SafeTensors::open(&path), &path, "not a safetensors file (only 3 bytes");
     let mut b = u64::MAX.to_le_bytes().to_vec();
     b.extend_from_slice(b"{}");
     let path = write_tmp("huge_header.safetensors", &b);
-    expect_err(
-        SafeTensors::open(&path),
-        &path,
-        "header length 18446744073709551615 does not fit",
-    );
+    expect_err(SafeTensors::open(&path), &path, "header length 18446744073709551615 does not fit");
     let path = fixture("quants.gguf");
     expect_err(SafeTensors::open(&path), &path, "header length");
     let path = tmp("does_not_exist.safetensors");
@@ -1158,11 +901,8 @@ fn real_gguf_reads_every_tensor() {
     if let Ok(dir) = std::env::var("LIFT_DUMP_DIR") {
         std::fs::create_dir_all(&dir).unwrap();
         for t in f.tensors() {
-            std::fs::write(
-                Path::new(&dir).join(format!("{}.f32", t.name)),
-                f32_bytes(&f.tensor_f32(t).unwrap()),
-            )
-            .unwrap();
+            std::fs::write(Path::new(&dir).join(format!("{}.f32", t.name)), f32_bytes(&f.tensor_f32(t).unwrap()))
+                .unwrap();
         }
     }
 }

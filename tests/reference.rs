@@ -141,4 +141,3 @@ fn backward_matches_finite_differences() {
     }
     println!("finite differences agree on {checked} coordinates");
 }
-

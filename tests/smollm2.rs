@@ -88,15 +88,22 @@ fn greedy_generation_matches_transformers() {
     let tok = Checkpoint::open(&bin).unwrap().tokenizer;
     for case in cases.as_array().unwrap() {
         let prompt = case["prompt"].as_str().unwrap();
-        let input: Vec<u32> = case["input_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let input: Vec<u32> =
+            case["input_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
         let want: Vec<u32> = case["new_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
         // These prompts have no whitespace run before a digit, so both tokenizers agree.
         assert_eq!(tok.encode(prompt), input, "encoding of {prompt:?}");
         let ids_arg = input.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
         let n = want.len().to_string();
         let (code, out, err) = common::lift(&[
-            "generate", "--checkpoint", bin.to_str().unwrap(), "--prompt-ids", &ids_arg,
-            "--max-new-tokens", &n, "--json",
+            "generate",
+            "--checkpoint",
+            bin.to_str().unwrap(),
+            "--prompt-ids",
+            &ids_arg,
+            "--max-new-tokens",
+            &n,
+            "--json",
         ]);
         assert_eq!(code, 0, "lift generate failed: {err}");
         let got: Value = serde_json::from_str(out.trim()).unwrap();
@@ -113,8 +120,14 @@ fn generate_from_text_prompt() {
     let cases = read_json("tests/reference/smollm2_generate.json");
     let case = &cases[1]; // the chat prompt, which ends in EOS
     let (code, out, err) = common::lift(&[
-        "generate", "--checkpoint", bin.to_str().unwrap(), "--prompt", case["prompt"].as_str().unwrap(),
-        "--max-new-tokens", "40", "--json",
+        "generate",
+        "--checkpoint",
+        bin.to_str().unwrap(),
+        "--prompt",
+        case["prompt"].as_str().unwrap(),
+        "--max-new-tokens",
+        "40",
+        "--json",
     ]);
     assert_eq!(code, 0, "{err}");
     let got: Value = serde_json::from_str(out.trim()).unwrap();

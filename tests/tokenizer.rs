@@ -36,31 +36,16 @@ fn hf_fixture(name: &str) -> Tokenizer {
 /// of `from_gguf_vocab`.
 fn gguf_from_json(v: &Value) -> Tokenizer {
     let strings = |key: &str| -> Vec<String> {
-        v[key]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|s| s.as_str().unwrap().to_string())
-            .collect()
+        v[key].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect()
     };
     let id = |key: &str| v[key].as_u64().map(|x| x as u32);
     Tokenizer::from_gguf_vocab(
         v["model"].as_str().unwrap(),
         v["pre"].as_str().unwrap(),
         strings("tokens"),
-        v["token_types"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|t| t.as_i64().unwrap() as i32)
-            .collect(),
+        v["token_types"].as_array().unwrap().iter().map(|t| t.as_i64().unwrap() as i32).collect(),
         strings("merges"),
-        v["scores"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|s| s.as_f64().unwrap() as f32)
-            .collect(),
+        v["scores"].as_array().unwrap().iter().map(|s| s.as_f64().unwrap() as f32).collect(),
         id("bos_id"),
         id("eos_id"),
         v["add_bos"].as_bool().unwrap(),
@@ -75,9 +60,7 @@ fn gguf_fixture(name: &str) -> Tokenizer {
 
 fn inputs(expected: &Value) -> Vec<String> {
     let list = expected["inputs"].as_array().expect("inputs");
-    list.iter()
-        .map(|s| s.as_str().unwrap().to_string())
-        .collect()
+    list.iter().map(|s| s.as_str().unwrap().to_string()).collect()
 }
 
 fn short(s: &str) -> String {
@@ -90,11 +73,7 @@ fn short(s: &str) -> String {
 
 /// Where two id lists part, with the tokens around that place spelled out.
 fn diff(tok: &Tokenizer, input: &str, want: &[u32], got: &[u32]) -> String {
-    let pos = want
-        .iter()
-        .zip(got)
-        .position(|(a, b)| a != b)
-        .unwrap_or(want.len().min(got.len()));
+    let pos = want.iter().zip(got).position(|(a, b)| a != b).unwrap_or(want.len().min(got.len()));
     let around = |ids: &[u32]| {
         let lo = pos.saturating_sub(3);
         let hi = (pos + 5).min(ids.len());
@@ -119,19 +98,10 @@ fn diff(tok: &Tokenizer, input: &str, want: &[u32], got: &[u32]) -> String {
 fn check_against(name: &str, tok: &Tokenizer, strings: &[String], reference: &Value) -> usize {
     let ids = reference["ids"].as_array().expect("ids");
     let decoded = reference["decoded"].as_array().expect("decoded");
-    assert_eq!(
-        ids.len(),
-        strings.len(),
-        "{name}: reference and inputs differ in length"
-    );
+    assert_eq!(ids.len(), strings.len(), "{name}: reference and inputs differ in length");
     let mut failures = Vec::new();
     for (i, input) in strings.iter().enumerate() {
-        let want: Vec<u32> = ids[i]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as u32)
-            .collect();
+        let want: Vec<u32> = ids[i].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
         let got = tok.encode(input);
         if got != want {
             failures.push(format!("encode {}", diff(tok, input, &want, &got)));
@@ -154,17 +124,10 @@ fn check_against(name: &str, tok: &Tokenizer, strings: &[String], reference: &Va
             "{name}: {} of {} checks differ from Hugging Face tokenizers:\n  {}",
             failures.len(),
             2 * strings.len(),
-            shown
-                .iter()
-                .map(|s| s.as_str())
-                .collect::<Vec<_>>()
-                .join("\n  ")
+            shown.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("\n  ")
         );
     }
-    println!(
-        "{name}: {} inputs encode and decode as Hugging Face tokenizers does",
-        strings.len()
-    );
+    println!("{name}: {} inputs encode and decode as Hugging Face tokenizers does", strings.len());
     strings.len()
 }
 
@@ -226,16 +189,8 @@ fn byte_level_round_trips_every_input() {
     let e = expected();
     for name in ["gpt2", "llama3", "smollm"] {
         let tok = hf_fixture(name);
-        for s in inputs(&e)
-            .into_iter()
-            .filter(|s| !s.contains("<mask>") && !s.contains("<eot>"))
-        {
-            assert_eq!(
-                tok.decode(&tok.encode(&s)).unwrap(),
-                s,
-                "{name}: round trip of {}",
-                short(&s)
-            );
+        for s in inputs(&e).into_iter().filter(|s| !s.contains("<mask>") && !s.contains("<eot>")) {
+            assert_eq!(tok.decode(&tok.encode(&s)).unwrap(), s, "{name}: round trip of {}", short(&s));
         }
     }
 }
@@ -245,15 +200,8 @@ fn byte_level_round_trips_every_input() {
 #[test]
 fn sentencepiece_round_trips_text_not_starting_with_space() {
     let tok = hf_fixture("sentencepiece");
-    for s in [
-        "Hello, world!",
-        "中文测试 😀 Ångström\n\ttabs  two",
-        "x<s>y",
-    ] {
-        assert_eq!(
-            tok.decode(&tok.encode(s)).unwrap().replace("<s> ", "<s>"),
-            s
-        );
+    for s in ["Hello, world!", "中文测试 😀 Ångström\n\ttabs  two", "x<s>y"] {
+        assert_eq!(tok.decode(&tok.encode(s)).unwrap().replace("<s> ", "<s>"), s);
     }
 }
 
@@ -279,17 +227,11 @@ fn out_of_range_id_is_an_error() {
 fn decode_token_bytes_spells_bytes() {
     let tok = hf_fixture("gpt2");
     let ids = tok.encode(" é\n");
-    let bytes: Vec<u8> = ids
-        .iter()
-        .flat_map(|&id| tok.decode_token_bytes(id).unwrap())
-        .collect();
+    let bytes: Vec<u8> = ids.iter().flat_map(|&id| tok.decode_token_bytes(id).unwrap()).collect();
     assert_eq!(bytes, " é\n".as_bytes());
     let sp = hf_fixture("sentencepiece");
     let ids = sp.encode("a 中");
-    let bytes: Vec<u8> = ids
-        .iter()
-        .flat_map(|&id| sp.decode_token_bytes(id).unwrap())
-        .collect();
+    let bytes: Vec<u8> = ids.iter().flat_map(|&id| sp.decode_token_bytes(id).unwrap()).collect();
     assert_eq!(bytes, " a 中".as_bytes());
 }
 
@@ -308,14 +250,8 @@ fn serde_round_trip_keeps_encodings() {
     }
     let tok = gguf_fixture("sentencepiece_gguf");
     let back: Tokenizer = serde_json::from_str(&serde_json::to_string(&tok).unwrap()).unwrap();
-    assert_eq!(
-        back.encode(" Hello <s>world"),
-        tok.encode(" Hello <s>world")
-    );
-    assert_eq!(
-        (back.bos_id(), back.eos_id(), back.add_bos()),
-        (tok.bos_id(), tok.eos_id(), tok.add_bos())
-    );
+    assert_eq!(back.encode(" Hello <s>world"), tok.encode(" Hello <s>world"));
+    assert_eq!((back.bos_id(), back.eos_id(), back.add_bos()), (tok.bos_id(), tok.eos_id(), tok.add_bos()));
 }
 
 #[test]
@@ -323,10 +259,7 @@ fn tokenizer_config_decides_bos() {
     let json = read(data_dir().join("sentencepiece/tokenizer.json"));
     let config = r#"{"add_bos_token": true, "bos_token": "<s>", "eos_token": {"content": "</s>"}}"#;
     let tok = Tokenizer::from_hf_json(&json, Some(config)).unwrap();
-    assert_eq!(
-        (tok.bos_id(), tok.eos_id(), tok.add_bos()),
-        (Some(1), Some(2), true)
-    );
+    assert_eq!((tok.bos_id(), tok.eos_id(), tok.add_bos()), (Some(1), Some(2), true));
     let tok = Tokenizer::from_hf_json(&json, None).unwrap();
     assert!(!tok.add_bos());
     let err = Tokenizer::from_hf_json(&json, Some(r#"{"bos_token": "<nope>"}"#)).unwrap_err();
@@ -354,46 +287,16 @@ fn malformed_input_is_an_error_not_a_panic() {
     }
     let tokens = vec!["a".to_string()];
     assert!(
-        Tokenizer::from_gguf_vocab(
-            "t5",
-            "default",
-            tokens.clone(),
-            vec![1],
-            vec![],
-            vec![0.0],
-            None,
-            None,
-            false
-        )
-        .is_err()
+        Tokenizer::from_gguf_vocab("t5", "default", tokens.clone(), vec![1], vec![], vec![0.0], None, None, false)
+            .is_err()
     );
     assert!(
-        Tokenizer::from_gguf_vocab(
-            "gpt2",
-            "default",
-            tokens.clone(),
-            vec![1],
-            vec![],
-            vec![],
-            None,
-            None,
-            false
-        )
-        .is_err()
+        Tokenizer::from_gguf_vocab("gpt2", "default", tokens.clone(), vec![1], vec![], vec![], None, None, false)
+            .is_err()
     );
     assert!(
-        Tokenizer::from_gguf_vocab(
-            "gpt2",
-            "default",
-            tokens,
-            vec![1],
-            vec!["a b".into()],
-            vec![],
-            None,
-            None,
-            false
-        )
-        .is_err()
+        Tokenizer::from_gguf_vocab("gpt2", "default", tokens, vec![1], vec!["a b".into()], vec![], None, None, false)
+            .is_err()
     );
 }
 
@@ -410,14 +313,7 @@ fn fuzz_against_reference_dump() {
     };
     let e: Value = serde_json::from_str(&read(PathBuf::from(path))).unwrap();
     let strings = inputs(&e);
-    for name in [
-        "gpt2",
-        "llama3",
-        "smollm",
-        "sentencepiece",
-        "gpt2_prefix",
-        "metaspace",
-    ] {
+    for name in ["gpt2", "llama3", "smollm", "sentencepiece", "gpt2_prefix", "metaspace"] {
         check_against(name, &hf_fixture(name), &strings, &e["tokenizers"][name]);
     }
     for name in ["llama3_gguf", "sentencepiece_gguf"] {

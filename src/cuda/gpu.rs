@@ -15,7 +15,9 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow, bail};
 use cudarc::cublas::sys as blas;
-use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+};
 
 use super::{Attention, kernels};
 
@@ -119,6 +121,7 @@ pub enum Dt {
 }
 
 /// A kernel argument: device addresses and scalars.
+#[derive(Clone, Copy, Debug)]
 pub enum Arg {
     Ptr(u64),
     I32(i32),
@@ -176,7 +179,8 @@ impl Gpu {
                 missing.join(", ")
             );
         }
-        let count = CudaContext::device_count().map_err(|e| anyhow!("--device cuda: the CUDA driver found no GPU ({e})"))?;
+        let count =
+            CudaContext::device_count().map_err(|e| anyhow!("--device cuda: the CUDA driver found no GPU ({e})"))?;
         if count < 1 {
             bail!("--device cuda: the CUDA driver found no GPU");
         }
@@ -188,15 +192,18 @@ impl Gpu {
         let stream = ctx.default_stream();
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
         let cc = ctx.compute_capability().map_err(|e| anyhow!("--device cuda: {e}"))?;
-        let blas = cudarc::cublas::CudaBlas::new(stream.clone()).map_err(|e| anyhow!("--device cuda: cuBLAS: {e:?}"))?;
+        let blas =
+            cudarc::cublas::CudaBlas::new(stream.clone()).map_err(|e| anyhow!("--device cuda: cuBLAS: {e:?}"))?;
         let t0 = Instant::now();
         let arch = kernels::arch_name(cc.0, cc.1);
         let mut functions = HashMap::new();
         for file in kernels::FILES {
             let ptx = kernels::compile(file, arch).with_context(|| format!("kernels/{}", file.name))?;
-            let module = ctx.load_module(ptx).map_err(|e| anyhow!("kernels/{}: cannot load the module: {e}", file.name))?;
+            let module =
+                ctx.load_module(ptx).map_err(|e| anyhow!("kernels/{}: cannot load the module: {e}", file.name))?;
             for &f in file.functions {
-                let func = module.load_function(f).map_err(|e| anyhow!("kernels/{}: no function {f}: {e}", file.name))?;
+                let func =
+                    module.load_function(f).map_err(|e| anyhow!("kernels/{}: no function {f}: {e}", file.name))?;
                 functions.insert(f, func);
             }
         }

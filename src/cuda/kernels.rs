@@ -34,7 +34,12 @@ pub const FILES: &[KernelFile] = &[
         functions: &["rmsnorm_forward", "rmsnorm_backward"],
         mma: false,
     },
-    KernelFile { name: "rope.cu", source: include_str!("../../kernels/rope.cu"), functions: &["rope_rotate"], mma: false },
+    KernelFile {
+        name: "rope.cu",
+        source: include_str!("../../kernels/rope.cu"),
+        functions: &["rope_rotate"],
+        mma: false,
+    },
     KernelFile {
         name: "attention.cu",
         source: include_str!("../../kernels/attention.cu"),

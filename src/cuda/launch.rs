@@ -24,38 +24,77 @@ fn i32_of(x: usize) -> i32 {
     i32::try_from(x).expect("a dimension that fits i32")
 }
 
-pub fn embedding_forward(g: &Gpu, out: &mut Buf<Bf16>, tokens: &Buf<u32>, wte: &Buf<Bf16>, n: usize, c: usize) -> Result<()> {
+pub fn embedding_forward(
+    g: &Gpu,
+    out: &mut Buf<Bf16>,
+    tokens: &Buf<u32>,
+    wte: &Buf<Bf16>,
+    n: usize,
+    c: usize,
+) -> Result<()> {
     need(out, n * c, "embedding_forward out");
     need(tokens, n, "embedding_forward tokens");
-    g.launch("embedding_forward", (blocks(n * c), 1, 1), 256, &[
-        Ptr(out.ptr()), Ptr(tokens.ptr()), Ptr(wte.ptr()), I32(i32_of(n)), I32(i32_of(c)),
-    ])
+    g.launch(
+        "embedding_forward",
+        (blocks(n * c), 1, 1),
+        256,
+        &[Ptr(out.ptr()), Ptr(tokens.ptr()), Ptr(wte.ptr()), I32(i32_of(n)), I32(i32_of(c))],
+    )
 }
 
 /// The caller has checked every token id against V (wte has V*C values).
-pub fn embedding_backward(g: &Gpu, dwte: &mut Buf<f32>, dout: &Buf<Bf16>, tokens: &Buf<u32>, n: usize, c: usize) -> Result<()> {
+pub fn embedding_backward(
+    g: &Gpu,
+    dwte: &mut Buf<f32>,
+    dout: &Buf<Bf16>,
+    tokens: &Buf<u32>,
+    n: usize,
+    c: usize,
+) -> Result<()> {
     need(dout, n * c, "embedding_backward dout");
     need(tokens, n, "embedding_backward tokens");
-    g.launch("embedding_backward", (blocks(n * c), 1, 1), 256, &[
-        Ptr(dwte.ptr()), Ptr(dout.ptr()), Ptr(tokens.ptr()), I32(i32_of(n)), I32(i32_of(c)),
-    ])
+    g.launch(
+        "embedding_backward",
+        (blocks(n * c), 1, 1),
+        256,
+        &[Ptr(dwte.ptr()), Ptr(dout.ptr()), Ptr(tokens.ptr()), I32(i32_of(n)), I32(i32_of(c))],
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
-pub fn rmsnorm_forward(g: &Gpu, out: &mut Buf<Bf16>, rstd: &mut Buf<f32>, inp: &Buf<Bf16>, weight: &Buf<Bf16>, n: usize, c: usize, eps: f32) -> Result<()> {
+pub fn rmsnorm_forward(
+    g: &Gpu,
+    out: &mut Buf<Bf16>,
+    rstd: &mut Buf<f32>,
+    inp: &Buf<Bf16>,
+    weight: &Buf<Bf16>,
+    n: usize,
+    c: usize,
+    eps: f32,
+) -> Result<()> {
     need(out, n * c, "rmsnorm_forward out");
     need(inp, n * c, "rmsnorm_forward inp");
     need(rstd, n, "rmsnorm_forward rstd");
     need(weight, c, "rmsnorm_forward weight");
-    g.launch("rmsnorm_forward", (n as u32, 1, 1), 256, &[
-        Ptr(out.ptr()), Ptr(rstd.ptr()), Ptr(inp.ptr()), Ptr(weight.ptr()), I32(i32_of(c)), F32(eps),
-    ])
+    g.launch(
+        "rmsnorm_forward",
+        (n as u32, 1, 1),
+        256,
+        &[Ptr(out.ptr()), Ptr(rstd.ptr()), Ptr(inp.ptr()), Ptr(weight.ptr()), I32(i32_of(c)), F32(eps)],
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
 pub fn rmsnorm_backward(
-    g: &Gpu, dinp: &mut Buf<Bf16>, dweight: Option<&mut Buf<f32>>, dout: &Buf<Bf16>, inp: &Buf<Bf16>,
-    weight: &Buf<Bf16>, rstd: &Buf<f32>, n: usize, c: usize,
+    g: &Gpu,
+    dinp: &mut Buf<Bf16>,
+    dweight: Option<&mut Buf<f32>>,
+    dout: &Buf<Bf16>,
+    inp: &Buf<Bf16>,
+    weight: &Buf<Bf16>,
+    rstd: &Buf<f32>,
+    n: usize,
+    c: usize,
 ) -> Result<()> {
     for (b, what) in [(&*dinp, "dinp"), (dout, "dout"), (inp, "inp")] {
         need(b, n * c, what);
@@ -68,9 +107,20 @@ pub fn rmsnorm_backward(
         }
         None => 0,
     };
-    g.launch("rmsnorm_backward", (n as u32, 1, 1), 256, &[
-        Ptr(dinp.ptr()), Ptr(dw), Ptr(dout.ptr()), Ptr(inp.ptr()), Ptr(weight.ptr()), Ptr(rstd.ptr()), I32(i32_of(c)),
-    ])
+    g.launch(
+        "rmsnorm_backward",
+        (n as u32, 1, 1),
+        256,
+        &[
+            Ptr(dinp.ptr()),
+            Ptr(dw),
+            Ptr(dout.ptr()),
+            Ptr(inp.ptr()),
+            Ptr(weight.ptr()),
+            Ptr(rstd.ptr()),
+            I32(i32_of(c)),
+        ],
+    )
 }
 
 /// The RoPE table on the device: cos and sin, (max_pos, HS/2) each.
@@ -88,14 +138,36 @@ impl RopeDev {
 
 /// sign 1: cpu::rope_forward; sign -1: cpu::rope_backward.
 #[allow(clippy::too_many_arguments)]
-pub fn rope_rotate(g: &Gpu, x: &mut Buf<Bf16>, rope: &RopeDev, n_rows: usize, t: usize, h: usize, hs: usize, pos0: usize, sign: f32) -> Result<()> {
+pub fn rope_rotate(
+    g: &Gpu,
+    x: &mut Buf<Bf16>,
+    rope: &RopeDev,
+    n_rows: usize,
+    t: usize,
+    h: usize,
+    hs: usize,
+    pos0: usize,
+    sign: f32,
+) -> Result<()> {
     need(x, n_rows * h * hs, "rope x");
     assert_eq!(hs / 2, rope.half, "rope: head size does not match the table");
     assert!(pos0 + t <= rope.max_pos(), "rope: positions past the table");
-    g.launch("rope_rotate", (blocks(n_rows * h * hs / 2), 1, 1), 256, &[
-        Ptr(x.ptr()), Ptr(rope.cos.ptr()), Ptr(rope.sin.ptr()), I32(i32_of(n_rows)), I32(i32_of(t)), I32(i32_of(h)),
-        I32(i32_of(hs)), I32(i32_of(pos0)), F32(sign),
-    ])
+    g.launch(
+        "rope_rotate",
+        (blocks(n_rows * h * hs / 2), 1, 1),
+        256,
+        &[
+            Ptr(x.ptr()),
+            Ptr(rope.cos.ptr()),
+            Ptr(rope.sin.ptr()),
+            I32(i32_of(n_rows)),
+            I32(i32_of(t)),
+            I32(i32_of(h)),
+            I32(i32_of(hs)),
+            I32(i32_of(pos0)),
+            F32(sign),
+        ],
+    )
 }
 
 /// The shape of a training attention call (Tq = Tk = T).
@@ -110,8 +182,12 @@ pub struct Attn {
 
 impl Attn {
     fn check(&self) {
-        assert!(self.hs <= 128 && self.hs % 2 == 0, "attention kernels take an even head size up to 128 (got {})", self.hs);
-        assert!(self.nh % self.kvh == 0, "attention: NH must be a multiple of KVH");
+        assert!(
+            self.hs <= 128 && self.hs.is_multiple_of(2),
+            "attention kernels take an even head size up to 128 (got {})",
+            self.hs
+        );
+        assert!(self.nh.is_multiple_of(self.kvh), "attention: NH must be a multiple of KVH");
     }
     fn q_len(&self) -> usize {
         self.b * self.t * self.nh * self.hs
@@ -145,7 +221,15 @@ fn aligned16<T>(bufs: &[&Buf<T>]) -> bool {
     bufs.iter().all(|b| b.ptr() % 16 == 0)
 }
 
-pub fn attention_forward(g: &Gpu, out: &mut Buf<Bf16>, lse: &mut Buf<f32>, q: &Buf<Bf16>, k: &Buf<Bf16>, v: &Buf<Bf16>, d: Attn) -> Result<()> {
+pub fn attention_forward(
+    g: &Gpu,
+    out: &mut Buf<Bf16>,
+    lse: &mut Buf<f32>,
+    q: &Buf<Bf16>,
+    k: &Buf<Bf16>,
+    v: &Buf<Bf16>,
+    d: Attn,
+) -> Result<()> {
     d.check();
     need(out, d.q_len(), "attention out");
     need(q, d.q_len(), "attention q");
@@ -154,7 +238,7 @@ pub fn attention_forward(g: &Gpu, out: &mut Buf<Bf16>, lse: &mut Buf<f32>, q: &B
     need(lse, d.b * d.t * d.nh, "attention lse");
     let dims = [I32(i32_of(d.t)), I32(i32_of(d.nh)), I32(i32_of(d.kvh))];
     let mut a = vec![Ptr(out.ptr()), Ptr(lse.ptr()), Ptr(q.ptr()), Ptr(k.ptr()), Ptr(v.ptr())];
-    a.extend(dims.iter().map(copy_arg));
+    a.extend(dims.iter().copied());
     match tc_kernel(g, &d) {
         Some(hs) => {
             // 16-byte loads of rows of q, k, v
@@ -174,8 +258,18 @@ pub fn attention_forward(g: &Gpu, out: &mut Buf<Bf16>, lse: &mut Buf<f32>, q: &B
 /// (attention_accumulates).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
-    g: &Gpu, dq: &mut Buf<Bf16>, dk: &mut Buf<Bf16>, dv: &mut Buf<Bf16>, delta: &mut Buf<f32>, dout: &Buf<Bf16>,
-    out: &Buf<Bf16>, lse: &Buf<f32>, q: &Buf<Bf16>, k: &Buf<Bf16>, v: &Buf<Bf16>, d: Attn,
+    g: &Gpu,
+    dq: &mut Buf<Bf16>,
+    dk: &mut Buf<Bf16>,
+    dv: &mut Buf<Bf16>,
+    delta: &mut Buf<f32>,
+    dout: &Buf<Bf16>,
+    out: &Buf<Bf16>,
+    lse: &Buf<f32>,
+    q: &Buf<Bf16>,
+    k: &Buf<Bf16>,
+    v: &Buf<Bf16>,
+    d: Attn,
 ) -> Result<()> {
     d.check();
     for (b, what) in [(&*dq, "dq"), (dout, "dout"), (out, "out"), (q, "q")] {
@@ -187,9 +281,12 @@ pub fn attention_backward(
     let rows_heads = d.b * d.t * d.nh;
     need(delta, rows_heads, "attention delta");
     need(lse, rows_heads, "attention lse");
-    g.launch("attention_delta", ((rows_heads * 32).div_ceil(256) as u32, 1, 1), 256, &[
-        Ptr(delta.ptr()), Ptr(dout.ptr()), Ptr(out.ptr()), I64(rows_heads as i64), I32(i32_of(d.hs)),
-    ])?;
+    g.launch(
+        "attention_delta",
+        ((rows_heads * 32).div_ceil(256) as u32, 1, 1),
+        256,
+        &[Ptr(delta.ptr()), Ptr(dout.ptr()), Ptr(out.ptr()), I64(rows_heads as i64), I32(i32_of(d.hs))],
+    )?;
     let mut dims = vec![I32(i32_of(d.t)), I32(i32_of(d.nh)), I32(i32_of(d.kvh))];
     let tc = tc_kernel(g, &d);
     if tc.is_none() {
@@ -197,12 +294,15 @@ pub fn attention_backward(
     }
     let inputs = [Ptr(lse.ptr()), Ptr(delta.ptr()), Ptr(q.ptr()), Ptr(k.ptr()), Ptr(v.ptr())];
     let mut a_dq = vec![Ptr(dq.ptr()), Ptr(dout.ptr())];
-    a_dq.extend(inputs.iter().chain(&dims).map(copy_arg));
+    a_dq.extend(inputs.iter().chain(&dims).copied());
     let mut a_dkdv = vec![Ptr(dk.ptr()), Ptr(dv.ptr()), Ptr(dout.ptr())];
-    a_dkdv.extend(inputs.iter().chain(&dims).map(copy_arg));
+    a_dkdv.extend(inputs.iter().chain(&dims).copied());
     match tc {
         Some(hs) => {
-            assert!(aligned16(&[&*dq, &*dk, &*dv, dout, q, k, v]), "attention_backward_tc: buffers must be 16-byte aligned");
+            assert!(
+                aligned16(&[&*dq, &*dk, &*dv, dout, q, k, v]),
+                "attention_backward_tc: buffers must be 16-byte aligned"
+            );
             let (n_dq, n_dkdv) = if hs == "64" {
                 ("attention_backward_dq_tc64", "attention_backward_dkdv_tc64")
             } else {
@@ -220,17 +320,6 @@ pub fn attention_backward(
     }
 }
 
-fn copy_arg(a: &Arg) -> Arg {
-    match *a {
-        Ptr(p) => Ptr(p),
-        I32(x) => I32(x),
-        I64(x) => I64(x),
-        U32(x) => U32(x),
-        U64(x) => U64(x),
-        F32(x) => F32(x),
-    }
-}
-
 /// The vectorized elementwise kernels (swiglu.cu, residual.cu) read 16
 /// bytes at a time from the start of each buffer: whole Bufs only.
 fn vec8_ok(bufs: &[&Buf<Bf16>]) -> bool {
@@ -242,20 +331,45 @@ pub fn swiglu_forward(g: &Gpu, out: &mut Buf<Bf16>, gate: &Buf<Bf16>, up: &Buf<B
         need(b, n, what);
     }
     assert!(vec8_ok(&[&*out, gate, up]), "swiglu_forward: buffers must be 16-byte aligned");
-    g.launch("swiglu_forward", (blocks(n.div_ceil(8)), 1, 1), 256, &[Ptr(out.ptr()), Ptr(gate.ptr()), Ptr(up.ptr()), I64(n as i64)])
+    g.launch(
+        "swiglu_forward",
+        (blocks(n.div_ceil(8)), 1, 1),
+        256,
+        &[Ptr(out.ptr()), Ptr(gate.ptr()), Ptr(up.ptr()), I64(n as i64)],
+    )
 }
 
 /// cpu::swiglu_backward (accumulating into dgate and dup) with `accumulate`,
 /// else the gradients are written over whatever dgate and dup held.
 #[allow(clippy::too_many_arguments)]
-pub fn swiglu_backward(g: &Gpu, dgate: &mut Buf<Bf16>, dup: &mut Buf<Bf16>, dout: &Buf<Bf16>, gate: &Buf<Bf16>, up: &Buf<Bf16>, n: usize, accumulate: bool) -> Result<()> {
+pub fn swiglu_backward(
+    g: &Gpu,
+    dgate: &mut Buf<Bf16>,
+    dup: &mut Buf<Bf16>,
+    dout: &Buf<Bf16>,
+    gate: &Buf<Bf16>,
+    up: &Buf<Bf16>,
+    n: usize,
+    accumulate: bool,
+) -> Result<()> {
     for (b, what) in [(&*dgate, "dgate"), (&*dup, "dup"), (dout, "dout"), (gate, "gate"), (up, "up")] {
         need(b, n, what);
     }
     assert!(vec8_ok(&[&*dgate, &*dup, dout, gate, up]), "swiglu_backward: buffers must be 16-byte aligned");
-    g.launch("swiglu_backward", (blocks(n.div_ceil(8)), 1, 1), 256, &[
-        Ptr(dgate.ptr()), Ptr(dup.ptr()), Ptr(dout.ptr()), Ptr(gate.ptr()), Ptr(up.ptr()), I64(n as i64), I32(accumulate as i32),
-    ])
+    g.launch(
+        "swiglu_backward",
+        (blocks(n.div_ceil(8)), 1, 1),
+        256,
+        &[
+            Ptr(dgate.ptr()),
+            Ptr(dup.ptr()),
+            Ptr(dout.ptr()),
+            Ptr(gate.ptr()),
+            Ptr(up.ptr()),
+            I64(n as i64),
+            I32(accumulate as i32),
+        ],
+    )
 }
 
 pub fn residual_forward(g: &Gpu, out: &mut Buf<Bf16>, x: &Buf<Bf16>, y: &Buf<Bf16>, n: usize) -> Result<()> {
@@ -263,7 +377,12 @@ pub fn residual_forward(g: &Gpu, out: &mut Buf<Bf16>, x: &Buf<Bf16>, y: &Buf<Bf1
         need(b, n, what);
     }
     assert!(vec8_ok(&[&*out, x, y]), "residual_forward: buffers must be 16-byte aligned");
-    g.launch("residual_forward", (blocks(n.div_ceil(8)), 1, 1), 256, &[Ptr(out.ptr()), Ptr(x.ptr()), Ptr(y.ptr()), I64(n as i64)])
+    g.launch(
+        "residual_forward",
+        (blocks(n.div_ceil(8)), 1, 1),
+        256,
+        &[Ptr(out.ptr()), Ptr(x.ptr()), Ptr(y.ptr()), I64(n as i64)],
+    )
 }
 
 pub fn scale_f32(g: &Gpu, x: &mut Buf<f32>, alpha: f32, n: usize) -> Result<()> {
@@ -296,63 +415,141 @@ pub fn convert<A, B>(g: &Gpu, kernel: &'static str, out: &mut Buf<A>, x: &Buf<B>
     g.launch(kernel, (blocks(n), 1, 1), 256, &[Ptr(out.ptr()), Ptr(x.ptr()), I64(n as i64)])
 }
 
-pub fn crossentropy_forward(g: &Gpu, losses: &mut Buf<f32>, lse: &mut Buf<f32>, logits: &Buf<Bf16>, targets: &Buf<i32>, n: usize, v: usize) -> Result<()> {
+pub fn crossentropy_forward(
+    g: &Gpu,
+    losses: &mut Buf<f32>,
+    lse: &mut Buf<f32>,
+    logits: &Buf<Bf16>,
+    targets: &Buf<i32>,
+    n: usize,
+    v: usize,
+) -> Result<()> {
     need(logits, n * v, "crossentropy logits");
     for (b, what) in [(&*losses, "losses"), (&*lse, "lse")] {
         need(b, n, what);
     }
     need(targets, n, "crossentropy targets");
-    g.launch("crossentropy_forward", (n as u32, 1, 1), 1024, &[
-        Ptr(losses.ptr()), Ptr(lse.ptr()), Ptr(logits.ptr()), Ptr(targets.ptr()), I32(i32_of(v)),
-    ])
+    g.launch(
+        "crossentropy_forward",
+        (n as u32, 1, 1),
+        1024,
+        &[Ptr(losses.ptr()), Ptr(lse.ptr()), Ptr(logits.ptr()), Ptr(targets.ptr()), I32(i32_of(v))],
+    )
 }
 
-pub fn crossentropy_backward(g: &Gpu, logits: &mut Buf<Bf16>, lse: &Buf<f32>, targets: &Buf<i32>, n: usize, v: usize, inv_count: f32) -> Result<()> {
+pub fn crossentropy_backward(
+    g: &Gpu,
+    logits: &mut Buf<Bf16>,
+    lse: &Buf<f32>,
+    targets: &Buf<i32>,
+    n: usize,
+    v: usize,
+    inv_count: f32,
+) -> Result<()> {
     need(logits, n * v, "crossentropy logits");
     need(lse, n, "crossentropy lse");
     need(targets, n, "crossentropy targets");
-    g.launch("crossentropy_backward", (n as u32, 1, 1), 1024, &[
-        Ptr(logits.ptr()), Ptr(lse.ptr()), Ptr(targets.ptr()), I32(i32_of(v)), F32(inv_count),
-    ])
+    g.launch(
+        "crossentropy_backward",
+        (n as u32, 1, 1),
+        1024,
+        &[Ptr(logits.ptr()), Ptr(lse.ptr()), Ptr(targets.ptr()), I32(i32_of(v)), F32(inv_count)],
+    )
 }
 
 /// optim::SparseState::step on the device; `n_weight` is out*in of the weight.
 #[allow(clippy::too_many_arguments)]
 pub fn sparse_adamw(
-    g: &Gpu, weight: &mut Buf<Bf16>, n_weight: usize, idx: &Buf<u32>, m: &mut Buf<f32>, v: &mut Buf<f32>,
-    master: &mut Buf<f32>, grad: &Buf<f32>, k: usize, gscale: f32, opt: &AdamW, t: u64,
+    g: &Gpu,
+    weight: &mut Buf<Bf16>,
+    n_weight: usize,
+    idx: &Buf<u32>,
+    m: &mut Buf<f32>,
+    v: &mut Buf<f32>,
+    master: &mut Buf<f32>,
+    grad: &Buf<f32>,
+    k: usize,
+    gscale: f32,
+    opt: &AdamW,
+    t: u64,
 ) -> Result<()> {
     need(weight, n_weight, "sparse_adamw weight");
     for (b, what) in [(&*m, "m"), (&*v, "v"), (&*master, "master"), (grad, "grad")] {
         need(b, k, what);
     }
     need(idx, k, "sparse_adamw idx"); // indices < n_weight: made by select.rs
-    g.launch("sparse_adamw", (blocks(k), 1, 1), 256, &[
-        Ptr(weight.ptr()), Ptr(idx.ptr()), Ptr(m.ptr()), Ptr(v.ptr()), Ptr(master.ptr()), Ptr(grad.ptr()), I64(k as i64),
-        F32(gscale), F32(opt.lr), F32(opt.beta1), F32(opt.beta2), F32(opt.eps), F32(opt.weight_decay), F32(opt.step_size(t)),
-    ])
+    g.launch(
+        "sparse_adamw",
+        (blocks(k), 1, 1),
+        256,
+        &[
+            Ptr(weight.ptr()),
+            Ptr(idx.ptr()),
+            Ptr(m.ptr()),
+            Ptr(v.ptr()),
+            Ptr(master.ptr()),
+            Ptr(grad.ptr()),
+            I64(k as i64),
+            F32(gscale),
+            F32(opt.lr),
+            F32(opt.beta1),
+            F32(opt.beta2),
+            F32(opt.eps),
+            F32(opt.weight_decay),
+            F32(opt.step_size(t)),
+        ],
+    )
 }
 
 /// optim::DenseState::step on the device, with an f32 master copy.
 #[allow(clippy::too_many_arguments)]
 pub fn adamw(
-    g: &Gpu, weight: &mut Buf<Bf16>, m: &mut Buf<f32>, v: &mut Buf<f32>, master: &mut Buf<f32>, grad: &Buf<f32>, n: usize,
-    gscale: f32, opt: &AdamW, t: u64,
+    g: &Gpu,
+    weight: &mut Buf<Bf16>,
+    m: &mut Buf<f32>,
+    v: &mut Buf<f32>,
+    master: &mut Buf<f32>,
+    grad: &Buf<f32>,
+    n: usize,
+    gscale: f32,
+    opt: &AdamW,
+    t: u64,
 ) -> Result<()> {
     for (b, what) in [(&*m, "m"), (&*v, "v"), (&*master, "master"), (grad, "grad")] {
         need(b, n, what);
     }
     need(weight, n, "adamw weight");
-    g.launch("adamw", (blocks(n), 1, 1), 256, &[
-        Ptr(weight.ptr()), Ptr(m.ptr()), Ptr(v.ptr()), Ptr(master.ptr()), Ptr(grad.ptr()), I64(n as i64), F32(gscale),
-        F32(opt.lr), F32(opt.beta1), F32(opt.beta2), F32(opt.eps), F32(opt.weight_decay), F32(opt.step_size(t)),
-    ])
+    g.launch(
+        "adamw",
+        (blocks(n), 1, 1),
+        256,
+        &[
+            Ptr(weight.ptr()),
+            Ptr(m.ptr()),
+            Ptr(v.ptr()),
+            Ptr(master.ptr()),
+            Ptr(grad.ptr()),
+            I64(n as i64),
+            F32(gscale),
+            F32(opt.lr),
+            F32(opt.beta1),
+            F32(opt.beta2),
+            F32(opt.eps),
+            F32(opt.weight_decay),
+            F32(opt.step_size(t)),
+        ],
+    )
 }
 
 pub fn gather_bf16(g: &Gpu, master: &mut Buf<f32>, weight: &Buf<Bf16>, idx: &Buf<u32>, k: usize) -> Result<()> {
     need(master, k, "gather_bf16 master");
     need(idx, k, "gather_bf16 idx");
-    g.launch("gather_bf16", (blocks(k), 1, 1), 256, &[Ptr(master.ptr()), Ptr(weight.ptr()), Ptr(idx.ptr()), I64(k as i64)])
+    g.launch(
+        "gather_bf16",
+        (blocks(k), 1, 1),
+        256,
+        &[Ptr(master.ptr()), Ptr(weight.ptr()), Ptr(idx.ptr()), I64(k as i64)],
+    )
 }
 
 pub fn gather_add(g: &Gpu, acc: &mut Buf<f32>, dw: &Buf<f32>, idx: &Buf<u32>, k: usize) -> Result<()> {
@@ -378,45 +575,111 @@ pub fn randn(g: &Gpu, out: &mut Buf<f32>, n: usize, seed: u64) -> Result<()> {
 /// lift.rs cholesky_inverse_transpose on the device for `nb` matrices at
 /// once: gram (nb, q, q) f64 in, x (nb, q, q) f32 = L^{-T} out; l and m are
 /// (nb, q, q) f64 scratch. One block of 1024 threads per matrix.
-pub fn cholesky_inverse_transpose(g: &Gpu, x: &mut Buf<f32>, l: &mut Buf<f64>, m: &mut Buf<f64>, gram: &Buf<f64>, q: usize, nb: usize) -> Result<()> {
+pub fn cholesky_inverse_transpose(
+    g: &Gpu,
+    x: &mut Buf<f32>,
+    l: &mut Buf<f64>,
+    m: &mut Buf<f64>,
+    gram: &Buf<f64>,
+    q: usize,
+    nb: usize,
+) -> Result<()> {
     assert!(q <= 1024, "cholesky kernel: q = {q} > 1024 (4 rows per quad of 1024 threads)");
     for (len, what) in [(x.len(), "x"), (l.len(), "l"), (m.len(), "m"), (gram.len(), "gram")] {
         assert!(len >= nb * q * q, "cholesky {what}: {len} values, needs {}", nb * q * q);
     }
-    g.launch("cholesky_inverse_transpose", (nb as u32, 1, 1), 1024, &[Ptr(x.ptr()), Ptr(l.ptr()), Ptr(m.ptr()), Ptr(gram.ptr()), I32(i32_of(q))])
+    g.launch(
+        "cholesky_inverse_transpose",
+        (nb as u32, 1, 1),
+        1024,
+        &[Ptr(x.ptr()), Ptr(l.ptr()), Ptr(m.ptr()), Ptr(gram.ptr()), I32(i32_of(q))],
+    )
 }
 
 pub const HIST_BINS: usize = 2048;
 pub const SEL_CHUNK: usize = 256 * 32;
 
 #[allow(clippy::too_many_arguments)]
-pub fn radix_histogram(g: &Gpu, hist: &mut Buf<u32>, scores: &Buf<f32>, n: usize, shift: u32, mask: u32, prefix_shift: u32, prefix: u32) -> Result<()> {
+pub fn radix_histogram(
+    g: &Gpu,
+    hist: &mut Buf<u32>,
+    scores: &Buf<f32>,
+    n: usize,
+    shift: u32,
+    mask: u32,
+    prefix_shift: u32,
+    prefix: u32,
+) -> Result<()> {
     need(hist, HIST_BINS, "radix_histogram hist");
     need(scores, n, "radix_histogram scores");
-    assert!(mask as usize <= HIST_BINS - 1);
-    g.launch("radix_histogram", (blocks(n).min(1024), 1, 1), 256, &[
-        Ptr(hist.ptr()), Ptr(scores.ptr()), I64(n as i64), I32(shift as i32), U32(mask), I32(prefix_shift as i32), U32(prefix),
-    ])
+    assert!((mask as usize) < HIST_BINS);
+    g.launch(
+        "radix_histogram",
+        (blocks(n).min(1024), 1, 1),
+        256,
+        &[
+            Ptr(hist.ptr()),
+            Ptr(scores.ptr()),
+            I64(n as i64),
+            I32(shift as i32),
+            U32(mask),
+            I32(prefix_shift as i32),
+            U32(prefix),
+        ],
+    )
 }
 
-pub fn select_count(g: &Gpu, above: &mut Buf<u32>, ties: &mut Buf<u32>, scores: &Buf<f32>, n: usize, threshold: u32) -> Result<()> {
+pub fn select_count(
+    g: &Gpu,
+    above: &mut Buf<u32>,
+    ties: &mut Buf<u32>,
+    scores: &Buf<f32>,
+    n: usize,
+    threshold: u32,
+) -> Result<()> {
     let nb = n.div_ceil(SEL_CHUNK);
     need(above, nb, "select_count above");
     need(ties, nb, "select_count ties");
     need(scores, n, "select_count scores");
-    g.launch("select_count", (nb as u32, 1, 1), 256, &[Ptr(above.ptr()), Ptr(ties.ptr()), Ptr(scores.ptr()), I64(n as i64), U32(threshold)])
+    g.launch(
+        "select_count",
+        (nb as u32, 1, 1),
+        256,
+        &[Ptr(above.ptr()), Ptr(ties.ptr()), Ptr(scores.ptr()), I64(n as i64), U32(threshold)],
+    )
 }
 
 /// `out` must hold k values, where k = sum over blocks of the selected counts
 /// that `out_start` was built from.
 #[allow(clippy::too_many_arguments)]
-pub fn select_write(g: &Gpu, out: &mut Buf<u32>, k: usize, out_start: &Buf<u32>, tie_start: &Buf<u32>, scores: &Buf<f32>, n: usize, threshold: u32, ties_needed: u32) -> Result<()> {
+pub fn select_write(
+    g: &Gpu,
+    out: &mut Buf<u32>,
+    k: usize,
+    out_start: &Buf<u32>,
+    tie_start: &Buf<u32>,
+    scores: &Buf<f32>,
+    n: usize,
+    threshold: u32,
+    ties_needed: u32,
+) -> Result<()> {
     let nb = n.div_ceil(SEL_CHUNK);
     need(out, k, "select_write out");
     need(out_start, nb, "select_write out_start");
     need(tie_start, nb, "select_write tie_start");
     need(scores, n, "select_write scores");
-    g.launch("select_write", (nb as u32, 1, 1), 256, &[
-        Ptr(out.ptr()), Ptr(out_start.ptr()), Ptr(tie_start.ptr()), Ptr(scores.ptr()), I64(n as i64), U32(threshold), U32(ties_needed),
-    ])
+    g.launch(
+        "select_write",
+        (nb as u32, 1, 1),
+        256,
+        &[
+            Ptr(out.ptr()),
+            Ptr(out_start.ptr()),
+            Ptr(tie_start.ptr()),
+            Ptr(scores.ptr()),
+            I64(n as i64),
+            U32(threshold),
+            U32(ties_needed),
+        ],
+    )
 }

@@ -49,7 +49,11 @@ pub struct SelectScratch {
     pub tf32: bool,
 }
 
-fn grow<'a, T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(g: &Gpu, slot: &'a mut Option<Buf<T>>, n: usize) -> Result<&'a mut Buf<T>> {
+fn grow<'a, T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+    g: &Gpu,
+    slot: &'a mut Option<Buf<T>>,
+    n: usize,
+) -> Result<&'a mut Buf<T>> {
     if slot.as_ref().is_none_or(|b| b.len() < n) {
         *slot = None; // free first: the old one may be large
         *slot = Some(g.zeros::<T>(n)?);
@@ -118,8 +122,14 @@ impl SelectScratch {
         grow(g, &mut self.mt, nb * q * q)?;
         grow(g, &mut self.x, nb * q * q)?;
         let SelectScratch { y64, gram, x, lt, mt, tmp, .. } = self;
-        let (y64, gram, x, lt, mt, tmp) =
-            (y64.as_mut().unwrap(), gram.as_mut().unwrap(), x.as_mut().unwrap(), lt.as_mut().unwrap(), mt.as_mut().unwrap(), tmp.as_mut().unwrap());
+        let (y64, gram, x, lt, mt, tmp) = (
+            y64.as_mut().unwrap(),
+            gram.as_mut().unwrap(),
+            x.as_mut().unwrap(),
+            lt.as_mut().unwrap(),
+            mt.as_mut().unwrap(),
+            tmp.as_mut().unwrap(),
+        );
         g.timed("cholqr gram (f64)", || {
             for (b, s) in sk.iter().enumerate() {
                 let (rows, y) = (rows_of(s), if use_z { &s.z } else { &s.y });
@@ -185,7 +195,9 @@ impl SelectScratch {
         let mut bms = Vec::with_capacity(nb);
         for (b, s) in sk.iter().enumerate() {
             let bm = g.zeros::<f32>(q * s.inp)?;
-            g.timed("sketch gemm", || g.gemm(true, false, q, s.inp, s.out, 1.0, s.y.ptr(), s.wf.ptr(), 0.0, bm.ptr(), Dt::F32, Dt::F32))?;
+            g.timed("sketch gemm", || {
+                g.gemm(true, false, q, s.inp, s.out, 1.0, s.y.ptr(), s.wf.ptr(), 0.0, bm.ptr(), Dt::F32, Dt::F32)
+            })?;
             let b64 = grow(g, &mut self.y64, q * s.inp)?;
             g.timed("B gram (f64)", || {
                 k::convert(g, "f32_to_f64", b64, &bm, q * s.inp)?;
@@ -194,7 +206,12 @@ impl SelectScratch {
             bms.push(bm);
         }
         let grams = g.download(self.gram.as_ref().unwrap(), nb * q * q)?;
-        Ok(sk.into_iter().zip(bms).enumerate().map(|(b, (s, bm))| (s.y, bm, grams[b * q * q..(b + 1) * q * q].to_vec())).collect())
+        Ok(sk
+            .into_iter()
+            .zip(bms)
+            .enumerate()
+            .map(|(b, (s, bm))| (s.y, bm, grams[b * q * q..(b + 1) * q * q].to_vec()))
+            .collect())
     }
 
     /// Phase A of a batch: everything up to the small eigenproblems.
@@ -328,7 +345,16 @@ impl SelectScratch {
             let prefix_shift = shift + bits;
             let scores = self.wr.as_ref().unwrap();
             let hist = self.hist.as_mut().unwrap();
-            k::radix_histogram(g, hist, scores, n, shift, (1 << bits) - 1, if shift == 20 { 31 } else { prefix_shift }, prefix)?;
+            k::radix_histogram(
+                g,
+                hist,
+                scores,
+                n,
+                shift,
+                (1 << bits) - 1,
+                if shift == 20 { 31 } else { prefix_shift },
+                prefix,
+            )?;
             let h = g.download(hist, 1 << bits)?;
             let (digit, above) = find(&h, need);
             need -= above;
@@ -399,11 +425,17 @@ impl SelectScratch {
 
     /// Phase B of a batch, once its eigenvectors are in.
     fn finish(
-        &mut self, g: &Gpu, jobs: &[Job], pending: Vec<Pending>, eig: std::thread::ScopedJoinHandle<'_, (Vec<Vec<f64>>, f64)>,
-        host_s: &mut f64, wait_s: &mut f64,
+        &mut self,
+        g: &Gpu,
+        jobs: &[Job],
+        pending: Vec<Pending>,
+        eig: std::thread::ScopedJoinHandle<'_, (Vec<Vec<f64>>, f64)>,
+        host_s: &mut f64,
+        wait_s: &mut f64,
     ) -> Result<Vec<Buf<u32>>> {
         let t0 = Instant::now();
-        let (vecs, secs) = eig.join().map_err(|_| anyhow!("mask selection: the eigen-decomposition thread panicked"))?;
+        let (vecs, secs) =
+            eig.join().map_err(|_| anyhow!("mask selection: the eigen-decomposition thread panicked"))?;
         *wait_s += t0.elapsed().as_secs_f64();
         *host_s += secs;
         let mut masks = Vec::with_capacity(jobs.len());
