@@ -165,8 +165,9 @@ struct TrainArgs {
     /// Continue the run saved in this directory (its state.bin).
     #[arg(long)]
     resume: Option<PathBuf>,
-    /// Where to train: cuda (an NVIDIA GPU), cpu, or auto (cuda when one is found).
-    #[arg(long, value_enum, default_value = "cpu")]
+    /// Where to train: cuda (an NVIDIA GPU), cpu, or auto (cuda when a GPU and
+    /// the CUDA libraries are found, else cpu).
+    #[arg(long, value_enum, default_value = "auto")]
     device: lift::cuda::Device,
     /// Keep only each layer's input in the forward pass and recompute the
     /// layer's activations in the backward pass: less memory for long

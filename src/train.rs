@@ -276,6 +276,8 @@ pub fn train(o: &TrainOptions, resume: Option<&Path>, device: Device) -> Result<
         crate::cuda::train::check_supported(&c)?;
     } else if o.recompute {
         bail!("--recompute is implemented for --device cuda only (the CPU keeps every layer's activations)");
+    } else {
+        eprintln!("device: cpu ({} threads)", rayon::current_num_threads());
     }
     let tok = ck.tokenizer.clone();
     let mut model = Model::new(c.clone(), ck.load_weights()?);
