@@ -116,6 +116,13 @@ impl Checkpoint {
         let header: Header =
             serde_json::from_slice(&map[PREAMBLE..hend as usize]).map_err(|e| anyhow!("{p}: corrupt header: {e}"))?;
         header.config.validate().with_context(|| format!("{p}"))?;
+        if header.tokenizer.vocab_size() > header.config.vocab_size {
+            bail!(
+                "{p}: the tokenizer has {} tokens but the model's vocabulary is {}",
+                header.tokenizer.vocab_size(),
+                header.config.vocab_size
+            );
+        }
         let data_start = (hend as usize).next_multiple_of(ALIGN);
         for t in &header.tensors {
             let numel: usize = t.shape.iter().product();
