@@ -712,31 +712,7 @@ fn whole_step(g: &Gpu, t: &mut Table, seed: u64) -> Result<()> {
     let (b, tt) = (2, 61);
     let mut model = Model::new(c.clone(), w);
     model.ensure_rope(tt);
-    let o = crate::bench::BenchArgs {
-        config: "small".into(),
-        method: crate::train::Method::Lift,
-        seq: tt,
-        batch: b,
-        steps: 1,
-        warmup: 0,
-        device: super::Device::Cuda,
-        density: 0.05,
-        filter_rank: 16,
-        oversample: 16,
-        power_iters: 4,
-        svd: crate::train::Svd::Randomized,
-        update_interval: 400,
-        lora_rank: 4,
-        mask_only: false,
-        forward_only: false,
-        checkpoint: None,
-        profile: false,
-        attention: Attention::Auto,
-        sketch: crate::bench::Sketch::F32,
-        recompute: false,
-        seed,
-    };
-    let opts = o.options();
+    let opts = crate::train::TrainOptions { batch_size: b, max_seq_len: tt, ..bench_options("small", seed) };
     let gm = GpuModel::upload(g, &model, tt)?;
     let mut tr = GpuTrainer::new(g, gm, &opts, b, tt)?;
     let gmasks = tr.masks()?;
