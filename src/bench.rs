@@ -183,7 +183,7 @@ fn random_batch(c: &Config, b: usize, t: usize, seed: u64) -> Batch {
 
 pub fn run(a: &BenchArgs) -> Result<()> {
     let c = match &a.checkpoint {
-        Some(p) => crate::checkpoint::Checkpoint::open(p)?.config,
+        Some(p) => crate::formats::checkpoint::Checkpoint::open(p)?.config,
         None => crate::init::named_config(&a.config)?,
     };
     if a.seq == 0 || a.batch == 0 {
@@ -362,7 +362,7 @@ fn bench_gpu(a: &BenchArgs, c: &Config) -> Result<serde_json::Value> {
 fn bench_cpu(a: &BenchArgs, c: &Config) -> Result<serde_json::Value> {
     let t0 = Instant::now();
     let weights = match &a.checkpoint {
-        Some(p) => crate::checkpoint::Checkpoint::open(p)?.load_weights()?,
+        Some(p) => crate::formats::checkpoint::Checkpoint::open(p)?.load_weights()?,
         None => crate::init::random_weights(c, a.seed),
     };
     let mut model = Model::new(c.clone(), weights);

@@ -10,7 +10,7 @@ use anyhow::{Result, bail};
 use clap::Args;
 use rayon::prelude::*;
 
-use crate::checkpoint::{self, Checkpoint, DType};
+use crate::formats::checkpoint::{self, Checkpoint, DType};
 use crate::model::{Config, Param, RopeScaling, Weights};
 use crate::rng::Rng;
 use crate::tokenizer::Tokenizer;

@@ -8,15 +8,12 @@
 
 pub mod answer;
 pub mod bench;
-pub mod checkpoint;
-pub mod convert;
 pub mod cpu;
 pub mod cuda;
 pub mod data;
 pub mod eval;
-pub mod export;
+pub mod formats;
 pub mod generate;
-pub mod gguf;
 pub mod init;
 pub mod lift;
 pub mod lora;
@@ -24,7 +21,6 @@ pub mod model;
 pub mod optim;
 pub mod plot;
 pub mod rng;
-pub mod safetensors;
 pub mod state;
 pub mod tokenizer;
 pub mod train;

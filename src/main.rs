@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 
-use lift::checkpoint::{Checkpoint, DType};
+use lift::formats::checkpoint::{Checkpoint, DType};
 use lift::model::Model;
 use lift::train::{Method, Schedule, Svd, TrainOptions};
 
@@ -398,15 +398,15 @@ fn eval(a: EvalArgs) -> Result<()> {
 }
 
 fn export(a: ExportArgs) -> Result<()> {
-    lift::export::check_target(&a.output, &a.format)?;
+    lift::formats::export::check_target(&a.output, &a.format)?;
     let dtype = a.dtype.as_deref().unwrap_or("f32");
     let (ck, model) = load_model(&a.checkpoint)?;
     let t0 = Instant::now();
     match (a.format.as_str(), dtype) {
-        ("hf", "f32") => lift::export::export_hf(&ck, &model.weights, &a.output, DType::F32)?,
-        ("hf", "bf16") => lift::export::export_hf(&ck, &model.weights, &a.output, DType::Bf16)?,
-        ("gguf", "f32") => lift::export::export_gguf(&ck, &model.weights, &a.output, false)?,
-        ("gguf", "f16") => lift::export::export_gguf(&ck, &model.weights, &a.output, true)?,
+        ("hf", "f32") => lift::formats::export::export_hf(&ck, &model.weights, &a.output, DType::F32)?,
+        ("hf", "bf16") => lift::formats::export::export_hf(&ck, &model.weights, &a.output, DType::Bf16)?,
+        ("gguf", "f32") => lift::formats::export::export_gguf(&ck, &model.weights, &a.output, false)?,
+        ("gguf", "f16") => lift::formats::export::export_gguf(&ck, &model.weights, &a.output, true)?,
         (f, d) => bail!("--format {f} does not take --dtype {d} (hf: f32, bf16; gguf: f32, f16)"),
     }
     eprintln!(
@@ -422,7 +422,7 @@ fn export(a: ExportArgs) -> Result<()> {
 fn convert(a: ConvertArgs) -> Result<()> {
     let t0 = Instant::now();
     let dtype = DType::parse(&a.dtype)?;
-    let r = lift::convert::convert(&a.input, &a.output, dtype)?;
+    let r = lift::formats::convert::convert(&a.input, &a.output, dtype)?;
     let c = &r.config;
     eprintln!(
         "converted {} ({}) -> {}: {} layers, dim {}, {} heads ({} kv), ffn {}, vocab {}, {} tensors, {:.1}M parameters, {:?}, {:.1}s",

@@ -25,7 +25,7 @@ use std::path::Path;
 use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint;
+use crate::formats::checkpoint;
 use crate::lora::Adapter;
 use crate::model::{Config, Linear, Param, Weights};
 use crate::optim::{DenseState, SparseState};

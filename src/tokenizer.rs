@@ -288,7 +288,7 @@ impl Tokenizer {
     }
 
     /// This tokenizer as GGUF `tokenizer.ggml.*` metadata (for `lift export --format gguf`).
-    pub fn to_gguf_metadata(&self) -> Vec<(String, crate::gguf::GgufValue)> {
+    pub fn to_gguf_metadata(&self) -> Vec<(String, crate::formats::gguf::GgufValue)> {
         hf_write::gguf_metadata(&self.spec)
     }
 
@@ -1291,7 +1291,7 @@ mod hf_json {
 /// the two formats lift exports.
 mod hf_write {
     use super::*;
-    use crate::gguf::GgufValue;
+    use crate::formats::gguf::GgufValue;
     use serde_json::json;
 
     pub(super) fn to_json(spec: &Spec) -> Result<String> {

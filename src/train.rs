@@ -19,7 +19,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::{self, Checkpoint};
+use crate::formats::checkpoint::{self, Checkpoint};
 use crate::cuda::Device;
 use crate::data::{self, Batch, Dataset, Purpose};
 use crate::lift::{self, Approx, Budget};

@@ -5,7 +5,7 @@
 
 mod common;
 
-use lift::checkpoint::Checkpoint;
+use lift::formats::checkpoint::Checkpoint;
 
 fn round_trip(format: &str, dtype: &str, name: &str, src: &str, exact: bool) {
     let dir = common::scratch(&format!("export-{name}"));

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use half::{bf16, f16};
-use lift::gguf::{GgmlType, GgufFile, GgufValue, GgufValueType, GgufWriteData, write_gguf};
-use lift::safetensors::{SafeTensors, TensorData, write_safetensors};
+use lift::formats::gguf::{GgmlType, GgufFile, GgufValue, GgufValueType, GgufWriteData, write_gguf};
+use lift::formats::safetensors::{SafeTensors, TensorData, write_safetensors};
 use serde_json::Value;
 
 // ---------------------------------------------------------------------------
@@ -201,7 +201,7 @@ fn gguf_dequantization_equals_gguf_py() {
         types_checked.push(t.dtype);
     }
     // Every type we claim to support has a reference tensor in the fixture.
-    for t in lift::gguf::SUPPORTED_TYPES {
+    for t in lift::formats::gguf::SUPPORTED_TYPES {
         assert!(types_checked.contains(t), "no reference values for {t}");
     }
 }

@@ -392,12 +392,12 @@ type NamedWeight = (String, usize, usize, Vec<f32>);
 const SMOLLM2_LAYERS: [usize; 3] = [0, 15, 29];
 
 /// SmolLM2-135M-Instruct's linear weights of `SMOLLM2_LAYERS` as (name, out,
-/// in, values), dequantized from the Q4_1 GGUF by `lift::gguf`. llama.cpp
+/// in, values), dequantized from the Q4_1 GGUF by `lift::formats::gguf`. llama.cpp
 /// stores the q and k rows permuted for its RoPE layout; a row permutation
 /// permutes W_r and both masks alike, so the agreement does not see it.
 fn smollm2_matrices() -> Option<Vec<NamedWeight>> {
     let path = common::smollm2_gguf()?;
-    let gguf = lift::gguf::GgufFile::open(&path).unwrap_or_else(|e| panic!("{e}"));
+    let gguf = lift::formats::gguf::GgufFile::open(&path).unwrap_or_else(|e| panic!("{e}"));
     let mut mats = Vec::new();
     for l in SMOLLM2_LAYERS {
         for kind in ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"] {

@@ -10,9 +10,9 @@
 
 mod common;
 
-use lift::checkpoint::Checkpoint;
+use lift::formats::checkpoint::Checkpoint;
 use lift::model::{Activations, FullGrads, Model, Param};
-use lift::safetensors::SafeTensors;
+use lift::formats::safetensors::SafeTensors;
 use serde_json::Value;
 
 /// Errors are relative to the largest magnitude of each reference tensor.

@@ -9,9 +9,9 @@
 
 mod common;
 
-use lift::checkpoint::Checkpoint;
+use lift::formats::checkpoint::Checkpoint;
 use lift::model::{Activations, Model};
-use lift::safetensors::SafeTensors;
+use lift::formats::safetensors::SafeTensors;
 use serde_json::Value;
 
 fn read_json(rel: &str) -> Value {

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
-use lift::checkpoint::Checkpoint;
+use lift::formats::checkpoint::Checkpoint;
 use lift::model::{Config, Linear, Param, Weights};
 
 // ----------------------------------------------------------------------------

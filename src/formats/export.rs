@@ -12,10 +12,10 @@ use anyhow::{Context, Result, bail};
 use half::bf16;
 use serde_json::json;
 
-use crate::checkpoint::{Checkpoint, DType};
-use crate::gguf::{GgufValue, GgufWriteData, write_gguf};
+use crate::formats::checkpoint::{Checkpoint, DType};
+use crate::formats::gguf::{GgufValue, GgufWriteData, write_gguf};
 use crate::model::{Config, Param, Weights};
-use crate::safetensors::{TensorData, write_safetensors};
+use crate::formats::safetensors::{TensorData, write_safetensors};
 
 /// The Hugging Face `config.json` of a model.
 pub fn hf_config_json(c: &Config, bos: Option<u32>, eos: Option<u32>, dtype: DType) -> serde_json::Value {
@@ -122,12 +122,12 @@ pub fn export_gguf(ck: &Checkpoint, weights: &Weights, path: &Path, f16: bool) -
     // Tensors in llama.cpp's names and layout.
     let mut owned: Vec<(String, Vec<u64>, Vec<f32>, bool)> = Vec::new(); // name, dims, values, f16?
     for p in Param::all(c) {
-        let gname = crate::convert::gguf_name(&p.name(), c.tied_embeddings).expect("every param has a GGUF name");
+        let gname = crate::formats::convert::gguf_name(&p.name(), c.tied_embeddings).expect("every param has a GGUF name");
         let shape = p.shape(c);
         let mut values = weights.get(p).to_vec();
         if gname.ends_with("attn_q.weight") || gname.ends_with("attn_k.weight") {
             let heads = if gname.ends_with("attn_q.weight") { c.n_heads } else { c.n_kv_heads };
-            values = crate::convert::permute_rope_rows(&values, heads, c.head_dim, shape[1]);
+            values = crate::formats::convert::permute_rope_rows(&values, heads, c.head_dim, shape[1]);
         }
         let dims: Vec<u64> = shape.iter().rev().map(|&d| d as u64).collect();
         owned.push((gname, dims, values, f16 && shape.len() == 2));

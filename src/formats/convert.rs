@@ -12,10 +12,10 @@ use std::path::Path;
 use anyhow::{Context, Result, anyhow, bail};
 use serde_json::Value;
 
-use crate::checkpoint::{DType, write_model_bin};
-use crate::gguf::GgufFile;
+use crate::formats::checkpoint::{DType, write_model_bin};
+use crate::formats::gguf::GgufFile;
 use crate::model::{Config, Param, RopeScaling};
-use crate::safetensors::SafeTensors;
+use crate::formats::safetensors::SafeTensors;
 use crate::tokenizer::Tokenizer;
 
 /// What `lift convert` reports.
