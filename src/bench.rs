@@ -24,7 +24,7 @@ use clap::Args;
 
 use crate::cuda::{Attention, Device};
 use crate::data::Batch;
-use crate::lift;
+use crate::select;
 use crate::model::{Config, Linear, Model};
 use crate::rng::Rng;
 use crate::train::{CpuTrainer, Method, Schedule, Svd, TrainOptions, Trainer};
@@ -50,13 +50,13 @@ pub struct BenchArgs {
     pub warmup: usize,
     #[arg(long, value_enum, default_value = "auto")]
     pub device: Device,
-    #[arg(long, default_value_t = lift::DEFAULT_DENSITY)]
+    #[arg(long, default_value_t = select::DEFAULT_DENSITY)]
     pub density: f64,
-    #[arg(long, default_value_t = lift::DEFAULT_FILTER_RANK)]
+    #[arg(long, default_value_t = select::DEFAULT_FILTER_RANK)]
     pub filter_rank: usize,
-    #[arg(long, default_value_t = lift::DEFAULT_OVERSAMPLE)]
+    #[arg(long, default_value_t = select::DEFAULT_OVERSAMPLE)]
     pub oversample: usize,
-    #[arg(long, default_value_t = lift::DEFAULT_POWER_ITERS)]
+    #[arg(long, default_value_t = select::DEFAULT_POWER_ITERS)]
     pub power_iters: usize,
     #[arg(long, value_enum, default_value = "auto")]
     pub svd: Svd,

@@ -329,6 +329,18 @@ pub struct Batch {
     pub n_loss: usize,
 }
 
+/// The mean loss over several batches, each weighted by its loss tokens:
+/// (a batch's mean loss, its n_loss) pairs in, the mean per target token
+/// out (NaN when there is no target at all).
+pub fn mean_loss(parts: impl IntoIterator<Item = (f32, usize)>) -> f32 {
+    let (mut sum, mut n) = (0.0f64, 0usize);
+    for (loss, n_loss) in parts {
+        sum += loss as f64 * n_loss as f64;
+        n += n_loss;
+    }
+    if n == 0 { f32::NAN } else { (sum / n as f64) as f32 }
+}
+
 /// Pads the examples to the longest one (T) and lays out tokens and targets.
 /// For a row with ids of length L:
 ///   tokens[t]  = ids[t] for t < L, else pad_id

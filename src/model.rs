@@ -154,6 +154,23 @@ impl Linear {
     }
 }
 
+/// The number of a linear weight among the model's L*7, as every per-matrix
+/// list (masks, optimizer states, adapters, state.bin records) is ordered:
+/// layer * 7 + position in Linear::ALL.
+pub fn matrix_id(l: usize, w: Linear) -> usize {
+    l * 7 + w as usize
+}
+
+/// The (layer, kind) of linear weight number `id`: matrix_id's inverse.
+pub fn matrix(id: usize) -> (usize, Linear) {
+    (id / 7, Linear::ALL[id % 7])
+}
+
+/// (id, layer, kind) of every linear weight of a model, in id order.
+pub fn matrices(c: &Config) -> impl Iterator<Item = (usize, usize, Linear)> {
+    (0..c.n_layers * 7).map(|id| (id, id / 7, Linear::ALL[id % 7]))
+}
+
 /// The weights of one transformer block.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LayerWeights {
@@ -552,14 +569,17 @@ impl Model {
 
     /// The forward pass over tokens (B, T). With targets (B, T) (negative =
     /// ignored) it returns the mean cross-entropy; the logits (B, T, V) are
-    /// left in `acts.logits` either way.
-    pub fn forward(&self, acts: &mut Activations, tokens: &[u32], targets: Option<&[i32]>) -> f32 {
+    /// left in `acts.logits` either way. A token id outside the vocabulary is
+    /// an error (as on the GPU), found before any work.
+    pub fn forward(&self, acts: &mut Activations, tokens: &[u32], targets: Option<&[i32]>) -> Result<f32> {
         let c = &self.config;
         let (b, t) = (acts.b, acts.t);
         let n = b * t;
         assert_eq!(tokens.len(), n, "forward: tokens must be (B, T)");
         assert!(self.rope.max_pos() >= t, "forward: call ensure_rope first");
-        assert!(tokens.iter().all(|&id| (id as usize) < c.vocab_size), "forward: token id out of range");
+        if let Some(&bad) = tokens.iter().find(|&&id| id as usize >= c.vocab_size) {
+            bail!("token id {bad} is out of range (vocabulary of {})", c.vocab_size);
+        }
         let (d, qd, kvd, f) = (c.dim, c.q_dim(), c.kv_dim(), c.ffn_dim);
         let dims = AttnDims { b, tq: t, tk: t, tcap: t, nh: c.n_heads, kvh: c.n_kv_heads, hs: c.head_dim };
         acts.tokens.copy_from_slice(tokens);
@@ -600,7 +620,7 @@ impl Model {
         }
         cpu::rmsnorm_forward(&mut acts.xf, &mut acts.rstd_f, &acts.x_final, &self.weights.norm, d, c.norm_eps);
         cpu::matmul_forward(&mut acts.logits, &acts.xf, self.weights.head(), n, d, c.vocab_size);
-        cpu::crossentropy_forward(&mut acts.losses, &acts.logits, &acts.targets, c.vocab_size)
+        Ok(cpu::crossentropy_forward(&mut acts.losses, &acts.logits, &acts.targets, c.vocab_size))
     }
 
     /// The backward pass of the mean loss of the last `forward` call. Weight

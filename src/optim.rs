@@ -77,30 +77,41 @@ impl SparseState {
     }
 
     /// Switches to a new mask (a refresh): entries selected before and after
-    /// keep their m and v; newly selected entries start from zero. Both index
-    /// lists are ascending, so one merge pass pairs them up.
+    /// keep their m and v; newly selected entries start from zero.
     pub fn refresh(&mut self, new_indices: Vec<u32>) -> RefreshStats {
         let k = new_indices.len();
         let (mut m, mut v) = (vec![0.0; k], vec![0.0; k]);
-        let (mut i, mut kept) = (0, 0);
-        for (j, &idx) in new_indices.iter().enumerate() {
-            while i < self.indices.len() && self.indices[i] < idx {
-                i += 1;
-            }
-            if i < self.indices.len() && self.indices[i] == idx {
+        let pairs = refresh_pairs(&self.indices, &new_indices);
+        for (j, &old) in pairs.iter().enumerate() {
+            if let Some(i) = old {
                 m[j] = self.m[i];
                 v[j] = self.v[i];
-                kept += 1;
             }
         }
         *self = SparseState { indices: new_indices, m, v };
-        RefreshStats { kept, total: k }
+        RefreshStats { kept: pairs.iter().flatten().count(), total: k }
     }
 
     /// Bytes of optimizer state (index, m, v per entry).
     pub fn bytes(&self) -> usize {
         self.k() * (4 + 4 + 4)
     }
+}
+
+/// The pairing of a mask refresh: for each entry j of the new mask, the
+/// position in the old mask of the same index, if it was selected before.
+/// Both index lists are ascending, so one merge pass pairs them up. Both
+/// devices carry their state across a refresh by this pairing.
+pub fn refresh_pairs(old: &[u32], new: &[u32]) -> Vec<Option<usize>> {
+    let mut i = 0;
+    new.iter()
+        .map(|&idx| {
+            while i < old.len() && old[i] < idx {
+                i += 1;
+            }
+            (i < old.len() && old[i] == idx).then_some(i)
+        })
+        .collect()
 }
 
 /// How many selected entries survived a mask refresh.

@@ -6,7 +6,7 @@
 
 mod common;
 
-use lift::lift::*;
+use lift::select::*;
 
 // ----------------------------------------------------------------------------
 // Test data, from a generator of the test's own (xorshift64* + Box-Muller)

@@ -62,7 +62,7 @@ fn check_against_pytorch(name: &str) {
     let mut case = load_case(name);
     case.model.ensure_rope(case.t);
     let mut acts = Activations::new(&case.model.config, case.b, case.t);
-    let loss = case.model.forward(&mut acts, &case.tokens, Some(&case.targets));
+    let loss = case.model.forward(&mut acts, &case.tokens, Some(&case.targets)).unwrap();
 
     let logits_err = common::rel_err(&acts.logits, &case.refs.tensor_f32("logits").unwrap());
     let loss_err = ((loss - case.loss) / case.loss).abs() as f64;
@@ -106,7 +106,7 @@ fn backward_matches_finite_differences() {
     let mut case = load_case("tiny_gqa");
     case.model.ensure_rope(case.t);
     let mut acts = Activations::new(&case.model.config, case.b, case.t);
-    case.model.forward(&mut acts, &case.tokens, Some(&case.targets));
+    case.model.forward(&mut acts, &case.tokens, Some(&case.targets)).unwrap();
     let mut grads = FullGrads::new(&case.model.config);
     case.model.backward(&mut acts, &mut grads);
 
@@ -127,9 +127,9 @@ fn backward_matches_finite_differences() {
             let h = 1e-2f32;
             let w0 = case.model.weights.get(p)[i];
             case.model.weights.get_mut(p)[i] = w0 + h;
-            let up = case.model.forward(&mut acts, &case.tokens, Some(&case.targets)) as f64;
+            let up = case.model.forward(&mut acts, &case.tokens, Some(&case.targets)).unwrap() as f64;
             case.model.weights.get_mut(p)[i] = w0 - h;
-            let down = case.model.forward(&mut acts, &case.tokens, Some(&case.targets)) as f64;
+            let down = case.model.forward(&mut acts, &case.tokens, Some(&case.targets)).unwrap() as f64;
             case.model.weights.get_mut(p)[i] = w0;
             let fd = (up - down) / (2.0 * h as f64);
             let an = g[i] as f64;

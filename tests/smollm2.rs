@@ -71,7 +71,7 @@ fn logits_match_transformers() {
     let v = ck.config.vocab_size;
     model.ensure_rope(ids.len());
     let mut acts = Activations::new(&ck.config, 1, ids.len());
-    model.forward(&mut acts, &ids, None);
+    model.forward(&mut acts, &ids, None).unwrap();
     for (i, &p) in positions.iter().enumerate() {
         let got = &acts.logits[p * v..(p + 1) * v];
         let err = common::rel_err(got, &want[i * v..(i + 1) * v]);

@@ -358,7 +358,7 @@ fn lift_trains_exactly_the_exact_svd_principal_weights() {
             "{:40} k = {k:4}: mask = exact-SVD top-k ({ties} boundary ties), {} changed, overlap with top-k |W| {:.2}",
             p.name(),
             k - unchanged,
-            lift::lift::mask_overlap(&mask.indices, &magnitude)
+            lift::select::mask_overlap(&mask.indices, &magnitude)
         );
         assert_eq!(unchanged, 0, "{}: every principal weight of the tiny model moves in one step", p.name());
     }
@@ -392,7 +392,7 @@ fn smollm2_lift_trains_exactly_the_exact_svd_principal_weights() {
         // Layers 0, 15, 29 against the library's exact path (tested against
         // known SVDs in tests/lift_select.rs), and where it is quick (the
         // 192 x 576 k and v weights) against this file's Jacobi SVD too.
-        let exact = lift::lift::principal_mask(base.get(p), o, i, k, 128, lift::lift::Approx::Exact);
+        let exact = lift::select::principal_mask(base.get(p), o, i, k, 128, lift::select::Approx::Exact);
         assert_eq!(mask.indices, exact, "{}: the trained mask is not the exact principal weights", p.name());
         let mut line = format!("{:40} {o:4}x{i:<4} k = {k:6}: mask = exact principal weights", p.name());
         if o.min(i) <= 192 {
@@ -426,7 +426,7 @@ fn randomized_lift_masks_agree_with_the_exact_svd() {
         assert_eq!(mask.indices.len(), k, "{}", p.name());
         check_one_step(&p.name(), base.get(p), trained.get(p), mask, 1e-2);
         let reference = top_k(&jacobi_svd(base.get(p), o, i).truncated(8, o, i), k);
-        let overlap = lift::lift::mask_overlap(&reference, &mask.indices);
+        let overlap = lift::select::mask_overlap(&reference, &mask.indices);
         println!("{:40} randomized vs exact-SVD mask: {overlap:.4}", p.name());
         worst = worst.min(overlap);
     }
@@ -465,7 +465,7 @@ fn random_trains_k_entries_per_matrix_and_norms_on_request() {
         assert!(mask.indices.windows(2).all(|w| w[0] < w[1]), "{}: indices ascending and distinct", p.name());
         assert_eq!(check_one_step(&p.name(), base.get(p), trained.get(p), mask, 1e-2), 0, "{}", p.name());
         let magnitude = top_k(&base.get(p).iter().map(|&x| x as f64).collect::<Vec<_>>(), k);
-        let overlap = lift::lift::mask_overlap(&mask.indices, &magnitude);
+        let overlap = lift::select::mask_overlap(&mask.indices, &magnitude);
         assert!(overlap < 0.3, "{}: a random mask overlaps the magnitude mask by {overlap:.2}", p.name());
     }
     // Each matrix draws its own mask: same-shaped weights of layers 0 and 1 differ.
@@ -773,7 +773,7 @@ fn eval_json_loss_equals_a_per_example_cross_entropy() {
         let t = ids.len();
         model.ensure_rope(t);
         let mut acts = lift::model::Activations::new(&model.config, 1, t);
-        model.forward(&mut acts, &ids, None);
+        model.forward(&mut acts, &ids, None).unwrap();
         let v = model.config.vocab_size;
         for pos in n_prompt - 1..t - 1 {
             let row = &acts.logits[pos * v..(pos + 1) * v];

@@ -87,12 +87,6 @@ pub struct GpuModel {
     pub adapters: Vec<GpuAdapter>,
 }
 
-/// The matrix number of a linear weight: layer * 7 + position in Linear::ALL
-/// (the same numbering as train.rs).
-pub fn matrix_id(l: usize, w: Linear) -> usize {
-    l * 7 + Linear::ALL.iter().position(|&x| x == w).expect("a linear kind")
-}
-
 impl GpuModel {
     /// Uploads a CPU model, rounding every weight to bf16, with a RoPE table
     /// for positions up to `max_t`.

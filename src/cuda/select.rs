@@ -2,7 +2,7 @@
 //! approximation W_r by randomized subspace iteration on cuBLAS GEMMs with
 //! Cholesky-QR orthonormalization (f64 Gram by DGEMM, the factor and its
 //! inverse by one kernel), the small eigenproblem on the host (the same
-//! `lift::sym_eigen_top` the CPU uses, q x q), then the exact top-k of |W_r|
+//! `select::sym_eigen_top` the CPU uses, q x q), then the exact top-k of |W_r|
 //! by radix select.
 //!
 //! The steps and their order are lift.rs's, so on the same weights and seed
@@ -30,7 +30,7 @@ use rayon::prelude::*;
 
 use super::gpu::{Bf16, Buf, Dt, Gpu};
 use super::launch as k;
-use crate::lift::{self, Approx};
+use crate::select::{self, Approx};
 
 /// Device scratch of the selection, grown on demand and reused.
 #[derive(Default)]
@@ -310,7 +310,7 @@ impl SelectScratch {
         self.top_k_abs(g, n, job.k)
     }
 
-    /// lift::top_k_abs on the scores buffer `wr` (n values): the k largest
+    /// select::top_k_abs on the scores buffer `wr` (n values): the k largest
     /// |scores|, ties toward the smaller index, ascending.
     fn top_k_abs(&mut self, g: &Gpu, n: usize, kk: usize) -> Result<Buf<u32>> {
         g.timed("top-k", || self.top_k_abs_inner(g, n, kk))
@@ -403,7 +403,7 @@ impl SelectScratch {
                     let vecs: Vec<Vec<f64>> = problems
                         .into_par_iter()
                         .map(|p| match p {
-                            Some(e) => lift::sym_eigen_top(e.gram, e.m, e.r).1,
+                            Some(e) => select::sym_eigen_top(e.gram, e.m, e.r).1,
                             None => Vec::new(),
                         })
                         .collect();

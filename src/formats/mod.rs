@@ -5,9 +5,11 @@
 //!   safetensors.rs  Hugging Face safetensors, single or sharded
 //!   convert.rs      `lift convert`: a GGUF file or an HF directory -> model.bin
 //!   export.rs       `lift export`: model.bin -> an HF directory or a GGUF file
+//!   state.rs        state.bin, a training run's resumable state
 
 pub mod checkpoint;
 pub mod convert;
 pub mod export;
 pub mod gguf;
 pub mod safetensors;
+pub mod state;

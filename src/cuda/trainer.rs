@@ -1,7 +1,8 @@
 //! Training on the GPU: each method's optimizer state on the device, the
 //! gradient sink the backward pass feeds, and one optimizer step
-//! (`GpuTrainer`, the GPU's `Trainer`; train_cpu.rs is its CPU twin). The
-//! loop that drives it is train.rs's, the same for both devices.
+//! (`GpuTrainer`, the GPU's `Trainer`; cpu_trainer.rs is its CPU twin). The
+//! loop that drives it is train.rs's, the same for both devices; what each
+//! method trains (the mask plans, fresh adapters) is method.rs's.
 //!
 //! Memory, per method, besides the bf16 weights and the activations:
 //!   lift   k x (index u32 + m + v + f32 master + gradient accumulator f32)
@@ -25,16 +26,18 @@ use anyhow::{Context, Result, anyhow, bail};
 use half::bf16;
 
 use super::gpu::{Bf16, Buf, Dt, Gpu};
-use super::launch as k;
-use super::model::{GpuActs, GpuAdapter, GpuModel, GpuSink, matrix_id, to_bf16};
+use super::launch;
+use super::model::{GpuActs, GpuAdapter, GpuModel, GpuSink, to_bf16};
 use super::select::{Job, SelectScratch};
-use crate::data::Batch;
-use crate::lift::{self, Approx, Budget};
+use crate::data::{self, Batch};
+use crate::formats::state::{Record, StateSource};
 use crate::lora::Adapter;
-use crate::model::{Config, Linear, Model, Param, Weights};
-use crate::optim::{self, AdamW, DenseState, RefreshStats};
-use crate::state::{Kind, StateWriter, Trainable};
-use crate::train::{Method, StepStats, Svd, TrainOptions, Trainer, extra_params};
+use crate::method::{self, MaskPlan, MaskRule, Trainable, extra_params};
+use crate::model::{Config, Linear, Model, Param, Weights, matrices, matrix, matrix_id};
+use crate::optim::{self, AdamW, DenseState, RefreshStats, SparseState};
+use crate::options::{Method, TrainOptions};
+use crate::select;
+use crate::trainer::{StepStats, Trainer};
 
 /// Sparse AdamW state of one matrix (optim::SparseState, plus the f32 master
 /// values of the selected entries and their gradient accumulator).
@@ -91,101 +94,46 @@ pub enum GpuState {
     },
 }
 
-/// What to select and how (the LIFT flags of TrainOptions).
-#[derive(Clone, Copy, Debug)]
-pub struct SelectOptions {
-    pub method: Method,
-    pub budget: Budget,
-    pub filter_rank: usize,
-    pub svd: Svd,
-    pub oversample: usize,
-    pub power_iters: usize,
-    pub seed: u64,
-    /// Multiply the sketches in TF32 on the tensor cores instead of f32 on
-    /// the CUDA cores (`lift bench --sketch tf32`; gpu-check measures the
-    /// mask overlap it costs). Off for training.
-    pub sketch_tf32: bool,
-}
-
-impl SelectOptions {
-    pub fn of(o: &TrainOptions) -> SelectOptions {
-        let budget = match (o.rank, o.density) {
-            (Some(r), _) => Budget::Rank(r),
-            (None, Some(d)) => Budget::Density(d),
-            (None, None) => Budget::Density(lift::DEFAULT_DENSITY),
+/// Carries out the mask plans (method::mask_plans, with the GPU's rule for
+/// --svd auto) on the device's weights: one mask per linear matrix, in
+/// matrix_id order. The seven matrices of a layer are selected together
+/// (select.rs), and the host's eigenproblems of one layer overlap the GPU's
+/// work on the next. `tf32` multiplies the sketches in TF32 on the tensor
+/// cores (`lift bench --sketch tf32`; gpu-check measures the mask overlap it
+/// costs), off for training.
+pub fn select_masks(g: &Gpu, model: &GpuModel, plans: &[MaskPlan], tf32: bool) -> Result<Vec<Buf<u32>>> {
+    if plans.iter().all(|p| matches!(p.rule, MaskRule::Random { .. })) {
+        let masks = plans.iter().map(|p| match p.rule {
+            MaskRule::Random { seed } => g.upload(&select::random_mask(p.out * p.inp, p.k, seed)),
+            _ => unreachable!("all random"),
+        });
+        return masks.collect();
+    }
+    let mut layers: Vec<Vec<Job>> = Vec::new();
+    for p in plans {
+        let (r, how) = match p.rule {
+            MaskRule::Principal { r, approx } => (r, approx),
+            MaskRule::Magnitude => (0, select::Approx::Exact),
+            MaskRule::Random { .. } => bail!("a random mask among selected ones"),
         };
-        SelectOptions {
-            method: o.method,
-            budget,
-            filter_rank: o.filter_rank,
-            svd: o.svd,
-            oversample: o.oversample,
-            power_iters: o.power_iters,
-            seed: o.seed,
-            sketch_tf32: false,
+        if p.linear == Linear::ALL[0] {
+            layers.push(Vec::with_capacity(7));
         }
+        let job = Job { w: model.layers[p.layer].linear(p.linear), out: p.out, inp: p.inp, k: p.k, r, how };
+        layers.last_mut().expect("plans start at a layer's first matrix").push(job);
     }
-
-    /// On the GPU `auto` is the randomized path (falling back to exact when
-    /// the sketch would not be smaller than the matrix): GEMMs are cheap
-    /// there, while the exact path's eigenproblem runs on the host.
-    fn approx(&self, seed: u64) -> Approx {
-        match self.svd {
-            Svd::Exact => Approx::Exact,
-            Svd::Auto | Svd::Randomized => {
-                Approx::Randomized { oversample: self.oversample, power_iters: self.power_iters, seed }
-            }
-        }
-    }
-}
-
-/// The masks of every linear matrix of the model (matrix_id order) on the
-/// device; round 0 at the start, +1 per refresh. The seven matrices of a
-/// layer are selected together (select.rs), and the host's eigenproblems of
-/// one layer overlap the GPU's work on the next.
-pub fn select_masks(g: &Gpu, model: &GpuModel, so: &SelectOptions, round: u64) -> Result<Vec<Buf<u32>>> {
-    let c = &model.config;
-    let mut layers = Vec::with_capacity(c.n_layers);
-    let mut masks = Vec::with_capacity(c.n_layers * 7);
-    for l in 0..c.n_layers {
-        let mut jobs = Vec::with_capacity(7);
-        for w in Linear::ALL {
-            let (out, inp) = w.shape(c);
-            let kk = lift::budget_k(out, inp, so.budget).with_context(|| format!("layer {l} {w:?} ({out}x{inp})"))?;
-            let seed = so.seed ^ (round << 32) ^ matrix_id(l, w) as u64;
-            let r = match so.method {
-                Method::Lift => lift::filter_rank(out, inp, so.filter_rank)?.0,
-                Method::Magnitude => 0,
-                Method::Random => {
-                    masks.push(g.upload(&lift::random_mask(out * inp, kk, seed))?);
-                    continue;
-                }
-                _ => bail!("--method {:?} has no mask", so.method),
-            };
-            jobs.push(Job { w: model.layers[l].linear(w), out, inp, k: kk, r, how: so.approx(seed) });
-        }
-        layers.push(jobs);
-    }
-    if so.method != Method::Random {
-        let mut sc = SelectScratch::default();
-        sc.tf32 = so.sketch_tf32;
-        let batches: Vec<&[Job]> = layers.iter().map(|j| j.as_slice()).collect();
-        masks = sc.select_batches(g, &batches)?;
-    }
+    let mut sc = SelectScratch::default();
+    sc.tf32 = tf32;
+    let batches: Vec<&[Job]> = layers.iter().map(|j| j.as_slice()).collect();
+    let masks = sc.select_batches(g, &batches)?;
     g.sync()?;
     Ok(masks)
 }
 
-/// Opens the GPU for `lift train --device cuda`: the libraries, the kernels
-/// (compiled by NVRTC), then the tensor-core attention after a quick check
-/// against the plain kernels (LIFT_ATTENTION=plain skips it).
-pub fn open_gpu() -> Result<Gpu> {
-    let g = Gpu::new()?;
-    eprintln!("device: {} (sm_{}{}), kernels compiled in {:.2}s", g.name, g.cc.0, g.cc.1, g.compile_s);
-    let wanted =
-        if g.attention() == super::Attention::Plain { super::Attention::Plain } else { super::Attention::Auto };
-    super::check::choose_attention(&g, wanted)?;
-    Ok(g)
+/// The masks of round `round` of a sparse run, selected on the GPU.
+fn masks_for(g: &Gpu, model: &GpuModel, o: &TrainOptions, round: u64, tf32: bool) -> Result<Vec<Buf<u32>>> {
+    let plans = method::mask_plans(&model.config, &o.method, o.seed, round, 0)?;
+    select_masks(g, model, &plans, tf32)
 }
 
 /// Whether a model of this shape can train on the GPU.
@@ -208,8 +156,9 @@ pub struct GpuTrainer<'g> {
     /// Dense AdamW state of the norms and embeddings when trained, in the
     /// order of `extra_params`.
     pub extras: Vec<(Param, GpuDense)>,
-    pub select: SelectOptions,
     opts: TrainOptions,
+    /// Sketch products of the mask selection in TF32 (`lift bench --sketch tf32`).
+    pub sketch_tf32: bool,
     /// The f32 weights the run started from (see the module comment); None
     /// for a model made on the device (`lift bench`, `lift gpu-check`), whose
     /// masters start from the bf16 weights.
@@ -220,7 +169,7 @@ pub struct GpuTrainer<'g> {
 }
 
 /// Routes the backward pass's weight gradients into the method's
-/// accumulators (train_cpu.rs's Sink, on the GPU).
+/// accumulators (cpu_trainer.rs's Sink, on the GPU).
 struct Sink<'a> {
     state: &'a mut GpuState,
     extras: &'a mut [(Param, GpuDense)],
@@ -249,7 +198,7 @@ impl GpuSink for Sink<'_> {
                     g.gemm(true, false, oc, ic, n, 1.0, dout.ptr(), inp.ptr(), 0.0, dw.ptr(), Dt::Bf16, Dt::F32)
                 })?;
                 let s = &mut states[id];
-                g.timed("dW gather", || k::gather_add(g, &mut s.acc, dw, &s.idx, s.k))
+                g.timed("dW gather", || launch::gather_add(g, &mut s.acc, dw, &s.idx, s.k))
             }
             GpuState::Full { states } => {
                 // cpu::matmul_backward_weight: dW (OC, IC) += dout^T @ inp, in f32.
@@ -309,7 +258,7 @@ fn dense_master(g: &Gpu, reference: Option<&[f32]>, w: &Buf<Bf16>) -> Result<Buf
         Some(r) => g.upload(r),
         None => {
             let mut master = g.zeros::<f32>(w.len())?;
-            k::convert(g, "bf16_to_f32", &mut master, w, w.len())?;
+            launch::convert(g, "bf16_to_f32", &mut master, w, w.len())?;
             Ok(master)
         }
     }
@@ -324,18 +273,107 @@ fn sparse_master(g: &Gpu, reference: Option<&[f32]>, w: &Buf<Bf16>, idx: &Buf<u3
         }
         None => {
             let mut master = g.zeros::<f32>(idx.len())?;
-            k::gather_bf16(g, &mut master, w, idx, idx.len())?;
+            launch::gather_bf16(g, &mut master, w, idx, idx.len())?;
             Ok(master)
         }
     }
 }
 
+/// A fresh sparse state: the masks selected on the device, zero moments,
+/// masters from the reference (or the device's weights).
+fn fresh_sparse(g: &Gpu, model: &GpuModel, o: &TrainOptions, reference: Option<&Weights>, tf32: bool) -> Result<GpuState> {
+    let t0 = Instant::now();
+    let c = &model.config;
+    let masks = masks_for(g, model, o, 0, tf32)?;
+    let mut states = Vec::with_capacity(masks.len());
+    for (id, idx) in masks.into_iter().enumerate() {
+        let (l, w) = matrix(id);
+        let k = idx.len();
+        let master = sparse_master(g, reference.map(|r| r.layers[l].linear(w)), model.layers[l].linear(w), &idx)?;
+        states.push(GpuSparse { k, idx, m: g.zeros(k)?, v: g.zeros(k)?, master, acc: g.zeros(k)? });
+    }
+    eprintln!("{}", method::describe_masks(c, states.iter().map(|s| s.k), t0.elapsed().as_secs_f64(), " on the GPU"));
+    Ok(GpuState::Sparse { states, dw: g.zeros(largest_matrix(c))? })
+}
+
+/// A saved sparse state on the device; masters from the host weights (which hold the saved values).
+fn upload_sparse(g: &Gpu, c: &Config, saved: &[SparseState], reference: Option<&Weights>) -> Result<GpuState> {
+    let reference = reference.ok_or_else(|| anyhow!("resuming needs the host weights"))?;
+    let mut states = Vec::with_capacity(saved.len());
+    for (id, s) in saved.iter().enumerate() {
+        let (l, w) = matrix(id);
+        let w = reference.layers[l].linear(w);
+        let master: Vec<f32> = s.indices.iter().map(|&i| w[i as usize]).collect();
+        let (idx, m, v) = (g.upload(&s.indices)?, g.upload(&s.m)?, g.upload(&s.v)?);
+        states.push(GpuSparse { k: s.k(), idx, m, v, master: g.upload(&master)?, acc: g.zeros(s.k())? });
+    }
+    Ok(GpuState::Sparse { states, dw: g.zeros(largest_matrix(c))? })
+}
+
+/// Full fine-tuning's state: fresh, or the saved moments.
+fn full_state(g: &Gpu, model: &GpuModel, saved: Option<&[DenseState]>, reference: Option<&Weights>) -> Result<GpuState> {
+    let mut states = Vec::with_capacity(model.config.n_layers * 7);
+    for (id, l, w) in matrices(&model.config) {
+        let host = reference.map(|r| r.layers[l].linear(w));
+        states.push(match saved {
+            None => GpuDense::fresh(g, dense_master(g, host, model.layers[l].linear(w))?)?,
+            Some(s) => GpuDense::upload(g, &s[id], host.ok_or_else(|| anyhow!("resuming needs the host weights"))?)?,
+        });
+    }
+    Ok(GpuState::Full { states })
+}
+
+/// LoRA's state: the host's adapters (fresh ones are method::new_adapters',
+/// the CPU's too) on the device, with their moments; `rows` (B*T) sizes the
+/// sink's dout @ B scratch.
+fn lora_state(
+    g: &Gpu,
+    model: &mut GpuModel,
+    adapters: &[Adapter],
+    moments: &[(DenseState, DenseState)],
+    rows: usize,
+) -> Result<GpuState> {
+    let mut states = Vec::with_capacity(adapters.len());
+    for (ad, (sa, sb)) in adapters.iter().zip(moments) {
+        states.push((GpuDense::upload(g, sa, &ad.a)?, GpuDense::upload(g, sb, &ad.b)?));
+        let (a, b) = (g.upload(&to_bf16(&ad.a))?, g.upload(&to_bf16(&ad.b))?);
+        model.adapters.push(GpuAdapter { r: ad.r, scale: ad.scale, a, b });
+    }
+    let r = model.adapters.iter().map(|a| a.r).max().unwrap_or(1);
+    Ok(GpuState::Lora { states, dyb: g.zeros(rows * r)? })
+}
+
+/// The extra tensors' dense state (norms, embeddings): fresh, or saved.
+fn extras_state(
+    g: &Gpu,
+    model: &GpuModel,
+    o: &TrainOptions,
+    reference: Option<&Weights>,
+    saved: Option<&[DenseState]>,
+) -> Result<Vec<(Param, GpuDense)>> {
+    let mut extras = Vec::new();
+    for (i, p) in extra_params(&model.config, &o.method).into_iter().enumerate() {
+        let host = reference.map(|r| r.get(p));
+        let s = match saved {
+            None => GpuDense::fresh(g, dense_master(g, host, model.param(p))?)?,
+            Some(ex) => GpuDense::upload(g, &ex[i], host.ok_or_else(|| anyhow!("resuming needs the host weights"))?)?,
+        };
+        extras.push((p, s));
+    }
+    Ok(extras)
+}
+
 impl<'g> GpuTrainer<'g> {
-    /// Sets up a fresh run of `method` on a model made on the device
-    /// (benchmarks, checks), with activations for batches of up to (b, t).
-    /// LIFT's masks are selected here.
+    /// Sets up a fresh run on a model made on the device (benchmarks,
+    /// checks), with activations for batches of up to (b, t). The masks of
+    /// a sparse method are selected here.
     pub fn new(g: &'g Gpu, model: GpuModel, o: &TrainOptions, b: usize, t: usize) -> Result<GpuTrainer<'g>> {
-        GpuTrainer::build(g, model, o, b, t, None, None)
+        GpuTrainer::build(g, model, o, b, t, None, None, false)
+    }
+
+    /// Like `new`, with the mask selection's sketches in TF32 or not.
+    pub fn with_sketch(g: &'g Gpu, model: GpuModel, o: &TrainOptions, b: usize, t: usize, tf32: bool) -> Result<GpuTrainer<'g>> {
+        GpuTrainer::build(g, model, o, b, t, None, None, tf32)
     }
 
     /// `lift train`'s trainer: uploads the host model (whose weights become
@@ -347,12 +385,13 @@ impl<'g> GpuTrainer<'g> {
         o: &TrainOptions,
         b: usize,
         t: usize,
-        state: Option<(Trainable, Vec<DenseState>)>,
+        saved: Option<(Trainable, Vec<DenseState>)>,
     ) -> Result<GpuTrainer<'g>> {
         let gm = GpuModel::upload(g, &model, t)?;
-        GpuTrainer::build(g, gm, o, b, t, Some(model.weights), state)
+        GpuTrainer::build(g, gm, o, b, t, Some(model.weights), saved, false)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn build(
         g: &'g Gpu,
         mut model: GpuModel,
@@ -361,120 +400,41 @@ impl<'g> GpuTrainer<'g> {
         t: usize,
         reference: Option<Weights>,
         saved: Option<(Trainable, Vec<DenseState>)>,
+        sketch_tf32: bool,
     ) -> Result<GpuTrainer<'g>> {
-        let c = model.config.clone();
-        let so = SelectOptions::of(o);
         let t0 = Instant::now();
-        let reference_of = |id: usize| reference.as_ref().map(|r| r.layers[id / 7].linear(Linear::ALL[id % 7]));
         let (saved, saved_extras) = match saved {
             Some((tr, ex)) => (Some(tr), Some(ex)),
             None => (None, None),
         };
-        let state = match (o.method, saved) {
-            (Method::Lift | Method::Magnitude | Method::Random, None) => {
-                let masks = select_masks(g, &model, &so, 0)?;
-                let mut states = Vec::with_capacity(masks.len());
-                for (id, idx) in masks.into_iter().enumerate() {
-                    let kk = idx.len();
-                    let w = model.layers[id / 7].linear(Linear::ALL[id % 7]);
-                    let master = sparse_master(g, reference_of(id), w, &idx)?;
-                    states.push(GpuSparse { k: kk, idx, m: g.zeros(kk)?, v: g.zeros(kk)?, master, acc: g.zeros(kk)? });
-                }
-                let k_sum: usize = states.iter().map(|s| s.k).sum();
-                let n: usize = Linear::ALL.iter().map(|w| w.shape(&c).0 * w.shape(&c).1).sum::<usize>() * c.n_layers;
-                eprintln!(
-                    "masks: {} matrices, {k_sum} of {n} entries selected ({:.2}%), {:.2}s on the GPU",
-                    states.len(),
-                    100.0 * k_sum as f64 / n as f64,
-                    t0.elapsed().as_secs_f64()
-                );
-                GpuState::Sparse { states, dw: g.zeros(largest_matrix(&c))? }
+        let r = reference.as_ref();
+        let state = match (o.method.kind, saved) {
+            (m, None) if m.is_sparse() => fresh_sparse(g, &model, o, r, sketch_tf32)?,
+            (m, Some(Trainable::Sparse { states })) if m.is_sparse() => upload_sparse(g, &model.config, &states, r)?,
+            (Method::Full, None) => full_state(g, &model, None, r)?,
+            (Method::Full, Some(Trainable::Full { states })) => full_state(g, &model, Some(&states), r)?,
+            (Method::Lora, None) => {
+                let (adapters, moments) = method::new_adapters(&model.config, &o.method, o.seed);
+                lora_state(g, &mut model, &adapters, &moments, b * t)?
             }
-            (Method::Lift | Method::Magnitude | Method::Random, Some(Trainable::Sparse { states: saved })) => {
-                let reference = reference.as_ref().ok_or_else(|| anyhow!("resuming needs the host weights"))?;
-                let mut states = Vec::with_capacity(saved.len());
-                for (id, s) in saved.iter().enumerate() {
-                    let w = reference.layers[id / 7].linear(Linear::ALL[id % 7]);
-                    let master: Vec<f32> = s.indices.iter().map(|&i| w[i as usize]).collect();
-                    states.push(GpuSparse {
-                        k: s.k(),
-                        idx: g.upload(&s.indices)?,
-                        m: g.upload(&s.m)?,
-                        v: g.upload(&s.v)?,
-                        master: g.upload(&master)?,
-                        acc: g.zeros(s.k())?,
-                    });
-                }
-                GpuState::Sparse { states, dw: g.zeros(largest_matrix(&c))? }
+            (Method::Lora, Some(Trainable::Lora { adapters, states })) => {
+                lora_state(g, &mut model, &adapters, &states, b * t)?
             }
-            (Method::Full, saved) => {
-                let saved = match saved {
-                    Some(Trainable::Full { states }) => Some(states),
-                    None => None,
-                    Some(_) => bail!("the saved state is not --method full's"),
-                };
-                let mut states = Vec::with_capacity(c.n_layers * 7);
-                for id in 0..c.n_layers * 7 {
-                    let w = model.layers[id / 7].linear(Linear::ALL[id % 7]);
-                    states.push(match &saved {
-                        None => GpuDense::fresh(g, dense_master(g, reference_of(id), w)?)?,
-                        Some(s) => {
-                            let r = reference_of(id).ok_or_else(|| anyhow!("resuming needs the host weights"))?;
-                            GpuDense::upload(g, &s[id], r)?
-                        }
-                    });
-                }
-                GpuState::Full { states }
-            }
-            (Method::Lora, saved) => {
-                if o.lora_rank == 0 {
-                    bail!("--lora-rank must be at least 1");
-                }
-                // The same adapters as the CPU's (A uniform, B = 0, from the seed's stream 7).
-                let (adapters, moments) = match saved {
-                    Some(Trainable::Lora { adapters, states }) => (adapters, states),
-                    None => crate::train_cpu::new_adapters(&c, o),
-                    Some(_) => bail!("the saved state is not --method lora's"),
-                };
-                let mut states = Vec::with_capacity(adapters.len());
-                for (ad, (sa, sb)) in adapters.iter().zip(&moments) {
-                    states.push((GpuDense::upload(g, sa, &ad.a)?, GpuDense::upload(g, sb, &ad.b)?));
-                    model.adapters.push(GpuAdapter {
-                        r: ad.r,
-                        scale: ad.scale,
-                        a: g.upload(&to_bf16(&ad.a))?,
-                        b: g.upload(&to_bf16(&ad.b))?,
-                    });
-                }
-                let r = model.adapters.iter().map(|a| a.r).max().unwrap_or(1);
-                GpuState::Lora { states, dyb: g.zeros(b * t * r)? }
-            }
-            (m, Some(_)) => bail!("the saved state is not --method {m:?}'s"),
+            (m, _) => bail!("the saved state is not --method {m:?}'s"),
         };
-        let mut extras = Vec::new();
-        for (i, p) in extra_params(&c, o).into_iter().enumerate() {
-            let reference = reference.as_ref().map(|r| r.get(p));
-            let s = match &saved_extras {
-                None => GpuDense::fresh(g, dense_master(g, reference, model.param(p))?)?,
-                Some(ex) => {
-                    let r = reference.ok_or_else(|| anyhow!("resuming needs the host weights"))?;
-                    GpuDense::upload(g, &ex[i], r)?
-                }
-            };
-            extras.push((p, s));
-        }
+        let extras = extras_state(g, &model, o, r, saved_extras.as_deref())?;
         g.sync()?;
-        let mask_s = if o.method.is_sparse() { t0.elapsed().as_secs_f64() } else { 0.0 };
-        let lora_r = if o.method == Method::Lora { model.adapters.iter().map(|a| a.r).max().unwrap_or(0) } else { 0 };
-        let acts = GpuActs::new(g, &c, b, t, lora_r, o.recompute)?;
+        let mask_s = if o.method.kind.is_sparse() { t0.elapsed().as_secs_f64() } else { 0.0 };
+        let lora_r = model.adapters.iter().map(|a| a.r).max().unwrap_or(0);
+        let acts = GpuActs::new(g, &model.config, b, t, lora_r, o.recompute)?;
         let n_tensors = extras.len()
             + match &state {
                 GpuState::Sparse { states, .. } => states.len(),
                 GpuState::Full { states } => states.len(),
                 GpuState::Lora { states, .. } => 2 * states.len(),
             };
-        let partial = g.zeros(n_tensors * k::SUMSQ_BLOCKS)?;
-        Ok(GpuTrainer { g, model, acts, state, extras, select: so, opts: o.clone(), reference, partial, mask_s })
+        let partial = g.zeros(n_tensors * launch::SUMSQ_BLOCKS)?;
+        Ok(GpuTrainer { g, model, acts, state, extras, opts: o.clone(), sketch_tf32, reference, partial, mask_s })
     }
 
     /// Zeroes the gradient accumulators.
@@ -513,8 +473,8 @@ impl<'g> GpuTrainer<'g> {
         let mut off = 0;
         let partial = &mut self.partial;
         let mut add = |buf: &Buf<f32>, n: usize| -> Result<()> {
-            g.timed("grad norm", || k::sum_squares(g, partial, off, buf, n))?;
-            off += k::SUMSQ_BLOCKS;
+            g.timed("grad norm", || launch::sum_squares(g, partial, off, buf, n))?;
+            off += launch::SUMSQ_BLOCKS;
             Ok(())
         };
         match &self.state {
@@ -548,33 +508,35 @@ impl<'g> GpuTrainer<'g> {
         match &mut self.state {
             GpuState::Sparse { states, .. } => {
                 for (id, s) in states.iter_mut().enumerate() {
-                    let w = self.model.layers[id / 7].linear_mut(Linear::ALL[id % 7]);
+                    let (l, which) = matrix(id);
+                    let w = self.model.layers[l].linear_mut(which);
                     let n = w.len();
                     g.timed("adamw", || {
-                        k::sparse_adamw(g, w, n, &s.idx, &mut s.m, &mut s.v, &mut s.master, &s.acc, s.k, gscale, opt, t)
+                        launch::sparse_adamw(g, w, n, &s.idx, &mut s.m, &mut s.v, &mut s.master, &s.acc, s.k, gscale, opt, t)
                     })?;
                 }
             }
             GpuState::Full { states } => {
                 for (id, s) in states.iter_mut().enumerate() {
-                    let w = self.model.layers[id / 7].linear_mut(Linear::ALL[id % 7]);
+                    let (l, which) = matrix(id);
+                    let w = self.model.layers[l].linear_mut(which);
                     g.timed("adamw", || {
-                        k::adamw(g, w, &mut s.m, &mut s.v, &mut s.master, &s.grad, s.n, gscale, opt, t)
+                        launch::adamw(g, w, &mut s.m, &mut s.v, &mut s.master, &s.grad, s.n, gscale, opt, t)
                     })?;
                 }
             }
             GpuState::Lora { states, .. } => {
                 for (ad, (sa, sb)) in self.model.adapters.iter_mut().zip(states.iter_mut()) {
                     g.timed("adamw", || {
-                        k::adamw(g, &mut ad.a, &mut sa.m, &mut sa.v, &mut sa.master, &sa.grad, sa.n, gscale, opt, t)?;
-                        k::adamw(g, &mut ad.b, &mut sb.m, &mut sb.v, &mut sb.master, &sb.grad, sb.n, gscale, opt, t)
+                        launch::adamw(g, &mut ad.a, &mut sa.m, &mut sa.v, &mut sa.master, &sa.grad, sa.n, gscale, opt, t)?;
+                        launch::adamw(g, &mut ad.b, &mut sb.m, &mut sb.v, &mut sb.master, &sb.grad, sb.n, gscale, opt, t)
                     })?;
                 }
             }
         }
         for (p, s) in self.extras.iter_mut() {
             let w = self.model.param_mut(*p);
-            g.timed("adamw", || k::adamw(g, w, &mut s.m, &mut s.v, &mut s.master, &s.grad, s.n, gscale, opt, t))?;
+            g.timed("adamw", || launch::adamw(g, w, &mut s.m, &mut s.v, &mut s.master, &s.grad, s.n, gscale, opt, t))?;
         }
         g.sync()?;
         Ok((sum_sq.sqrt(), t0.elapsed().as_secs_f64() * 1e3))
@@ -592,7 +554,7 @@ impl<'g> GpuTrainer<'g> {
     fn adapter(&self, id: usize) -> Result<Adapter> {
         let GpuState::Lora { states, .. } = &self.state else { bail!("not a LoRA run") };
         let (sa, sb) = &states[id];
-        let (oc, ic) = Linear::ALL[id % 7].shape(&self.model.config);
+        let (oc, ic) = matrix(id).1.shape(&self.model.config);
         let ad = &self.model.adapters[id];
         let (a, b) = (self.g.download(&sa.master, sa.n)?, self.g.download(&sb.master, sb.n)?);
         Ok(Adapter { r: ad.r, oc, ic, scale: ad.scale, a, b })
@@ -636,7 +598,7 @@ impl Trainer for GpuTrainer<'_> {
             st.backward_ms += bw;
             st.tokens += b.tokens.len();
         }
-        let opt = AdamW { lr, ..self.opts.adamw() };
+        let opt = self.opts.adamw(lr);
         let (grad_norm, ms) = self.update(&opt, t, self.opts.grad_clip, batches.len().max(1))?;
         st.optimizer_ms = ms;
         st.grad_norm = grad_norm;
@@ -646,100 +608,89 @@ impl Trainer for GpuTrainer<'_> {
 
     /// New masks from the current weights; entries selected before and
     /// after keep m, v and their master value, new ones start from zero
-    /// state and their current (bf16) weight. The merge of the two ascending
-    /// index lists is optim::SparseState::refresh's, on the host (every
-    /// --update-interval steps, so its cost is amortized).
+    /// state and their current (bf16) weight. The pairing is
+    /// optim::refresh_pairs, on the host (every --update-interval steps, so
+    /// its cost is amortized).
     fn refresh_masks(&mut self, round: u64) -> Result<RefreshStats> {
         let g = self.g;
         let t0 = Instant::now();
         let GpuState::Sparse { states, .. } = &mut self.state else { return Ok(RefreshStats::default()) };
-        let masks = select_masks(g, &self.model, &self.select, round)?;
+        let masks = masks_for(g, &self.model, &self.opts, round, self.sketch_tf32)?;
         let mut stats = RefreshStats::default();
         for (id, (s, new_idx)) in states.iter_mut().zip(masks).enumerate() {
             let (old_idx, old_m, old_v, old_master) =
                 (g.download(&s.idx, s.k)?, g.download(&s.m, s.k)?, g.download(&s.v, s.k)?, g.download(&s.master, s.k)?);
-            let kk = new_idx.len();
-            let idx = g.download(&new_idx, kk)?;
-            let w = self.model.layers[id / 7].linear(Linear::ALL[id % 7]);
-            let mut cur = g.zeros::<f32>(kk)?;
-            k::gather_bf16(g, &mut cur, w, &new_idx, kk)?;
-            let mut master = g.download(&cur, kk)?;
-            let (mut m, mut v) = (vec![0.0f32; kk], vec![0.0f32; kk]);
-            let mut i = 0;
-            for (j, &x) in idx.iter().enumerate() {
-                while i < old_idx.len() && old_idx[i] < x {
-                    i += 1;
-                }
-                if i < old_idx.len() && old_idx[i] == x {
-                    m[j] = old_m[i];
-                    v[j] = old_v[i];
-                    master[j] = old_master[i];
+            let k = new_idx.len();
+            let idx = g.download(&new_idx, k)?;
+            let (l, which) = matrix(id);
+            let mut cur = g.zeros::<f32>(k)?;
+            launch::gather_bf16(g, &mut cur, self.model.layers[l].linear(which), &new_idx, k)?;
+            let mut master = g.download(&cur, k)?;
+            let (mut m, mut v) = (vec![0.0f32; k], vec![0.0f32; k]);
+            for (j, old) in optim::refresh_pairs(&old_idx, &idx).into_iter().enumerate() {
+                if let Some(i) = old {
+                    (m[j], v[j], master[j]) = (old_m[i], old_v[i], old_master[i]);
                     stats.kept += 1;
                 }
             }
-            stats.total += kk;
-            *s = GpuSparse {
-                k: kk,
-                idx: new_idx,
-                m: g.upload(&m)?,
-                v: g.upload(&v)?,
-                master: g.upload(&master)?,
-                acc: g.zeros(kk)?,
-            };
+            stats.total += k;
+            let (m, v, master, acc) = (g.upload(&m)?, g.upload(&v)?, g.upload(&master)?, g.zeros(k)?);
+            *s = GpuSparse { k, idx: new_idx, m, v, master, acc };
         }
         self.mask_s += t0.elapsed().as_secs_f64();
         Ok(stats)
     }
 
     fn eval_loss(&mut self, batches: &[Batch]) -> Result<f32> {
-        let (mut sum, mut n) = (0.0f64, 0usize);
+        let mut parts = Vec::with_capacity(batches.len());
         for b in batches {
             self.acts.set_shape(b.b, b.t)?;
-            let l = self.model.forward(self.g, &mut self.acts, &b.tokens, Some(&b.targets))?;
-            sum += l as f64 * b.n_loss as f64;
-            n += b.n_loss;
+            parts.push((self.model.forward(self.g, &mut self.acts, &b.tokens, Some(&b.targets))?, b.n_loss));
         }
-        Ok(if n == 0 { f32::NAN } else { (sum / n as f64) as f32 })
+        Ok(data::mean_loss(parts))
     }
 
-    /// The same file as the CPU's: the trained tensors in f32 (see `tensor`),
-    /// the masks and moments, the adapters' f32 masters.
-    fn write_state(&self, w: &mut StateWriter) -> Result<()> {
-        let g = self.g;
-        let c = &self.model.config;
-        let extra: Vec<Param> = self.extras.iter().map(|(p, _)| *p).collect();
-        for p in crate::state::saved_tensors(c, self.opts.method, &extra) {
-            w.f32s(&self.tensor(p)?)?;
-        }
+    fn trainable_count(&self) -> usize {
         match &self.state {
+            GpuState::Sparse { states, .. } => states.iter().map(|s| s.k).sum(),
+            GpuState::Full { states } => states.iter().map(|s| s.n).sum(),
+            GpuState::Lora { states, .. } => states.iter().map(|(a, b)| a.n + b.n).sum(),
+        }
+    }
+    /// Indices, moments and f32 masters (and LoRA's bf16 adapter copies).
+    fn state_bytes(&self) -> usize {
+        let dense = |s: &GpuDense| s.m.bytes() + s.v.bytes() + s.master.bytes();
+        let method = match &self.state {
             GpuState::Sparse { states, .. } => {
-                w.begin(Kind::Sparse, states.len())?;
-                for s in states {
-                    w.sparse(&g.download(&s.idx, s.k)?, &g.download(&s.m, s.k)?, &g.download(&s.v, s.k)?)?;
-                }
+                states.iter().map(|s| s.idx.bytes() + s.m.bytes() + s.v.bytes() + s.master.bytes()).sum()
             }
-            GpuState::Full { states } => {
-                w.begin(Kind::Full, states.len())?;
-                for s in states {
-                    w.dense(&g.download(&s.m, s.n)?, &g.download(&s.v, s.n)?)?;
-                }
-            }
+            GpuState::Full { states } => states.iter().map(dense).sum(),
             GpuState::Lora { states, .. } => {
-                w.begin(Kind::Lora, states.len())?;
-                for (id, (sa, sb)) in states.iter().enumerate() {
-                    w.adapter(&self.adapter(id)?)?;
-                    w.dense(&g.download(&sa.m, sa.n)?, &g.download(&sa.v, sa.n)?)?;
-                    w.dense(&g.download(&sb.m, sb.n)?, &g.download(&sb.v, sb.n)?)?;
-                }
+                states.iter().map(|(a, b)| dense(a) + dense(b)).sum::<usize>()
+                    + self.model.adapters.iter().map(|a| a.a.bytes() + a.b.bytes()).sum::<usize>()
             }
-        }
-        w.extras(self.extras.len())?;
-        for (_, s) in &self.extras {
-            w.dense(&g.download(&s.m, s.n)?, &g.download(&s.v, s.n)?)?;
-        }
-        Ok(())
+        };
+        method + self.extras.iter().map(|(_, s)| dense(s)).sum::<usize>()
     }
 
+    /// Accumulators, the sparse dW scratch, LoRA's dout @ B.
+    fn grad_bytes(&self) -> usize {
+        let method = match &self.state {
+            GpuState::Sparse { states, dw } => states.iter().map(|s| s.acc.bytes()).sum::<usize>() + dw.bytes(),
+            GpuState::Full { states } => states.iter().map(|s| s.grad.bytes()).sum(),
+            GpuState::Lora { states, dyb } => {
+                states.iter().map(|(a, b)| a.grad.bytes() + b.grad.bytes()).sum::<usize>() + dyb.bytes()
+            }
+        };
+        method + self.extras.iter().map(|(_, s)| s.grad.bytes()).sum::<usize>()
+    }
+
+    fn device_peak_bytes(&self) -> Option<u64> {
+        Some(super::gpu::mem_peak() as u64)
+    }
+}
+
+impl StateSource for GpuTrainer<'_> {
     /// Extras: their f32 masters. Linear weights: the current values (see
     /// `current`) with the selected entries' masters over them (sparse), the
     /// masters (full), or base + (alpha / r) B A from the f32 masters of A
@@ -773,43 +724,27 @@ impl Trainer for GpuTrainer<'_> {
         }))
     }
 
-    fn trainable_count(&self) -> usize {
-        match &self.state {
-            GpuState::Sparse { states, .. } => states.iter().map(|s| s.k).sum(),
-            GpuState::Full { states } => states.iter().map(|s| s.n).sum(),
-            GpuState::Lora { states, .. } => states.iter().map(|(a, b)| a.n + b.n).sum(),
-        }
-    }
 
-    /// Indices, moments and f32 masters (and LoRA's bf16 adapter copies).
-    fn state_bytes(&self) -> usize {
-        let dense = |s: &GpuDense| s.m.bytes() + s.v.bytes() + s.master.bytes();
-        let method = match &self.state {
+    /// The masks and moments, or the adapters' f32 masters and moments, downloaded.
+    fn record(&self, id: usize) -> Result<Record<'_>> {
+        let g = self.g;
+        let dense = |s: &GpuDense| -> Result<DenseState> { Ok(DenseState { m: g.download(&s.m, s.n)?, v: g.download(&s.v, s.n)? }) };
+        Ok(match &self.state {
             GpuState::Sparse { states, .. } => {
-                states.iter().map(|s| s.idx.bytes() + s.m.bytes() + s.v.bytes() + s.master.bytes()).sum()
+                let s = &states[id];
+                let (indices, m, v) = (g.download(&s.idx, s.k)?, g.download(&s.m, s.k)?, g.download(&s.v, s.k)?);
+                Record::Sparse(Cow::Owned(SparseState { indices, m, v }))
             }
-            GpuState::Full { states } => states.iter().map(dense).sum(),
+            GpuState::Full { states } => Record::Full(Cow::Owned(dense(&states[id])?)),
             GpuState::Lora { states, .. } => {
-                states.iter().map(|(a, b)| dense(a) + dense(b)).sum::<usize>()
-                    + self.model.adapters.iter().map(|a| a.a.bytes() + a.b.bytes()).sum::<usize>()
+                let (sa, sb) = &states[id];
+                Record::Lora(Cow::Owned(self.adapter(id)?), Cow::Owned(dense(sa)?), Cow::Owned(dense(sb)?))
             }
-        };
-        method + self.extras.iter().map(|(_, s)| dense(s)).sum::<usize>()
+        })
     }
 
-    /// Accumulators, the sparse dW scratch, LoRA's dout @ B.
-    fn grad_bytes(&self) -> usize {
-        let method = match &self.state {
-            GpuState::Sparse { states, dw } => states.iter().map(|s| s.acc.bytes()).sum::<usize>() + dw.bytes(),
-            GpuState::Full { states } => states.iter().map(|s| s.grad.bytes()).sum(),
-            GpuState::Lora { states, dyb } => {
-                states.iter().map(|(a, b)| a.grad.bytes() + b.grad.bytes()).sum::<usize>() + dyb.bytes()
-            }
-        };
-        method + self.extras.iter().map(|(_, s)| s.grad.bytes()).sum::<usize>()
-    }
-
-    fn device_peak_bytes(&self) -> Option<u64> {
-        Some(super::gpu::mem_peak() as u64)
+    fn extra(&self, i: usize) -> Result<Cow<'_, DenseState>> {
+        let s = &self.extras[i].1;
+        Ok(Cow::Owned(DenseState { m: self.g.download(&s.m, s.n)?, v: self.g.download(&s.v, s.n)? }))
     }
 }

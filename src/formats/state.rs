@@ -18,7 +18,10 @@
 //!
 //! A sparse method saves every linear weight whole (f32), a LoRA run none
 //! (its frozen base is the checkpoint's, its adapters are in the records).
+//! Trainers hand their state over through `StateSource`, so one writer
+//! serves both devices.
 
+use std::borrow::Cow;
 use std::io::Write;
 use std::path::Path;
 
@@ -27,69 +30,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::formats::checkpoint;
 use crate::lora::Adapter;
-use crate::model::{Config, Linear, Param, Weights};
+use crate::method::{Trainable, extra_params};
+use crate::model::{Config, Param, Weights, matrices, matrix};
 use crate::optim::{DenseState, SparseState};
-use crate::train::{Method, TrainOptions};
-
-/// A method's trainable state on the host: what the CPU trains with, what
-/// the GPU uploads when it resumes, and what state.bin stores.
-pub enum Trainable {
-    /// lift / magnitude / random: one SparseState per linear matrix (L*7).
-    Sparse { states: Vec<SparseState> },
-    /// full: one DenseState per linear matrix (L*7).
-    Full { states: Vec<DenseState> },
-    /// lora: one adapter per linear matrix and the AdamW state of its A and B.
-    Lora { adapters: Vec<Adapter>, states: Vec<(DenseState, DenseState)> },
-}
-
-impl Trainable {
-    /// Bytes of optimizer state (LoRA's adapters count as state: they are what is trained).
-    pub fn state_bytes(&self) -> usize {
-        match self {
-            Trainable::Sparse { states } => states.iter().map(SparseState::bytes).sum(),
-            Trainable::Full { states } => states.iter().map(DenseState::bytes).sum(),
-            Trainable::Lora { adapters, states } => {
-                states.iter().map(|(a, b)| a.bytes() + b.bytes()).sum::<usize>()
-                    + adapters.iter().map(|a| 4 * (a.a.len() + a.b.len())).sum::<usize>()
-            }
-        }
-    }
-
-    pub fn trainable_count(&self) -> usize {
-        match self {
-            Trainable::Sparse { states } => states.iter().map(SparseState::k).sum(),
-            Trainable::Full { states } => states.iter().map(|s| s.m.len()).sum(),
-            Trainable::Lora { adapters, .. } => adapters.iter().map(|a| a.a.len() + a.b.len()).sum(),
-        }
-    }
-
-    /// Writes the optimizer records (everything after the tensors but the extras).
-    pub fn write(&self, w: &mut StateWriter) -> Result<()> {
-        match self {
-            Trainable::Sparse { states } => {
-                w.begin(Kind::Sparse, states.len())?;
-                for s in states {
-                    w.sparse(&s.indices, &s.m, &s.v)?;
-                }
-            }
-            Trainable::Full { states } => {
-                w.begin(Kind::Full, states.len())?;
-                for s in states {
-                    w.dense(&s.m, &s.v)?;
-                }
-            }
-            Trainable::Lora { adapters, states } => {
-                w.begin(Kind::Lora, adapters.len())?;
-                for (ad, (sa, sb)) in adapters.iter().zip(states) {
-                    w.adapter(ad)?;
-                    w.dense(&sa.m, &sa.v)?;
-                    w.dense(&sb.m, &sb.v)?;
-                }
-            }
-        }
-        Ok(())
-    }
-}
+use crate::options::{Method, TrainOptions};
 
 /// What state.bin holds besides the arrays: where the run stands.
 #[derive(Serialize, Deserialize)]
@@ -107,89 +51,122 @@ pub struct StateHeader {
 pub fn saved_tensors(c: &Config, method: Method, extras: &[Param]) -> Vec<Param> {
     let mut v: Vec<Param> = match method {
         Method::Lora => Vec::new(),
-        _ => (0..c.n_layers).flat_map(|l| Linear::ALL.map(|w| Param::Linear(l, w))).collect(),
+        _ => matrices(c).map(|(_, l, w)| Param::Linear(l, w)).collect(),
     };
     v.extend_from_slice(extras);
     v
 }
 
-/// The kind byte of the optimizer records.
-#[derive(Clone, Copy)]
-pub enum Kind {
-    Sparse = 0,
-    Full = 1,
-    Lora = 2,
+/// One linear matrix's optimizer record, borrowed from a host trainer or
+/// owned after a download from the device.
+pub enum Record<'a> {
+    Sparse(Cow<'a, SparseState>),
+    Full(Cow<'a, DenseState>),
+    /// The adapter (its A and B values) and the AdamW state of A and of B.
+    Lora(Cow<'a, Adapter>, Cow<'a, DenseState>, Cow<'a, DenseState>),
 }
 
-/// Writes the arrays of state.bin in its layout, one record at a time, so a
-/// trainer can hand over its state piece by piece (the GPU downloads one
-/// tensor at a time).
-pub struct StateWriter {
+/// What a trainer hands to state.bin, piece by piece (the GPU downloads one
+/// tensor or record at a time).
+pub trait StateSource {
+    /// One tensor's current f32 values (what model.bin would get).
+    fn tensor(&self, p: Param) -> Result<Cow<'_, [f32]>>;
+    /// The optimizer record of linear matrix `id`.
+    fn record(&self, id: usize) -> Result<Record<'_>>;
+    /// The AdamW state of extra tensor `i` (in `extra_params` order).
+    fn extra(&self, i: usize) -> Result<Cow<'_, DenseState>>;
+}
+
+/// The kind byte of the optimizer records.
+fn kind_byte(method: Method) -> u8 {
+    match method {
+        Method::Lift | Method::Magnitude | Method::Random => 0,
+        Method::Full => 1,
+        Method::Lora => 2,
+    }
+}
+
+/// Little-endian arrays into a buffered file.
+struct Writer {
     w: std::io::BufWriter<std::fs::File>,
 }
 
-impl StateWriter {
-    pub fn f32s(&mut self, xs: &[f32]) -> Result<()> {
-        let bytes: Vec<u8> = xs.iter().flat_map(|v| v.to_le_bytes()).collect();
-        self.w.write_all(&bytes)?;
+impl Writer {
+    fn bytes(&mut self, b: &[u8]) -> Result<()> {
+        self.w.write_all(b)?;
         Ok(())
     }
-
     fn len(&mut self, n: usize) -> Result<()> {
-        self.w.write_all(&(n as u64).to_le_bytes())?;
-        Ok(())
+        self.bytes(&(n as u64).to_le_bytes())
     }
-
-    /// The kind byte and the record count (one record per linear weight).
-    pub fn begin(&mut self, kind: Kind, count: usize) -> Result<()> {
-        self.w.write_all(&[kind as u8])?;
-        self.len(count)
+    fn f32s(&mut self, xs: &[f32]) -> Result<()> {
+        self.bytes(&xs.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>())
     }
-
-    /// A sparse record: the selected indices (k), then m and v (k each).
-    pub fn sparse(&mut self, indices: &[u32], m: &[f32], v: &[f32]) -> Result<()> {
-        self.len(indices.len())?;
-        self.w.write_all(&indices.iter().flat_map(|i| i.to_le_bytes()).collect::<Vec<u8>>())?;
-        self.f32s(m)?;
-        self.f32s(v)
+    fn dense(&mut self, s: &DenseState) -> Result<()> {
+        self.len(s.m.len())?;
+        self.f32s(&s.m)?;
+        self.f32s(&s.v)
     }
-
-    /// A dense record: m and v of one tensor.
-    pub fn dense(&mut self, m: &[f32], v: &[f32]) -> Result<()> {
-        self.len(m.len())?;
-        self.f32s(m)?;
-        self.f32s(v)
-    }
-
-    /// An adapter (its A and B states follow as dense records).
-    pub fn adapter(&mut self, ad: &Adapter) -> Result<()> {
-        for n in [ad.r, ad.oc, ad.ic] {
-            self.len(n)?;
+    fn record(&mut self, r: &Record) -> Result<()> {
+        match r {
+            Record::Sparse(s) => {
+                self.len(s.indices.len())?;
+                self.bytes(&s.indices.iter().flat_map(|i| i.to_le_bytes()).collect::<Vec<u8>>())?;
+                self.f32s(&s.m)?;
+                self.f32s(&s.v)
+            }
+            Record::Full(s) => self.dense(s),
+            Record::Lora(ad, sa, sb) => {
+                for n in [ad.r, ad.oc, ad.ic] {
+                    self.len(n)?;
+                }
+                self.f32s(&[ad.scale])?;
+                self.f32s(&ad.a)?;
+                self.f32s(&ad.b)?;
+                self.dense(sa)?;
+                self.dense(sb)
+            }
         }
-        self.f32s(&[ad.scale])?;
-        self.f32s(&ad.a)?;
-        self.f32s(&ad.b)
-    }
-
-    /// The count of extra dense records that follow.
-    pub fn extras(&mut self, count: usize) -> Result<()> {
-        self.len(count)
     }
 }
 
-/// Writes DIR/state.bin atomically: the header, then whatever `body` writes
-/// (the tensors the header names, the optimizer records, the extras).
-pub fn save(dir: &Path, header: &StateHeader, body: impl FnOnce(&mut StateWriter) -> Result<()>) -> Result<()> {
+/// The optimizer record of matrix `id` of a host state.
+pub fn record_of(t: &Trainable, id: usize) -> Record<'_> {
+    match t {
+        Trainable::Sparse { states } => Record::Sparse(Cow::Borrowed(&states[id])),
+        Trainable::Full { states } => Record::Full(Cow::Borrowed(&states[id])),
+        Trainable::Lora { adapters, states } => {
+            Record::Lora(Cow::Borrowed(&adapters[id]), Cow::Borrowed(&states[id].0), Cow::Borrowed(&states[id].1))
+        }
+    }
+}
+
+/// Writes DIR/state.bin atomically: the header, the tensors it names, one
+/// optimizer record per linear matrix, the extras' states.
+pub fn save(dir: &Path, c: &Config, header: &StateHeader, src: &dyn StateSource) -> Result<()> {
     let path = dir.join("state.bin");
     let tmp = checkpoint::tmp_path(&path);
+    let o = &header.options;
     let result = (|| -> Result<()> {
         let f = std::fs::File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
-        let mut w = StateWriter { w: std::io::BufWriter::with_capacity(1 << 20, f) };
+        let mut w = Writer { w: std::io::BufWriter::with_capacity(1 << 20, f) };
         let head = serde_json::to_vec(header)?;
-        w.w.write_all(b"LIFTSTAT")?;
+        w.bytes(b"LIFTSTAT")?;
         w.len(head.len())?;
-        w.w.write_all(&head)?;
-        body(&mut w)?;
+        w.bytes(&head)?;
+        for p in saved_tensors(c, o.method.kind, &extra_params(c, &o.method)) {
+            w.f32s(&src.tensor(p)?)?;
+        }
+        w.bytes(&[kind_byte(o.method.kind)])?;
+        w.len(c.n_layers * 7)?;
+        for (id, _, _) in matrices(c) {
+            w.record(&src.record(id)?)?;
+        }
+        let n_extra = extra_params(c, &o.method).len();
+        w.len(n_extra)?;
+        for i in 0..n_extra {
+            w.dense(&src.extra(i)?)?;
+        }
         w.w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
         Ok(())
     })();
@@ -250,7 +227,7 @@ fn read_optimizer(r: &mut Reader, c: &Config) -> Result<(Trainable, Vec<DenseSta
     if count != c.n_layers * 7 {
         bail!("optimizer state for {count} linear weights, the model has {}", c.n_layers * 7);
     }
-    let size = |id: usize| Linear::ALL[id % 7].shape(c);
+    let size = |id: usize| matrix(id).1.shape(c);
     let trainable = match kind {
         0 => {
             let mut states = Vec::with_capacity(count);
@@ -260,6 +237,9 @@ fn read_optimizer(r: &mut Reader, c: &Config) -> Result<(Trainable, Vec<DenseSta
                 let (out, inp) = size(id);
                 if indices.iter().any(|&i| i as usize >= out * inp) {
                     bail!("mask {id} has an index beyond its {out}x{inp} weight");
+                }
+                if indices.windows(2).any(|p| p[0] >= p[1]) {
+                    bail!("mask {id}: the indices are not ascending and unique");
                 }
                 states.push(SparseState { indices, m: r.f32s(k)?, v: r.f32s(k)? });
             }

@@ -1,121 +1,50 @@
-//! Training on the CPU: each method's state, the gradient sink the backward
-//! pass feeds, and one optimizer step (`CpuTrainer`, the CPU's `Trainer`;
-//! cuda/train.rs is its GPU twin). What "trainable" means per method:
-//!   lift       the principal weights of every linear layer (sparse AdamW),
-//!              masks recomputed every `update_interval` steps
-//!   magnitude  the largest |W| entries instead (ablation)
-//!   random     random entries instead (ablation)
-//!   full       every entry of every linear layer (dense AdamW)
-//!   lora       low-rank adapters on every linear layer (dense AdamW on A, B)
-//! plus the norms and embeddings when `--train-norms` / `--train-embeddings`
-//! ask for them (dense AdamW whatever the method).
+//! Training on the CPU: the gradient sink the backward pass feeds, and one
+//! optimizer step (`CpuTrainer`, the CPU's `Trainer`; cuda/trainer.rs is its
+//! GPU twin). What each method trains is method.rs's.
 
 use std::borrow::Cow;
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use rayon::prelude::*;
 
-use crate::data::{Batch, Rng};
-use crate::lift;
-use crate::lora::Adapter;
-use crate::model::{Activations, Config, GradSink, Linear, Model, Param};
+use crate::cpu;
+use crate::data::{self, Batch};
+use crate::formats::state::{Record, StateSource, record_of};
+use crate::method::{self, MaskPlan, MaskRule, Trainable, extra_params};
+use crate::model::{Activations, Config, GradSink, Linear, Model, Param, matrices, matrix_id};
 use crate::optim::{self, AdamW, DenseState, RefreshStats, SparseState};
-use crate::state::{StateWriter, Trainable};
-use crate::train::{Method, StepStats, TrainOptions, Trainer, extra_params, matrix_id};
+use crate::options::TrainOptions;
+use crate::select;
+use crate::trainer::{StepStats, Trainer};
 
-/// Selects the masks of every linear matrix for a sparse method.
-pub fn select_masks(model: &Model, o: &TrainOptions, round: u64, log: bool) -> Result<Vec<Vec<u32>>> {
-    let c = &model.config;
-    let t0 = Instant::now();
-    let mut masks = Vec::with_capacity(c.n_layers * 7);
-    let mut capped = false;
-    for l in 0..c.n_layers {
-        for w in Linear::ALL {
-            let (out, inp) = w.shape(c);
-            let k = lift::budget_k(out, inp, o.budget()).with_context(|| format!("layer {l} {w:?} ({out}x{inp})"))?;
-            let weights = model.weights.layers[l].linear(w);
-            let seed = o.seed ^ (round << 32) ^ matrix_id(l, w) as u64;
-            let mask = match o.method {
-                Method::Lift => {
-                    let (r, was_capped) = lift::filter_rank(out, inp, o.filter_rank)?;
-                    capped |= was_capped;
-                    lift::principal_mask(weights, out, inp, k, r, o.approx(out, inp, seed))
-                }
-                Method::Magnitude => lift::magnitude_mask(weights, k),
-                Method::Random => lift::random_mask(out * inp, k, seed),
-                _ => unreachable!("dense methods have no mask"),
-            };
-            masks.push(mask);
-        }
-    }
-    if log {
-        if capped {
-            eprintln!("note: --filter-rank {} capped at the smaller side of some matrices", o.filter_rank);
-        }
-        let k: usize = masks.iter().map(Vec::len).sum();
-        let n: usize = Linear::ALL.iter().map(|w| w.shape(c).0 * w.shape(c).1).sum::<usize>() * c.n_layers;
-        eprintln!(
-            "masks: {} matrices, {k} of {n} entries selected ({:.2}%), {:.1}s",
-            masks.len(),
-            100.0 * k as f64 / n as f64,
-            t0.elapsed().as_secs_f64()
-        );
-    }
-    Ok(masks)
+/// Carries out the mask plans (method::mask_plans) on the model's weights:
+/// one mask per linear matrix, in matrix_id order.
+pub fn select_masks(model: &Model, plans: &[MaskPlan]) -> Vec<Vec<u32>> {
+    plans
+        .iter()
+        .map(|p| {
+            let w = model.weights.layers[p.layer].linear(p.linear);
+            match p.rule {
+                MaskRule::Principal { r, approx } => select::principal_mask(w, p.out, p.inp, p.k, r, approx),
+                MaskRule::Magnitude => select::magnitude_mask(w, p.k),
+                MaskRule::Random { seed } => select::random_mask(p.out * p.inp, p.k, seed),
+            }
+        })
+        .collect()
 }
 
-/// A fresh run's state: the masks (sparse methods), zero moments (full), or
-/// new adapters (LoRA, A uniform and B zero, from the seed's stream 7).
-pub fn new_trainable(model: &Model, o: &TrainOptions) -> Result<Trainable> {
-    let c = &model.config;
-    Ok(match o.method {
-        Method::Lift | Method::Magnitude | Method::Random => {
-            let masks = select_masks(model, o, 0, true)?;
-            Trainable::Sparse { states: masks.into_iter().map(SparseState::new).collect() }
-        }
-        Method::Full => Trainable::Full {
-            states: (0..c.n_layers * 7)
-                .map(|id| {
-                    let (out, inp) = Linear::ALL[id % 7].shape(c);
-                    DenseState::new(out * inp)
-                })
-                .collect(),
-        },
-        Method::Lora => {
-            let (adapters, states) = new_adapters(c, o);
-            Trainable::Lora { adapters, states }
-        }
-    })
-}
-
-/// LoRA's fresh adapters, one per linear matrix (matrix_id order), with
-/// zero moments: A uniform from the seed's stream 7, B = 0. The GPU makes
-/// its adapters here too, so both devices start from the same ones.
-pub fn new_adapters(c: &Config, o: &TrainOptions) -> (Vec<Adapter>, Vec<(DenseState, DenseState)>) {
-    let mut rng = Rng::stream(o.seed, 7);
-    let mut uniform = || rng.next_f32();
-    let (mut adapters, mut states) = (Vec::new(), Vec::new());
-    for _l in 0..c.n_layers {
-        for w in Linear::ALL {
-            let (out, inp) = w.shape(c);
-            let ad = Adapter::new(out, inp, o.lora_rank.min(out.min(inp)), o.lora_alpha, &mut uniform);
-            states.push((DenseState::new(ad.a.len()), DenseState::new(ad.b.len())));
-            adapters.push(ad);
-        }
-    }
-    (adapters, states)
+/// The masks of round `round` of a sparse run, selected on the CPU.
+pub fn masks_for(model: &Model, o: &TrainOptions, round: u64) -> Result<Vec<Vec<u32>>> {
+    let plans = method::mask_plans(&model.config, &o.method, o.seed, round, method::CPU_EXACT_UP_TO)?;
+    Ok(select_masks(model, &plans))
 }
 
 /// For LoRA: rebuilds every linear weight of the model as base + s B A.
 fn merge_lora(trainable: &Trainable, base: &[Vec<f32>], model: &mut Model) {
     if let Trainable::Lora { adapters, .. } = trainable {
-        let n_layers = model.config.n_layers;
-        for l in 0..n_layers {
-            for w in Linear::ALL {
-                let id = matrix_id(l, w);
-                adapters[id].merge_into(model.weights.layers[l].linear_mut(w), &base[id]);
-            }
+        for (id, l, w) in matrices(&model.config) {
+            adapters[id].merge_into(model.weights.layers[l].linear_mut(w), &base[id]);
         }
     }
 }
@@ -138,7 +67,7 @@ impl Grads {
             Trainable::Full { states } => states.iter().map(|s| vec![0.0; s.m.len()]).collect(),
             Trainable::Lora { adapters, .. } => adapters.iter().map(|a| vec![0.0; a.a.len() + a.b.len()]).collect(),
         };
-        let extra = extra_params(c, o).into_iter().map(|p| (p, vec![0.0; p.shape(c).iter().product()])).collect();
+        let extra = extra_params(c, &o.method).into_iter().map(|p| (p, vec![0.0; p.shape(c).iter().product()])).collect();
         Grads { linear, extra, dw: Vec::new() }
     }
 
@@ -185,7 +114,7 @@ impl GradSink for Sink<'_> {
             // The LM head (only with --train-embeddings; a tied head's
             // gradient goes to the embedding).
             let g = self.dense(p);
-            crate::cpu::matmul_backward_weight(g, dout, inp, n, ic, oc);
+            cpu::matmul_backward_weight(g, dout, inp, n, ic, oc);
             return;
         };
         let id = matrix_id(l, w);
@@ -199,7 +128,7 @@ impl GradSink for Sink<'_> {
                     self.grads.dw.resize(need, 0.0);
                 }
                 let (dout_t, inp_t) = self.grads.dw[..need].split_at_mut(n * oc);
-                crate::cpu::matmul_backward_weight_sampled(
+                cpu::matmul_backward_weight_sampled(
                     acc,
                     &states[id].indices,
                     dout,
@@ -211,7 +140,7 @@ impl GradSink for Sink<'_> {
                     inp_t,
                 );
             }
-            Trainable::Full { .. } => crate::cpu::matmul_backward_weight(acc, dout, inp, n, ic, oc),
+            Trainable::Full { .. } => cpu::matmul_backward_weight(acc, dout, inp, n, ic, oc),
             Trainable::Lora { adapters, .. } => {
                 let ad = &adapters[id];
                 let (da, db) = acc.split_at_mut(ad.a.len());
@@ -242,14 +171,29 @@ pub struct CpuTrainer {
 }
 
 impl CpuTrainer {
-    /// A fresh run: selects the masks (sparse methods) or makes the adapters
-    /// (LoRA). Activations are sized for batches up to (B, T).
-    pub fn new(model: Model, o: &TrainOptions, b: usize, t: usize) -> Result<CpuTrainer> {
-        let trainable = new_trainable(&model, o)?;
-        let extra_states = extra_params(&model.config, o)
-            .iter()
-            .map(|p| DenseState::new(p.shape(&model.config).iter().product()))
-            .collect();
+    /// A run from a state read from state.bin, or a fresh one: the masks
+    /// selected (sparse methods) or the adapters made (LoRA). Activations
+    /// are sized for batches up to (B, T).
+    pub fn start(
+        model: Model,
+        o: &TrainOptions,
+        b: usize,
+        t: usize,
+        saved: Option<(Trainable, Vec<DenseState>)>,
+    ) -> Result<CpuTrainer> {
+        let c = &model.config;
+        let (trainable, extra_states) = match saved {
+            Some(s) => s,
+            None => {
+                let t0 = Instant::now();
+                let masks = if o.method.kind.is_sparse() { masks_for(&model, o, 0)? } else { Vec::new() };
+                if o.method.kind.is_sparse() {
+                    let secs = t0.elapsed().as_secs_f64();
+                    eprintln!("{}", method::describe_masks(c, masks.iter().map(Vec::len), secs, ""));
+                }
+                (Trainable::fresh(c, &o.method, o.seed, masks), method::fresh_extras(c, &o.method))
+            }
+        };
         Ok(CpuTrainer::resume(model, trainable, extra_states, o, b, t))
     }
 
@@ -266,9 +210,7 @@ impl CpuTrainer {
         let lora_base = match trainable {
             Trainable::Lora { .. } => {
                 let c = &model.config;
-                (0..c.n_layers * 7)
-                    .map(|id| model.weights.layers[id / 7].linear(Linear::ALL[id % 7]).to_vec())
-                    .collect()
+                matrices(c).map(|(_, l, w)| model.weights.layers[l].linear(w).to_vec()).collect()
             }
             _ => Vec::new(),
         };
@@ -330,7 +272,7 @@ impl Trainer for CpuTrainer {
         for (micro, batch) in batches.iter().enumerate() {
             self.acts.set_shape(c, batch.b, batch.t);
             let t0 = Instant::now();
-            let loss = self.model.forward(&mut self.acts, &batch.tokens, Some(&batch.targets));
+            let loss = self.model.forward(&mut self.acts, &batch.tokens, Some(&batch.targets))?;
             st.forward_ms += t0.elapsed().as_secs_f64() * 1e3;
             if !loss.is_finite() {
                 bail!("loss is {loss} at step {t} (micro-batch {micro})");
@@ -353,7 +295,7 @@ impl Trainer for CpuTrainer {
         if clip != 1.0 {
             self.grads.scale(clip);
         }
-        let opt = AdamW { lr, ..self.opts.adamw() };
+        let opt = self.opts.adamw(lr);
         self.apply_update(&opt, t);
         st.optimizer_ms = t0.elapsed().as_secs_f64() * 1e3;
         st.loss = (loss_sum / batches.len().max(1) as f64) as f32;
@@ -364,7 +306,7 @@ impl Trainer for CpuTrainer {
     /// Recomputes the masks from the current weights (sparse methods):
     /// returns how many selected entries kept their optimizer state, of how many.
     fn refresh_masks(&mut self, round: u64) -> Result<RefreshStats> {
-        let masks = select_masks(&self.model, &self.opts, round, false)?;
+        let masks = masks_for(&self.model, &self.opts, round)?;
         let mut stats = RefreshStats::default();
         if let Trainable::Sparse { states } = &mut self.trainable {
             for (s, m) in states.iter_mut().zip(masks) {
@@ -378,27 +320,7 @@ impl Trainer for CpuTrainer {
     }
 
     fn eval_loss(&mut self, batches: &[Batch]) -> Result<f32> {
-        Ok(crate::train::eval_loss(&self.model, &mut self.acts, batches))
-    }
-
-    /// The trained tensors are the model's own f32 values.
-    fn write_state(&self, w: &mut StateWriter) -> Result<()> {
-        let c = &self.model.config;
-        let extras = extra_params(c, &self.opts);
-        for p in crate::state::saved_tensors(c, self.opts.method, &extras) {
-            w.f32s(self.model.weights.get(p))?;
-        }
-        self.trainable.write(w)?;
-        w.extras(self.extra_states.len())?;
-        for s in &self.extra_states {
-            w.dense(&s.m, &s.v)?;
-        }
-        Ok(())
-    }
-
-    /// The model's own values (LoRA's are merged after every step).
-    fn tensor(&self, p: Param) -> Result<Cow<'_, [f32]>> {
-        Ok(Cow::Borrowed(self.model.weights.get(p)))
+        eval_loss(&self.model, &mut self.acts, batches)
     }
 
     fn trainable_count(&self) -> usize {
@@ -417,4 +339,29 @@ impl Trainer for CpuTrainer {
     fn device_peak_bytes(&self) -> Option<u64> {
         None
     }
+}
+
+impl StateSource for CpuTrainer {
+    /// The model's own values (LoRA's are merged after every step).
+    fn tensor(&self, p: Param) -> Result<Cow<'_, [f32]>> {
+        Ok(Cow::Borrowed(self.model.weights.get(p)))
+    }
+
+    fn record(&self, id: usize) -> Result<Record<'_>> {
+        Ok(record_of(&self.trainable, id))
+    }
+
+    fn extra(&self, i: usize) -> Result<Cow<'_, DenseState>> {
+        Ok(Cow::Borrowed(&self.extra_states[i]))
+    }
+}
+
+/// Mean loss over the validation batches, weighted by their loss tokens.
+pub fn eval_loss(model: &Model, acts: &mut Activations, batches: &[Batch]) -> Result<f32> {
+    let mut parts = Vec::with_capacity(batches.len());
+    for b in batches {
+        acts.set_shape(&model.config, b.b, b.t);
+        parts.push((model.forward(acts, &b.tokens, Some(&b.targets))?, b.n_loss));
+    }
+    Ok(data::mean_loss(parts))
 }

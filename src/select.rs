@@ -758,7 +758,7 @@ pub fn top_k_abs(scores: &[f32], k: usize) -> Vec<u32> {
 /// r = filter_rank (validate it with `filter_rank` first; r >= min(out, in)
 /// means W itself). Sorted ascending flat indices.
 pub fn principal_mask(w: &[f32], out: usize, inp: usize, k: usize, filter_rank: usize, how: Approx) -> Vec<u32> {
-    assert!(filter_rank > 0, "principal_mask: filter rank 0 (validate with lift::filter_rank)");
+    assert!(filter_rank > 0, "principal_mask: filter rank 0 (validate with select::filter_rank)");
     top_k_abs(&low_rank_approx(w, out, inp, filter_rank, how), k)
 }
 
