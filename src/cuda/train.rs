@@ -184,7 +184,7 @@ pub fn open_gpu() -> Result<Gpu> {
     eprintln!("device: {} (sm_{}{}), kernels compiled in {:.2}s", g.name, g.cc.0, g.cc.1, g.compile_s);
     let wanted =
         if g.attention() == super::Attention::Plain { super::Attention::Plain } else { super::Attention::Auto };
-    super::check::choose_attention(&g, wanted)?;
+    super::attention::choose(&g, wanted)?;
     Ok(g)
 }
 
