@@ -279,10 +279,10 @@ fn print_profile(
 }
 
 fn bench_gpu(a: &BenchArgs, c: &Config) -> Result<serde_json::Value> {
-    use crate::cuda::{check, gpu, model::GpuModel, train as gt};
+    use crate::cuda::{attention, gpu, model::GpuModel, train as gt};
     let g = gpu::Gpu::new()?;
     eprintln!("device: {} (sm_{}{}), kernels compiled in {:.2}s", g.name, g.cc.0, g.cc.1, g.compile_s);
-    let attention = check::choose_attention(&g, a.attention)?;
+    let attention = attention::choose(&g, a.attention)?;
     let o = a.options();
     let t0 = Instant::now();
     let model = GpuModel::random(&g, c, a.seed, a.seq)?;

@@ -232,7 +232,7 @@ impl Gpu {
         self.attention.get()
     }
 
-    /// Selects the attention kernels (Auto counts as Tc); see check::choose_attention.
+    /// Selects the attention kernels (Auto counts as Tc); see attention::choose.
     pub fn set_attention(&self, a: Attention) {
         self.attention.set(if a == Attention::Plain { Attention::Plain } else { Attention::Tc });
     }

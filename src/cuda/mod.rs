@@ -4,20 +4,22 @@
 //! compute. The CPU path (`cpu.rs`, `model.rs`, `lift.rs`, `optim.rs`) is the
 //! reference each piece here is checked against (`lift gpu-check`).
 //!
-//!   gpu.rs      loading the libraries, context, buffers, launches, GEMMs
-//!   kernels.rs  the CUDA C of kernels/*.cu and its NVRTC compilation
-//!   launch.rs   one typed wrapper per kernel (shapes checked, then launched)
-//!   model.rs    GpuModel: Model::forward/backward, op for op, on the GPU
-//!   select.rs   principal-weight selection (lift.rs) on the GPU
-//!   train.rs    the methods' optimizer state and the training step / loop
-//!   check.rs    `lift gpu-check`: every kernel and a LIFT step vs the CPU
+//!   gpu.rs        loading the libraries, context, buffers, launches, GEMMs
+//!   kernels.rs    the CUDA C of kernels/*.cu and its NVRTC compilation
+//!   launch.rs     one typed wrapper per kernel (shapes checked, then launched)
+//!   attention.rs  the attention kernels a run uses: tensor cores once checked
+//!   model.rs      GpuModel: Model::forward/backward, op for op, on the GPU
+//!   select.rs     principal-weight selection (lift.rs) on the GPU
+//!   train.rs      the methods' optimizer state and the training step / loop
+//!   check.rs      `lift gpu-check`: every kernel and a LIFT step vs the CPU
 //!
 //! Kernels with a fast twin (attention: attention.cu, CUDA cores, any head
 //! size; attention_tc.cu, tensor cores, head sizes 64 and 128) are picked at
 //! run time (`Attention`); the plain one is the reference the fast one is
-//! checked against, on the GPU before use (check::attention_self_check) and
+//! checked against, on the GPU before use (attention::self_check) and
 //! against the CPU in gpu-check. tests/gpu/emu runs kernels on the CPU.
 
+pub mod attention;
 pub mod check;
 pub mod gpu;
 pub mod kernels;
