@@ -22,20 +22,22 @@ use std::time::Instant;
 use anyhow::{Result, bail};
 use clap::Args;
 
-use crate::cuda::{Attention, Device};
+use crate::cpu_trainer::{self, CpuTrainer};
+use crate::cuda::gpu::Attention;
 use crate::data::Batch;
-use crate::select;
 use crate::model::{Config, Linear, Model};
+use crate::options::{Device, MethodOptions, Schedule, TrainOptions};
 use crate::rng::Rng;
-use crate::train::{CpuTrainer, Method, Schedule, Svd, TrainOptions, Trainer};
+use crate::train::peak_rss_bytes;
+use crate::trainer::Trainer;
 
 #[derive(Args, Clone)]
 pub struct BenchArgs {
     /// Model shape (see `lift init`).
     #[arg(long, default_value = "smollm2-135m")]
     pub config: String,
-    #[arg(long, value_enum, default_value = "lift")]
-    pub method: Method,
+    #[command(flatten)]
+    pub method: MethodOptions,
     /// Sequence length T.
     #[arg(long, default_value_t = 256)]
     pub seq: usize,
@@ -50,21 +52,6 @@ pub struct BenchArgs {
     pub warmup: usize,
     #[arg(long, value_enum, default_value = "auto")]
     pub device: Device,
-    #[arg(long, default_value_t = select::DEFAULT_DENSITY)]
-    pub density: f64,
-    #[arg(long, default_value_t = select::DEFAULT_FILTER_RANK)]
-    pub filter_rank: usize,
-    #[arg(long, default_value_t = select::DEFAULT_OVERSAMPLE)]
-    pub oversample: usize,
-    #[arg(long, default_value_t = select::DEFAULT_POWER_ITERS)]
-    pub power_iters: usize,
-    #[arg(long, value_enum, default_value = "auto")]
-    pub svd: Svd,
-    /// Mask refresh interval over which the selection time is amortized.
-    #[arg(long, default_value_t = 400)]
-    pub update_interval: u64,
-    #[arg(long, default_value_t = 16)]
-    pub lora_rank: usize,
     /// Only time the mask selection of every linear layer (no training step).
     #[arg(long)]
     pub mask_only: bool,
@@ -94,40 +81,23 @@ pub struct BenchArgs {
 }
 
 impl BenchArgs {
+    /// The training options of the benchmarked steps: the method's flags,
+    /// a small constant learning rate, no validation or saving.
     pub fn options(&self) -> TrainOptions {
         TrainOptions {
-            checkpoint: "".into(),
-            data: "".into(),
-            out: "".into(),
-            method: self.method,
+            method: self.method.clone(),
             lr: 1e-5,
             epochs: 1,
-            max_steps: None,
             batch_size: self.batch,
-            grad_accum: 1,
             max_seq_len: self.seq,
             warmup: 0.0,
             schedule: Schedule::Constant,
-            weight_decay: 0.0,
-            grad_clip: 1.0,
             seed: self.seed,
             val_size: 0,
             eval_every: 0,
             save_every: 0,
-            log_every: 1,
-            density: Some(self.density),
-            rank: None,
-            filter_rank: self.filter_rank,
-            svd: self.svd,
-            power_iters: self.power_iters,
-            oversample: self.oversample,
-            update_interval: self.update_interval,
-            lora_rank: self.lora_rank,
-            lora_alpha: 2.0 * self.lora_rank as f32,
-            train_norms: false,
-            train_embeddings: false,
-            skip_bad: false,
             recompute: self.recompute,
+            ..TrainOptions::default()
         }
     }
 }
@@ -189,7 +159,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     if a.seq == 0 || a.batch == 0 {
         bail!("--seq and --batch must be at least 1");
     }
-    let json = match a.device.resolve() {
+    let json = match crate::cuda::resolve(a.device) {
         Device::Cuda => bench_gpu(a, &c)?,
         _ => bench_cpu(a, &c)?,
     };
@@ -217,7 +187,7 @@ fn report(
     let step_ms = median(t.step);
     let tps = tokens / (step_ms / 1e3);
     let mask_ms =
-        if a.method.is_sparse() && a.update_interval > 0 { mask_total_s * 1e3 / a.update_interval as f64 } else { 0.0 };
+        if a.method.kind.is_sparse() && a.method.update_interval > 0 { mask_total_s * 1e3 / a.method.update_interval as f64 } else { 0.0 };
     let mfu = peak_flops.map(|p| flops_per_token(c, a.seq) * tps / p);
     serde_json::json!({
         "tokens_per_s": tps,
@@ -230,7 +200,7 @@ fn report(
         "mfu": mfu,
         "device": device,
         "config": a.config,
-        "method": format!("{:?}", a.method).to_lowercase(),
+        "method": format!("{:?}", a.method.kind).to_lowercase(),
         "seq": a.seq,
         "batch": a.batch,
         "steps": a.steps,
@@ -279,38 +249,36 @@ fn print_profile(
 }
 
 fn bench_gpu(a: &BenchArgs, c: &Config) -> Result<serde_json::Value> {
-    use crate::cuda::{attention, gpu, model::GpuModel, train as gt};
-    let g = gpu::Gpu::new()?;
-    eprintln!("device: {} (sm_{}{}), kernels compiled in {:.2}s", g.name, g.cc.0, g.cc.1, g.compile_s);
-    let attention = attention::choose(&g, a.attention)?;
+    use crate::cuda::{gpu, model::GpuModel, trainer as gt};
+    let (g, attention) = crate::cuda::open_with_attention(a.attention)?;
     let o = a.options();
     let t0 = Instant::now();
     let model = GpuModel::random(&g, c, a.seed, a.seq)?;
     eprintln!("random {} on the GPU in {:.1}s", a.config, t0.elapsed().as_secs_f64());
     if a.mask_only {
-        if !a.method.is_sparse() {
+        if !a.method.kind.is_sparse() {
             bail!("--mask-only needs a sparse --method (lift, magnitude, random)");
         }
-        let mut so = gt::SelectOptions::of(&o);
-        so.sketch_tf32 = a.sketch == Sketch::Tf32;
-        let _ = gt::select_masks(&g, &model, &so, 0)?; // warm-up: cuBLAS heuristics, allocations
+        let tf32 = a.sketch == Sketch::Tf32;
+        let plan = |round| crate::method::mask_plans(c, &o.method, o.seed, round, 0);
+        let _ = gt::select_masks(&g, &model, &plan(0)?, tf32)?; // warm-up: cuBLAS heuristics, allocations
         if a.profile {
             g.enable_profiling();
         }
         let t0 = Instant::now();
-        let masks = gt::select_masks(&g, &model, &so, 1)?;
+        let masks = gt::select_masks(&g, &model, &plan(1)?, tf32)?;
         let s = t0.elapsed().as_secs_f64();
         let profile =
             if a.profile { Some(print_profile("mask selection", &g.take_profile()?, 1.0, s * 1e3)) } else { None };
         let k: usize = masks.iter().map(|m| m.len()).sum();
         return Ok(serde_json::json!({
             "mask_total_ms": s * 1e3, "matrices": masks.len(), "selected": k, "config": a.config,
-            "filter_rank": a.filter_rank, "oversample": a.oversample, "power_iters": a.power_iters,
+            "filter_rank": a.method.filter_rank, "oversample": a.method.oversample, "power_iters": a.method.power_iters,
             "sketch": format!("{:?}", a.sketch).to_lowercase(),
             "peak_mem_bytes": gpu::mem_peak(), "device": g.name, "impl": "lift", "profile": profile,
         }));
     }
-    let mut tr = gt::GpuTrainer::new(&g, model, &o, a.batch, a.seq)?;
+    let mut tr = gt::GpuTrainer::with_sketch(&g, model, &o, a.batch, a.seq, a.sketch == Sketch::Tf32)?;
     let batch = random_batch(c, a.batch, a.seq, a.seed ^ 1);
     let mut t = Timings { step: vec![], fwd: vec![], bwd: vec![], opt: vec![] };
     let mut prof = std::collections::BTreeMap::new();
@@ -341,7 +309,7 @@ fn bench_gpu(a: &BenchArgs, c: &Config) -> Result<serde_json::Value> {
         let title = format!(
             "{} {} (B={}, T={}), attention {:?}, per step",
             a.config,
-            format!("{:?}", a.method).to_lowercase(),
+            format!("{:?}", a.method.kind).to_lowercase(),
             a.batch,
             a.seq,
             attention
@@ -376,16 +344,16 @@ fn bench_cpu(a: &BenchArgs, c: &Config) -> Result<serde_json::Value> {
     }
     let device = format!("cpu ({} threads)", rayon::current_num_threads());
     if a.mask_only {
-        if !a.method.is_sparse() {
+        if !a.method.kind.is_sparse() {
             bail!("--mask-only needs a sparse --method (lift, magnitude, random)");
         }
         let t0 = Instant::now();
-        let masks = crate::train::select_masks(&model, &o, 0, false)?;
+        let masks = cpu_trainer::masks_for(&model, &o, 0)?;
         let s = t0.elapsed().as_secs_f64();
         return Ok(serde_json::json!({
             "mask_total_ms": s * 1e3, "matrices": masks.len(), "selected": masks.iter().map(Vec::len).sum::<usize>(),
-            "config": a.config, "filter_rank": a.filter_rank, "svd": format!("{:?}", a.svd).to_lowercase(),
-            "oversample": a.oversample, "power_iters": a.power_iters, "device": device, "impl": "lift",
+            "config": a.config, "filter_rank": a.method.filter_rank, "svd": format!("{:?}", a.method.svd).to_lowercase(),
+            "oversample": a.method.oversample, "power_iters": a.method.power_iters, "device": device, "impl": "lift",
         }));
     }
     if a.forward_only {
@@ -395,7 +363,7 @@ fn bench_cpu(a: &BenchArgs, c: &Config) -> Result<serde_json::Value> {
         let mut fwd = Vec::new();
         for i in 0..a.warmup + a.steps {
             let t0 = Instant::now();
-            let loss = model.forward(&mut acts, &batch.tokens, Some(&batch.targets));
+            let loss = model.forward(&mut acts, &batch.tokens, Some(&batch.targets))?;
             let dt = t0.elapsed().as_secs_f64() * 1e3;
             if i >= a.warmup {
                 fwd.push(dt);
@@ -405,13 +373,13 @@ fn bench_cpu(a: &BenchArgs, c: &Config) -> Result<serde_json::Value> {
         let ms = median(fwd);
         return Ok(serde_json::json!({
             "tokens_per_s": (a.batch * a.seq) as f64 / (ms / 1e3), "step_ms": ms, "forward_ms": ms,
-            "peak_mem_bytes": crate::train::peak_rss_bytes().unwrap_or(0), "device": device,
+            "peak_mem_bytes": peak_rss_bytes().unwrap_or(0), "device": device,
             "config": a.config, "method": "forward", "seq": a.seq, "batch": a.batch, "steps": a.steps, "impl": "lift",
         }));
     }
     let t_mask = Instant::now();
-    let mut tr = CpuTrainer::new(model, &o, a.batch, a.seq)?;
-    let mask_s = if a.method.is_sparse() { t_mask.elapsed().as_secs_f64() } else { 0.0 };
+    let mut tr = CpuTrainer::start(model, &o, a.batch, a.seq, None)?;
+    let mask_s = if a.method.kind.is_sparse() { t_mask.elapsed().as_secs_f64() } else { 0.0 };
     let batch = random_batch(c, a.batch, a.seq, a.seed ^ 1);
     let mut t = Timings { step: vec![], fwd: vec![], bwd: vec![], opt: vec![] };
     for i in 0..a.warmup + a.steps {
@@ -426,6 +394,6 @@ fn bench_cpu(a: &BenchArgs, c: &Config) -> Result<serde_json::Value> {
         }
         eprintln!("step {}: loss {:.4}, {dt:.1} ms", i + 1, st.loss);
     }
-    let peak = crate::train::peak_rss_bytes().unwrap_or(0);
+    let peak = peak_rss_bytes().unwrap_or(0);
     Ok(report(a, c, t, mask_s, peak, &device, None))
 }

@@ -80,7 +80,7 @@ pub fn evaluate(model: &mut Model, tok: &Tokenizer, o: &EvalOptions) -> Result<E
         .map(|e| data::tokenize_example(e, &encode, bos, eos, o.max_seq_len))
         .filter(|t| t.loss_tokens() > 0)
         .collect();
-    let (mut loss_sum, mut loss_tokens) = (0.0f64, 0usize);
+    let mut parts = Vec::new();
     if !tokenized.is_empty() {
         let longest = tokenized.iter().map(|t| t.ids.len()).max().unwrap_or(1);
         model.ensure_rope(longest);
@@ -89,12 +89,11 @@ pub fn evaluate(model: &mut Model, tok: &Tokenizer, o: &EvalOptions) -> Result<E
             let refs: Vec<_> = chunk.iter().collect();
             let batch = data::make_batch(&refs, eos);
             acts.set_shape(&c, batch.b, batch.t);
-            let l = model.forward(&mut acts, &batch.tokens, Some(&batch.targets));
-            loss_sum += l as f64 * batch.n_loss as f64;
-            loss_tokens += batch.n_loss;
+            parts.push((model.forward(&mut acts, &batch.tokens, Some(&batch.targets))?, batch.n_loss));
         }
     }
-    let loss = (loss_tokens > 0).then(|| (loss_sum / loss_tokens as f64) as f32);
+    let loss_tokens: usize = parts.iter().map(|p| p.1).sum();
+    let loss = (loss_tokens > 0).then(|| data::mean_loss(parts));
 
     // Greedy answers, batched by prompt length so little padding is run.
     let (mut n_answered, mut n_correct) = (0, 0);

@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 
 use lift::formats::checkpoint::{Checkpoint, DType};
 use lift::model::Model;
-use lift::train::{Method, Schedule, Svd, TrainOptions};
+use lift::options::{Device, TrainOptions};
 
 #[derive(Parser)]
 #[command(
@@ -80,100 +80,15 @@ struct TrainArgs {
     /// [default: the --resume directory, or out].
     #[arg(long)]
     out: Option<PathBuf>,
-    /// What to train.
-    #[arg(long, value_enum, default_value = "lift")]
-    method: Method,
-    /// Peak learning rate.
-    #[arg(long, default_value_t = 2e-4)]
-    lr: f32,
-    #[arg(long, default_value_t = 3)]
-    epochs: usize,
-    /// Stop after this many optimizer steps.
-    #[arg(long)]
-    max_steps: Option<u64>,
-    /// Examples per micro-batch.
-    #[arg(long, default_value_t = 8)]
-    batch_size: usize,
-    /// Micro-batches per optimizer step.
-    #[arg(long, default_value_t = 1)]
-    grad_accum: usize,
-    /// Longer examples are truncated (and counted).
-    #[arg(long, default_value_t = 2048)]
-    max_seq_len: usize,
-    /// Warmup as a fraction of the total steps.
-    #[arg(long, default_value_t = 0.03)]
-    warmup: f32,
-    #[arg(long, value_enum, default_value = "linear")]
-    schedule: Schedule,
-    /// Decoupled weight decay (on the trained entries only).
-    #[arg(long, default_value_t = 0.0)]
-    weight_decay: f32,
-    /// Clip the global gradient norm to this (0 = off).
-    #[arg(long, default_value_t = 1.0)]
-    grad_clip: f32,
-    #[arg(long, default_value_t = 42)]
-    seed: u64,
-    /// Examples held out for validation (0 = none).
-    #[arg(long, default_value_t = 100)]
-    val_size: usize,
-    /// Validation loss every N optimizer steps (and at the end).
-    #[arg(long, default_value_t = 50)]
-    eval_every: u64,
-    /// Save a resumable state every N optimizer steps (0 = only at the end).
-    #[arg(long, default_value_t = 100)]
-    save_every: u64,
-    /// Print a progress line every N optimizer steps.
-    #[arg(long, default_value_t = 1)]
-    log_every: u64,
-    /// Fraction of each linear weight to train (LIFT, magnitude, random).
-    #[arg(long, conflicts_with = "rank")]
-    density: Option<f64>,
-    /// Instead of --density: the LoRA-equivalent budget k = (out+in)*rank per matrix.
-    #[arg(long)]
-    rank: Option<usize>,
-    /// Rank r of the low-rank approximation that scores the weights (LIFT).
-    #[arg(long, default_value_t = 128)]
-    filter_rank: usize,
-    /// How to compute the rank-r approximation (auto: exact SVD for matrices up
-    /// to 1024 on the smaller side, randomized subspace iteration above).
-    #[arg(long, value_enum, default_value = "auto")]
-    svd: Svd,
-    /// Power iterations of the randomized low-rank approximation.
-    #[arg(long, default_value_t = lift::lift::DEFAULT_POWER_ITERS)]
-    power_iters: usize,
-    /// Extra columns of the randomized sketch beyond the filter rank.
-    #[arg(long, default_value_t = lift::lift::DEFAULT_OVERSAMPLE)]
-    oversample: usize,
-    /// Recompute the masks every N optimizer steps (0 = never).
-    #[arg(long, default_value_t = 400)]
-    update_interval: u64,
-    /// LoRA adapter rank (--method lora).
-    #[arg(long, default_value_t = 16)]
-    lora_rank: usize,
-    /// LoRA alpha; adapters are scaled by alpha / rank.
-    #[arg(long, default_value_t = 32.0)]
-    lora_alpha: f32,
-    /// Also train the RMSNorm weights (densely).
-    #[arg(long)]
-    train_norms: bool,
-    /// Also train the embedding and LM head (densely).
-    #[arg(long)]
-    train_embeddings: bool,
-    /// Skip examples with no usable prompt or target instead of stopping.
-    #[arg(long)]
-    skip_bad: bool,
+    #[command(flatten)]
+    options: TrainOptions,
     /// Continue the run saved in this directory (its state.bin).
     #[arg(long)]
     resume: Option<PathBuf>,
     /// Where to train: cuda (an NVIDIA GPU), cpu, or auto (cuda when a GPU and
     /// the CUDA libraries are found, else cpu).
     #[arg(long, value_enum, default_value = "auto")]
-    device: lift::cuda::Device,
-    /// Keep only each layer's input in the forward pass and recompute the
-    /// layer's activations in the backward pass: less memory for long
-    /// sequences, about one more forward pass of time (--device cuda).
-    #[arg(long)]
-    recompute: bool,
+    device: Device,
 }
 
 #[derive(Args)]
@@ -330,35 +245,7 @@ fn train(a: TrainArgs) -> Result<()> {
         data,
         // A resumed run continues in its own directory unless told otherwise.
         out: a.out.or_else(|| a.resume.clone()).unwrap_or_else(|| PathBuf::from("out")),
-        method: a.method,
-        lr: a.lr,
-        epochs: a.epochs,
-        max_steps: a.max_steps,
-        batch_size: a.batch_size,
-        grad_accum: a.grad_accum,
-        max_seq_len: a.max_seq_len,
-        warmup: a.warmup,
-        schedule: a.schedule,
-        weight_decay: a.weight_decay,
-        grad_clip: a.grad_clip,
-        seed: a.seed,
-        val_size: a.val_size,
-        eval_every: a.eval_every,
-        save_every: a.save_every,
-        log_every: a.log_every,
-        density: a.density,
-        rank: a.rank,
-        filter_rank: a.filter_rank,
-        svd: a.svd,
-        power_iters: a.power_iters,
-        oversample: a.oversample,
-        update_interval: a.update_interval,
-        lora_rank: a.lora_rank,
-        lora_alpha: a.lora_alpha,
-        train_norms: a.train_norms,
-        train_embeddings: a.train_embeddings,
-        skip_bad: a.skip_bad,
-        recompute: a.recompute,
+        ..a.options
     };
     // Ctrl-C: the first asks the loop to save and stop after the current
     // step; a second one quits at once.
@@ -368,7 +255,7 @@ fn train(a: TrainArgs) -> Result<()> {
         }
         eprintln!("\ninterrupt: saving the state after this step (Ctrl-C again to quit now)");
     })?;
-    let s = lift::train::train(&o, a.resume.as_deref(), a.device.resolve())?;
+    let s = lift::train::train(&o, a.resume.as_deref(), lift::cuda::resolve(a.device))?;
     if let (false, Some(v)) = (s.interrupted, s.final_val_loss) {
         eprintln!("done: {} steps, last train loss {:.4}, validation loss {v:.4}", s.steps, s.final_train_loss);
     }

@@ -306,7 +306,7 @@ impl<'o> Run<'o> {
     fn save(&self, tr: &dyn Trainer) -> Result<()> {
         let (o, c) = (self.o, &self.c);
         let extras = extra_params(c, &o.method);
-        let tensors = state::saved_tensors(c, o.method.kind, &extras).iter().map(Param::name).collect();
+        let tensors = state::saved_tensors(c, o.method.kind, &extras).iter().map(|p| p.name()).collect();
         let header = StateHeader {
             step: self.step,
             total_steps: self.data.total_steps,

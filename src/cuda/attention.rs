@@ -7,9 +7,9 @@
 
 use anyhow::{Result, bail};
 
-use super::Attention;
+use super::gpu::Attention;
 use super::gpu::{Bf16, Buf, Gpu};
-use super::launch::{self as k, Attn};
+use super::launch::{self, Attn};
 use crate::rng::Rng;
 
 /// The tensor-core attention kernels against the plain ones, on the GPU,
@@ -31,13 +31,13 @@ pub fn self_check(g: &Gpu) -> Result<f64> {
             g.set_attention(a);
             let poison = |n: usize| g.upload(&vec![0xffffu16; n]);
             let (mut out, mut lse) = (poison(nq)?, g.upload(&vec![f32::NAN; nr])?);
-            k::attention_forward(g, &mut out, &mut lse, &qb, &kb, &vb, d)?;
+            launch::attention_forward(g, &mut out, &mut lse, &qb, &kb, &vb, d)?;
             let (mut dq, mut dk, mut dv, mut delta) =
                 (g.zeros::<Bf16>(nq)?, g.zeros::<Bf16>(nkv)?, g.zeros::<Bf16>(nkv)?, g.zeros::<f32>(nr)?);
             if a == Attention::Tc {
                 (dq, dk, dv) = (poison(nq)?, poison(nkv)?, poison(nkv)?);
             }
-            k::attention_backward(g, &mut dq, &mut dk, &mut dv, &mut delta, &db, &out, &lse, &qb, &kb, &vb, d)?;
+            launch::attention_backward(g, &mut dq, &mut dk, &mut dv, &mut delta, &db, &out, &lse, &qb, &kb, &vb, d)?;
             results.push([
                 down(g, &out, nq)?,
                 g.download(&lse, nr)?,

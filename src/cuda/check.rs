@@ -11,15 +11,16 @@
 
 use anyhow::{Result, bail};
 
-use super::Attention;
+use super::gpu::Attention;
 use super::gpu::{Bf16, Buf, Dt, Gpu};
-use super::launch::{self as k, Attn, RopeDev};
+use super::launch::{self, Attn, RopeDev};
 use super::model::{GpuModel, from_bf16, to_bf16};
 use super::select::{Job, SelectScratch};
-use super::train::GpuTrainer;
+use super::trainer::GpuTrainer;
 use crate::cpu::{self, AttnDims, RopeTable};
-use crate::lift::{self, Approx};
-use crate::model::{Activations, GradSink, Linear, Model, Param};
+use crate::options::{Method, MethodOptions, Schedule, Svd, TrainOptions};
+use crate::select::{self, Approx};
+use crate::model::{Activations, GradSink, Model, Param, matrix, matrix_id};
 use crate::optim::{AdamW, DenseState, SparseState};
 use crate::rng::Rng;
 
@@ -176,13 +177,13 @@ fn embedding(g: &Gpu, t: &mut Table, rng: &mut Rng) -> Result<()> {
         let wte = randv(rng, v * c, 1.0);
         let tokens: Vec<u32> = (0..n).map(|_| rng.below(v) as u32).collect();
         let mut out = g.zeros::<Bf16>(n * c)?;
-        k::embedding_forward(g, &mut out, &g.upload(&tokens)?, &upb(g, &wte)?, n, c)?;
+        launch::embedding_forward(g, &mut out, &g.upload(&tokens)?, &upb(g, &wte)?, n, c)?;
         let mut r = vec![0.0; n * c];
         cpu::embedding_forward(&mut r, &tokens, &wte, c);
         t.add(format!("embedding_forward (N={n}, V={v}, C={c})"), rel_err(&down(g, &out, n * c)?, &r), 0.0);
         let dout = randv(rng, n * c, 1.0);
         let mut dw = g.zeros::<f32>(v * c)?;
-        k::embedding_backward(g, &mut dw, &upb(g, &dout)?, &g.upload(&tokens)?, n, c)?;
+        launch::embedding_backward(g, &mut dw, &upb(g, &dout)?, &g.upload(&tokens)?, n, c)?;
         let mut r = vec![0.0; v * c];
         cpu::embedding_backward(&mut r, &dout, &tokens, c);
         t.add(format!("embedding_backward (N={n}, V={v}, C={c})"), rel_err(&g.download(&dw, v * c)?, &r), 1e-6);
@@ -196,14 +197,14 @@ fn rmsnorm(g: &Gpu, t: &mut Table, rng: &mut Rng) -> Result<()> {
         let (x, w, dy) = (randv(rng, n * c, 1.0), randv(rng, c, 1.0), randv(rng, n * c, 1.0));
         let (xb, wb) = (upb(g, &x)?, upb(g, &w)?);
         let (mut out, mut rstd) = (g.zeros::<Bf16>(n * c)?, g.zeros::<f32>(n)?);
-        k::rmsnorm_forward(g, &mut out, &mut rstd, &xb, &wb, n, c, 1e-5)?;
+        launch::rmsnorm_forward(g, &mut out, &mut rstd, &xb, &wb, n, c, 1e-5)?;
         let (mut r, mut rr) = (vec![0.0; n * c], vec![0.0; n]);
         cpu::rmsnorm_forward(&mut r, &mut rr, &x, &w, c, 1e-5);
         t.add(format!("rmsnorm_forward (N={n}, C={c})"), rel_err(&down(g, &out, n * c)?, &r), TOL);
         t.add(format!("rmsnorm_forward rstd (N={n}, C={c})"), rel_err(&g.download(&rstd, n)?, &rr), 1e-5);
         let mut dx = g.zeros::<Bf16>(n * c)?;
         let mut dwt = g.zeros::<f32>(c)?;
-        k::rmsnorm_backward(g, &mut dx, Some(&mut dwt), &upb(g, &dy)?, &xb, &wb, &rstd, n, c)?;
+        launch::rmsnorm_backward(g, &mut dx, Some(&mut dwt), &upb(g, &dy)?, &xb, &wb, &rstd, n, c)?;
         let (mut rdx, mut rdw) = (vec![0.0; n * c], vec![0.0; c]);
         cpu::rmsnorm_backward(&mut rdx, Some(&mut rdw), &dy, &x, &w, &rr, c);
         t.add(format!("rmsnorm_backward dinp (N={n}, C={c})"), rel_err(&down(g, &dx, n * c)?, &rdx), TOL);
@@ -222,12 +223,12 @@ fn rope(g: &Gpu, t: &mut Table, rng: &mut Rng) -> Result<()> {
         let rope = RopeDev { cos: g.upload(&table.cos)?, sin: g.upload(&table.sin)?, half: table.half };
         let x = randv(rng, b * tt * h * hs, 1.0);
         let mut xb = upb(g, &x)?;
-        k::rope_rotate(g, &mut xb, &rope, b * tt, tt, h, hs, 0, 1.0)?;
+        launch::rope_rotate(g, &mut xb, &rope, b * tt, tt, h, hs, 0, 1.0)?;
         let mut r = x.clone();
         cpu::rope_forward(&mut r, &table, tt, h, hs, 0);
         t.add(format!("rope_forward (B={b}, T={tt}, H={h}, HS={hs})"), rel_err(&down(g, &xb, x.len())?, &r), TOL);
         let mut xb = upb(g, &x)?;
-        k::rope_rotate(g, &mut xb, &rope, b * tt, tt, h, hs, 0, -1.0)?;
+        launch::rope_rotate(g, &mut xb, &rope, b * tt, tt, h, hs, 0, -1.0)?;
         let mut r = x.clone();
         cpu::rope_backward(&mut r, &table, tt, h, hs);
         t.add(format!("rope_backward (B={b}, T={tt}, H={h}, HS={hs})"), rel_err(&down(g, &xb, x.len())?, &r), TOL);
@@ -251,21 +252,21 @@ fn swiglu(g: &Gpu, t: &mut Table, rng: &mut Rng) -> Result<()> {
         let (gt, up, dy) = (randv(rng, n, 2.0), randv(rng, n, 1.0), randv(rng, n, 1.0));
         let (gb, ub) = (upb(g, &gt)?, upb(g, &up)?);
         let mut out = g.zeros::<Bf16>(n)?;
-        k::swiglu_forward(g, &mut out, &gb, &ub, n)?;
+        launch::swiglu_forward(g, &mut out, &gb, &ub, n)?;
         let mut r = vec![0.0; n];
         cpu::swiglu_forward(&mut r, &gt, &up);
         t.add(format!("swiglu_forward (N={n})"), rel_err(&down(g, &out, n)?, &r), TOL);
         // accumulating into earlier values, as the CPU op does
         let (g0, u0) = (randv(rng, n, 1.0), randv(rng, n, 1.0));
         let (mut dg, mut du) = (upb(g, &g0)?, upb(g, &u0)?);
-        k::swiglu_backward(g, &mut dg, &mut du, &upb(g, &dy)?, &gb, &ub, n, true)?;
+        launch::swiglu_backward(g, &mut dg, &mut du, &upb(g, &dy)?, &gb, &ub, n, true)?;
         let (mut rg, mut ru) = (g0.clone(), u0.clone());
         cpu::swiglu_backward(&mut rg, &mut ru, &dy, &gt, &up);
         t.add(format!("swiglu_backward dgate (N={n})"), rel_err(&down(g, &dg, n)?, &rg), TOL);
         t.add(format!("swiglu_backward dup (N={n})"), rel_err(&down(g, &du, n)?, &ru), TOL);
         // written over poisoned (NaN) buffers, as the model uses it
         let (mut dg, mut du) = (g.upload(&vec![0xffffu16; n])?, g.upload(&vec![0xffffu16; n])?);
-        k::swiglu_backward(g, &mut dg, &mut du, &upb(g, &dy)?, &gb, &ub, n, false)?;
+        launch::swiglu_backward(g, &mut dg, &mut du, &upb(g, &dy)?, &gb, &ub, n, false)?;
         let (mut rg, mut ru) = (vec![0.0; n], vec![0.0; n]);
         cpu::swiglu_backward(&mut rg, &mut ru, &dy, &gt, &up);
         t.add(format!("swiglu_backward overwrite dgate (N={n})"), rel_err(&down(g, &dg, n)?, &rg), TOL);
@@ -279,7 +280,7 @@ fn residual(g: &Gpu, t: &mut Table, rng: &mut Rng) -> Result<()> {
     for n in [4099, 8192] {
         let (x, y) = (randv(rng, n, 1.0), randv(rng, n, 1.0));
         let mut out = g.zeros::<Bf16>(n)?;
-        k::residual_forward(g, &mut out, &upb(g, &x)?, &upb(g, &y)?, n)?;
+        launch::residual_forward(g, &mut out, &upb(g, &x)?, &upb(g, &y)?, n)?;
         let mut r = x.clone();
         cpu::residual_forward(&mut r, &y);
         t.add(format!("residual_forward (N={n})"), rel_err(&down(g, &out, n)?, &r), TOL);
@@ -295,12 +296,12 @@ fn crossentropy(g: &Gpu, t: &mut Table, rng: &mut Rng) -> Result<()> {
         let mut lb = upb(g, &logits)?;
         let tb = g.upload(&targets)?;
         let (mut losses, mut lse) = (g.zeros::<f32>(n)?, g.zeros::<f32>(n)?);
-        k::crossentropy_forward(g, &mut losses, &mut lse, &lb, &tb, n, v)?;
+        launch::crossentropy_forward(g, &mut losses, &mut lse, &lb, &tb, n, v)?;
         let mut rl = vec![0.0; n];
         cpu::crossentropy_forward(&mut rl, &logits, &targets, v);
         t.add(format!("crossentropy_forward (N={n}, V={v})"), rel_err(&g.download(&losses, n)?, &rl), 1e-4);
         let count = targets.iter().filter(|&&x| x >= 0).count().max(1);
-        k::crossentropy_backward(g, &mut lb, &lse, &tb, n, v, 1.0 / count as f32)?;
+        launch::crossentropy_backward(g, &mut lb, &lse, &tb, n, v, 1.0 / count as f32)?;
         let mut r = logits.clone();
         cpu::crossentropy_backward_inplace(&mut r, &targets, v);
         t.add(format!("crossentropy_backward (N={n}, V={v})"), rel_err(&down(g, &lb, n * v)?, &r), TOL);
@@ -313,17 +314,17 @@ fn adamw(g: &Gpu, t: &mut Table, rng: &mut Rng) -> Result<()> {
     let n = 10007;
     let w = randv(rng, n, 0.05);
     let kk = 777;
-    let idx = lift::random_mask(n, kk, 3);
+    let idx = select::random_mask(n, kk, 3);
     let opt = AdamW { lr: 1e-3, weight_decay: 0.01, ..AdamW::default() };
     let mut wb = upb(g, &w)?;
     let ib = g.upload(&idx)?;
     let (mut m, mut v, mut master) = (g.zeros::<f32>(kk)?, g.zeros::<f32>(kk)?, g.zeros::<f32>(kk)?);
-    k::gather_bf16(g, &mut master, &wb, &ib, kk)?;
+    launch::gather_bf16(g, &mut master, &wb, &ib, kk)?;
     let mut st = SparseState::new(idx.clone());
     let mut rw = w.clone();
     for step in 1..=2u64 {
         let grad = randv(rng, kk, 1.0);
-        k::sparse_adamw(g, &mut wb, n, &ib, &mut m, &mut v, &mut master, &g.upload(&grad)?, kk, 0.5, &opt, step)?;
+        launch::sparse_adamw(g, &mut wb, n, &ib, &mut m, &mut v, &mut master, &g.upload(&grad)?, kk, 0.5, &opt, step)?;
         let half: Vec<f32> = grad.iter().map(|x| x * 0.5).collect();
         st.step(&opt, step, &mut rw, &half);
     }
@@ -338,13 +339,13 @@ fn adamw(g: &Gpu, t: &mut Table, rng: &mut Rng) -> Result<()> {
     let mut rw = w.clone();
     for step in 1..=2u64 {
         let grad = randv(rng, n, 1.0);
-        k::adamw(g, &mut wb, &mut m, &mut v, &mut master, &g.upload(&grad)?, n, 1.0, &opt, step)?;
+        launch::adamw(g, &mut wb, &mut m, &mut v, &mut master, &g.upload(&grad)?, n, 1.0, &opt, step)?;
         ds.step(&opt, step, &mut rw, &grad);
     }
     t.add(format!("adamw master (n={n}, 2 steps)"), rel_err(&g.download(&master, n)?, &rw), 1e-6);
     let dense: Vec<f32> = (0..n).map(|i| i as f32 * 0.5).collect();
     let mut acc = g.upload(&vec![1.0f32; kk])?;
-    k::gather_add(g, &mut acc, &g.upload(&dense)?, &ib, kk)?;
+    launch::gather_add(g, &mut acc, &g.upload(&dense)?, &ib, kk)?;
     let r: Vec<f32> = idx.iter().map(|&i| 1.0 + dense[i as usize]).collect();
     t.add(format!("gather_add (k={kk})"), rel_err(&g.download(&acc, kk)?, &r), 0.0);
     Ok(())
@@ -364,7 +365,7 @@ fn selection(g: &Gpu, t: &mut Table, rng: &mut Rng) -> Result<()> {
 fn randn(g: &Gpu, t: &mut Table) -> Result<()> {
     let n = 4097 * 3;
     let mut out = g.zeros::<f32>(n)?;
-    k::randn(g, &mut out, n, 12345)?;
+    launch::randn(g, &mut out, n, 12345)?;
     let mut r = vec![0.0; n];
     Rng::new(12345).fill_normal(&mut r);
     t.add(format!("randn_splitmix vs Rng::fill_normal (n={n})"), rel_err(&g.download(&out, n)?, &r), 1e-6);
@@ -380,8 +381,8 @@ fn top_k(g: &Gpu, t: &mut Table, rng: &mut Rng, sc: &mut SelectScratch) -> Resul
             s.iter_mut().for_each(|x| *x = (*x * levels as f32 / 4.0).round());
         }
         let gsel = sc.top_k_of(g, &s, kk)?;
-        let rsel = lift::top_k_abs(&s, kk);
-        let err = if gsel == rsel { 0.0 } else { 1.0 - lift::mask_overlap(&rsel, &gsel) + 1e-9 };
+        let rsel = select::top_k_abs(&s, kk);
+        let err = if gsel == rsel { 0.0 } else { 1.0 - select::mask_overlap(&rsel, &gsel) + 1e-9 };
         t.add(format!("top_k_abs radix select (n={n}, k={kk}, ties={})", levels > 0), err, 0.0);
     }
     Ok(())
@@ -394,7 +395,7 @@ fn principal_masks(g: &Gpu, t: &mut Table, rng: &mut Rng, sc: &mut SelectScratch
         [(300, 700, 16, 16, 4), (700, 300, 16, 16, 4), (96, 200, 8, 128, 0), (257, 129, 20, 0, 0)]
     {
         let w = randv(rng, out_ * inp, 0.05);
-        let kk = lift::budget_k(out_, inp, lift::Budget::Density(0.05))?;
+        let kk = select::budget_k(out_, inp, select::Budget::Density(0.05))?;
         let how = if p > 0 && r + p < out_.min(inp) {
             Approx::Randomized { oversample: p, power_iters: iters, seed: 99 }
         } else {
@@ -403,11 +404,11 @@ fn principal_masks(g: &Gpu, t: &mut Table, rng: &mut Rng, sc: &mut SelectScratch
         let wb = upb(g, &w)?;
         let gm = sc.select(g, &[Job { w: &wb, out: out_, inp, k: kk, r, how }])?;
         let gm = g.download(&gm[0], kk)?;
-        let rm = lift::principal_mask(&w, out_, inp, kk, r, how);
+        let rm = select::principal_mask(&w, out_, inp, kk, r, how);
         let path = if matches!(how, Approx::Exact) { "exact" } else { "randomized" };
         t.add(
             format!("principal_mask {path} ({out_}x{inp}, r={r}, k={kk}): 1 - overlap"),
-            1.0 - lift::mask_overlap(&rm, &gm),
+            1.0 - select::mask_overlap(&rm, &gm),
             5e-3,
         );
     }
@@ -420,9 +421,9 @@ fn principal_masks(g: &Gpu, t: &mut Table, rng: &mut Rng, sc: &mut SelectScratch
 fn principal_mask_production(g: &Gpu, t: &mut Table, rng: &mut Rng, sc: &mut SelectScratch) -> Result<()> {
     let (out_, inp, r) = (1024, 2048, 128);
     let w = randv(rng, out_ * inp, 0.05);
-    let kk = lift::budget_k(out_, inp, lift::Budget::Density(0.05))?;
+    let kk = select::budget_k(out_, inp, select::Budget::Density(0.05))?;
     let how = Approx::Randomized { oversample: 128, power_iters: 12, seed: 5 };
-    let rm = lift::principal_mask(&w, out_, inp, kk, r, how);
+    let rm = select::principal_mask(&w, out_, inp, kk, r, how);
     let wb = upb(g, &w)?;
     for tf32 in [false, true] {
         sc.tf32 = tf32;
@@ -431,7 +432,7 @@ fn principal_mask_production(g: &Gpu, t: &mut Table, rng: &mut Rng, sc: &mut Sel
         let what = if tf32 { "TF32 sketch" } else { "f32 sketch" };
         t.add(
             format!("principal_mask randomized, {what} ({out_}x{inp}, r={r}, q=256): 1 - overlap"),
-            1.0 - lift::mask_overlap(&rm, &gm),
+            1.0 - select::mask_overlap(&rm, &gm),
             1e-2,
         );
     }
@@ -462,7 +463,7 @@ fn cholesky(g: &Gpu, t: &mut Table, rng: &mut Rng) -> Result<()> {
         let gb = g.upload(&grams)?;
         let (mut x, mut l, mut m) =
             (g.upload(&vec![f32::NAN; nb * q * q])?, g.zeros::<f64>(nb * q * q)?, g.zeros::<f64>(nb * q * q)?);
-        k::cholesky_inverse_transpose(g, &mut x, &mut l, &mut m, &gb, q, nb)?;
+        launch::cholesky_inverse_transpose(g, &mut x, &mut l, &mut m, &gb, q, nb)?;
         let gx = g.download(&x, nb * q * q)?;
         let rx: Vec<f32> = grams.chunks(q * q).flat_map(|gm| cholesky_inverse_transpose_ref(gm, q)).collect();
         let name = format!("cholesky_inverse_transpose (q={q}, {rows} rows, batch of {nb})");
@@ -500,11 +501,11 @@ fn check_attention(g: &Gpu, t: &mut Table, rng: &mut Rng, d: Attn, tag: &str) ->
     let (nq, nkv, nr) = (b * tt * nh * hs, b * tt * kvh * hs, b * tt * nh);
     let (q, kk, v) = (randv(rng, nq, 1.0), randv(rng, nkv, 1.0), randv(rng, nkv, 1.0));
     let (qb, kb, vb) = (upb(g, &q)?, upb(g, &kk)?, upb(g, &v)?);
-    let overwrite = !k::attention_accumulates(g, d);
+    let overwrite = !launch::attention_accumulates(g, d);
     let out_buf =
         |n: usize| -> Result<Buf<Bf16>> { if overwrite { g.upload(&vec![0xffffu16; n]) } else { g.zeros::<Bf16>(n) } };
     let (mut out, mut lse) = (out_buf(nq)?, g.upload(&vec![f32::NAN; nr])?);
-    k::attention_forward(g, &mut out, &mut lse, &qb, &kb, &vb, d)?;
+    launch::attention_forward(g, &mut out, &mut lse, &qb, &kb, &vb, d)?;
     let (mut r, mut rl) = (vec![0.0; nq], vec![0.0; nr]);
     cpu::attention_forward(&mut r, &mut rl, &q, &kk, &v, dims, None);
     let name = format!("(B={b}, T={tt}, NH={nh}, KVH={kvh}, HS={hs})");
@@ -513,7 +514,7 @@ fn check_attention(g: &Gpu, t: &mut Table, rng: &mut Rng, d: Attn, tag: &str) ->
     t.add(format!("attention_forward{tag} lse {name}"), rel_err(&g.download(&lse, nr)?, &rl), 1e-4);
     let dout = randv(rng, nq, 1.0);
     let (mut dq, mut dk, mut dv, mut delta) = (out_buf(nq)?, out_buf(nkv)?, out_buf(nkv)?, g.zeros::<f32>(nr)?);
-    k::attention_backward(g, &mut dq, &mut dk, &mut dv, &mut delta, &upb(g, &dout)?, &out, &lse, &qb, &kb, &vb, d)?;
+    launch::attention_backward(g, &mut dq, &mut dk, &mut dv, &mut delta, &upb(g, &dout)?, &out, &lse, &qb, &kb, &vb, d)?;
     // the CPU backward gets the GPU's (bf16) forward output, as the GPU does
     let (mut rq, mut rk, mut rv, mut rd) = (vec![0.0; nq], vec![0.0; nkv], vec![0.0; nkv], vec![0.0; nr]);
     cpu::attention_backward(&mut rq, &mut rk, &mut rv, &mut rd, &dout, &gout, &rl, &q, &kk, &v, dims);
@@ -578,7 +579,7 @@ impl GradSink for MaskSink<'_> {
     }
     fn linear(&mut self, p: Param, dout: &[f32], inp: &[f32], n: usize, ic: usize, oc: usize) {
         let Param::Linear(l, w) = p else { return };
-        let id = super::model::matrix_id(l, w);
+        let id = matrix_id(l, w);
         let mut dw = vec![0.0f32; oc * ic];
         cpu::matmul_backward_weight(&mut dw, dout, inp, n, ic, oc);
         for (a, &i) in self.acc[id].iter_mut().zip(&self.masks[id]) {
@@ -623,22 +624,23 @@ fn every_gradient(g: &Gpu, t: &mut Table, config: &str, seed: u64) -> Result<()>
         (0..b * tt).map(|i| if i % 5 == 0 { -100 } else { rng.below(c.vocab_size) as i32 }).collect();
 
     let mut acts = Activations::new(&c, b, tt);
-    let closs = model.forward(&mut acts, &tokens, Some(&targets));
+    let closs = model.forward(&mut acts, &tokens, Some(&targets))?;
     let mut cpu_grads = crate::model::FullGrads::new(&c);
     model.backward(&mut acts, &mut cpu_grads);
 
     // (loss, linear gradients, extras' gradients) of one GPU micro-step.
     type Grads = (f32, Vec<Vec<f32>>, Vec<(Param, Vec<f32>)>);
     let gpu_step = |recompute: bool| -> Result<Grads> {
-        let mut o = crate::train::TrainOptions { method: crate::train::Method::Full, ..bench_options(config, seed) };
-        o.train_norms = true;
-        o.train_embeddings = true;
+        let mut o = check_options(seed);
+        o.method.kind = Method::Full;
+        o.method.train_norms = true;
+        o.method.train_embeddings = true;
         o.recompute = recompute;
         let mut tr = GpuTrainer::new(g, GpuModel::upload(g, &model, tt)?, &o, b, tt)?;
         tr.zero_grads()?;
         let (loss, _, _) = tr.micro_step(b, tt, &tokens, &targets)?;
         let linear = match &tr.state {
-            super::train::GpuState::Full { states } => {
+            super::trainer::GpuState::Full { states } => {
                 states.iter().map(|s| g.download(&s.grad, s.n)).collect::<Result<_>>()?
             }
             _ => bail!("full state expected"),
@@ -650,7 +652,10 @@ fn every_gradient(g: &Gpu, t: &mut Table, config: &str, seed: u64) -> Result<()>
     let tag = format!("{config}, {}", if c.tied_embeddings { "tied" } else { "untied" });
     t.add(format!("every gradient ({tag}): loss"), rel_err(&[gloss], &[closs]), 5e-3);
     let clinear: Vec<f32> = (0..glinear.len())
-        .flat_map(|id| cpu_grads.grads.get(Param::Linear(id / 7, Linear::ALL[id % 7])).to_vec())
+        .flat_map(|id| {
+            let (l, w) = matrix(id);
+            cpu_grads.grads.get(Param::Linear(l, w)).to_vec()
+        })
         .collect();
     t.add(format!("every gradient ({tag}): linear weights"), rel_err(&glinear.concat(), &clinear), 3e-2);
     let class = |p: &Param| match p {
@@ -685,33 +690,22 @@ fn every_gradient(g: &Gpu, t: &mut Table, config: &str, seed: u64) -> Result<()>
     Ok(())
 }
 
-/// The training options of `lift bench` (lr 1e-5, constant, clip 1) for a config.
-fn bench_options(config: &str, seed: u64) -> crate::train::TrainOptions {
-    crate::bench::BenchArgs {
-        config: config.into(),
-        method: crate::train::Method::Lift,
-        seq: 1,
-        batch: 1,
-        steps: 1,
-        warmup: 0,
-        device: super::Device::Cuda,
-        density: 0.05,
+/// The training options of the checked steps: LIFT at 5% with filter rank
+/// 16 by the randomized path (q = 32, 4 iterations), LoRA rank 4; lr 1e-5,
+/// constant, gradient norm clipped at 1.
+fn check_options(seed: u64) -> TrainOptions {
+    let method = MethodOptions {
+        kind: Method::Lift,
+        density: Some(0.05),
         filter_rank: 16,
         oversample: 16,
         power_iters: 4,
-        svd: crate::train::Svd::Randomized,
-        update_interval: 400,
+        svd: Svd::Randomized,
         lora_rank: 4,
-        mask_only: false,
-        forward_only: false,
-        checkpoint: None,
-        profile: false,
-        attention: Attention::Auto,
-        sketch: crate::bench::Sketch::F32,
-        recompute: false,
-        seed,
-    }
-    .options()
+        lora_alpha: 8.0,
+        ..MethodOptions::default()
+    };
+    TrainOptions { method, lr: 1e-5, warmup: 0.0, schedule: Schedule::Constant, seed, ..TrainOptions::default() }
 }
 
 /// One LIFT step of the `small` model (randomized selection path) on both
@@ -725,23 +719,15 @@ fn whole_step(g: &Gpu, t: &mut Table, seed: u64) -> Result<()> {
     let (b, tt) = (2, 61);
     let mut model = Model::new(c.clone(), w);
     model.ensure_rope(tt);
-    let opts = crate::train::TrainOptions { batch_size: b, max_seq_len: tt, ..bench_options("small", seed) };
+    let opts = TrainOptions { batch_size: b, max_seq_len: tt, ..check_options(seed) };
     let gm = GpuModel::upload(g, &model, tt)?;
     let mut tr = GpuTrainer::new(g, gm, &opts, b, tt)?;
     let gmasks = tr.masks()?;
 
-    // CPU masks with the same seeds (train.rs's formula).
-    let mut min_overlap = 1.0f64;
-    for l in 0..c.n_layers {
-        for wk in Linear::ALL {
-            let (out, inp) = wk.shape(&c);
-            let id = super::model::matrix_id(l, wk);
-            let kk = lift::budget_k(out, inp, lift::Budget::Density(0.05))?;
-            let how = Approx::Randomized { oversample: 16, power_iters: 4, seed: seed ^ id as u64 };
-            let m = lift::principal_mask(model.weights.layers[l].linear(wk), out, inp, kk, 16, how);
-            min_overlap = min_overlap.min(lift::mask_overlap(&m, &gmasks[id]));
-        }
-    }
+    // The CPU carries out the same plan (the GPU's rule for --svd auto, the same seeds).
+    let plans = crate::method::mask_plans(&c, &opts.method, seed, 0, 0)?;
+    let cmasks = crate::cpu_trainer::select_masks(&model, &plans);
+    let min_overlap = cmasks.iter().zip(&gmasks).map(|(m, gm)| select::mask_overlap(m, gm)).fold(1.0f64, f64::min);
     t.add(
         format!("LIFT step ({}): masks, worst 1 - overlap of {} matrices", "small", gmasks.len()),
         1.0 - min_overlap,
@@ -755,12 +741,12 @@ fn whole_step(g: &Gpu, t: &mut Table, seed: u64) -> Result<()> {
     tr.zero_grads()?;
     let (gloss, _, _) = tr.micro_step(b, tt, &tokens, &targets)?;
     let mut acts = Activations::new(&c, b, tt);
-    let closs = model.forward(&mut acts, &tokens, Some(&targets));
+    let closs = model.forward(&mut acts, &tokens, Some(&targets))?;
     t.add("LIFT step: loss".into(), rel_err(&[gloss], &[closs]), 5e-3);
     let mut sink = MaskSink { masks: &gmasks, acc: gmasks.iter().map(|m| vec![0.0; m.len()]).collect() };
     model.backward(&mut acts, &mut sink);
     let ggrads: Vec<Vec<f32>> = match &tr.state {
-        super::train::GpuState::Sparse { states, .. } => {
+        super::trainer::GpuState::Sparse { states, .. } => {
             states.iter().map(|s| g.download(&s.acc, s.k)).collect::<Result<_>>()?
         }
         _ => bail!("LIFT state expected"),
@@ -771,7 +757,8 @@ fn whole_step(g: &Gpu, t: &mut Table, seed: u64) -> Result<()> {
     let opt = AdamW { lr: 1e-3, ..AdamW::default() };
     let old: Vec<Vec<f32>> = (0..gmasks.len())
         .map(|id| {
-            gmasks[id].iter().map(|&i| model.weights.layers[id / 7].linear(Linear::ALL[id % 7])[i as usize]).collect()
+            let (l, w) = matrix(id);
+            gmasks[id].iter().map(|&i| model.weights.layers[l].linear(w)[i as usize]).collect()
         })
         .collect();
     tr.update(&opt, 1, 1.0, 1)?;
@@ -780,14 +767,14 @@ fn whole_step(g: &Gpu, t: &mut Table, seed: u64) -> Result<()> {
     let mut cpu_delta = Vec::new();
     let mut gpu_delta = Vec::new();
     let masters: Vec<Vec<f32>> = match &tr.state {
-        super::train::GpuState::Sparse { states, .. } => {
+        super::trainer::GpuState::Sparse { states, .. } => {
             states.iter().map(|s| g.download(&s.master, s.k)).collect::<Result<_>>()?
         }
         _ => unreachable!(),
     };
     for id in 0..gmasks.len() {
         let mut st = SparseState::new(gmasks[id].clone());
-        let (l, wk) = (id / 7, Linear::ALL[id % 7]);
+        let (l, wk) = matrix(id);
         let grads: Vec<f32> = sink.acc[id].iter().map(|x| x * clip).collect();
         let wt = model.weights.layers[l].linear_mut(wk);
         st.step(&opt, 1, wt, &grads);
@@ -808,7 +795,7 @@ fn whole_step(g: &Gpu, t: &mut Table, seed: u64) -> Result<()> {
     let mut changed_outside = 0usize;
     let before = crate::init::random_weights(&c, seed); // the same weights, regenerated
     for (id, mask) in gmasks.iter().enumerate() {
-        let (l, wk) = (id / 7, Linear::ALL[id % 7]);
+        let (l, wk) = matrix(id);
         let sel: std::collections::HashSet<u32> = mask.iter().copied().collect();
         let (a, bw) = (gw.layers[l].linear(wk), before.layers[l].linear(wk));
         changed_outside +=

@@ -19,7 +19,20 @@ use cudarc::driver::{
     CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 
-use super::{Attention, kernels};
+use super::kernels;
+
+/// Which attention kernels run (`--attention`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Attention {
+    /// Tensor cores where the head size allows (64, 128) and a quick check
+    /// against the plain kernels passes, else plain.
+    Auto,
+    /// The tensor-core kernels (attention_tc.cu); an error if their check fails.
+    Tc,
+    /// The CUDA-core kernels (attention.cu).
+    Plain,
+}
 
 /// bf16 values on the device are stored as their 16-bit patterns.
 pub type Bf16 = u16;

@@ -204,8 +204,8 @@ const TC_ROWS: usize = 64; // attention_tc.cu's rows per block
 /// size 64 or 128 and `Attention::Tc` selected), else None (attention.cu).
 fn tc_kernel(g: &Gpu, d: &Attn) -> Option<&'static str> {
     match (g.attention(), d.hs) {
-        (super::Attention::Tc, 64) => Some("64"),
-        (super::Attention::Tc, 128) => Some("128"),
+        (super::gpu::Attention::Tc, 64) => Some("64"),
+        (super::gpu::Attention::Tc, 128) => Some("128"),
         _ => None,
     }
 }

@@ -17,8 +17,8 @@ use anyhow::{Result, bail};
 use half::bf16;
 
 use super::gpu::{Bf16, Buf, Dt, Gpu};
-use super::launch::{self as k, Attn, RopeDev};
-use crate::model::{Config, Linear, Model, Param, Weights};
+use super::launch::{self, Attn, RopeDev};
+use crate::model::{Config, Linear, Model, Param, Weights, matrix_id};
 
 /// bf16 bit patterns of f32 values (round to nearest even).
 pub fn to_bf16(x: &[f32]) -> Vec<Bf16> {
@@ -414,33 +414,33 @@ impl GpuModel {
         let w = &self.layers[l];
         let id = |which| matrix_id(l, which);
         // Attention block: x_mid = x_in + o(attention(rope(q), rope(k), v)).
-        g.timed("rmsnorm", || k::rmsnorm_forward(g, &mut a.xn1, &mut a.rstd1, x_in, &w.attn_norm, n, d, c.norm_eps))?;
+        g.timed("rmsnorm", || launch::rmsnorm_forward(g, &mut a.xn1, &mut a.rstd1, x_in, &w.attn_norm, n, d, c.norm_eps))?;
         g.timed("gemm fwd", || {
             self.linear_forward(g, &a.q, &a.xn1, &w.wq, id(Linear::Q), a.xa.first(), n, d, qd)?;
             self.linear_forward(g, &a.k, &a.xn1, &w.wk, id(Linear::K), a.xa.get(1), n, d, kvd)?;
             self.linear_forward(g, &a.v, &a.xn1, &w.wv, id(Linear::V), a.xa.get(2), n, d, kvd)
         })?;
         g.timed("rope", || {
-            k::rope_rotate(g, &mut a.q, &self.rope, n, t, c.n_heads, c.head_dim, 0, 1.0)?;
-            k::rope_rotate(g, &mut a.k, &self.rope, n, t, c.n_kv_heads, c.head_dim, 0, 1.0)
+            launch::rope_rotate(g, &mut a.q, &self.rope, n, t, c.n_heads, c.head_dim, 0, 1.0)?;
+            launch::rope_rotate(g, &mut a.k, &self.rope, n, t, c.n_kv_heads, c.head_dim, 0, 1.0)
         })?;
-        g.timed("attention fwd", || k::attention_forward(g, &mut a.att, &mut a.lse, &a.q, &a.k, &a.v, dims))?;
+        g.timed("attention fwd", || launch::attention_forward(g, &mut a.att, &mut a.lse, &a.q, &a.k, &a.v, dims))?;
         g.timed("gemm fwd", || self.linear_forward(g, tmp, &a.att, &w.wo, id(Linear::O), a.xa.get(3), n, qd, d))?;
-        g.timed("residual", || k::residual_forward(g, &mut a.x_mid, x_in, tmp, n * d))?;
+        g.timed("residual", || launch::residual_forward(g, &mut a.x_mid, x_in, tmp, n * d))?;
         // MLP block: x_out = x_mid + down(silu(gate(x)) * up(x)).
         g.timed("rmsnorm", || {
-            k::rmsnorm_forward(g, &mut a.xn2, &mut a.rstd2, &a.x_mid, &w.mlp_norm, n, d, c.norm_eps)
+            launch::rmsnorm_forward(g, &mut a.xn2, &mut a.rstd2, &a.x_mid, &w.mlp_norm, n, d, c.norm_eps)
         })?;
         g.timed("gemm fwd", || {
             self.linear_forward(g, &a.gate, &a.xn2, &w.w_gate, id(Linear::Gate), a.xa.get(4), n, d, f)?;
             self.linear_forward(g, &a.up, &a.xn2, &w.w_up, id(Linear::Up), a.xa.get(5), n, d, f)
         })?;
-        g.timed("swiglu", || k::swiglu_forward(g, &mut a.h, &a.gate, &a.up, n * f))?;
+        g.timed("swiglu", || launch::swiglu_forward(g, &mut a.h, &a.gate, &a.up, n * f))?;
         // (With LoRA this also refills the down adapter's xa, which a
         // recomputation needs, so it runs even when x_out is not wanted.)
         g.timed("gemm fwd", || self.linear_forward(g, tmp, &a.h, &w.w_down, id(Linear::Down), a.xa.get(6), n, f, d))?;
         if let Some(x_out) = x_out {
-            g.timed("residual", || k::residual_forward(g, x_out, &a.x_mid, tmp, n * d))?;
+            g.timed("residual", || launch::residual_forward(g, x_out, &a.x_mid, tmp, n * d))?;
         }
         Ok(())
     }
@@ -465,7 +465,7 @@ impl GpuModel {
         acts.n_counted = tg.iter().filter(|&&x| x >= 0).count();
         g.write(&mut acts.targets, 0, &tg)?;
 
-        g.timed("embedding", || k::embedding_forward(g, &mut acts.x[0], &acts.tokens, &self.embed, n, d))?;
+        g.timed("embedding", || launch::embedding_forward(g, &mut acts.x[0], &acts.tokens, &self.embed, n, d))?;
         for l in 0..c.n_layers {
             let slot = acts.slot(l);
             let (inputs, outputs) = acts.x.split_at_mut(l + 1);
@@ -473,7 +473,7 @@ impl GpuModel {
         }
         let x_final = &acts.x[c.n_layers];
         g.timed("rmsnorm", || {
-            k::rmsnorm_forward(g, &mut acts.xf, &mut acts.rstd_f, x_final, &self.norm, n, d, c.norm_eps)
+            launch::rmsnorm_forward(g, &mut acts.xf, &mut acts.rstd_f, x_final, &self.norm, n, d, c.norm_eps)
         })?;
         g.timed("lm head fwd", || {
             g.gemm(
@@ -492,7 +492,7 @@ impl GpuModel {
             )
         })?;
         g.timed("cross-entropy fwd", || {
-            k::crossentropy_forward(g, &mut acts.losses, &mut acts.lse_ce, &acts.logits, &acts.targets, n, c.vocab_size)
+            launch::crossentropy_forward(g, &mut acts.losses, &mut acts.lse_ce, &acts.logits, &acts.targets, n, c.vocab_size)
         })?;
         if acts.n_counted == 0 {
             return Ok(0.0);
@@ -517,7 +517,7 @@ impl GpuModel {
         // Loss and LM head: dlogits (N, V), then dxn = dlogits @ W_head;
         // dW_head (V, C) += dlogits^T @ xf when the head (or the embedding
         // it is tied to) is trained.
-        g.timed("cross-entropy bwd", || k::crossentropy_backward(g, logits, lse_ce, targets, n, v, inv))?;
+        g.timed("cross-entropy bwd", || launch::crossentropy_backward(g, logits, lse_ce, targets, n, v, inv))?;
         if let Some(dw) = sink.dense(self.head_param()) {
             g.timed("lm head dW", || {
                 g.gemm(true, false, v, d, n, 1.0, logits.ptr(), xf.ptr(), 1.0, dw.ptr(), Dt::Bf16, Dt::F32)
@@ -529,9 +529,9 @@ impl GpuModel {
         g.timed("zero", || g.zero_range(&mut s.dres, 0, n * d))?;
         let x_final = &x[c.n_layers];
         g.timed("rmsnorm", || {
-            k::rmsnorm_backward(g, &mut s.dres, sink.dense(Param::Norm), &s.dxn, x_final, &self.norm, rstd_f, n, d)
+            launch::rmsnorm_backward(g, &mut s.dres, sink.dense(Param::Norm), &s.dxn, x_final, &self.norm, rstd_f, n, d)
         })?;
-        let zero_attn_grads = k::attention_accumulates(g, dims);
+        let zero_attn_grads = launch::attention_accumulates(g, dims);
 
         for l in (0..c.n_layers).rev() {
             let w = &self.layers[l];
@@ -550,7 +550,7 @@ impl GpuModel {
                 self.linear_backward_input(g, &s.dh, &s.dres, &w.w_down, id(Linear::Down), &s.dyb, 0.0, n, f, d)
             })?;
             // dgate and dup are written, not accumulated: nothing else adds to them
-            g.timed("swiglu", || k::swiglu_backward(g, &mut s.dgate, &mut s.dup, &s.dh, &a.gate, &a.up, n * f, false))?;
+            g.timed("swiglu", || launch::swiglu_backward(g, &mut s.dgate, &mut s.dup, &s.dh, &a.gate, &a.up, n * f, false))?;
             sink.linear(g, id(Linear::Gate), &s.dgate, &a.xn2, xa(4), n, d, f)?;
             sink.linear(g, id(Linear::Up), &s.dup, &a.xn2, xa(5), n, d, f)?;
             g.timed("gemm dX", || {
@@ -559,7 +559,7 @@ impl GpuModel {
             })?;
             g.timed("rmsnorm", || {
                 let dw = sink.dense(Param::MlpNorm(l));
-                k::rmsnorm_backward(g, &mut s.dres, dw, &s.dxn, &a.x_mid, &w.mlp_norm, &a.rstd2, n, d)
+                launch::rmsnorm_backward(g, &mut s.dres, dw, &s.dxn, &a.x_mid, &w.mlp_norm, &a.rstd2, n, d)
             })?;
 
             // Attention block. s.dres holds d(x_mid) and becomes d(x_in).
@@ -575,7 +575,7 @@ impl GpuModel {
                 })?;
             }
             g.timed("attention bwd", || {
-                k::attention_backward(
+                launch::attention_backward(
                     g,
                     &mut s.dq,
                     &mut s.dk,
@@ -591,8 +591,8 @@ impl GpuModel {
                 )
             })?;
             g.timed("rope", || {
-                k::rope_rotate(g, &mut s.dq, &self.rope, n, t, c.n_heads, c.head_dim, 0, -1.0)?;
-                k::rope_rotate(g, &mut s.dk, &self.rope, n, t, c.n_kv_heads, c.head_dim, 0, -1.0)
+                launch::rope_rotate(g, &mut s.dq, &self.rope, n, t, c.n_heads, c.head_dim, 0, -1.0)?;
+                launch::rope_rotate(g, &mut s.dk, &self.rope, n, t, c.n_kv_heads, c.head_dim, 0, -1.0)
             })?;
             sink.linear(g, id(Linear::Q), &s.dq, &a.xn1, xa(0), n, d, qd)?;
             sink.linear(g, id(Linear::K), &s.dk, &a.xn1, xa(1), n, d, kvd)?;
@@ -604,12 +604,12 @@ impl GpuModel {
             })?;
             g.timed("rmsnorm", || {
                 let dw = sink.dense(Param::AttnNorm(l));
-                k::rmsnorm_backward(g, &mut s.dres, dw, &s.dxn, x_in, &w.attn_norm, &a.rstd1, n, d)
+                launch::rmsnorm_backward(g, &mut s.dres, dw, &s.dxn, x_in, &w.attn_norm, &a.rstd1, n, d)
             })?;
         }
         // s.dres is d(x[0]), the embedded tokens': scattered into the rows of dW_embed.
         if let Some(dw) = sink.dense(Param::Embed) {
-            g.timed("embedding bwd", || k::embedding_backward(g, dw, &s.dres, tokens, n, d))?;
+            g.timed("embedding bwd", || launch::embedding_backward(g, dw, &s.dres, tokens, n, d))?;
         }
         Ok(())
     }
@@ -626,10 +626,10 @@ impl GpuModel {
                 tmp = g.zeros::<f32>(n)?;
             }
             counter += 1;
-            k::randn(g, &mut tmp, n, seed ^ (counter << 40))?;
-            k::scale_f32(g, &mut tmp, 0.02, n)?;
+            launch::randn(g, &mut tmp, n, seed ^ (counter << 40))?;
+            launch::scale_f32(g, &mut tmp, 0.02, n)?;
             let mut b = g.zeros::<Bf16>(n)?;
-            k::convert(g, "f32_to_bf16", &mut b, &tmp, n)?;
+            launch::convert(g, "f32_to_bf16", &mut b, &tmp, n)?;
             Ok(b)
         };
         let ones = |n: usize| g.upload(&to_bf16(&vec![1.0f32; n]));

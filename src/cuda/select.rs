@@ -29,7 +29,7 @@ use anyhow::{Result, anyhow};
 use rayon::prelude::*;
 
 use super::gpu::{Bf16, Buf, Dt, Gpu};
-use super::launch as k;
+use super::launch;
 use crate::select::{self, Approx};
 
 /// Device scratch of the selection, grown on demand and reused.
@@ -133,12 +133,12 @@ impl SelectScratch {
         g.timed("cholqr gram (f64)", || {
             for (b, s) in sk.iter().enumerate() {
                 let (rows, y) = (rows_of(s), if use_z { &s.z } else { &s.y });
-                k::convert(g, "f32_to_f64", y64, y, rows * q)?;
+                launch::convert(g, "f32_to_f64", y64, y, rows * q)?;
                 g.dgemm(true, false, q, q, rows, y64.ptr(), y64.ptr(), gram.at(b * q * q))?; // G = Y^T Y (f64)
             }
             Ok(())
         })?;
-        g.timed("cholqr cholesky", || k::cholesky_inverse_transpose(g, x, lt, mt, gram, q, nb))?; // X = L^{-T}
+        g.timed("cholqr cholesky", || launch::cholesky_inverse_transpose(g, x, lt, mt, gram, q, nb))?; // X = L^{-T}
         g.timed("cholqr apply", || {
             for (b, s) in sk.iter_mut().enumerate() {
                 let rows = rows_of(s);
@@ -162,9 +162,9 @@ impl SelectScratch {
                 let Approx::Randomized { seed, .. } = job.how else { unreachable!("a randomized job") };
                 let (out, inp) = (job.out, job.inp);
                 let mut wf = g.zeros::<f32>(out * inp)?;
-                k::convert(g, "bf16_to_f32", &mut wf, job.w, out * inp)?;
+                launch::convert(g, "bf16_to_f32", &mut wf, job.w, out * inp)?;
                 let mut z = g.zeros::<f32>(inp * q)?;
-                k::randn(g, &mut z, inp * q, seed)?; // Omega (in, q)
+                launch::randn(g, &mut z, inp * q, seed)?; // Omega (in, q)
                 sk.push(Sketch { wf, y: g.zeros::<f32>(out * q)?, z, out, inp });
             }
             Ok(())
@@ -200,7 +200,7 @@ impl SelectScratch {
             })?;
             let b64 = grow(g, &mut self.y64, q * s.inp)?;
             g.timed("B gram (f64)", || {
-                k::convert(g, "f32_to_f64", b64, &bm, q * s.inp)?;
+                launch::convert(g, "f32_to_f64", b64, &bm, q * s.inp)?;
                 g.dgemm(false, true, q, q, s.inp, b64.ptr(), b64.ptr(), gram_all + (b * q * q * 8) as u64) // B B^T
             })?;
             bms.push(bm);
@@ -257,7 +257,7 @@ impl SelectScratch {
         let (out, inp) = (job.out, job.inp);
         let (m, n) = (out.min(inp), out * inp);
         let mut w64 = g.zeros::<f64>(n)?;
-        k::convert(g, "bf16_to_f64", &mut w64, job.w, n)?;
+        launch::convert(g, "bf16_to_f64", &mut w64, job.w, n)?;
         let gram = grow(g, &mut self.gram, m * m)?;
         g.timed("exact gram (f64)", || {
             if out <= inp {
@@ -279,7 +279,7 @@ impl SelectScratch {
         let wr = self.wr.as_mut().unwrap();
         g.timed("W_r formation", || {
             match pending {
-                Pending::Whole => k::convert(g, "bf16_to_f32", wr, job.w, n)?,
+                Pending::Whole => launch::convert(g, "bf16_to_f32", wr, job.w, n)?,
                 Pending::Randomized { qm, bm, q } => {
                     let u: Vec<f32> = vecs.iter().map(|&x| x as f32).collect();
                     let u = g.upload(&u)?; // U_B^T (r, q)
@@ -301,7 +301,7 @@ impl SelectScratch {
                         g.dgemm(false, true, out, r, inp, w64.ptr(), p.ptr(), wp.ptr())?; // W P^T
                         g.dgemm(false, false, out, inp, r, wp.ptr(), p.ptr(), wr64.ptr())?; // (W P^T) P
                     }
-                    k::convert(g, "f64_to_f32", wr, &wr64, n)?;
+                    launch::convert(g, "f64_to_f32", wr, &wr64, n)?;
                     g.sync()?; // wr64, pa, wp are freed on return
                 }
             }
@@ -312,16 +312,16 @@ impl SelectScratch {
 
     /// select::top_k_abs on the scores buffer `wr` (n values): the k largest
     /// |scores|, ties toward the smaller index, ascending.
-    fn top_k_abs(&mut self, g: &Gpu, n: usize, kk: usize) -> Result<Buf<u32>> {
-        g.timed("top-k", || self.top_k_abs_inner(g, n, kk))
+    fn top_k_abs(&mut self, g: &Gpu, n: usize, k: usize) -> Result<Buf<u32>> {
+        g.timed("top-k", || self.top_k_abs_inner(g, n, k))
     }
 
-    fn top_k_abs_inner(&mut self, g: &Gpu, n: usize, kk: usize) -> Result<Buf<u32>> {
-        assert!(kk <= n && n <= 1 << 32, "top_k_abs: k = {kk}, n = {n}");
-        if kk == 0 {
+    fn top_k_abs_inner(&mut self, g: &Gpu, n: usize, k: usize) -> Result<Buf<u32>> {
+        assert!(k <= n && n <= 1 << 32, "top_k_abs: k = {k}, n = {n}");
+        if k == 0 {
             return g.zeros::<u32>(0);
         }
-        if kk == n {
+        if k == n {
             return g.upload(&(0..n as u32).collect::<Vec<u32>>());
         }
         // The bucket that holds the k-th largest, counting down from the top;
@@ -336,16 +336,16 @@ impl SelectScratch {
             }
             unreachable!("the histogram holds at least `need` entries")
         };
-        let mut need = kk as u64;
+        let mut need = k as u64;
         let mut prefix = 0u32;
         // digits of the 31-bit key: bits 30..20, 19..10, 9..0
         for (shift, bits) in [(20u32, 11u32), (10, 10), (0, 10)] {
-            let hist = grow(g, &mut self.hist, k::HIST_BINS)?;
+            let hist = grow(g, &mut self.hist, launch::HIST_BINS)?;
             g.zero(hist)?;
             let prefix_shift = shift + bits;
             let scores = self.wr.as_ref().unwrap();
             let hist = self.hist.as_mut().unwrap();
-            k::radix_histogram(
+            launch::radix_histogram(
                 g,
                 hist,
                 scores,
@@ -362,11 +362,11 @@ impl SelectScratch {
         }
         let threshold = prefix;
         let ties_needed = need as u32; // >= 1
-        let nb = n.div_ceil(k::SEL_CHUNK);
+        let nb = n.div_ceil(launch::SEL_CHUNK);
         grow(g, &mut self.above, nb)?;
         grow(g, &mut self.ties, nb)?;
         let scores = self.wr.as_ref().unwrap();
-        k::select_count(g, self.above.as_mut().unwrap(), self.ties.as_mut().unwrap(), scores, n, threshold)?;
+        launch::select_count(g, self.above.as_mut().unwrap(), self.ties.as_mut().unwrap(), scores, n, threshold)?;
         let above = g.download(self.above.as_ref().unwrap(), nb)?;
         let ties = g.download(self.ties.as_ref().unwrap(), nb)?;
         let (mut out_start, mut tie_start) = (Vec::with_capacity(nb), Vec::with_capacity(nb));
@@ -378,11 +378,11 @@ impl SelectScratch {
             pos += above[b] as u64 + taken;
             tie_pos += ties[b] as u64;
         }
-        assert_eq!(pos, kk as u64, "top_k_abs: the counts do not add up to k");
+        assert_eq!(pos, k as u64, "top_k_abs: the counts do not add up to k");
         let out_start = g.upload(&out_start)?;
         let tie_start = g.upload(&tie_start)?;
-        let mut sel = g.zeros::<u32>(kk)?;
-        k::select_write(g, &mut sel, kk, &out_start, &tie_start, scores, n, threshold, ties_needed)?;
+        let mut sel = g.zeros::<u32>(k)?;
+        launch::select_write(g, &mut sel, k, &out_start, &tie_start, scores, n, threshold, ties_needed)?;
         g.sync()?; // out_start and tie_start are freed on return
         Ok(sel)
     }
@@ -451,11 +451,11 @@ impl SelectScratch {
     }
 
     /// top_k_abs of an f32 score array given on the host (for gpu-check).
-    pub fn top_k_of(&mut self, g: &Gpu, scores: &[f32], kk: usize) -> Result<Vec<u32>> {
+    pub fn top_k_of(&mut self, g: &Gpu, scores: &[f32], k: usize) -> Result<Vec<u32>> {
         let n = scores.len();
         grow(g, &mut self.wr, n)?;
         g.write(self.wr.as_mut().unwrap(), 0, scores)?;
-        let sel = self.top_k_abs(g, n, kk)?;
-        g.download(&sel, kk)
+        let sel = self.top_k_abs(g, n, k)?;
+        g.download(&sel, k)
     }
 }

@@ -22,7 +22,7 @@
 use std::borrow::Cow;
 use std::time::Instant;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Result, anyhow, bail};
 use half::bf16;
 
 use super::gpu::{Bf16, Buf, Dt, Gpu};

@@ -165,7 +165,7 @@ pub fn save(dir: &Path, c: &Config, header: &StateHeader, src: &dyn StateSource)
         let n_extra = extra_params(c, &o.method).len();
         w.len(n_extra)?;
         for i in 0..n_extra {
-            w.dense(&src.extra(i)?)?;
+            w.dense(src.extra(i)?.as_ref())?;
         }
         w.w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
         Ok(())
