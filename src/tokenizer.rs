@@ -29,15 +29,20 @@
 //! anything else is refused with an error naming it rather than tokenized
 //! differently. `tests/tokenizer.rs` checks every stage against the real library
 //! on fixtures made by `tests/make_tokenizer_fixtures.py`.
+//!
+//! This file holds the tokenizer and nothing of the files it comes from. Turning
+//! a tokenizer.json, or the vocabulary in a GGUF file, into a [`Tokenizer`] (and
+//! a [`Tokenizer`] back into either) is done in formats/tokenizer_json.rs and
+//! formats/tokenizer_gguf.rs, as more `impl Tokenizer` blocks; they use the
+//! types here, and this file uses nothing of theirs.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::collections::{BinaryHeap, HashMap};
 use std::fmt;
 use std::sync::{Arc, OnceLock, RwLock};
 
 use anyhow::{Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 /// GPT-2's pre-tokenizer regex (also used by `tokenizers`' ByteLevel with `use_regex`).
 pub const GPT2_REGEX: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
@@ -47,11 +52,11 @@ pub const GPT2_REGEX: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\
 pub const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// Qwen 2's: Llama 3's with single digits.
-const QWEN2_REGEX: &str =
+pub(crate) const QWEN2_REGEX: &str =
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// GPT-4o's (also Llama 4's): words split at case changes, contractions attached.
-const GPT4O_REGEX: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+pub(crate) const GPT4O_REGEX: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// SentencePiece's visible space.
 const METASPACE: char = '▁';
@@ -71,52 +76,52 @@ const CACHE_CAPACITY: usize = 200_000;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(try_from = "Spec", into = "Spec")]
 pub struct Tokenizer {
-    spec: Spec,
+    pub(crate) spec: Spec,
     tables: Arc<Tables>,
 }
 
 /// Everything that defines a tokenizer; the rest is derived from it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct Spec {
+pub(crate) struct Spec {
     /// Token string of every id. Byte-level tokens are spelled in the byte alphabet.
-    vocab: Vec<String>,
+    pub(crate) vocab: Vec<String>,
     /// Merges, best first: the pair `(a, b)` at index r becomes the token `a + b`.
-    merges: Vec<(String, String)>,
+    pub(crate) merges: Vec<(String, String)>,
     /// Tokens matched whole in the text before anything else happens to it.
-    added_tokens: Vec<AddedToken>,
+    pub(crate) added_tokens: Vec<AddedToken>,
     /// Applied to each stretch of text between added tokens.
-    normalizer: Vec<Normalize>,
+    pub(crate) normalizer: Vec<Normalize>,
     /// Applied in order; each step cuts every piece further (or respells it).
-    pre_tokenizer: Vec<PreTokenize>,
-    bpe: BpeOptions,
+    pub(crate) pre_tokenizer: Vec<PreTokenize>,
+    pub(crate) bpe: BpeOptions,
     /// Applied in order to the list of token strings; the result is concatenated.
-    decoder: Vec<DecodeStep>,
-    bos_id: Option<u32>,
-    eos_id: Option<u32>,
-    add_bos: bool,
+    pub(crate) decoder: Vec<DecodeStep>,
+    pub(crate) bos_id: Option<u32>,
+    pub(crate) eos_id: Option<u32>,
+    pub(crate) add_bos: bool,
 }
 
 /// A token matched literally in the text (`tokenizers`' AddedToken).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct AddedToken {
-    id: u32,
-    content: String,
+pub(crate) struct AddedToken {
+    pub(crate) id: u32,
+    pub(crate) content: String,
     /// Special tokens (`<s>`, `<|im_end|>`) are what `skip_special_tokens` would
     /// drop; we keep them when decoding, as `decode` does by default.
-    special: bool,
+    pub(crate) special: bool,
     /// Matched in the normalized text (with its content normalized too) rather
     /// than in the raw text.
-    normalized: bool,
+    pub(crate) normalized: bool,
     /// Absorb the whitespace on its left / right into the token.
-    lstrip: bool,
-    rstrip: bool,
+    pub(crate) lstrip: bool,
+    pub(crate) rstrip: bool,
     /// Only match when not inside a word.
-    single_word: bool,
+    pub(crate) single_word: bool,
 }
 
 /// One normalizer step (`tokenizers`' Prepend and Replace, the two Llama 2 uses).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-enum Normalize {
+pub(crate) enum Normalize {
     /// Put this string in front of every non-empty stretch of text.
     Prepend(String),
     /// Replace every occurrence of the first string by the second.
@@ -125,7 +130,7 @@ enum Normalize {
 
 /// One pre-tokenizer step.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-enum PreTokenize {
+pub(crate) enum PreTokenize {
     /// Cut each piece into the regex's matches and the gaps between them, all kept
     /// (`tokenizers`' Split with behavior "Isolated", and ByteLevel's own regex).
     Split(String),
@@ -144,7 +149,7 @@ enum PreTokenize {
 /// When the Metaspace pre-tokenizer puts a `▁` in front of a piece (one that
 /// does not already start with one).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-enum Prepend {
+pub(crate) enum Prepend {
     Always,
     /// Only to the piece at the very start of the text: after `<s>` there is none.
     First,
@@ -153,20 +158,20 @@ enum Prepend {
 
 /// Options of the BPE model itself.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct BpeOptions {
+pub(crate) struct BpeOptions {
     /// Spell a character missing from the vocabulary as its byte tokens `<0xXX>`.
-    byte_fallback: bool,
+    pub(crate) byte_fallback: bool,
     /// Otherwise, the token it becomes (none: the character is dropped, as HF does).
-    unk_id: Option<u32>,
+    pub(crate) unk_id: Option<u32>,
     /// Consecutive unknown characters become one unknown token.
-    fuse_unk: bool,
+    pub(crate) fuse_unk: bool,
     /// A pre-token that is itself in the vocabulary is taken whole (Llama 3).
-    ignore_merges: bool,
+    pub(crate) ignore_merges: bool,
 }
 
 /// One decoder step, working on the list of token strings (`tokenizers`' decoders).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-enum DecodeStep {
+pub(crate) enum DecodeStep {
     /// Byte-alphabet characters back to bytes, then bytes to UTF-8 (invalid
     /// sequences become U+FFFD); fuses everything into one string.
     ByteLevel,
@@ -219,40 +224,6 @@ impl From<Tokenizer> for Spec {
 }
 
 impl Tokenizer {
-    /// From a Hugging Face tokenizer.json, and optionally the tokenizer_config.json
-    /// next to it, which says whether a BOS token is added (`add_bos_token`) and
-    /// names the BOS and EOS tokens. Without a config (or without `add_bos_token`
-    /// in it) the tokenizer.json's post-processor decides: a template that starts
-    /// with a special token adds that token as BOS.
-    pub fn from_hf_json(tokenizer_json: &str, tokenizer_config_json: Option<&str>) -> Result<Tokenizer> {
-        let spec = hf_json::parse(tokenizer_json, tokenizer_config_json)?;
-        Tokenizer::try_from(spec).map_err(|e| anyhow!("tokenizer.json: {e}"))
-    }
-
-    /// From the vocabulary stored in a GGUF file's metadata (`tokenizer.ggml.*`).
-    ///
-    /// `model` is `tokenizer.ggml.model`: "gpt2" (byte-level BPE, `merges`
-    /// required) or "llama" (SentencePiece BPE; without `merges` they are derived
-    /// from `scores`). `pre` is `tokenizer.ggml.pre`, which picks the byte-level
-    /// regex. The result is what `transformers` builds from the same file
-    /// (`AutoTokenizer.from_pretrained(..., gguf_file=...)`), which is what the
-    /// tests compare against.
-    #[allow(clippy::too_many_arguments)]
-    pub fn from_gguf_vocab(
-        model: &str,
-        pre: &str,
-        tokens: Vec<String>,
-        token_types: Vec<i32>,
-        merges: Vec<String>,
-        scores: Vec<f32>,
-        bos_id: Option<u32>,
-        eos_id: Option<u32>,
-        add_bos: bool,
-    ) -> Result<Tokenizer> {
-        let spec = gguf_vocab::build(model, pre, tokens, token_types, merges, scores, bos_id, eos_id, add_bos)?;
-        Tokenizer::try_from(spec).map_err(|e| anyhow!("GGUF tokenizer: {e}"))
-    }
-
     /// Number of ids, added tokens included.
     pub fn vocab_size(&self) -> usize {
         self.spec.vocab.len()
@@ -280,41 +251,6 @@ impl Tokenizer {
     /// The id of a token spelled as in the vocabulary.
     pub fn token_id(&self, token: &str) -> Option<u32> {
         self.tables.token_to_id.get(token).copied()
-    }
-
-    /// This tokenizer as a Hugging Face tokenizer.json (for `lift export --format hf`).
-    pub fn to_hf_json(&self) -> Result<String> {
-        hf_write::to_json(&self.spec)
-    }
-
-    /// This tokenizer as GGUF `tokenizer.ggml.*` metadata (for `lift export --format gguf`).
-    pub fn to_gguf_metadata(&self) -> Vec<(String, crate::formats::gguf::GgufValue)> {
-        hf_write::gguf_metadata(&self.spec)
-    }
-
-    /// A byte-level stand-in for models made by `lift init` without a real
-    /// tokenizer: one token per byte (GPT-2's byte alphabet), no merges, then
-    /// `<s>` and `</s>` as BOS and EOS, padded with unused `<|extra_N|>` tokens
-    /// up to `vocab` (at least 259).
-    pub fn byte_level_standin(vocab: usize) -> Result<Tokenizer> {
-        if vocab < 259 {
-            bail!("a byte-level stand-in tokenizer needs a vocabulary of at least 259 (got {vocab})");
-        }
-        let alphabet = byte_alphabet();
-        let mut tokens: Vec<String> = (0..256).map(|b| alphabet.to_char[b].to_string()).collect();
-        tokens.push("<s>".into());
-        tokens.push("</s>".into());
-        // the product of the one merge below, so that the merge list is valid
-        tokens.push(format!("{}{}", alphabet.to_char[b'<' as usize], alphabet.to_char[b'>' as usize]));
-        for i in tokens.len()..vocab {
-            tokens.push(format!("<|extra_{i}|>"));
-        }
-        let mut types = vec![1; 256];
-        types.extend([3, 3, 1]);
-        types.extend(std::iter::repeat_n(3, vocab - 259));
-        // One merge that joins nothing real keeps the gpt2 loader's invariant.
-        let merges = vec![format!("{} {}", alphabet.to_char[b'<' as usize], alphabet.to_char[b'>' as usize])];
-        Tokenizer::from_gguf_vocab("gpt2", "gpt-2", tokens, types, merges, Vec::new(), Some(256), Some(257), false)
     }
 
     /// Text to ids. Never adds BOS. Special tokens written in the text
@@ -542,7 +478,7 @@ fn is_word_char(c: char) -> bool {
 /// Stage 2: the normalizer steps, applied to one stretch of text between added
 /// tokens. Llama 2's legacy files do their `▁` handling here: Prepend("▁") then
 /// Replace(" ", "▁"), so every stretch — also the one after `<s>` — gets a `▁`.
-fn normalize(steps: &[Normalize], text: &str) -> String {
+pub(crate) fn normalize(steps: &[Normalize], text: &str) -> String {
     let mut s = text.to_string();
     for step in steps {
         match step {
@@ -815,7 +751,7 @@ fn byte_level_bytes(token: &str) -> Vec<u8> {
 }
 
 /// `<0xAB>` -> 0xAB (hex digits of either case, as tokenizers' ByteFallback).
-fn parse_byte_token(token: &str) -> Option<u8> {
+pub(crate) fn parse_byte_token(token: &str) -> Option<u8> {
     let hex = token.strip_prefix("<0x")?.strip_suffix('>')?;
     if token.len() != 6 {
         return None;
@@ -941,19 +877,19 @@ impl Tables {
 /// vocabulary is a list of ordinary strings: the printable Latin-1 bytes stand
 /// for themselves, the other 68 (controls, space, 0x7F-0xA0, 0xAD) for
 /// U+0100 onwards in byte order. So a space is `Ġ` (U+0120), a newline `Ċ`.
-struct ByteAlphabet {
-    to_char: [char; 256],
+pub(crate) struct ByteAlphabet {
+    pub(crate) to_char: [char; 256],
     /// Indexed by code point, for the 324 characters below U+0144.
     from_char: [Option<u8>; 324],
 }
 
 impl ByteAlphabet {
-    fn to_byte(&self, c: char) -> Option<u8> {
+    pub(crate) fn to_byte(&self, c: char) -> Option<u8> {
         self.from_char.get(c as usize).copied().flatten()
     }
 }
 
-fn byte_alphabet() -> &'static ByteAlphabet {
+pub(crate) fn byte_alphabet() -> &'static ByteAlphabet {
     static ALPHABET: OnceLock<ByteAlphabet> = OnceLock::new();
     ALPHABET.get_or_init(|| {
         let mut to_char = ['\0'; 256];
@@ -974,708 +910,6 @@ fn byte_alphabet() -> &'static ByteAlphabet {
         }
         ByteAlphabet { to_char, from_char }
     })
-}
-
-// ---------------------------------------------------------------------------
-// tokenizer.json
-// ---------------------------------------------------------------------------
-
-/// Reading a Hugging Face tokenizer.json into a [`Spec`].
-mod hf_json {
-    use super::*;
-
-    pub(super) fn parse(json: &str, config: Option<&str>) -> Result<Spec> {
-        let root: Value = serde_json::from_str(json).map_err(|e| anyhow!("tokenizer.json is not valid JSON: {e}"))?;
-        let model = root.get("model").ok_or_else(|| anyhow!("tokenizer.json has no \"model\""))?;
-        let kind = str_field(model, "type").unwrap_or("BPE");
-        if kind != "BPE" {
-            bail!("tokenizer.json: model type {kind} is not supported (only BPE)");
-        }
-        for key in ["continuing_subword_prefix", "end_of_word_suffix"] {
-            if str_field(model, key).is_some_and(|s| !s.is_empty()) {
-                bail!("tokenizer.json: BPE option {key} is not supported");
-            }
-        }
-        if model.get("dropout").and_then(Value::as_f64).is_some_and(|d| d > 0.0) {
-            bail!("tokenizer.json: BPE dropout is not supported");
-        }
-
-        // Vocabulary: the model's, then added tokens (which may extend it).
-        let mut by_id: Vec<Option<String>> = Vec::new();
-        let mut put = |id: u64, token: &str| -> Result<()> {
-            let i = usize::try_from(id)
-                .ok()
-                .filter(|&i| i < (1 << 31))
-                .ok_or_else(|| anyhow!("tokenizer.json: token {token:?} has id {id}, too large"))?;
-            if by_id.len() <= i {
-                by_id.resize(i + 1, None);
-            }
-            by_id[i] = Some(token.to_string());
-            Ok(())
-        };
-        let vocab = model
-            .get("vocab")
-            .and_then(Value::as_object)
-            .ok_or_else(|| anyhow!("tokenizer.json: model.vocab is missing or not an object"))?;
-        for (token, id) in vocab {
-            let id = id.as_u64().ok_or_else(|| anyhow!("tokenizer.json: vocab id of {token:?} is not a number"))?;
-            put(id, token)?;
-        }
-        let mut added_tokens = Vec::new();
-        for a in root.get("added_tokens").and_then(Value::as_array).into_iter().flatten() {
-            let content =
-                str_field(a, "content").ok_or_else(|| anyhow!("tokenizer.json: an added token has no content"))?;
-            let id = a
-                .get("id")
-                .and_then(Value::as_u64)
-                .ok_or_else(|| anyhow!("tokenizer.json: added token {content:?} has no id"))?;
-            put(id, content)?;
-            let special = bool_field(a, "special", false);
-            added_tokens.push(AddedToken {
-                id: id as u32,
-                content: content.to_string(),
-                special,
-                normalized: bool_field(a, "normalized", !special),
-                lstrip: bool_field(a, "lstrip", false),
-                rstrip: bool_field(a, "rstrip", false),
-                single_word: bool_field(a, "single_word", false),
-            });
-        }
-        // An id nobody uses decodes to nothing, as in tokenizers (where it is skipped).
-        let mut vocab: Vec<String> = by_id.into_iter().map(Option::unwrap_or_default).collect();
-        // tokenizers spells a normalized added token in its normalized form
-        // (`<nt>` as `▁<nt>` under Llama 2's normalizer), which is what decoding
-        // it gives back.
-        let normalizer = parse_normalizer(root.get("normalizer").unwrap_or(&Value::Null))?;
-        for a in added_tokens.iter().filter(|a| a.normalized) {
-            vocab[a.id as usize] = normalize(&normalizer, &a.content);
-        }
-
-        let mut merges = Vec::new();
-        for m in model.get("merges").and_then(Value::as_array).into_iter().flatten() {
-            merges.push(parse_merge(m).map_err(|e| anyhow!("tokenizer.json: {e}"))?);
-        }
-
-        let token_id = |name: &str| -> Option<u32> { vocab.iter().rposition(|t| t == name).map(|i| i as u32) };
-        let unk_id = match str_field(model, "unk_token") {
-            Some(unk) => Some(
-                token_id(unk).ok_or_else(|| anyhow!("tokenizer.json: unk_token {unk:?} is not in the vocabulary"))?,
-            ),
-            None => None,
-        };
-        let bpe = BpeOptions {
-            byte_fallback: bool_field(model, "byte_fallback", false),
-            unk_id,
-            fuse_unk: bool_field(model, "fuse_unk", false),
-            ignore_merges: bool_field(model, "ignore_merges", false),
-        };
-
-        let pre_tokenizer = parse_pre_tokenizer(root.get("pre_tokenizer").unwrap_or(&Value::Null))?;
-        let decoder = parse_decoder(root.get("decoder").unwrap_or(&Value::Null))?;
-        if decoder.is_empty() {
-            bail!("tokenizer.json has no decoder");
-        }
-
-        // BOS/EOS: named by the config; BOS added if the config says so, or else
-        // if the post-processor's template starts with a special token.
-        let config: Option<Value> = match config {
-            Some(c) => {
-                Some(serde_json::from_str(c).map_err(|e| anyhow!("tokenizer_config.json is not valid JSON: {e}"))?)
-            }
-            None => None,
-        };
-        let template_bos = template_first_special(root.get("post_processor")).and_then(|name| token_id(&name));
-        let named = |key: &str| -> Result<Option<u32>> {
-            let Some(v) = config.as_ref().and_then(|c| c.get(key)) else {
-                return Ok(None);
-            };
-            // Either "<s>" or {"content": "<s>", ...}; null means none.
-            let name = match v {
-                Value::Null => return Ok(None),
-                Value::String(s) => s.as_str(),
-                v => str_field(v, "content")
-                    .ok_or_else(|| anyhow!("tokenizer_config.json: {key} is neither a string nor has a content"))?,
-            };
-            token_id(name)
-                .map(Some)
-                .ok_or_else(|| anyhow!("tokenizer_config.json: {key} {name:?} is not in the vocabulary"))
-        };
-        let bos_id = named("bos_token")?.or(template_bos);
-        let eos_id = named("eos_token")?;
-        let add_bos = match config.as_ref().and_then(|c| c.get("add_bos_token")) {
-            Some(v) => v.as_bool().unwrap_or(false),
-            None => template_bos.is_some(),
-        };
-        if add_bos && bos_id.is_none() {
-            bail!("tokenizer_config.json: add_bos_token is true but no bos_token is named");
-        }
-
-        Ok(Spec { vocab, merges, added_tokens, normalizer, pre_tokenizer, bpe, decoder, bos_id, eos_id, add_bos })
-    }
-
-    /// A merge is "a b" (older files) or ["a", "b"].
-    pub(super) fn parse_merge(m: &Value) -> Result<(String, String)> {
-        match m {
-            Value::String(s) => split_merge(s),
-            Value::Array(pair) => match pair.as_slice() {
-                [Value::String(a), Value::String(b)] => Ok((a.clone(), b.clone())),
-                _ => bail!("merge {m} is not a pair of strings"),
-            },
-            _ => bail!("merge {m} is neither \"a b\" nor [\"a\", \"b\"]"),
-        }
-    }
-
-    pub(super) fn split_merge(s: &str) -> Result<(String, String)> {
-        let mut parts = s.split(' ');
-        match (parts.next(), parts.next(), parts.next()) {
-            (Some(a), Some(b), None) => Ok((a.to_string(), b.to_string())),
-            _ => bail!("merge {s:?} is not two tokens separated by one space"),
-        }
-    }
-
-    fn parse_normalizer(v: &Value) -> Result<Vec<Normalize>> {
-        let mut steps = Vec::new();
-        match type_of(v) {
-            None => {}
-            Some("Sequence") => {
-                for n in v.get("normalizers").and_then(Value::as_array).into_iter().flatten() {
-                    steps.extend(parse_normalizer(n)?);
-                }
-            }
-            Some("Prepend") => steps.push(Normalize::Prepend(
-                str_field(v, "prepend")
-                    .ok_or_else(|| anyhow!("tokenizer.json: Prepend normalizer without prepend"))?
-                    .to_string(),
-            )),
-            Some("Replace") => {
-                let (from, to) = replace_args(v)?;
-                steps.push(Normalize::Replace(from, to));
-            }
-            Some(other) => bail!("tokenizer.json: normalizer {other} is not supported"),
-        }
-        Ok(steps)
-    }
-
-    fn parse_pre_tokenizer(v: &Value) -> Result<Vec<PreTokenize>> {
-        let mut steps = Vec::new();
-        match type_of(v) {
-            None => {}
-            Some("Sequence") => {
-                for p in v.get("pretokenizers").and_then(Value::as_array).into_iter().flatten() {
-                    steps.extend(parse_pre_tokenizer(p)?);
-                }
-            }
-            Some("ByteLevel") => {
-                if bool_field(v, "add_prefix_space", false) {
-                    steps.push(PreTokenize::PrefixSpace);
-                }
-                if bool_field(v, "use_regex", true) {
-                    steps.push(PreTokenize::Split(GPT2_REGEX.to_string()));
-                }
-                steps.push(PreTokenize::ByteAlphabet);
-            }
-            Some("Split") => {
-                let behavior = str_field(v, "behavior").unwrap_or("Isolated");
-                if behavior != "Isolated" || bool_field(v, "invert", false) {
-                    bail!(
-                        "tokenizer.json: Split pre-tokenizer with behavior {behavior} (invert {}) is not supported",
-                        bool_field(v, "invert", false)
-                    );
-                }
-                let pattern = v.get("pattern");
-                let regex =
-                    match (pattern.and_then(|p| str_field(p, "Regex")), pattern.and_then(|p| str_field(p, "String"))) {
-                        (Some(r), _) => r.to_string(),
-                        (None, Some(s)) => fancy_regex::escape(s).into_owned(),
-                        _ => bail!("tokenizer.json: Split pre-tokenizer without a pattern"),
-                    };
-                steps.push(PreTokenize::Split(regex));
-            }
-            Some("Digits") => steps.push(PreTokenize::Digits { individual: bool_field(v, "individual_digits", false) }),
-            Some("Metaspace") => {
-                if str_field(v, "replacement").is_some_and(|r| r != "▁") {
-                    bail!("tokenizer.json: Metaspace with a replacement other than ▁ is not supported");
-                }
-                steps.push(PreTokenize::Metaspace { prepend: prepend_scheme(v)?, split: bool_field(v, "split", true) });
-            }
-            Some(other) => bail!("tokenizer.json: pre-tokenizer {other} is not supported"),
-        }
-        Ok(steps)
-    }
-
-    fn parse_decoder(v: &Value) -> Result<Vec<DecodeStep>> {
-        let mut steps = Vec::new();
-        match type_of(v) {
-            None => {}
-            Some("Sequence") => {
-                for d in v.get("decoders").and_then(Value::as_array).into_iter().flatten() {
-                    steps.extend(parse_decoder(d)?);
-                }
-            }
-            Some("ByteLevel") => steps.push(DecodeStep::ByteLevel),
-            Some("Replace") => {
-                let (from, to) = replace_args(v)?;
-                steps.push(DecodeStep::Replace(from, to));
-            }
-            Some("ByteFallback") => steps.push(DecodeStep::ByteFallback),
-            Some("Fuse") => steps.push(DecodeStep::Fuse),
-            Some("Strip") => {
-                let content = str_field(v, "content").and_then(|s| s.chars().next()).unwrap_or(' ');
-                let count = |key| v.get(key).and_then(Value::as_u64).unwrap_or(0) as usize;
-                steps.push(DecodeStep::Strip { content, start: count("start"), stop: count("stop") });
-            }
-            Some("Metaspace") => {
-                if str_field(v, "replacement").is_some_and(|r| r != "▁") {
-                    bail!("tokenizer.json: Metaspace decoder with a replacement other than ▁ is not supported");
-                }
-                steps.push(DecodeStep::Metaspace { strip_first: prepend_scheme(v)? != Prepend::Never });
-            }
-            Some(other) => bail!("tokenizer.json: decoder {other} is not supported"),
-        }
-        Ok(steps)
-    }
-
-    /// Metaspace's prepend_scheme, or the older add_prefix_space flag.
-    fn prepend_scheme(v: &Value) -> Result<Prepend> {
-        match str_field(v, "prepend_scheme") {
-            Some("always") => Ok(Prepend::Always),
-            Some("first") => Ok(Prepend::First),
-            Some("never") => Ok(Prepend::Never),
-            Some(other) => bail!("tokenizer.json: Metaspace prepend_scheme {other:?} is unknown"),
-            None if bool_field(v, "add_prefix_space", true) => Ok(Prepend::Always),
-            None => Ok(Prepend::Never),
-        }
-    }
-
-    /// Replace's arguments; only a literal pattern is supported.
-    fn replace_args(v: &Value) -> Result<(String, String)> {
-        let from = v
-            .get("pattern")
-            .and_then(|p| str_field(p, "String"))
-            .ok_or_else(|| anyhow!("tokenizer.json: Replace is supported with a String pattern only"))?;
-        let to = str_field(v, "content").ok_or_else(|| anyhow!("tokenizer.json: Replace without content"))?;
-        Ok((from.to_string(), to.to_string()))
-    }
-
-    /// The special token a TemplateProcessing post-processor puts first, if any.
-    fn template_first_special(v: Option<&Value>) -> Option<String> {
-        let v = v?;
-        match type_of(v) {
-            Some("TemplateProcessing") => {
-                let first = v.get("single")?.as_array()?.first()?;
-                Some(str_field(first.get("SpecialToken")?, "id")?.to_string())
-            }
-            Some("Sequence") => v.get("processors")?.as_array()?.iter().find_map(|p| template_first_special(Some(p))),
-            _ => None,
-        }
-    }
-
-    fn type_of(v: &Value) -> Option<&str> {
-        if v.is_null() { None } else { Some(str_field(v, "type").unwrap_or("?")) }
-    }
-
-    fn str_field<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
-        v.get(key).and_then(Value::as_str)
-    }
-
-    fn bool_field(v: &Value, key: &str, default: bool) -> bool {
-        v.get(key).and_then(Value::as_bool).unwrap_or(default)
-    }
-}
-
-// ---------------------------------------------------------------------------
-// Writing tokenizer.json and GGUF metadata
-// ---------------------------------------------------------------------------
-
-/// The inverse of `hf_json` and `gguf_vocab`: a [`Spec`] written back out in
-/// the two formats lift exports.
-mod hf_write {
-    use super::*;
-    use crate::formats::gguf::GgufValue;
-    use serde_json::json;
-
-    pub(super) fn to_json(spec: &Spec) -> Result<String> {
-        // model.vocab: every id with a distinct, non-empty spelling.
-        let mut vocab = serde_json::Map::new();
-        for (id, t) in spec.vocab.iter().enumerate() {
-            if !t.is_empty() && !vocab.contains_key(t) {
-                vocab.insert(t.clone(), json!(id));
-            }
-        }
-        let merges: Vec<Value> = spec.merges.iter().map(|(a, b)| json!([a, b])).collect();
-        let unk = spec.bpe.unk_id.map(|id| spec.vocab[id as usize].clone());
-        let model = json!({
-            "type": "BPE", "dropout": null, "unk_token": unk,
-            "continuing_subword_prefix": null, "end_of_word_suffix": null,
-            "fuse_unk": spec.bpe.fuse_unk, "byte_fallback": spec.bpe.byte_fallback,
-            "ignore_merges": spec.bpe.ignore_merges, "vocab": vocab, "merges": merges,
-        });
-        let added: Vec<Value> = spec
-            .added_tokens
-            .iter()
-            .map(|a| {
-                json!({"id": a.id, "content": a.content, "single_word": a.single_word, "lstrip": a.lstrip,
-                       "rstrip": a.rstrip, "normalized": a.normalized, "special": a.special})
-            })
-            .collect();
-        let seq = |key: &str, items: Vec<Value>| -> Value {
-            match items.len() {
-                0 => Value::Null,
-                1 => items.into_iter().next().unwrap_or(Value::Null),
-                _ => json!({"type": "Sequence", key: items}),
-            }
-        };
-        let normalizer: Vec<Value> = spec
-            .normalizer
-            .iter()
-            .map(|n| match n {
-                Normalize::Prepend(p) => json!({"type": "Prepend", "prepend": p}),
-                Normalize::Replace(a, b) => json!({"type": "Replace", "pattern": {"String": a}, "content": b}),
-            })
-            .collect();
-        let decoder: Vec<Value> = spec
-            .decoder
-            .iter()
-            .map(|d| match d {
-                DecodeStep::ByteLevel => {
-                    json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true})
-                }
-                DecodeStep::Replace(a, b) => json!({"type": "Replace", "pattern": {"String": a}, "content": b}),
-                DecodeStep::ByteFallback => json!({"type": "ByteFallback"}),
-                DecodeStep::Fuse => json!({"type": "Fuse"}),
-                DecodeStep::Strip { content, start, stop } => {
-                    json!({"type": "Strip", "content": content.to_string(), "start": start, "stop": stop})
-                }
-                DecodeStep::Metaspace { strip_first } => json!({"type": "Metaspace", "replacement": "▁",
-                    "prepend_scheme": if *strip_first { "always" } else { "never" }, "split": true}),
-            })
-            .collect();
-        let post = match (spec.add_bos, spec.bos_id) {
-            (true, Some(bos)) => {
-                let name = &spec.vocab[bos as usize];
-                json!({
-                    "type": "TemplateProcessing",
-                    "single": [{"SpecialToken": {"id": name, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-                    "pair": [{"SpecialToken": {"id": name, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                             {"SpecialToken": {"id": name, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
-                    "special_tokens": {name.as_str(): {"id": name, "ids": [bos], "tokens": [name]}},
-                })
-            }
-            _ => Value::Null,
-        };
-        let root = json!({
-            "version": "1.0", "truncation": null, "padding": null,
-            "added_tokens": added,
-            "normalizer": seq("normalizers", normalizer),
-            "pre_tokenizer": seq("pretokenizers", pre_tokenizer_json(&spec.pre_tokenizer)?),
-            "post_processor": post,
-            "decoder": seq("decoders", decoder),
-            "model": model,
-        });
-        Ok(serde_json::to_string(&root)?)
-    }
-
-    /// The pre-tokenizer steps as tokenizers' JSON. ByteLevel's own prefix space
-    /// comes before its regex split, so [PrefixSpace, Split(GPT-2), ByteAlphabet]
-    /// must be written as one ByteLevel, not as a Split and a ByteLevel.
-    fn pre_tokenizer_json(steps: &[PreTokenize]) -> Result<Vec<Value>> {
-        let byte_level = |prefix: bool, regex: bool| json!({"type": "ByteLevel", "add_prefix_space": prefix, "trim_offsets": true, "use_regex": regex});
-        let mut out = Vec::new();
-        let mut i = 0;
-        while i < steps.len() {
-            match (&steps[i], steps.get(i + 1), steps.get(i + 2)) {
-                (PreTokenize::PrefixSpace, Some(PreTokenize::Split(r)), Some(PreTokenize::ByteAlphabet))
-                    if r == GPT2_REGEX =>
-                {
-                    out.push(byte_level(true, true));
-                    i += 3;
-                }
-                (PreTokenize::PrefixSpace, Some(PreTokenize::ByteAlphabet), _) => {
-                    out.push(byte_level(true, false));
-                    i += 2;
-                }
-                (PreTokenize::PrefixSpace, _, _) => bail!("cannot write this pre-tokenizer as tokenizer.json"),
-                (PreTokenize::Split(r), _, _) => {
-                    out.push(
-                        json!({"type": "Split", "pattern": {"Regex": r}, "behavior": "Isolated", "invert": false}),
-                    );
-                    i += 1;
-                }
-                (PreTokenize::Digits { individual }, _, _) => {
-                    out.push(json!({"type": "Digits", "individual_digits": individual}));
-                    i += 1;
-                }
-                (PreTokenize::ByteAlphabet, _, _) => {
-                    out.push(byte_level(false, false));
-                    i += 1;
-                }
-                (PreTokenize::Metaspace { prepend, split }, _, _) => {
-                    let scheme = match prepend {
-                        Prepend::Always => "always",
-                        Prepend::First => "first",
-                        Prepend::Never => "never",
-                    };
-                    out.push(
-                        json!({"type": "Metaspace", "replacement": "▁", "prepend_scheme": scheme, "split": split}),
-                    );
-                    i += 1;
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    /// tokenizer.ggml.* keys, as llama.cpp and transformers read them.
-    pub(super) fn gguf_metadata(spec: &Spec) -> Vec<(String, GgufValue)> {
-        let byte_level = spec.decoder.iter().any(|d| matches!(d, DecodeStep::ByteLevel));
-        let pre = if spec.pre_tokenizer.iter().any(|p| matches!(p, PreTokenize::Digits { individual: true })) {
-            "smollm"
-        } else if spec.pre_tokenizer.iter().any(|p| matches!(p, PreTokenize::Split(r) if r == LLAMA3_REGEX)) {
-            "llama-bpe"
-        } else if byte_level {
-            "gpt-2"
-        } else {
-            "default"
-        };
-        let added: HashMap<u32, bool> = spec.added_tokens.iter().map(|a| (a.id, a.special)).collect();
-        let types: Vec<i32> = (0..spec.vocab.len() as u32)
-            .map(|id| match added.get(&id) {
-                _ if Some(id) == spec.bpe.unk_id => 2,
-                Some(true) => 3,
-                Some(false) => 4,
-                None if !byte_level && parse_byte_token(&spec.vocab[id as usize]).is_some() => 6,
-                None => 1,
-            })
-            .collect();
-        let mut meta = vec![
-            ("tokenizer.ggml.model".to_string(), GgufValue::String(if byte_level { "gpt2" } else { "llama" }.into())),
-            ("tokenizer.ggml.pre".to_string(), GgufValue::String(pre.into())),
-            ("tokenizer.ggml.tokens".to_string(), GgufValue::string_array(&spec.vocab)),
-            ("tokenizer.ggml.token_type".to_string(), GgufValue::i32_array(&types)),
-            ("tokenizer.ggml.add_bos_token".to_string(), GgufValue::Bool(spec.add_bos)),
-            ("tokenizer.ggml.add_eos_token".to_string(), GgufValue::Bool(false)),
-        ];
-        if byte_level {
-            let merges: Vec<String> = spec.merges.iter().map(|(a, b)| format!("{a} {b}")).collect();
-            meta.push(("tokenizer.ggml.merges".into(), GgufValue::string_array(&merges)));
-        } else {
-            // SentencePiece-style models merge by score: a token made by the
-            // merge of rank r scores -r, so earlier merges win, as in the merge list.
-            let mut scores = vec![-1e9f32; spec.vocab.len()];
-            let index: HashMap<&str, usize> = spec.vocab.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
-            for (rank, (a, b)) in spec.merges.iter().enumerate() {
-                if let Some(&id) = index.get(format!("{a}{b}").as_str())
-                    && scores[id] == -1e9
-                {
-                    scores[id] = -(rank as f32);
-                }
-            }
-            meta.push(("tokenizer.ggml.scores".into(), GgufValue::f32_array(&scores)));
-        }
-        for (key, id) in [
-            ("tokenizer.ggml.bos_token_id", spec.bos_id),
-            ("tokenizer.ggml.eos_token_id", spec.eos_id),
-            ("tokenizer.ggml.unknown_token_id", spec.bpe.unk_id),
-        ] {
-            if let Some(id) = id {
-                meta.push((key.to_string(), GgufValue::U32(id)));
-            }
-        }
-        meta
-    }
-}
-
-// ---------------------------------------------------------------------------
-// GGUF vocabulary
-// ---------------------------------------------------------------------------
-
-/// Building a [`Spec`] from GGUF tokenizer metadata, the way `transformers`
-/// does (integrations/gguf/gguf_tokenizer_mapping.py), so the two agree.
-mod gguf_vocab {
-    use super::*;
-
-    // tokenizer.ggml.token_type values (llama.cpp's llama_token_type).
-    const UNKNOWN: i32 = 2;
-    const CONTROL: i32 = 3;
-    const USER_DEFINED: i32 = 4;
-
-    /// `tokenizer.ggml.pre` names whose models split text like Llama 3, Qwen 2
-    /// and GPT-4o. Every other name gets GPT-2's regex, as in transformers.
-    /// ("smollm" also isolates every digit first: see `build`.)
-    fn pre_regex(pre: &str) -> &'static str {
-        match pre {
-            "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0" | "lfm2"
-            | "jina-v5-nano" | "dbrx" | "smaug-bpe" => LLAMA3_REGEX,
-            "qwen2" | "deepseek-r1-qwen" | "kormo" | "f2llmv2" | "megrez" => QWEN2_REGEX,
-            "gpt-4o" | "llama4" | "kanana2" | "talkie" | "minimax-m2" => GPT4O_REGEX,
-            _ => GPT2_REGEX,
-        }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn build(
-        model: &str,
-        pre: &str,
-        tokens: Vec<String>,
-        token_types: Vec<i32>,
-        merge_list: Vec<String>,
-        scores: Vec<f32>,
-        bos_id: Option<u32>,
-        eos_id: Option<u32>,
-        add_bos: bool,
-    ) -> Result<Spec> {
-        let n = tokens.len();
-        if !token_types.is_empty() && token_types.len() != n {
-            bail!("GGUF tokenizer: {} token types for {n} tokens", token_types.len());
-        }
-        for (what, id) in [("bos", bos_id), ("eos", eos_id)] {
-            if let Some(id) = id.filter(|&id| id as usize >= n) {
-                bail!("GGUF tokenizer: {what} token id {id} is out of range (vocab {n})");
-            }
-        }
-        let ty = |i: usize| token_types.get(i).copied().unwrap_or(1);
-        let special_ids: HashSet<u32> = bos_id.into_iter().chain(eos_id).collect();
-
-        let (vocab, merges, added_tokens, normalizer, pre_tokenizer, bpe, decoder);
-        match model {
-            "gpt2" => {
-                if merge_list.is_empty() {
-                    bail!("GGUF tokenizer: a gpt2 (byte-level) vocabulary needs tokenizer.ggml.merges");
-                }
-                // A token with characters outside the byte alphabet is stored as
-                // raw text; transformers respells it in the alphabet.
-                let alphabet = byte_alphabet();
-                let in_alphabet = |t: &str| t.chars().all(|c| alphabet.to_byte(c).is_some());
-                vocab = (tokens.iter())
-                    .map(|t| {
-                        if in_alphabet(t) {
-                            t.clone()
-                        } else {
-                            t.bytes().map(|b| alphabet.to_char[b as usize]).collect()
-                        }
-                    })
-                    .collect::<Vec<String>>();
-                // A control token that is not in the alphabet is a mislabel that
-                // transformers leaves out; so do we.
-                added_tokens = added_from_types(&tokens, &ty, &special_ids, |i| in_alphabet(&tokens[i]));
-                merges = parse_merges(&merge_list)?;
-                normalizer = Vec::new();
-                // SmolLM's own tokenizer.json, and llama.cpp, isolate every digit
-                // before the GPT-2 regex. transformers' GGUF import does not; the
-                // two differ only on whitespace runs before a digit ("\n\n3" is
-                // `ĊĊ 3` with the split, `Ċ Ċ 3` without). We follow the model's
-                // own tokenizer, which is what it was trained on.
-                pre_tokenizer = if pre == "smollm" {
-                    vec![
-                        PreTokenize::Digits { individual: true },
-                        PreTokenize::Split(pre_regex(pre).to_string()),
-                        PreTokenize::ByteAlphabet,
-                    ]
-                } else {
-                    vec![PreTokenize::Split(pre_regex(pre).to_string()), PreTokenize::ByteAlphabet]
-                };
-                bpe = BpeOptions { byte_fallback: false, unk_id: None, fuse_unk: false, ignore_merges: false };
-                decoder = vec![DecodeStep::ByteLevel];
-            }
-            "llama" => {
-                merges = if merge_list.is_empty() {
-                    if scores.len() != n {
-                        bail!("GGUF tokenizer: {} scores for {n} tokens, and no merges", scores.len());
-                    }
-                    merges_from_scores(&tokens, &scores)
-                } else {
-                    parse_merges(&merge_list)?
-                };
-                added_tokens = added_from_types(&tokens, &ty, &special_ids, |_| true);
-                vocab = tokens;
-                normalizer = Vec::new();
-                // transformers' LlamaTokenizer (legacy=False): one ▁ at the start
-                // of the text only, no split at spaces.
-                pre_tokenizer = vec![PreTokenize::Metaspace { prepend: Prepend::First, split: false }];
-                bpe = BpeOptions { byte_fallback: true, unk_id: None, fuse_unk: true, ignore_merges: false };
-                decoder = vec![
-                    DecodeStep::Replace("▁".to_string(), " ".to_string()),
-                    DecodeStep::ByteFallback,
-                    DecodeStep::Fuse,
-                    DecodeStep::Strip { content: ' ', start: 1, stop: 0 },
-                ];
-            }
-            other => bail!("GGUF tokenizer model {other:?} is not supported (only \"gpt2\" and \"llama\" BPE)"),
-        }
-        Ok(Spec { vocab, merges, added_tokens, normalizer, pre_tokenizer, bpe, decoder, bos_id, eos_id, add_bos })
-    }
-
-    /// Control and unknown tokens (and the BOS/EOS tokens) become special added
-    /// tokens, user-defined ones (`<think>`) plain added tokens: all matched whole
-    /// in the raw text, as llama.cpp and transformers do.
-    fn added_from_types(
-        tokens: &[String],
-        ty: &dyn Fn(usize) -> i32,
-        special_ids: &HashSet<u32>,
-        control_ok: impl Fn(usize) -> bool,
-    ) -> Vec<AddedToken> {
-        let mut added = Vec::new();
-        for (i, t) in tokens.iter().enumerate() {
-            let special = match ty(i) {
-                CONTROL => control_ok(i),
-                UNKNOWN => true,
-                _ => special_ids.contains(&(i as u32)),
-            };
-            if special || ty(i) == USER_DEFINED {
-                added.push(AddedToken {
-                    id: i as u32,
-                    content: t.clone(),
-                    special,
-                    normalized: false,
-                    lstrip: false,
-                    rstrip: false,
-                    single_word: false,
-                });
-            }
-        }
-        added
-    }
-
-    fn parse_merges(merges: &[String]) -> Result<Vec<(String, String)>> {
-        merges.iter().map(|m| hf_json::split_merge(m).map_err(|e| anyhow!("GGUF tokenizer: {e}"))).collect()
-    }
-
-    /// Merges for a SentencePiece vocabulary that stores only scores: every way of
-    /// cutting a token into two tokens is a merge, ranked by the token's score
-    /// (best first), then by longer left part, then longer right part; ties keep
-    /// the vocabulary's order, and within one token the pairs go by the ids of
-    /// their parts. This is transformers' `generate_merges`, order for order.
-    pub(super) fn merges_from_scores(tokens: &[String], scores: &[f32]) -> Vec<(String, String)> {
-        // {token: id} keeps the last id of a repeated token, {token: score} its
-        // first position and last score, as Python dicts built from the lists.
-        let mut id_of: HashMap<&str, usize> = HashMap::with_capacity(tokens.len());
-        let mut score_of: HashMap<&str, f32> = HashMap::with_capacity(tokens.len());
-        let mut order: Vec<&str> = Vec::with_capacity(tokens.len());
-        for (i, t) in tokens.iter().enumerate() {
-            id_of.insert(t, i);
-            if score_of.insert(t, scores[i]).is_none() {
-                order.push(t);
-            }
-        }
-        // (left, right, score, chars in left, chars in right)
-        let mut all: Vec<(&str, &str, f32, usize, usize)> = Vec::new();
-        for t in order {
-            let mut local = Vec::new();
-            for (cut, _) in t.char_indices().skip(1) {
-                let (l, r) = t.split_at(cut);
-                if let (Some(&li), Some(&ri)) = (id_of.get(l), id_of.get(r)) {
-                    local.push((li, ri, l, r));
-                }
-            }
-            local.sort_by_key(|&(li, ri, _, _)| (li, ri));
-            for (_, _, l, r) in local {
-                all.push((l, r, score_of[t], l.chars().count(), r.chars().count()));
-            }
-        }
-        // Descending, stable: Python's sorted(..., reverse=True) keeps ties in order.
-        all.sort_by(|x, y| y.2.total_cmp(&x.2).then(y.3.cmp(&x.3)).then(y.4.cmp(&x.4)));
-        all.into_iter().map(|(l, r, ..)| (l.to_string(), r.to_string())).collect()
-    }
 }
 
 #[cfg(test)]
@@ -1716,14 +950,5 @@ mod tests {
         assert_eq!(strip("  a ", ' ', 1, 0), " a ");
         let toks = ["<0xE4>", "<0xB8>", "<0xAD>", "x", "<0xE4>"].map(String::from).to_vec();
         assert_eq!(byte_fallback(toks), ["中", "x", "\u{FFFD}"]);
-    }
-
-    #[test]
-    fn merges_from_scores_prefers_higher_score_then_longer_left() {
-        let tokens = ["a", "b", "c", "ab", "bc", "abc"].map(String::from);
-        let scores = [0.0, 0.0, 0.0, -1.0, -2.0, -3.0];
-        let m = gguf_vocab::merges_from_scores(&tokens, &scores);
-        let m: Vec<(&str, &str)> = m.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
-        assert_eq!(m, [("a", "b"), ("b", "c"), ("ab", "c"), ("a", "bc")]);
     }
 }
