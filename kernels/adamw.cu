@@ -52,9 +52,11 @@ extern "C" __global__ void gather_bf16(float* master, const bf16* weight, const 
         master[j] = bf2f(weight[idx[j]]);
 }
 
-// Mirrors the gather in train.rs's Sink::linear: acc (k) += dw[idx], where
-// dw (out*in, f32) is the one dense gradient buffer, reused matrix after
-// matrix, and acc the k-sized accumulator of this matrix.
+// acc (k) += dw[idx]: the k selected entries of a weight gradient, as the
+// CPU's sampled product computes them directly (cpu.rs
+// matmul_backward_weight_sampled). dw (out*in, f32) is the one dense
+// gradient buffer, reused matrix after matrix, and acc the k-sized
+// accumulator of this matrix.
 extern "C" __global__ void gather_add(float* acc, const float* dw, const u32* idx, i64 k) {
     for (i64 j = blockIdx.x * (i64)blockDim.x + threadIdx.x; j < k; j += (i64)gridDim.x * blockDim.x)
         acc[j] += dw[idx[j]];

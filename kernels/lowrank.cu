@@ -1,5 +1,5 @@
 // lowrank.cu: the device half of LIFT's randomized rank-r approximation
-// (src/lift.rs, randomized_range / cholesky_qr). The products themselves are
+// (src/select.rs, randomized_range / cholesky_qr). The products themselves are
 // cuBLAS GEMMs; these kernels are the pieces in between.
 
 // Mirrors `Rng::new(seed).fill_normal(out)` (src/rng.rs) exactly: SplitMix64
@@ -27,7 +27,7 @@ extern "C" __global__ void randn_splitmix(float* out, i64 n, u64 seed) {
     }
 }
 
-// Mirrors lift.rs cholesky_inverse_transpose, for a batch of matrices (the
+// Mirrors select.rs cholesky_inverse_transpose, for a batch of matrices (the
 // seven of a layer are orthonormalized together, one block each, so the
 // latency of this serial algorithm is paid once per batch instead of once
 // per matrix).

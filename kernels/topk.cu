@@ -1,5 +1,5 @@
 // topk.cu: LIFT's selection, the k largest |W_r| entries with ties broken
-// toward the smaller index (lift.rs top_k_abs), by radix select.
+// toward the smaller index (select.rs top_k_abs), by radix select.
 //
 // |x| of an f32 is ordered like its bit pattern with the sign cleared, read
 // as an integer (the "key", 31 bits). The k-th largest key is found digit by

@@ -186,8 +186,11 @@ fn report(
     let tokens = (a.batch * a.seq) as f64;
     let step_ms = median(t.step);
     let tps = tokens / (step_ms / 1e3);
-    let mask_ms =
-        if a.method.kind.is_sparse() && a.method.update_interval > 0 { mask_total_s * 1e3 / a.method.update_interval as f64 } else { 0.0 };
+    let mask_ms = if a.method.kind.is_sparse() && a.method.update_interval > 0 {
+        mask_total_s * 1e3 / a.method.update_interval as f64
+    } else {
+        0.0
+    };
     let mfu = peak_flops.map(|p| flops_per_token(c, a.seq) * tps / p);
     serde_json::json!({
         "tokens_per_s": tps,

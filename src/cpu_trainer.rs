@@ -67,7 +67,8 @@ impl Grads {
             Trainable::Full { states } => states.iter().map(|s| vec![0.0; s.m.len()]).collect(),
             Trainable::Lora { adapters, .. } => adapters.iter().map(|a| vec![0.0; a.a.len() + a.b.len()]).collect(),
         };
-        let extra = extra_params(c, &o.method).into_iter().map(|p| (p, vec![0.0; p.shape(c).iter().product()])).collect();
+        let extra =
+            extra_params(c, &o.method).into_iter().map(|p| (p, vec![0.0; p.shape(c).iter().product()])).collect();
         Grads { linear, extra, dw: Vec::new() }
     }
 
@@ -99,12 +100,12 @@ impl Grads {
 }
 
 /// Routes the backward pass's weight gradients into the method's accumulators.
-struct Sink<'a> {
+struct CpuMethodSink<'a> {
     trainable: &'a Trainable,
     grads: &'a mut Grads,
 }
 
-impl GradSink for Sink<'_> {
+impl GradSink for CpuMethodSink<'_> {
     fn wants(&self, p: Param) -> bool {
         matches!(p, Param::Linear(..)) || self.grads.extra.iter().any(|(q, _)| *q == p)
     }
@@ -128,17 +129,7 @@ impl GradSink for Sink<'_> {
                     self.grads.dw.resize(need, 0.0);
                 }
                 let (dout_t, inp_t) = self.grads.dw[..need].split_at_mut(n * oc);
-                cpu::matmul_backward_weight_sampled(
-                    acc,
-                    &states[id].indices,
-                    dout,
-                    inp,
-                    n,
-                    ic,
-                    oc,
-                    dout_t,
-                    inp_t,
-                );
+                cpu::matmul_backward_weight_sampled(acc, &states[id].indices, dout, inp, n, ic, oc, dout_t, inp_t);
             }
             Trainable::Full { .. } => cpu::matmul_backward_weight(acc, dout, inp, n, ic, oc),
             Trainable::Lora { adapters, .. } => {
@@ -278,7 +269,8 @@ impl Trainer for CpuTrainer {
                 bail!("loss is {loss} at step {t} (micro-batch {micro})");
             }
             let t0 = Instant::now();
-            self.model.backward(&mut self.acts, &mut Sink { trainable: &self.trainable, grads: &mut self.grads });
+            self.model
+                .backward(&mut self.acts, &mut CpuMethodSink { trainable: &self.trainable, grads: &mut self.grads });
             st.backward_ms += t0.elapsed().as_secs_f64() * 1e3;
             loss_sum += loss as f64;
             st.tokens += batch.tokens.len();

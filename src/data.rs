@@ -225,7 +225,7 @@ pub const PREAMBLE: &str =
 /// the first sentence when there is an input, to "Below is an instruction that
 /// describes a task, paired with an input that provides further context. Write
 /// a response that appropriately completes the request." We keep one sentence
-/// for both cases, as DESIGN.md specifies. The math and commonsense sets never
+/// for both cases (the project's template). The math and commonsense sets never
 /// have an input, so the two agree on all of them.
 pub fn format_prompt(instruction: &str, input: &str) -> String {
     let mut p = format!("{PREAMBLE}\n\n### Instruction:\n{instruction}\n\n");

@@ -19,11 +19,11 @@
 
 use anyhow::{Context, Result, bail};
 
-use crate::rng::Rng;
 use crate::lora::Adapter;
 use crate::model::{Config, Linear, Param, matrices};
 use crate::optim::{DenseState, SparseState};
 use crate::options::{Method, MethodOptions, Svd};
+use crate::rng::Rng;
 use crate::select::{self, Approx};
 
 /// The tensors trained densely besides the method's own (norms, embeddings).
@@ -88,7 +88,8 @@ pub fn mask_plans(c: &Config, o: &MethodOptions, seed: u64, round: u64, exact_up
     let mut plans = Vec::with_capacity(c.n_layers * 7);
     for (id, layer, linear) in matrices(c) {
         let (out, inp) = linear.shape(c);
-        let k = select::budget_k(out, inp, o.budget()).with_context(|| format!("layer {layer} {linear:?} ({out}x{inp})"))?;
+        let k = select::budget_k(out, inp, o.budget())
+            .with_context(|| format!("layer {layer} {linear:?} ({out}x{inp})"))?;
         let seed = seed ^ (round << 32) ^ id as u64;
         let rule = match o.kind {
             Method::Lift => {
@@ -146,7 +147,10 @@ pub fn describe_masks(c: &Config, ks: impl Iterator<Item = usize>, secs: f64, pl
         count += 1;
     }
     let n = linear_values(c);
-    format!("masks: {count} matrices, {k} of {n} entries selected ({:.2}%), {secs:.2}s{place}", 100.0 * k as f64 / n as f64)
+    format!(
+        "masks: {count} matrices, {k} of {n} entries selected ({:.2}%), {secs:.2}s{place}",
+        100.0 * k as f64 / n as f64
+    )
 }
 
 /// Values in all linear weights of the model.

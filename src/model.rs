@@ -629,7 +629,7 @@ impl Model {
         let c = &self.config;
         let (b, t) = (acts.b, acts.t);
         let n = b * t;
-        let (d, qd, kvd, f, v) = (c.dim, c.q_dim(), c.kv_dim(), c.ffn_dim, c.vocab_size);
+        let (d, v) = (c.dim, c.vocab_size);
         let dims = AttnDims { b, tq: t, tk: t, tcap: t, nh: c.n_heads, kvh: c.n_kv_heads, hs: c.head_dim };
         acts.scratch(c);
         let Activations { layers, x_final, xf, rstd_f, logits, targets, tokens, scratch, xn, h, .. } = acts;
@@ -649,73 +649,106 @@ impl Model {
         cpu::rmsnorm_backward(&mut s.dres, dnorm, &s.dxn, x_final, &self.weights.norm, rstd_f, d);
 
         for l in (0..c.n_layers).rev() {
-            let w = &self.weights.layers[l];
             let a = &layers[l];
-            let lin = |which| Param::Linear(l, which);
-            // MLP block. s.dres holds d(x_out) and becomes d(x_mid).
-            // First the two activations the forward pass did not keep.
-            cpu::rmsnorm_forward(xn, &mut s.rstd, &a.x_mid, &w.mlp_norm, d, c.norm_eps);
-            cpu::swiglu_forward(h, &a.gate, &a.up);
-            if sink.wants(lin(Linear::Down)) {
-                sink.linear(lin(Linear::Down), &s.dres, h, n, f, d);
-            }
-            s.dh.fill(0.0);
-            cpu::matmul_backward_input(&mut s.dh, &s.dres, &w.w_down, n, f, d);
-            s.dgate.fill(0.0);
-            s.dup.fill(0.0);
-            cpu::swiglu_backward(&mut s.dgate, &mut s.dup, &s.dh, &a.gate, &a.up);
-            if sink.wants(lin(Linear::Gate)) {
-                sink.linear(lin(Linear::Gate), &s.dgate, xn, n, d, f);
-            }
-            if sink.wants(lin(Linear::Up)) {
-                sink.linear(lin(Linear::Up), &s.dup, xn, n, d, f);
-            }
-            s.dxn.fill(0.0);
-            cpu::matmul_backward_input(&mut s.dxn, &s.dgate, &w.w_gate, n, d, f);
-            cpu::matmul_backward_input(&mut s.dxn, &s.dup, &w.w_up, n, d, f);
-            let dw = if sink.wants(Param::MlpNorm(l)) { Some(sink.dense(Param::MlpNorm(l))) } else { None };
-            cpu::rmsnorm_backward(&mut s.dres, dw, &s.dxn, &a.x_mid, &w.mlp_norm, &a.rstd2, d);
-
-            // Attention block. s.dres holds d(x_mid) and becomes d(x_in).
-            if sink.wants(lin(Linear::O)) {
-                sink.linear(lin(Linear::O), &s.dres, &a.att, n, qd, d);
-            }
-            s.datt.fill(0.0);
-            cpu::matmul_backward_input(&mut s.datt, &s.dres, &w.wo, n, qd, d);
-            s.dq.fill(0.0);
-            s.dk.fill(0.0);
-            s.dv.fill(0.0);
-            cpu::attention_backward(
-                &mut s.dq,
-                &mut s.dk,
-                &mut s.dv,
-                &mut s.delta,
-                &s.datt,
-                &a.att,
-                &a.lse,
-                &a.q,
-                &a.k,
-                &a.v,
-                dims,
-            );
-            cpu::rope_backward(&mut s.dq, &self.rope, t, c.n_heads, c.head_dim);
-            cpu::rope_backward(&mut s.dk, &self.rope, t, c.n_kv_heads, c.head_dim);
-            cpu::rmsnorm_forward(xn, &mut s.rstd, &a.x_in, &w.attn_norm, d, c.norm_eps);
-            for (which, dy, width) in [(Linear::Q, &s.dq, qd), (Linear::K, &s.dk, kvd), (Linear::V, &s.dv, kvd)] {
-                if sink.wants(lin(which)) {
-                    sink.linear(lin(which), dy, xn, n, d, width);
-                }
-            }
-            s.dxn.fill(0.0);
-            cpu::matmul_backward_input(&mut s.dxn, &s.dq, &w.wq, n, d, qd);
-            cpu::matmul_backward_input(&mut s.dxn, &s.dk, &w.wk, n, d, kvd);
-            cpu::matmul_backward_input(&mut s.dxn, &s.dv, &w.wv, n, d, kvd);
-            let dw = if sink.wants(Param::AttnNorm(l)) { Some(sink.dense(Param::AttnNorm(l))) } else { None };
-            cpu::rmsnorm_backward(&mut s.dres, dw, &s.dxn, &a.x_in, &w.attn_norm, &a.rstd1, d);
+            self.mlp_backward(l, a, s, xn, h, sink, n);
+            self.attention_block_backward(l, a, s, xn, sink, dims);
         }
         if sink.wants(Param::Embed) {
             cpu::embedding_backward(sink.dense(Param::Embed), &s.dres, tokens, d);
         }
+    }
+
+    /// The MLP block's backward pass of layer l: s.dres holds d(x_out) and
+    /// becomes d(x_mid). The block's normed input `xn` and SwiGLU output `h`
+    /// are recomputed first (the forward pass did not keep them).
+    #[allow(clippy::too_many_arguments)]
+    fn mlp_backward(
+        &self,
+        l: usize,
+        a: &LayerActs,
+        s: &mut Scratch,
+        xn: &mut [f32],
+        h: &mut [f32],
+        sink: &mut dyn GradSink,
+        n: usize,
+    ) {
+        let c = &self.config;
+        let (d, f) = (c.dim, c.ffn_dim);
+        let w = &self.weights.layers[l];
+        let lin = |which| Param::Linear(l, which);
+        cpu::rmsnorm_forward(xn, &mut s.rstd, &a.x_mid, &w.mlp_norm, d, c.norm_eps);
+        cpu::swiglu_forward(h, &a.gate, &a.up);
+        if sink.wants(lin(Linear::Down)) {
+            sink.linear(lin(Linear::Down), &s.dres, h, n, f, d);
+        }
+        s.dh.fill(0.0);
+        cpu::matmul_backward_input(&mut s.dh, &s.dres, &w.w_down, n, f, d);
+        s.dgate.fill(0.0);
+        s.dup.fill(0.0);
+        cpu::swiglu_backward(&mut s.dgate, &mut s.dup, &s.dh, &a.gate, &a.up);
+        if sink.wants(lin(Linear::Gate)) {
+            sink.linear(lin(Linear::Gate), &s.dgate, xn, n, d, f);
+        }
+        if sink.wants(lin(Linear::Up)) {
+            sink.linear(lin(Linear::Up), &s.dup, xn, n, d, f);
+        }
+        s.dxn.fill(0.0);
+        cpu::matmul_backward_input(&mut s.dxn, &s.dgate, &w.w_gate, n, d, f);
+        cpu::matmul_backward_input(&mut s.dxn, &s.dup, &w.w_up, n, d, f);
+        let dw = if sink.wants(Param::MlpNorm(l)) { Some(sink.dense(Param::MlpNorm(l))) } else { None };
+        cpu::rmsnorm_backward(&mut s.dres, dw, &s.dxn, &a.x_mid, &w.mlp_norm, &a.rstd2, d);
+    }
+
+    /// The attention block's backward pass of layer l: s.dres holds d(x_mid)
+    /// and becomes d(x_in).
+    fn attention_block_backward(
+        &self,
+        l: usize,
+        a: &LayerActs,
+        s: &mut Scratch,
+        xn: &mut [f32],
+        sink: &mut dyn GradSink,
+        dims: AttnDims,
+    ) {
+        let c = &self.config;
+        let (n, t, d, qd, kvd) = (dims.b * dims.tq, dims.tq, c.dim, c.q_dim(), c.kv_dim());
+        let w = &self.weights.layers[l];
+        let lin = |which| Param::Linear(l, which);
+        if sink.wants(lin(Linear::O)) {
+            sink.linear(lin(Linear::O), &s.dres, &a.att, n, qd, d);
+        }
+        s.datt.fill(0.0);
+        cpu::matmul_backward_input(&mut s.datt, &s.dres, &w.wo, n, qd, d);
+        s.dq.fill(0.0);
+        s.dk.fill(0.0);
+        s.dv.fill(0.0);
+        cpu::attention_backward(
+            &mut s.dq,
+            &mut s.dk,
+            &mut s.dv,
+            &mut s.delta,
+            &s.datt,
+            &a.att,
+            &a.lse,
+            &a.q,
+            &a.k,
+            &a.v,
+            dims,
+        );
+        cpu::rope_backward(&mut s.dq, &self.rope, t, c.n_heads, c.head_dim);
+        cpu::rope_backward(&mut s.dk, &self.rope, t, c.n_kv_heads, c.head_dim);
+        cpu::rmsnorm_forward(xn, &mut s.rstd, &a.x_in, &w.attn_norm, d, c.norm_eps);
+        for (which, dy, width) in [(Linear::Q, &s.dq, qd), (Linear::K, &s.dk, kvd), (Linear::V, &s.dv, kvd)] {
+            if sink.wants(lin(which)) {
+                sink.linear(lin(which), dy, xn, n, d, width);
+            }
+        }
+        s.dxn.fill(0.0);
+        cpu::matmul_backward_input(&mut s.dxn, &s.dq, &w.wq, n, d, qd);
+        cpu::matmul_backward_input(&mut s.dxn, &s.dk, &w.wk, n, d, kvd);
+        cpu::matmul_backward_input(&mut s.dxn, &s.dv, &w.wv, n, d, kvd);
+        let dw = if sink.wants(Param::AttnNorm(l)) { Some(sink.dense(Param::AttnNorm(l))) } else { None };
+        cpu::rmsnorm_backward(&mut s.dres, dw, &s.dxn, &a.x_in, &w.attn_norm, &a.rstd1, d);
     }
 }
 

@@ -136,7 +136,11 @@ fn prepare(o: &TrainOptions, resume: Option<&Path>, device: Device) -> Result<Pr
 /// The training set, its validation split and the step count.
 fn load_data(o: &TrainOptions, tok: &Tokenizer) -> Result<Data> {
     let loaded = data::load(&o.data, Purpose::Train, o.skip_bad).map_err(|e| {
-        if !o.skip_bad && e.to_string().contains("example") { anyhow!("{e} (--skip-bad skips unusable examples)") } else { e }
+        if !o.skip_bad && e.to_string().contains("example") {
+            anyhow!("{e} (--skip-bad skips unusable examples)")
+        } else {
+            e
+        }
     })?;
     if !loaded.skipped.is_empty() {
         eprintln!("skipped {} bad examples (--skip-bad):", loaded.skipped.len());
@@ -179,11 +183,7 @@ fn load_data(o: &TrainOptions, tok: &Tokenizer) -> Result<Data> {
 
 /// Reads DIR/state.bin into the model's weights: the method's state, the
 /// extras' states, the step and the mask round.
-fn load_resumed(
-    dir: &Path,
-    o: &TrainOptions,
-    model: &mut Model,
-) -> Result<((Trainable, Vec<DenseState>), u64, u64)> {
+fn load_resumed(dir: &Path, o: &TrainOptions, model: &mut Model) -> Result<((Trainable, Vec<DenseState>), u64, u64)> {
     let c = model.config.clone();
     let state::Saved { header: h, trainable, extras } = state::load(dir, &c, &mut model.weights)?;
     if h.options.method.kind != o.method.kind {
@@ -240,7 +240,21 @@ impl<'o> Run<'o> {
         }
         let (last_loss, last_val, order_epoch) = (f32::NAN, None, usize::MAX);
         let started = Instant::now();
-        Run { o, c, data, step, mask_round, history, started, start_step: step, tokens_done: 0, last_loss, last_val, order: Vec::new(), order_epoch }
+        Run {
+            o,
+            c,
+            data,
+            step,
+            mask_round,
+            history,
+            started,
+            start_step: step,
+            tokens_done: 0,
+            last_loss,
+            last_val,
+            order: Vec::new(),
+            order_epoch,
+        }
     }
 
     /// This step's micro-batches, in the epoch order the seed fixes.
@@ -266,7 +280,7 @@ impl<'o> Run<'o> {
     /// A mask refresh every --update-interval steps (sparse methods), from the current weights.
     fn maybe_refresh(&mut self, tr: &mut dyn Trainer) -> Result<()> {
         let every = self.o.method.update_interval;
-        if self.o.method.kind.is_sparse() && every > 0 && self.step % every == 0 && !self.done() {
+        if self.o.method.kind.is_sparse() && every > 0 && self.step.is_multiple_of(every) && !self.done() {
             self.mask_round += 1;
             let r = tr.refresh_masks(self.mask_round)?;
             let kept = 100.0 * r.kept as f64 / r.total.max(1) as f64;
@@ -296,7 +310,11 @@ impl<'o> Run<'o> {
             let eta = elapsed / (step - self.start_step).max(1) as f64 * (total - step) as f64;
             let val = rec.get("val_loss").and_then(Value::as_f64).map(|v| format!(" | val {v:.4}")).unwrap_or_default();
             let tps = self.tokens_done as f64 / elapsed;
-            eprintln!("step {step}/{total} | loss {:.4}{val} | lr {lr:.2e} | {tps:.0} tok/s | ETA {}", s.loss, fmt_duration(eta));
+            eprintln!(
+                "step {step}/{total} | loss {:.4}{val} | lr {lr:.2e} | {tps:.0} tok/s | ETA {}",
+                s.loss,
+                fmt_duration(eta)
+            );
         }
         self.history.push(rec);
         Ok(())
@@ -358,7 +376,7 @@ fn train_loop(run: &mut Run, tr: &mut dyn Trainer) -> Result<bool> {
         run.step += 1;
         run.maybe_refresh(tr)?;
         run.record(tr, stats, lr, t0.elapsed().as_secs_f64())?;
-        if o.save_every > 0 && run.step % o.save_every == 0 && !run.done() {
+        if o.save_every > 0 && run.step.is_multiple_of(o.save_every) && !run.done() {
             run.save(tr)?;
         }
     }

@@ -108,7 +108,8 @@ fn referenced_paths(code: &str, module: &str, children: &[String]) -> Vec<Vec<St
     let here: Vec<String> = if module.is_empty() { vec![] } else { module.split("::").map(String::from).collect() };
     let mut paths = Vec::new();
     let mut add = |p: &str| {
-        let segs: Vec<&str> = p.split("::").map(|s| s.trim_matches(|c: char| !c.is_alphanumeric() && c != '_')).collect();
+        let segs: Vec<&str> =
+            p.split("::").map(|s| s.trim_matches(|c: char| !c.is_alphanumeric() && c != '_')).collect();
         let mut abs: Vec<String> = Vec::new();
         let mut it = segs.iter().peekable();
         match it.peek().copied() {
@@ -151,7 +152,8 @@ fn referenced_paths(code: &str, module: &str, children: &[String]) -> Vec<Vec<St
         if !code.is_char_boundary(start) {
             continue;
         }
-        if start > 0 && (bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_' || bytes[start - 1] == b':')
+        if start > 0
+            && (bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_' || bytes[start - 1] == b':')
         {
             continue;
         }
@@ -240,7 +242,6 @@ fn import_graph(src: &Path) -> BTreeMap<String, BTreeSet<String>> {
     }
     edges
 }
-
 
 /// No file of src/ reaches itself through the files it imports.
 #[test]

@@ -1,4 +1,4 @@
-//! Principal-weight selection (`src/lift.rs`) checked against independent
+//! Principal-weight selection (`src/select.rs`) checked against independent
 //! references: matrices built with a known SVD (so W_r is known without any
 //! SVD code), brute-force sorting for top-k, plain arithmetic for budgets, and
 //! the exact path as the reference for the randomized one, on synthetic and

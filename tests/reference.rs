@@ -11,8 +11,8 @@
 mod common;
 
 use lift::formats::checkpoint::Checkpoint;
-use lift::model::{Activations, FullGrads, Model, Param};
 use lift::formats::safetensors::SafeTensors;
+use lift::model::{Activations, FullGrads, Model, Param};
 use serde_json::Value;
 
 /// Errors are relative to the largest magnitude of each reference tensor.

@@ -10,8 +10,8 @@
 mod common;
 
 use lift::formats::checkpoint::Checkpoint;
-use lift::model::{Activations, Model};
 use lift::formats::safetensors::SafeTensors;
+use lift::model::{Activations, Model};
 use serde_json::Value;
 
 fn read_json(rel: &str) -> Value {

@@ -18,11 +18,11 @@ use super::model::{GpuModel, from_bf16, to_bf16};
 use super::select::{Job, SelectScratch};
 use super::trainer::GpuTrainer;
 use crate::cpu::{self, AttnDims, RopeTable};
-use crate::options::{Method, MethodOptions, Schedule, Svd, TrainOptions};
-use crate::select::{self, Approx};
 use crate::model::{Activations, GradSink, Model, Param, matrix, matrix_id};
 use crate::optim::{AdamW, DenseState, SparseState};
+use crate::options::{Method, MethodOptions, Schedule, Svd, TrainOptions};
 use crate::rng::Rng;
+use crate::select::{self, Approx};
 
 #[derive(clap::Args)]
 pub struct CheckArgs {
@@ -441,7 +441,7 @@ fn principal_mask_production(g: &Gpu, t: &mut Table, rng: &mut Rng, sc: &mut Sel
 }
 
 /// The batched Cholesky-inverse kernel of the orthonormalization against
-/// lift.rs's algorithm (transcribed below): Gram matrices of random
+/// select.rs's algorithm (transcribed below): Gram matrices of random
 /// sketches, full rank and rank-deficient (dropped pivots), q = 256 (the
 /// default sketch) and sizes that give its thread quads several rows.
 fn cholesky(g: &Gpu, t: &mut Table, rng: &mut Rng) -> Result<()> {
@@ -514,7 +514,20 @@ fn check_attention(g: &Gpu, t: &mut Table, rng: &mut Rng, d: Attn, tag: &str) ->
     t.add(format!("attention_forward{tag} lse {name}"), rel_err(&g.download(&lse, nr)?, &rl), 1e-4);
     let dout = randv(rng, nq, 1.0);
     let (mut dq, mut dk, mut dv, mut delta) = (out_buf(nq)?, out_buf(nkv)?, out_buf(nkv)?, g.zeros::<f32>(nr)?);
-    launch::attention_backward(g, &mut dq, &mut dk, &mut dv, &mut delta, &upb(g, &dout)?, &out, &lse, &qb, &kb, &vb, d)?;
+    launch::attention_backward(
+        g,
+        &mut dq,
+        &mut dk,
+        &mut dv,
+        &mut delta,
+        &upb(g, &dout)?,
+        &out,
+        &lse,
+        &qb,
+        &kb,
+        &vb,
+        d,
+    )?;
     // the CPU backward gets the GPU's (bf16) forward output, as the GPU does
     let (mut rq, mut rk, mut rv, mut rd) = (vec![0.0; nq], vec![0.0; nkv], vec![0.0; nkv], vec![0.0; nr]);
     cpu::attention_backward(&mut rq, &mut rk, &mut rv, &mut rd, &dout, &gout, &rl, &q, &kk, &v, dims);
@@ -529,7 +542,7 @@ fn check_attention(g: &Gpu, t: &mut Table, rng: &mut Rng, d: Attn, tag: &str) ->
     Ok(())
 }
 
-/// lift.rs cholesky_inverse_transpose (private there), transcribed: the
+/// select.rs cholesky_inverse_transpose (private there), transcribed: the
 /// reference of the GPU kernel. g (q, q) symmetric PSD; returns X = L^{-T},
 /// zero rows and columns for dropped pivots.
 fn cholesky_inverse_transpose_ref(g: &[f64], q: usize) -> Vec<f32> {

@@ -572,7 +572,7 @@ pub fn randn(g: &Gpu, out: &mut Buf<f32>, n: usize, seed: u64) -> Result<()> {
     g.launch("randn_splitmix", (blocks(n.div_ceil(2)), 1, 1), 256, &[Ptr(out.ptr()), I64(n as i64), U64(seed)])
 }
 
-/// lift.rs cholesky_inverse_transpose on the device for `nb` matrices at
+/// select.rs cholesky_inverse_transpose on the device for `nb` matrices at
 /// once: gram (nb, q, q) f64 in, x (nb, q, q) f32 = L^{-T} out; l and m are
 /// (nb, q, q) f64 scratch. One block of 1024 threads per matrix.
 pub fn cholesky_inverse_transpose(

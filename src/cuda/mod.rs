@@ -58,7 +58,8 @@ pub fn open() -> Result<Gpu> {
 /// `auto` mean plain.
 pub fn open_with_attention(requested: Attention) -> Result<(Gpu, Attention)> {
     let g = open()?;
-    let wanted = if requested == Attention::Auto && g.attention() == Attention::Plain { Attention::Plain } else { requested };
+    let wanted =
+        if requested == Attention::Auto && g.attention() == Attention::Plain { Attention::Plain } else { requested };
     let chosen = attention::choose(&g, wanted)?;
     Ok((g, chosen))
 }

@@ -414,7 +414,9 @@ impl GpuModel {
         let w = &self.layers[l];
         let id = |which| matrix_id(l, which);
         // Attention block: x_mid = x_in + o(attention(rope(q), rope(k), v)).
-        g.timed("rmsnorm", || launch::rmsnorm_forward(g, &mut a.xn1, &mut a.rstd1, x_in, &w.attn_norm, n, d, c.norm_eps))?;
+        g.timed("rmsnorm", || {
+            launch::rmsnorm_forward(g, &mut a.xn1, &mut a.rstd1, x_in, &w.attn_norm, n, d, c.norm_eps)
+        })?;
         g.timed("gemm fwd", || {
             self.linear_forward(g, &a.q, &a.xn1, &w.wq, id(Linear::Q), a.xa.first(), n, d, qd)?;
             self.linear_forward(g, &a.k, &a.xn1, &w.wk, id(Linear::K), a.xa.get(1), n, d, kvd)?;
@@ -492,7 +494,15 @@ impl GpuModel {
             )
         })?;
         g.timed("cross-entropy fwd", || {
-            launch::crossentropy_forward(g, &mut acts.losses, &mut acts.lse_ce, &acts.logits, &acts.targets, n, c.vocab_size)
+            launch::crossentropy_forward(
+                g,
+                &mut acts.losses,
+                &mut acts.lse_ce,
+                &acts.logits,
+                &acts.targets,
+                n,
+                c.vocab_size,
+            )
         })?;
         if acts.n_counted == 0 {
             return Ok(0.0);
@@ -508,7 +518,7 @@ impl GpuModel {
         let c = &self.config;
         let (b, t) = (acts.b, acts.t);
         let n = b * t;
-        let (d, qd, kvd, f, v) = (c.dim, c.q_dim(), c.kv_dim(), c.ffn_dim, c.vocab_size);
+        let (d, v) = (c.dim, c.vocab_size);
         let dims = Attn { b, t, nh: c.n_heads, kvh: c.n_kv_heads, hs: c.head_dim };
         let recompute = acts.recompute;
         let GpuActs { x, layers, xf, rstd_f, logits, tokens, targets, lse_ce, scratch: s, tmp, n_counted, .. } = acts;
@@ -534,7 +544,6 @@ impl GpuModel {
         let zero_attn_grads = launch::attention_accumulates(g, dims);
 
         for l in (0..c.n_layers).rev() {
-            let w = &self.layers[l];
             let x_in = &x[l];
             let a = &mut layers[if recompute { 0 } else { l }];
             if recompute {
@@ -542,75 +551,116 @@ impl GpuModel {
                 self.block_forward(g, l, a, x_in, None, tmp, b, t)?;
             }
             let a = &*a;
-            let id = |which| matrix_id(l, which);
-            let xa = |i: usize| a.xa.get(i);
-            // MLP block. s.dres holds d(x_out) and becomes d(x_mid).
-            sink.linear(g, id(Linear::Down), &s.dres, &a.h, xa(6), n, f, d)?;
-            g.timed("gemm dX", || {
-                self.linear_backward_input(g, &s.dh, &s.dres, &w.w_down, id(Linear::Down), &s.dyb, 0.0, n, f, d)
-            })?;
-            // dgate and dup are written, not accumulated: nothing else adds to them
-            g.timed("swiglu", || launch::swiglu_backward(g, &mut s.dgate, &mut s.dup, &s.dh, &a.gate, &a.up, n * f, false))?;
-            sink.linear(g, id(Linear::Gate), &s.dgate, &a.xn2, xa(4), n, d, f)?;
-            sink.linear(g, id(Linear::Up), &s.dup, &a.xn2, xa(5), n, d, f)?;
-            g.timed("gemm dX", || {
-                self.linear_backward_input(g, &s.dxn, &s.dgate, &w.w_gate, id(Linear::Gate), &s.dyb, 0.0, n, d, f)?;
-                self.linear_backward_input(g, &s.dxn, &s.dup, &w.w_up, id(Linear::Up), &s.dyb, 1.0, n, d, f)
-            })?;
-            g.timed("rmsnorm", || {
-                let dw = sink.dense(Param::MlpNorm(l));
-                launch::rmsnorm_backward(g, &mut s.dres, dw, &s.dxn, &a.x_mid, &w.mlp_norm, &a.rstd2, n, d)
-            })?;
-
-            // Attention block. s.dres holds d(x_mid) and becomes d(x_in).
-            sink.linear(g, id(Linear::O), &s.dres, &a.att, xa(3), n, qd, d)?;
-            g.timed("gemm dX", || {
-                self.linear_backward_input(g, &s.datt, &s.dres, &w.wo, id(Linear::O), &s.dyb, 0.0, n, qd, d)
-            })?;
-            if zero_attn_grads {
-                g.timed("zero", || {
-                    g.zero_range(&mut s.dq, 0, n * qd)?;
-                    g.zero_range(&mut s.dk, 0, n * kvd)?;
-                    g.zero_range(&mut s.dv, 0, n * kvd)
-                })?;
-            }
-            g.timed("attention bwd", || {
-                launch::attention_backward(
-                    g,
-                    &mut s.dq,
-                    &mut s.dk,
-                    &mut s.dv,
-                    &mut s.delta,
-                    &s.datt,
-                    &a.att,
-                    &a.lse,
-                    &a.q,
-                    &a.k,
-                    &a.v,
-                    dims,
-                )
-            })?;
-            g.timed("rope", || {
-                launch::rope_rotate(g, &mut s.dq, &self.rope, n, t, c.n_heads, c.head_dim, 0, -1.0)?;
-                launch::rope_rotate(g, &mut s.dk, &self.rope, n, t, c.n_kv_heads, c.head_dim, 0, -1.0)
-            })?;
-            sink.linear(g, id(Linear::Q), &s.dq, &a.xn1, xa(0), n, d, qd)?;
-            sink.linear(g, id(Linear::K), &s.dk, &a.xn1, xa(1), n, d, kvd)?;
-            sink.linear(g, id(Linear::V), &s.dv, &a.xn1, xa(2), n, d, kvd)?;
-            g.timed("gemm dX", || {
-                self.linear_backward_input(g, &s.dxn, &s.dq, &w.wq, id(Linear::Q), &s.dyb, 0.0, n, d, qd)?;
-                self.linear_backward_input(g, &s.dxn, &s.dk, &w.wk, id(Linear::K), &s.dyb, 1.0, n, d, kvd)?;
-                self.linear_backward_input(g, &s.dxn, &s.dv, &w.wv, id(Linear::V), &s.dyb, 1.0, n, d, kvd)
-            })?;
-            g.timed("rmsnorm", || {
-                let dw = sink.dense(Param::AttnNorm(l));
-                launch::rmsnorm_backward(g, &mut s.dres, dw, &s.dxn, x_in, &w.attn_norm, &a.rstd1, n, d)
-            })?;
+            self.mlp_backward(g, l, a, s, sink, n)?;
+            self.attention_block_backward(g, l, a, x_in, s, sink, dims, zero_attn_grads)?;
         }
         // s.dres is d(x[0]), the embedded tokens': scattered into the rows of dW_embed.
         if let Some(dw) = sink.dense(Param::Embed) {
             g.timed("embedding bwd", || launch::embedding_backward(g, dw, &s.dres, tokens, n, d))?;
         }
+        Ok(())
+    }
+
+    /// The MLP block's backward pass of layer l: s.dres holds d(x_out) and
+    /// becomes d(x_mid); the down, gate and up gradients go to the sink.
+    fn mlp_backward(
+        &self,
+        g: &Gpu,
+        l: usize,
+        a: &GpuLayerActs,
+        s: &mut GpuScratch,
+        sink: &mut dyn GpuSink,
+        n: usize,
+    ) -> Result<()> {
+        let (d, f) = (self.config.dim, self.config.ffn_dim);
+        let w = &self.layers[l];
+        let id = |which| matrix_id(l, which);
+        let xa = |i: usize| a.xa.get(i);
+        sink.linear(g, id(Linear::Down), &s.dres, &a.h, xa(6), n, f, d)?;
+        g.timed("gemm dX", || {
+            self.linear_backward_input(g, &s.dh, &s.dres, &w.w_down, id(Linear::Down), &s.dyb, 0.0, n, f, d)
+        })?;
+        // dgate and dup are written, not accumulated: nothing else adds to them
+        g.timed("swiglu", || {
+            launch::swiglu_backward(g, &mut s.dgate, &mut s.dup, &s.dh, &a.gate, &a.up, n * f, false)
+        })?;
+        sink.linear(g, id(Linear::Gate), &s.dgate, &a.xn2, xa(4), n, d, f)?;
+        sink.linear(g, id(Linear::Up), &s.dup, &a.xn2, xa(5), n, d, f)?;
+        g.timed("gemm dX", || {
+            self.linear_backward_input(g, &s.dxn, &s.dgate, &w.w_gate, id(Linear::Gate), &s.dyb, 0.0, n, d, f)?;
+            self.linear_backward_input(g, &s.dxn, &s.dup, &w.w_up, id(Linear::Up), &s.dyb, 1.0, n, d, f)
+        })?;
+        g.timed("rmsnorm", || {
+            let dw = sink.dense(Param::MlpNorm(l));
+            launch::rmsnorm_backward(g, &mut s.dres, dw, &s.dxn, &a.x_mid, &w.mlp_norm, &a.rstd2, n, d)
+        })?;
+        Ok(())
+    }
+
+    /// The attention block's backward pass of layer l (input x_in): s.dres
+    /// holds d(x_mid) and becomes d(x_in); the q, k, v and o gradients go to
+    /// the sink. `zero_grads`: the attention kernels accumulate into dq, dk,
+    /// dv, which are zeroed first.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_block_backward(
+        &self,
+        g: &Gpu,
+        l: usize,
+        a: &GpuLayerActs,
+        x_in: &Buf<Bf16>,
+        s: &mut GpuScratch,
+        sink: &mut dyn GpuSink,
+        dims: Attn,
+        zero_grads: bool,
+    ) -> Result<()> {
+        let c = &self.config;
+        let (n, d, qd, kvd, t) = (dims.b * dims.t, c.dim, c.q_dim(), c.kv_dim(), dims.t);
+        let w = &self.layers[l];
+        let id = |which| matrix_id(l, which);
+        let xa = |i: usize| a.xa.get(i);
+        sink.linear(g, id(Linear::O), &s.dres, &a.att, xa(3), n, qd, d)?;
+        g.timed("gemm dX", || {
+            self.linear_backward_input(g, &s.datt, &s.dres, &w.wo, id(Linear::O), &s.dyb, 0.0, n, qd, d)
+        })?;
+        if zero_grads {
+            g.timed("zero", || {
+                g.zero_range(&mut s.dq, 0, n * qd)?;
+                g.zero_range(&mut s.dk, 0, n * kvd)?;
+                g.zero_range(&mut s.dv, 0, n * kvd)
+            })?;
+        }
+        g.timed("attention bwd", || {
+            launch::attention_backward(
+                g,
+                &mut s.dq,
+                &mut s.dk,
+                &mut s.dv,
+                &mut s.delta,
+                &s.datt,
+                &a.att,
+                &a.lse,
+                &a.q,
+                &a.k,
+                &a.v,
+                dims,
+            )
+        })?;
+        g.timed("rope", || {
+            launch::rope_rotate(g, &mut s.dq, &self.rope, n, t, c.n_heads, c.head_dim, 0, -1.0)?;
+            launch::rope_rotate(g, &mut s.dk, &self.rope, n, t, c.n_kv_heads, c.head_dim, 0, -1.0)
+        })?;
+        sink.linear(g, id(Linear::Q), &s.dq, &a.xn1, xa(0), n, d, qd)?;
+        sink.linear(g, id(Linear::K), &s.dk, &a.xn1, xa(1), n, d, kvd)?;
+        sink.linear(g, id(Linear::V), &s.dv, &a.xn1, xa(2), n, d, kvd)?;
+        g.timed("gemm dX", || {
+            self.linear_backward_input(g, &s.dxn, &s.dq, &w.wq, id(Linear::Q), &s.dyb, 0.0, n, d, qd)?;
+            self.linear_backward_input(g, &s.dxn, &s.dk, &w.wk, id(Linear::K), &s.dyb, 1.0, n, d, kvd)?;
+            self.linear_backward_input(g, &s.dxn, &s.dv, &w.wv, id(Linear::V), &s.dyb, 1.0, n, d, kvd)
+        })?;
+        g.timed("rmsnorm", || {
+            let dw = sink.dense(Param::AttnNorm(l));
+            launch::rmsnorm_backward(g, &mut s.dres, dw, &s.dxn, x_in, &w.attn_norm, &a.rstd1, n, d)
+        })?;
         Ok(())
     }
 }

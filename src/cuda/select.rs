@@ -1,11 +1,11 @@
-//! Principal-weight selection (src/lift.rs) on the GPU: the rank-r
+//! Principal-weight selection (src/select.rs) on the GPU: the rank-r
 //! approximation W_r by randomized subspace iteration on cuBLAS GEMMs with
 //! Cholesky-QR orthonormalization (f64 Gram by DGEMM, the factor and its
 //! inverse by one kernel), the small eigenproblem on the host (the same
 //! `select::sym_eigen_top` the CPU uses, q x q), then the exact top-k of |W_r|
 //! by radix select.
 //!
-//! The steps and their order are lift.rs's, so on the same weights and seed
+//! The steps and their order are select.rs's, so on the same weights and seed
 //! the masks agree with the CPU's up to f32 rounding (gpu-check measures it).
 //!
 //! How the work is arranged, for speed (the arithmetic is unchanged):
@@ -108,7 +108,7 @@ struct Eigen {
 
 impl SelectScratch {
     /// Sketches (rows, q) <- sketch R^{-1} with sketch^T sketch = R^T R, for
-    /// every sketch of the batch: one Cholesky-QR pass each (lift.rs
+    /// every sketch of the batch: one Cholesky-QR pass each (select.rs
     /// cholesky_qr), the factorizations in one kernel launch. `use_z` picks
     /// Z, else Y.
     fn cholesky_qr(&mut self, g: &Gpu, sk: &mut [Sketch], use_z: bool, q: usize) -> Result<()> {
@@ -150,7 +150,7 @@ impl SelectScratch {
         })
     }
 
-    /// lift.rs randomized_range and the first half of low_rank_randomized
+    /// select.rs randomized_range and the first half of low_rank_randomized
     /// for a batch of matrices with the same q and iteration count: returns,
     /// per matrix, Q (out, q), B = Q^T W (q, in) and B B^T (q, q) on the host.
     fn randomized_batch(&mut self, g: &Gpu, jobs: &[&Job], q: usize, iters: usize) -> Result<Vec<Sketched>> {
@@ -325,7 +325,7 @@ impl SelectScratch {
             return g.upload(&(0..n as u32).collect::<Vec<u32>>());
         }
         // The bucket that holds the k-th largest, counting down from the top;
-        // returns (bucket, how many lie in higher buckets). As in lift.rs.
+        // returns (bucket, how many lie in higher buckets). As in select.rs.
         let find = |h: &[u32], need: u64| -> (u32, u64) {
             let mut above = 0u64;
             for b in (0..h.len()).rev() {

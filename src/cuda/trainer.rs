@@ -169,14 +169,14 @@ pub struct GpuTrainer<'g> {
 }
 
 /// Routes the backward pass's weight gradients into the method's
-/// accumulators (cpu_trainer.rs's Sink, on the GPU).
-struct Sink<'a> {
+/// accumulators (cpu_trainer.rs CpuMethodSink, on the GPU).
+struct GpuMethodSink<'a> {
     state: &'a mut GpuState,
     extras: &'a mut [(Param, GpuDense)],
     adapters: &'a [GpuAdapter],
 }
 
-impl GpuSink for Sink<'_> {
+impl GpuSink for GpuMethodSink<'_> {
     fn linear(
         &mut self,
         g: &Gpu,
@@ -281,7 +281,13 @@ fn sparse_master(g: &Gpu, reference: Option<&[f32]>, w: &Buf<Bf16>, idx: &Buf<u3
 
 /// A fresh sparse state: the masks selected on the device, zero moments,
 /// masters from the reference (or the device's weights).
-fn fresh_sparse(g: &Gpu, model: &GpuModel, o: &TrainOptions, reference: Option<&Weights>, tf32: bool) -> Result<GpuState> {
+fn fresh_sparse(
+    g: &Gpu,
+    model: &GpuModel,
+    o: &TrainOptions,
+    reference: Option<&Weights>,
+    tf32: bool,
+) -> Result<GpuState> {
     let t0 = Instant::now();
     let c = &model.config;
     let masks = masks_for(g, model, o, 0, tf32)?;
@@ -311,7 +317,12 @@ fn upload_sparse(g: &Gpu, c: &Config, saved: &[SparseState], reference: Option<&
 }
 
 /// Full fine-tuning's state: fresh, or the saved moments.
-fn full_state(g: &Gpu, model: &GpuModel, saved: Option<&[DenseState]>, reference: Option<&Weights>) -> Result<GpuState> {
+fn full_state(
+    g: &Gpu,
+    model: &GpuModel,
+    saved: Option<&[DenseState]>,
+    reference: Option<&Weights>,
+) -> Result<GpuState> {
     let mut states = Vec::with_capacity(model.config.n_layers * 7);
     for (id, l, w) in matrices(&model.config) {
         let host = reference.map(|r| r.layers[l].linear(w));
@@ -372,7 +383,14 @@ impl<'g> GpuTrainer<'g> {
     }
 
     /// Like `new`, with the mask selection's sketches in TF32 or not.
-    pub fn with_sketch(g: &'g Gpu, model: GpuModel, o: &TrainOptions, b: usize, t: usize, tf32: bool) -> Result<GpuTrainer<'g>> {
+    pub fn with_sketch(
+        g: &'g Gpu,
+        model: GpuModel,
+        o: &TrainOptions,
+        b: usize,
+        t: usize,
+        tf32: bool,
+    ) -> Result<GpuTrainer<'g>> {
         GpuTrainer::build(g, model, o, b, t, None, None, tf32)
     }
 
@@ -461,7 +479,8 @@ impl<'g> GpuTrainer<'g> {
         let t0 = Instant::now();
         let loss = self.model.forward(g, &mut self.acts, tokens, Some(targets))?; // synchronizes (loss)
         let t1 = Instant::now();
-        let mut sink = Sink { state: &mut self.state, extras: &mut self.extras, adapters: &self.model.adapters };
+        let mut sink =
+            GpuMethodSink { state: &mut self.state, extras: &mut self.extras, adapters: &self.model.adapters };
         self.model.backward(g, &mut self.acts, &mut sink)?;
         g.sync()?;
         Ok((loss, (t1 - t0).as_secs_f64() * 1e3, t1.elapsed().as_secs_f64() * 1e3))
@@ -512,7 +531,20 @@ impl<'g> GpuTrainer<'g> {
                     let w = self.model.layers[l].linear_mut(which);
                     let n = w.len();
                     g.timed("adamw", || {
-                        launch::sparse_adamw(g, w, n, &s.idx, &mut s.m, &mut s.v, &mut s.master, &s.acc, s.k, gscale, opt, t)
+                        launch::sparse_adamw(
+                            g,
+                            w,
+                            n,
+                            &s.idx,
+                            &mut s.m,
+                            &mut s.v,
+                            &mut s.master,
+                            &s.acc,
+                            s.k,
+                            gscale,
+                            opt,
+                            t,
+                        )
                     })?;
                 }
             }
@@ -528,8 +560,30 @@ impl<'g> GpuTrainer<'g> {
             GpuState::Lora { states, .. } => {
                 for (ad, (sa, sb)) in self.model.adapters.iter_mut().zip(states.iter_mut()) {
                     g.timed("adamw", || {
-                        launch::adamw(g, &mut ad.a, &mut sa.m, &mut sa.v, &mut sa.master, &sa.grad, sa.n, gscale, opt, t)?;
-                        launch::adamw(g, &mut ad.b, &mut sb.m, &mut sb.v, &mut sb.master, &sb.grad, sb.n, gscale, opt, t)
+                        launch::adamw(
+                            g,
+                            &mut ad.a,
+                            &mut sa.m,
+                            &mut sa.v,
+                            &mut sa.master,
+                            &sa.grad,
+                            sa.n,
+                            gscale,
+                            opt,
+                            t,
+                        )?;
+                        launch::adamw(
+                            g,
+                            &mut ad.b,
+                            &mut sb.m,
+                            &mut sb.v,
+                            &mut sb.master,
+                            &sb.grad,
+                            sb.n,
+                            gscale,
+                            opt,
+                            t,
+                        )
                     })?;
                 }
             }
@@ -724,11 +778,12 @@ impl StateSource for GpuTrainer<'_> {
         }))
     }
 
-
     /// The masks and moments, or the adapters' f32 masters and moments, downloaded.
     fn record(&self, id: usize) -> Result<Record<'_>> {
         let g = self.g;
-        let dense = |s: &GpuDense| -> Result<DenseState> { Ok(DenseState { m: g.download(&s.m, s.n)?, v: g.download(&s.v, s.n)? }) };
+        let dense = |s: &GpuDense| -> Result<DenseState> {
+            Ok(DenseState { m: g.download(&s.m, s.n)?, v: g.download(&s.v, s.n)? })
+        };
         Ok(match &self.state {
             GpuState::Sparse { states, .. } => {
                 let s = &states[id];

@@ -14,8 +14,8 @@ use serde_json::Value;
 
 use crate::formats::checkpoint::{DType, write_model_bin};
 use crate::formats::gguf::GgufFile;
-use crate::model::{Config, Param, RopeScaling};
 use crate::formats::safetensors::SafeTensors;
+use crate::model::{Config, Param, RopeScaling};
 use crate::tokenizer::Tokenizer;
 
 /// What `lift convert` reports.

@@ -14,8 +14,8 @@ use serde_json::json;
 
 use crate::formats::checkpoint::{Checkpoint, DType};
 use crate::formats::gguf::{GgufValue, GgufWriteData, write_gguf};
-use crate::model::{Config, Param, Weights};
 use crate::formats::safetensors::{TensorData, write_safetensors};
+use crate::model::{Config, Param, Weights};
 
 /// The Hugging Face `config.json` of a model.
 pub fn hf_config_json(c: &Config, bos: Option<u32>, eos: Option<u32>, dtype: DType) -> serde_json::Value {
@@ -122,7 +122,8 @@ pub fn export_gguf(ck: &Checkpoint, weights: &Weights, path: &Path, f16: bool) -
     // Tensors in llama.cpp's names and layout.
     let mut owned: Vec<(String, Vec<u64>, Vec<f32>, bool)> = Vec::new(); // name, dims, values, f16?
     for p in Param::all(c) {
-        let gname = crate::formats::convert::gguf_name(&p.name(), c.tied_embeddings).expect("every param has a GGUF name");
+        let gname =
+            crate::formats::convert::gguf_name(&p.name(), c.tied_embeddings).expect("every param has a GGUF name");
         let shape = p.shape(c);
         let mut values = weights.get(p).to_vec();
         if gname.ends_with("attn_q.weight") || gname.ends_with("attn_k.weight") {
