@@ -109,3 +109,13 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS) select_write(u32* out,
         }
     }
 }
+
+// The order of |x| reversed, its ties kept: key k becomes 0x7fffffff - k
+// (a 31-bit xor), so the k largest of the result are the k smallest |x| of
+// the input, ties still toward the smaller index (select.rs select_k_abs
+// with Smallest: the same key flip). Only the bit patterns matter to the
+// kernels above; some results read as NaN as floats, which is harmless.
+extern "C" __global__ void reverse_abs_order(float* scores, i64 n) {
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x)
+        scores[i] = __uint_as_float(0x7fffffffu ^ abs_key(scores[i]));
+}

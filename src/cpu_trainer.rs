@@ -10,6 +10,7 @@ use rayon::prelude::*;
 
 use crate::cpu;
 use crate::data::{self, Batch};
+use crate::dora;
 use crate::formats::state::{Record, StateSource, record_of};
 use crate::method::{self, MaskPlan, MaskRule, Trainable, extra_params};
 use crate::model::{Activations, Config, GradSink, Linear, Model, Param, matrices, matrix_id};
@@ -25,10 +26,13 @@ pub fn select_masks(model: &Model, plans: &[MaskPlan]) -> Vec<Vec<u32>> {
         .iter()
         .map(|p| {
             let w = model.weights.layers[p.layer].linear(p.linear);
-            match p.rule {
-                MaskRule::Principal { r, approx } => select::principal_mask(w, p.out, p.inp, p.k, r, approx),
-                MaskRule::Magnitude => select::magnitude_mask(w, p.k),
-                MaskRule::Random { seed } => select::random_mask(p.out * p.inp, p.k, seed),
+            match &p.rule {
+                MaskRule::Principal { r, approx, select } => {
+                    select::principal_mask_of(w, p.out, p.inp, p.k, *r, *approx, *select)
+                }
+                MaskRule::Magnitude { select } => select::select_k_abs(w, p.k, *select),
+                MaskRule::Random { seed } => select::random_mask(p.out * p.inp, p.k, *seed),
+                MaskRule::Fixed(mask) => mask.clone(),
             }
         })
         .collect()
@@ -40,13 +44,23 @@ pub fn masks_for(model: &Model, o: &TrainOptions, round: u64) -> Result<Vec<Vec<
     Ok(select_masks(model, &plans))
 }
 
-/// For LoRA: rebuilds every linear weight of the model as base + s B A.
-fn merge_lora(trainable: &Trainable, base: &[Vec<f32>], model: &mut Model) {
-    if let Trainable::Lora { adapters, .. } = trainable {
-        for (id, l, w) in matrices(&model.config) {
-            adapters[id].merge_into(model.weights.layers[l].linear_mut(w), &base[id]);
+/// For the adapter methods: rebuilds every linear weight of the model from
+/// its frozen base, as base + s B A (LoRA, PiSSA) or diag(m / ||V||) V with
+/// V = base + s B A (DoRA, dora.rs). Returns DoRA's row norms ||V|| per
+/// matrix (empty otherwise), which its backward pass takes as constants.
+fn merge_adapters(trainable: &Trainable, base: &[Vec<f32>], model: &mut Model) -> Vec<Vec<f32>> {
+    let mut norms = Vec::new();
+    for (id, l, w) in matrices(&model.config) {
+        let merged = model.weights.layers[l].linear_mut(w);
+        match trainable {
+            Trainable::Lora { adapters, .. } => adapters[id].merge_into(merged, &base[id]),
+            Trainable::Dora { adapters, magnitudes, .. } => {
+                norms.push(dora::merge_into(&adapters[id], &magnitudes[id].m, merged, &base[id]))
+            }
+            _ => return norms,
         }
     }
+    norms
 }
 
 /// Gradient accumulators, kept outside `Trainable` so a state file need not hold them.
@@ -55,8 +69,8 @@ struct Grads {
     linear: Vec<Vec<f32>>,
     /// Dense gradients of the extra tensors.
     extra: Vec<(Param, Vec<f32>)>,
-    /// Scratch for the transposed factors of a sampled dW (sparse only),
-    /// reused matrix after matrix; it grows to N * (OC + IC) floats.
+    /// Scratch for the transposed factors of a sampled dW (sparse), or
+    /// DoRA's (N, OC) output products, reused matrix after matrix.
     dw: Vec<f32>,
 }
 
@@ -66,6 +80,10 @@ impl Grads {
             Trainable::Sparse { states } => states.iter().map(|s| vec![0.0; s.k()]).collect(),
             Trainable::Full { states } => states.iter().map(|s| vec![0.0; s.m.len()]).collect(),
             Trainable::Lora { adapters, .. } => adapters.iter().map(|a| vec![0.0; a.a.len() + a.b.len()]).collect(),
+            // (dA, dB, dm) flattened
+            Trainable::Dora { adapters, .. } => {
+                adapters.iter().map(|a| vec![0.0; a.a.len() + a.b.len() + a.oc]).collect()
+            }
         };
         let extra =
             extra_params(c, &o.method).into_iter().map(|p| (p, vec![0.0; p.shape(c).iter().product()])).collect();
@@ -103,6 +121,9 @@ impl Grads {
 struct CpuMethodSink<'a> {
     trainable: &'a Trainable,
     grads: &'a mut Grads,
+    /// The adapter methods' frozen base weights, and DoRA's row norms.
+    base: &'a [Vec<f32>],
+    norms: &'a [Vec<f32>],
 }
 
 impl GradSink for CpuMethodSink<'_> {
@@ -124,6 +145,9 @@ impl GradSink for CpuMethodSink<'_> {
             Trainable::Sparse { states } => {
                 // Only the k selected entries of dW are computed (a sampled
                 // product); the dense (OC, IC) gradient never exists.
+                if states[id].k() == 0 {
+                    return; // S2FT trains some matrices not at all
+                }
                 let need = n * (oc + ic);
                 if self.grads.dw.len() < need {
                     self.grads.dw.resize(need, 0.0);
@@ -136,6 +160,13 @@ impl GradSink for CpuMethodSink<'_> {
                 let ad = &adapters[id];
                 let (da, db) = acc.split_at_mut(ad.a.len());
                 ad.backward(da, db, dout, inp, n);
+            }
+            Trainable::Dora { adapters, magnitudes, .. } => {
+                let ad = &adapters[id];
+                let (da, rest) = acc.split_at_mut(ad.a.len());
+                let (db, dm) = rest.split_at_mut(ad.b.len());
+                let (m, norm, base) = (&magnitudes[id].m, &self.norms[id], &self.base[id]);
+                dora::backward(ad, m, norm, base, da, db, dm, dout, inp, n, &mut self.grads.dw);
             }
         }
     }
@@ -151,9 +182,11 @@ impl GradSink for CpuMethodSink<'_> {
 pub struct CpuTrainer {
     pub model: Model,
     trainable: Trainable,
-    /// LoRA only: the frozen base of each linear matrix (L*7); the model
-    /// holds base + s B A.
-    lora_base: Vec<Vec<f32>>,
+    /// The adapter methods only: the frozen base of each linear matrix
+    /// (L*7); the model holds the merged weights (merge_adapters).
+    adapter_base: Vec<Vec<f32>>,
+    /// DoRA only: the row norms ||base + s B A|| of the merged weights.
+    dora_norms: Vec<Vec<f32>>,
     /// Dense AdamW state of the extra tensors, in the order of `extra_params`.
     extra_states: Vec<DenseState>,
     grads: Grads,
@@ -166,13 +199,13 @@ impl CpuTrainer {
     /// selected (sparse methods) or the adapters made (LoRA). Activations
     /// are sized for batches up to (B, T).
     pub fn start(
-        model: Model,
+        mut model: Model,
         o: &TrainOptions,
         b: usize,
         t: usize,
         saved: Option<(Trainable, Vec<DenseState>)>,
     ) -> Result<CpuTrainer> {
-        let c = &model.config;
+        let c = &model.config.clone();
         let (trainable, extra_states) = match saved {
             Some(s) => s,
             None => {
@@ -182,7 +215,8 @@ impl CpuTrainer {
                     let secs = t0.elapsed().as_secs_f64();
                     eprintln!("{}", method::describe_masks(c, masks.iter().map(Vec::len), secs, ""));
                 }
-                (Trainable::fresh(c, &o.method, o.seed, masks), method::fresh_extras(c, &o.method))
+                let trainable = Trainable::fresh(c, &o.method, o.seed, masks, &mut model.weights);
+                (trainable, method::fresh_extras(c, &o.method))
             }
         };
         Ok(CpuTrainer::resume(model, trainable, extra_states, o, b, t))
@@ -198,18 +232,15 @@ impl CpuTrainer {
         b: usize,
         t: usize,
     ) -> CpuTrainer {
-        let lora_base = match trainable {
-            Trainable::Lora { .. } => {
-                let c = &model.config;
-                matrices(c).map(|(_, l, w)| model.weights.layers[l].linear(w).to_vec()).collect()
-            }
-            _ => Vec::new(),
+        let adapter_base = match trainable.adapters() {
+            Some(_) => matrices(&model.config).map(|(_, l, w)| model.weights.layers[l].linear(w).to_vec()).collect(),
+            None => Vec::new(),
         };
-        merge_lora(&trainable, &lora_base, &mut model);
+        let dora_norms = merge_adapters(&trainable, &adapter_base, &mut model);
         model.ensure_rope(t);
         let grads = Grads::new(&trainable, &model.config, o);
         let acts = Activations::new(&model.config, b, t);
-        CpuTrainer { model, trainable, lora_base, extra_states, grads, acts, opts: o.clone() }
+        CpuTrainer { model, trainable, adapter_base, dora_norms, extra_states, grads, acts, opts: o.clone() }
     }
 
     /// One optimizer update of everything trainable, at step t (1-based).
@@ -241,11 +272,21 @@ impl CpuTrainer {
                     states[id].1.step(opt, t, &mut ad.b, db);
                 }
             }
+            Trainable::Dora { adapters, states, magnitudes } => {
+                for (id, ad) in adapters.iter_mut().enumerate() {
+                    let (da, rest) = grads.linear[id].split_at(ad.a.len());
+                    let (db, dm) = rest.split_at(ad.b.len());
+                    states[id].0.step(opt, t, &mut ad.a, da);
+                    states[id].1.step(opt, t, &mut ad.b, db);
+                    let mag = &mut magnitudes[id];
+                    mag.state.step(opt, t, &mut mag.m, dm);
+                }
+            }
         }
         for ((p, g), s) in grads.extra.iter().zip(self.extra_states.iter_mut()) {
             s.step(opt, t, self.model.weights.get_mut(*p), g);
         }
-        merge_lora(&self.trainable, &self.lora_base, &mut self.model);
+        self.dora_norms = merge_adapters(&self.trainable, &self.adapter_base, &mut self.model);
     }
 }
 
@@ -270,7 +311,12 @@ impl Trainer for CpuTrainer {
             }
             let t0 = Instant::now();
             self.model
-                .backward(&mut self.acts, &mut CpuMethodSink { trainable: &self.trainable, grads: &mut self.grads });
+                .backward(&mut self.acts, &mut CpuMethodSink {
+                    trainable: &self.trainable,
+                    grads: &mut self.grads,
+                    base: &self.adapter_base,
+                    norms: &self.dora_norms,
+                });
             st.backward_ms += t0.elapsed().as_secs_f64() * 1e3;
             loss_sum += loss as f64;
             st.tokens += batch.tokens.len();

@@ -13,6 +13,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::cpu::sgemm;
+use crate::select;
 
 /// One linear layer's adapter.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -48,6 +49,34 @@ impl Adapter {
         for (m, d) in merged.iter_mut().zip(&ba) {
             *m += self.scale * d;
         }
+    }
+
+    /// PiSSA's adapter for a weight W (OC, IC), as PEFT builds it: from the
+    /// top-r singular triplets (U_r, S_r, V_r), B = U_r diag(sqrt(S_r / s)),
+    /// A = diag(sqrt(S_r / s)) V_r^T, and the frozen residual W - s B A that
+    /// replaces W, so base + s B A is W again (to rounding) at step 0.
+    /// `niter` = Some((iterations, seed)) takes the randomized SVD (PEFT's
+    /// `pissa_niter_N`), None the exact one. Returns (adapter, residual).
+    pub fn pissa(w: &[f32], oc: usize, ic: usize, r: usize, alpha: f32, niter: Option<(usize, u64)>) -> (Adapter, Vec<f32>) {
+        let (u, sigma, v) = match niter {
+            None => select::svd_top(w, oc, ic, r),
+            Some((iters, seed)) => select::svd_top_randomized(w, oc, ic, r, iters, seed),
+        };
+        let r = sigma.len();
+        let scale = alpha / r as f32;
+        let root: Vec<f64> = sigma.iter().map(|&x| (x / scale as f64).sqrt()).collect();
+        let mut b = vec![0.0f32; oc * r]; // (OC, r): column i is u_i sqrt(S_i / s)
+        for i in 0..r {
+            for o in 0..oc {
+                b[o * r + i] = (u[i * oc + o] * root[i]) as f32;
+            }
+        }
+        let a: Vec<f32> = (0..r * ic).map(|j| (v[j] * root[j / ic]) as f32).collect(); // (r, IC)
+        let ad = Adapter { r, oc, ic, scale, a, b };
+        let mut ba = vec![0.0f32; oc * ic];
+        sgemm(oc, ic, r, &ad.b, r, 1, &ad.a, ic, 1, &mut ba, ic, false);
+        let residual = w.iter().zip(&ba).map(|(&x, &d)| x - scale * d).collect();
+        (ad, residual)
     }
 
     /// out (N, OC) = inp @ base^T + s (inp @ A^T) @ B^T, the adapter model's

@@ -10,7 +10,7 @@ use clap::{Args, ValueEnum};
 use serde::{Deserialize, Serialize};
 
 use crate::optim::AdamW;
-use crate::select::{Budget, DEFAULT_DENSITY, DEFAULT_FILTER_RANK, DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS};
+use crate::select::{Budget, Select, DEFAULT_DENSITY, DEFAULT_FILTER_RANK, DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS};
 
 /// What is trained (`--method`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
@@ -26,14 +26,32 @@ pub enum Method {
     Magnitude,
     /// Uniformly random entries (ablation).
     Random,
+    /// Weight-decomposed LoRA: adapters plus a trained magnitude per output row.
+    Dora,
+    /// LoRA with adapters from the top-r singular triplets, on the residual.
+    Pissa,
+    /// Structured sparse fine-tuning: whole FFN channels (and heads), sampled.
+    S2ft,
 }
 
 impl Method {
-    /// Whether the method trains a mask of entries (and refreshes it).
+    /// Whether the method trains a mask of entries of the linear weights
+    /// (sparse AdamW; S2FT's mask is whole rows and columns).
     pub fn is_sparse(self) -> bool {
+        matches!(self, Method::Lift | Method::Magnitude | Method::Random | Method::S2ft)
+    }
+
+    /// Whether the mask is recomputed every --update-interval steps.
+    pub fn refreshes(self) -> bool {
         matches!(self, Method::Lift | Method::Magnitude | Method::Random)
     }
+
+    /// Whether the method trains low-rank adapters (merged on save).
+    pub fn has_adapters(self) -> bool {
+        matches!(self, Method::Lora | Method::Dora | Method::Pissa)
+    }
 }
+
 
 /// How the rank-r approximation behind LIFT's scores is computed (`--svd`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
@@ -96,12 +114,32 @@ pub struct MethodOptions {
     /// Recompute the masks every N optimizer steps (0 = never).
     #[arg(long, default_value_t = MethodOptions::default().update_interval)]
     pub update_interval: u64,
-    /// LoRA adapter rank (--method lora).
+    /// Adapter rank (--method lora, dora, pissa).
     #[arg(long, default_value_t = MethodOptions::default().lora_rank)]
     pub lora_rank: usize,
-    /// LoRA alpha; adapters are scaled by alpha / rank.
+    /// Adapter alpha; adapters are scaled by alpha / rank.
     #[arg(long, default_value_t = MethodOptions::default().lora_alpha)]
     pub lora_alpha: f32,
+    /// Which entries a LIFT or magnitude mask takes: the largest scores (the
+    /// paper) or the smallest (the released code's `lift_sparse` at HEAD).
+    #[arg(long, value_enum, default_value_t = Select::Largest)]
+    #[serde(default)]
+    pub select: Select,
+    /// PiSSA: initialize from a randomized SVD with N power iterations
+    /// (PEFT's `pissa_niter_N`) instead of the exact SVD.
+    #[arg(long)]
+    #[serde(default)]
+    pub pissa_niter: Option<usize>,
+    /// S2FT: the fraction of FFN channels trained (rows of up_proj, columns
+    /// of down_proj, each sampled across all layers; the release's d_ratio).
+    #[arg(long, default_value_t = MethodOptions::default().s2ft_ratio)]
+    #[serde(default = "default_s2ft_ratio")]
+    pub s2ft_ratio: f64,
+    /// S2FT: also train the same fraction of attention heads (rows of
+    /// v_proj of key/value heads, columns of o_proj of query heads).
+    #[arg(long)]
+    #[serde(default)]
+    pub s2ft_heads: bool,
     /// Also train the RMSNorm weights (densely).
     #[arg(long)]
     pub train_norms: bool,
@@ -125,10 +163,19 @@ impl Default for MethodOptions {
             update_interval: 400,
             lora_rank: 16,
             lora_alpha: 32.0,
+            select: Select::Largest,
+            pissa_niter: None,
+            s2ft_ratio: default_s2ft_ratio(),
+            s2ft_heads: false,
             train_norms: false,
             train_embeddings: false,
         }
     }
+}
+
+/// S2FT's d_ratio in the authors' scripts.
+fn default_s2ft_ratio() -> f64 {
+    0.06
 }
 
 impl MethodOptions {

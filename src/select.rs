@@ -28,6 +28,18 @@ use rayon::prelude::*;
 
 use crate::cpu::sgemm;
 
+/// Which end of the scores a mask takes (`--select`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Select {
+    /// The k largest scores (the paper's LIFT and magnitude masks).
+    #[default]
+    Largest,
+    /// The k smallest: what the authors' released `lift_sparse` mask type
+    /// selects at their HEAD (an ablation).
+    Smallest,
+}
+
 // ----------------------------------------------------------------------------
 // Budgets: how many entries each weight trains
 
@@ -434,6 +446,43 @@ fn top_left_singular(side: &SmallSide, r: usize) -> (Vec<f64>, Vec<f64>) {
     (sigma, p)
 }
 
+/// The top r singular triplets of W (out x in) by the exact path, in f64:
+/// (U (r, out), sigma (r), V (r, in)), row i of U and of V the i-th left and
+/// right singular vectors, sigma descending (r capped at min(out, in)). The
+/// sign of each pair (u_i, v_i) is the eigensolver's; u_i sigma_i v_i^T is
+/// not affected by it. A zero singular value gets zero vectors on the
+/// side derived from the other.
+pub fn svd_top(w: &[f32], out: usize, inp: usize, r: usize) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    check_shape(w, out, inp);
+    let side = SmallSide::of(w, out, inp);
+    let (m, n) = (side.m, side.n);
+    let (sigma, p) = top_left_singular(&side, r.min(m)); // p (r, m): the small side's vectors
+    let r = sigma.len();
+    let mut pa = matmul_f64(&p, &side.a, r, m, n); // (r, n) = diag(sigma) times the other side's vectors
+    for (row, &s) in pa.chunks_mut(n).zip(&sigma) {
+        let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
+        row.iter_mut().for_each(|x| *x *= inv);
+    }
+    if side.transposed { (pa, sigma, p) } else { (p, sigma, pa) }
+}
+
+/// The same triplets from the randomized range of `randomized_range` (q = r
+/// columns, `iters` power iterations, the seed's sketch): W ~ Q Q^T W, whose
+/// SVD is Q times the exact SVD of the small Q^T W (r, in).
+pub fn svd_top_randomized(w: &[f32], out: usize, inp: usize, r: usize, iters: usize, seed: u64) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    check_shape(w, out, inp);
+    let r = r.min(out).min(inp);
+    let q = randomized_range(w, out, inp, r, iters, seed); // (out, r), orthonormal columns
+    let mut b = vec![0.0f32; r * inp];
+    sgemm(r, inp, out, &q, 1, r, w, inp, 1, &mut b, inp, false); // B = Q^T W (r, in)
+    let (ub, sigma, v) = svd_top(&b, r, inp, r); // ub (r, r): rows = left vectors of B
+    let q64: Vec<f64> = q.iter().map(|&x| x as f64).collect();
+    // u_i = Q ub_i: U (r, out) = ub (r, r) @ Q^T
+    let qt = transpose(&q64, out, r); // (r, out)
+    let u = matmul_f64(&ub, &qt, sigma.len(), r, out);
+    (u, sigma, v)
+}
+
 /// The r largest singular values of W (out x in), descending, by the exact
 /// path (r is capped at min(out, in)).
 pub fn singular_values(w: &[f32], out: usize, inp: usize, r: usize) -> Vec<f64> {
@@ -653,6 +702,14 @@ pub fn low_rank_approx(w: &[f32], out: usize, inp: usize, r: usize, how: Approx)
 /// order. Every pass is O(n) and parallel; nothing of size n is allocated
 /// but the answer. (NaN, whose bits lie above +inf, counts as largest.)
 pub fn top_k_abs(scores: &[f32], k: usize) -> Vec<u32> {
+    select_k_abs(scores, k, Select::Largest)
+}
+
+/// The k largest |scores| (`Largest`) or the k smallest (`Smallest`), as
+/// ascending flat indices, ties to the smaller index either way. Smallest
+/// is largest on the key 0x7FFFFFFF - key: the order of |x| reversed, its
+/// ties kept.
+pub fn select_k_abs(scores: &[f32], k: usize, which: Select) -> Vec<u32> {
     let n = scores.len();
     assert!(k <= n, "top_k_abs: k = {k} exceeds the {n} scores");
     assert!(n <= 1 << 32, "top_k_abs: {n} scores do not fit u32 indices");
@@ -662,7 +719,8 @@ pub fn top_k_abs(scores: &[f32], k: usize) -> Vec<u32> {
     if k == n {
         return (0..n as u32).collect();
     }
-    let key = |x: f32| x.to_bits() & 0x7FFF_FFFF;
+    let flip = if which == Select::Smallest { 0x7FFF_FFFF } else { 0 };
+    let key = |x: f32| (x.to_bits() & 0x7FFF_FFFF) ^ flip;
     const CHUNK: usize = 1 << 16;
 
     // Histogram of key >> 16 over all scores (per-task histograms, summed).
@@ -748,8 +806,21 @@ pub fn top_k_abs(scores: &[f32], k: usize) -> Vec<u32> {
 /// r = filter_rank (validate it with `filter_rank` first; r >= min(out, in)
 /// means W itself). Sorted ascending flat indices.
 pub fn principal_mask(w: &[f32], out: usize, inp: usize, k: usize, filter_rank: usize, how: Approx) -> Vec<u32> {
+    principal_mask_of(w, out, inp, k, filter_rank, how, Select::Largest)
+}
+
+/// principal_mask taking the k largest or the k smallest |W_r|.
+pub fn principal_mask_of(
+    w: &[f32],
+    out: usize,
+    inp: usize,
+    k: usize,
+    filter_rank: usize,
+    how: Approx,
+    which: Select,
+) -> Vec<u32> {
     assert!(filter_rank > 0, "principal_mask: filter rank 0 (validate with select::filter_rank)");
-    top_k_abs(&low_rank_approx(w, out, inp, filter_rank, how), k)
+    select_k_abs(&low_rank_approx(w, out, inp, filter_rank, how), k, which)
 }
 
 /// The `magnitude` ablation: the k largest |W| entries, no rank reduction.

@@ -121,6 +121,10 @@ fn prepare(o: &TrainOptions, resume: Option<&Path>, device: Device) -> Result<Pr
         None => (None, 0, 0),
         Some(dir) => {
             let (saved, step, round) = load_resumed(dir, o, &mut model)?;
+            if o.method.kind == Method::Pissa {
+                // The frozen residuals, recomputed from the checkpoint as at the start.
+                method::pissa_start(&c, &o.method, o.seed, &mut model.weights);
+            }
             (Some(saved), step, round)
         }
     };
@@ -280,7 +284,7 @@ impl<'o> Run<'o> {
     /// A mask refresh every --update-interval steps (sparse methods), from the current weights.
     fn maybe_refresh(&mut self, tr: &mut dyn Trainer) -> Result<()> {
         let every = self.o.method.update_interval;
-        if self.o.method.kind.is_sparse() && every > 0 && self.step.is_multiple_of(every) && !self.done() {
+        if self.o.method.kind.refreshes() && every > 0 && self.step.is_multiple_of(every) && !self.done() {
             self.mask_round += 1;
             let r = tr.refresh_masks(self.mask_round)?;
             let kept = 100.0 * r.kept as f64 / r.total.max(1) as f64;
@@ -467,7 +471,7 @@ fn validate(o: &TrainOptions) -> Result<()> {
     if m.kind == Method::Lift && m.filter_rank == 0 {
         bail!("--filter-rank must be at least 1");
     }
-    if m.kind == Method::Lora && m.lora_rank == 0 {
+    if m.kind.has_adapters() && m.lora_rank == 0 {
         bail!("--lora-rank must be at least 1");
     }
     Ok(())

@@ -402,7 +402,7 @@ fn principal_masks(g: &Gpu, t: &mut Table, rng: &mut Rng, sc: &mut SelectScratch
             Approx::Exact
         };
         let wb = upb(g, &w)?;
-        let gm = sc.select(g, &[Job { w: &wb, out: out_, inp, k: kk, r, how }])?;
+        let gm = sc.select(g, &[Job { w: &wb, out: out_, inp, k: kk, r, how, smallest: false }])?;
         let gm = g.download(&gm[0], kk)?;
         let rm = select::principal_mask(&w, out_, inp, kk, r, how);
         let path = if matches!(how, Approx::Exact) { "exact" } else { "randomized" };
@@ -427,7 +427,7 @@ fn principal_mask_production(g: &Gpu, t: &mut Table, rng: &mut Rng, sc: &mut Sel
     let wb = upb(g, &w)?;
     for tf32 in [false, true] {
         sc.tf32 = tf32;
-        let gm = sc.select(g, &[Job { w: &wb, out: out_, inp, k: kk, r, how }])?;
+        let gm = sc.select(g, &[Job { w: &wb, out: out_, inp, k: kk, r, how, smallest: false }])?;
         let gm = g.download(&gm[0], kk)?;
         let what = if tf32 { "TF32 sketch" } else { "f32 sketch" };
         t.add(

@@ -101,7 +101,7 @@ pub const FILES: &[KernelFile] = &[
     KernelFile {
         name: "topk.cu",
         source: include_str!("../../kernels/topk.cu"),
-        functions: &["radix_histogram", "select_count", "select_write"],
+        functions: &["radix_histogram", "select_count", "select_write", "reverse_abs_order"],
         mma: false,
     },
 ];

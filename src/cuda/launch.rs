@@ -558,6 +558,12 @@ pub fn gather_add(g: &Gpu, acc: &mut Buf<f32>, dw: &Buf<f32>, idx: &Buf<u32>, k:
     g.launch("gather_add", (blocks(k), 1, 1), 256, &[Ptr(acc.ptr()), Ptr(dw.ptr()), Ptr(idx.ptr()), I64(k as i64)])
 }
 
+/// select.rs select_k_abs's key flip for `Smallest`, in place on scores (n).
+pub fn reverse_abs_order(g: &Gpu, scores: &mut Buf<f32>, n: usize) -> Result<()> {
+    need(scores, n, "reverse_abs_order");
+    g.launch("reverse_abs_order", (blocks(n), 1, 1), 256, &[Ptr(scores.ptr()), I64(n as i64)])
+}
+
 /// Partial sums of squares of g (n) into partial[off .. off + SUMSQ_BLOCKS].
 pub const SUMSQ_BLOCKS: usize = 256;
 pub fn sum_squares(g: &Gpu, partial: &mut Buf<f64>, off: usize, x: &Buf<f32>, n: usize) -> Result<()> {

@@ -72,6 +72,8 @@ pub struct Job<'a> {
     /// (top-k of |W| itself, the ablation).
     pub r: usize,
     pub how: Approx,
+    /// The k smallest scores instead of the largest (`--select smallest`).
+    pub smallest: bool,
 }
 
 /// A randomized sketch in progress: W (out, in) in f32, Y (out, q) and
@@ -304,6 +306,9 @@ impl SelectScratch {
                     launch::convert(g, "f64_to_f32", wr, &wr64, n)?;
                     g.sync()?; // wr64, pa, wp are freed on return
                 }
+            }
+            if job.smallest {
+                launch::reverse_abs_order(g, wr, n)?;
             }
             Ok(())
         })?;

@@ -36,7 +36,7 @@ use crate::method::{self, MaskPlan, MaskRule, Trainable, extra_params};
 use crate::model::{Config, Linear, Model, Param, Weights, matrices, matrix, matrix_id};
 use crate::optim::{self, AdamW, DenseState, RefreshStats, SparseState};
 use crate::options::{Method, TrainOptions};
-use crate::select;
+use crate::select::{self, Select};
 use crate::trainer::{StepStats, Trainer};
 
 /// Sparse AdamW state of one matrix (optim::SparseState, plus the f32 master
@@ -102,24 +102,28 @@ pub enum GpuState {
 /// cores (`lift bench --sketch tf32`; gpu-check measures the mask overlap it
 /// costs), off for training.
 pub fn select_masks(g: &Gpu, model: &GpuModel, plans: &[MaskPlan], tf32: bool) -> Result<Vec<Buf<u32>>> {
-    if plans.iter().all(|p| matches!(p.rule, MaskRule::Random { .. })) {
-        let masks = plans.iter().map(|p| match p.rule {
-            MaskRule::Random { seed } => g.upload(&select::random_mask(p.out * p.inp, p.k, seed)),
-            _ => unreachable!("all random"),
-        });
-        return masks.collect();
+    // Masks chosen on the host (random, S2FT's channels) are uploaded; the
+    // others are selected on the device, a layer at a time.
+    let host = |p: &MaskPlan| match &p.rule {
+        MaskRule::Random { seed } => Some(select::random_mask(p.out * p.inp, p.k, *seed)),
+        MaskRule::Fixed(mask) => Some(mask.clone()),
+        _ => None,
+    };
+    if plans.iter().all(|p| host(p).is_some()) {
+        return plans.iter().map(|p| g.upload(&host(p).expect("a host mask"))).collect();
     }
     let mut layers: Vec<Vec<Job>> = Vec::new();
     for p in plans {
-        let (r, how) = match p.rule {
-            MaskRule::Principal { r, approx } => (r, approx),
-            MaskRule::Magnitude => (0, select::Approx::Exact),
-            MaskRule::Random { .. } => bail!("a random mask among selected ones"),
+        let (r, how, which) = match &p.rule {
+            MaskRule::Principal { r, approx, select } => (*r, *approx, *select),
+            MaskRule::Magnitude { select } => (0, select::Approx::Exact, *select),
+            _ => bail!("a host mask among selected ones"),
         };
         if p.linear == Linear::ALL[0] {
             layers.push(Vec::with_capacity(7));
         }
-        let job = Job { w: model.layers[p.layer].linear(p.linear), out: p.out, inp: p.inp, k: p.k, r, how };
+        let smallest = which == Select::Smallest;
+        let job = Job { w: model.layers[p.layer].linear(p.linear), out: p.out, inp: p.inp, k: p.k, r, how, smallest };
         layers.last_mut().expect("plans start at a layer's first matrix").push(job);
     }
     let mut sc = SelectScratch::default();
@@ -192,7 +196,10 @@ impl GpuSink for GpuMethodSink<'_> {
             GpuState::Sparse { states, dw } => {
                 // One dense dW in the reused buffer, of which only the k
                 // selected entries are kept. bf16 operands, f32 output and
-                // sums: a tensor-core GEMM.
+                // sums: a tensor-core GEMM. (S2FT leaves most matrices with k = 0.)
+                if states[id].k == 0 {
+                    return Ok(());
+                }
                 assert!(dw.len() >= oc * ic);
                 g.timed("gemm dW", || {
                     g.gemm(true, false, oc, ic, n, 1.0, dout.ptr(), inp.ptr(), 0.0, dw.ptr(), Dt::Bf16, Dt::F32)
@@ -405,6 +412,17 @@ impl<'g> GpuTrainer<'g> {
         t: usize,
         saved: Option<(Trainable, Vec<DenseState>)>,
     ) -> Result<GpuTrainer<'g>> {
+        // The adapter methods start from the host's state, as on the CPU
+        // (PiSSA's turns the linear weights into the residuals first).
+        let mut model = model;
+        let saved = match saved {
+            None if o.method.kind.has_adapters() => {
+                let c = model.config.clone();
+                let fresh = Trainable::fresh(&c, &o.method, o.seed, Vec::new(), &mut model.weights);
+                Some((fresh, method::fresh_extras(&c, &o.method)))
+            }
+            s => s,
+        };
         let gm = GpuModel::upload(g, &model, t)?;
         GpuTrainer::build(g, gm, o, b, t, Some(model.weights), saved, false)
     }
@@ -435,9 +453,11 @@ impl<'g> GpuTrainer<'g> {
                 let (adapters, moments) = method::new_adapters(&model.config, &o.method, o.seed);
                 lora_state(g, &mut model, &adapters, &moments, b * t)?
             }
-            (Method::Lora, Some(Trainable::Lora { adapters, states })) => {
+            (Method::Lora | Method::Pissa, Some(Trainable::Lora { adapters, states })) => {
                 lora_state(g, &mut model, &adapters, &states, b * t)?
             }
+            (Method::Pissa, None) => bail!("--method pissa starts from the host weights (lift train), not a model made on the GPU"),
+            (Method::Dora, _) => bail!("--method dora runs on --device cpu only for now (its GPU kernels are not written yet)"),
             (m, _) => bail!("the saved state is not --method {m:?}'s"),
         };
         let extras = extras_state(g, &model, o, r, saved_extras.as_deref())?;

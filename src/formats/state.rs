@@ -8,16 +8,18 @@
 //! ```text
 //! "LIFTSTAT" | len | header JSON (StateHeader)
 //! the tensors the header names, in its order: f32 x numel each
-//! kind (one byte: 0 sparse, 1 full, 2 lora) | count = L*7, one record per linear weight:
+//! kind (one byte: 0 sparse, 1 full, 2 lora, 3 dora) | count = L*7, one record per linear weight:
 //!   sparse  len k | k u32 indices (ascending) | m (k) | v (k)
 //!   full    len n | m (n) | v (n)
 //!   lora    len r | len OC | len IC | scale (1) | A (r*IC) | B (OC*r) | A's state | B's state
 //!           (each state a `full` record)
+//!   dora    a `lora` record | len OC | m (OC) | m's state (a `full` record)
 //! len e | e `full` records: the dense state of the extra tensors (norms, embeddings)
 //! ```
 //!
-//! A sparse method saves every linear weight whole (f32), a LoRA run none
-//! (its frozen base is the checkpoint's, its adapters are in the records).
+//! A sparse method saves every linear weight whole (f32), an adapter method
+//! none: its frozen base is the checkpoint's (PiSSA's residual is recomputed
+//! from it), its adapters are in the records. S2FT's mask is a sparse record.
 //! Trainers hand their state over through `StateSource`, so one writer
 //! serves both devices.
 
@@ -30,7 +32,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::formats::checkpoint;
 use crate::lora::Adapter;
-use crate::method::{Trainable, extra_params};
+use crate::method::{Magnitude, Trainable, extra_params};
 use crate::model::{Config, Param, Weights, matrices, matrix};
 use crate::optim::{DenseState, SparseState};
 use crate::options::{Method, TrainOptions};
@@ -50,7 +52,7 @@ pub struct StateHeader {
 /// LoRA, then the extra tensors it trains densely, in `extras` order.
 pub fn saved_tensors(c: &Config, method: Method, extras: &[Param]) -> Vec<Param> {
     let mut v: Vec<Param> = match method {
-        Method::Lora => Vec::new(),
+        m if m.has_adapters() => Vec::new(),
         _ => matrices(c).map(|(_, l, w)| Param::Linear(l, w)).collect(),
     };
     v.extend_from_slice(extras);
@@ -64,6 +66,8 @@ pub enum Record<'a> {
     Full(Cow<'a, DenseState>),
     /// The adapter (its A and B values) and the AdamW state of A and of B.
     Lora(Cow<'a, Adapter>, Cow<'a, DenseState>, Cow<'a, DenseState>),
+    /// A LoRA record and the magnitude with its AdamW state.
+    Dora(Cow<'a, Adapter>, Cow<'a, DenseState>, Cow<'a, DenseState>, Cow<'a, Magnitude>),
 }
 
 /// What a trainer hands to state.bin, piece by piece (the GPU downloads one
@@ -80,9 +84,10 @@ pub trait StateSource {
 /// The kind byte of the optimizer records.
 fn kind_byte(method: Method) -> u8 {
     match method {
-        Method::Lift | Method::Magnitude | Method::Random => 0,
+        Method::Lift | Method::Magnitude | Method::Random | Method::S2ft => 0,
         Method::Full => 1,
-        Method::Lora => 2,
+        Method::Lora | Method::Pissa => 2,
+        Method::Dora => 3,
     }
 }
 
@@ -116,17 +121,24 @@ impl Writer {
                 self.f32s(&s.v)
             }
             Record::Full(s) => self.dense(s),
-            Record::Lora(ad, sa, sb) => {
-                for n in [ad.r, ad.oc, ad.ic] {
-                    self.len(n)?;
-                }
-                self.f32s(&[ad.scale])?;
-                self.f32s(&ad.a)?;
-                self.f32s(&ad.b)?;
-                self.dense(sa)?;
-                self.dense(sb)
+            Record::Lora(ad, sa, sb) => self.adapter(ad, sa, sb),
+            Record::Dora(ad, sa, sb, mag) => {
+                self.adapter(ad, sa, sb)?;
+                self.len(mag.m.len())?;
+                self.f32s(&mag.m)?;
+                self.dense(&mag.state)
             }
         }
+    }
+    fn adapter(&mut self, ad: &Adapter, sa: &DenseState, sb: &DenseState) -> Result<()> {
+        for n in [ad.r, ad.oc, ad.ic] {
+            self.len(n)?;
+        }
+        self.f32s(&[ad.scale])?;
+        self.f32s(&ad.a)?;
+        self.f32s(&ad.b)?;
+        self.dense(sa)?;
+        self.dense(sb)
     }
 }
 
@@ -138,6 +150,12 @@ pub fn record_of(t: &Trainable, id: usize) -> Record<'_> {
         Trainable::Lora { adapters, states } => {
             Record::Lora(Cow::Borrowed(&adapters[id]), Cow::Borrowed(&states[id].0), Cow::Borrowed(&states[id].1))
         }
+        Trainable::Dora { adapters, states, magnitudes } => Record::Dora(
+            Cow::Borrowed(&adapters[id]),
+            Cow::Borrowed(&states[id].0),
+            Cow::Borrowed(&states[id].1),
+            Cow::Borrowed(&magnitudes[id]),
+        ),
     }
 }
 
@@ -252,8 +270,8 @@ fn read_optimizer(r: &mut Reader, c: &Config) -> Result<(Trainable, Vec<DenseSta
             }
             Trainable::Full { states }
         }
-        2 => {
-            let (mut adapters, mut states) = (Vec::new(), Vec::new());
+        2 | 3 => {
+            let (mut adapters, mut states, mut magnitudes) = (Vec::new(), Vec::new(), Vec::new());
             for id in 0..count {
                 let (rank, oc, ic) = (r.len()?, r.len()?, r.len()?);
                 if (oc, ic) != size(id) {
@@ -267,8 +285,17 @@ fn read_optimizer(r: &mut Reader, c: &Config) -> Result<(Trainable, Vec<DenseSta
                     bail!("adapter {id}: optimizer state of another size");
                 }
                 states.push((sa, sb));
+                if kind == 3 {
+                    let n = r.len()?;
+                    let m = r.f32s(n)?;
+                    let state = dense(r)?;
+                    if m.len() != oc || state.m.len() != oc {
+                        bail!("magnitude {id} is not of its weight's {oc} rows");
+                    }
+                    magnitudes.push(Magnitude { m, state });
+                }
             }
-            Trainable::Lora { adapters, states }
+            if kind == 3 { Trainable::Dora { adapters, states, magnitudes } } else { Trainable::Lora { adapters, states } }
         }
         k => bail!("unknown optimizer kind {k}"),
     };
