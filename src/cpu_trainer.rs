@@ -243,6 +243,34 @@ impl CpuTrainer {
         CpuTrainer { model, trainable, adapter_base, dora_norms, extra_states, grads, acts, opts: o.clone() }
     }
 
+    /// Forward and backward of one batch into freshly zeroed gradient
+    /// accumulators; returns the loss. The first half of a step, for checks
+    /// against references (cuda::trainer's micro_step is its twin).
+    pub fn gradients(&mut self, batch: &Batch) -> Result<f32> {
+        self.grads.zero();
+        self.acts.set_shape(&self.model.config, batch.b, batch.t);
+        let loss = self.model.forward(&mut self.acts, &batch.tokens, Some(&batch.targets))?;
+        let mut sink = CpuMethodSink {
+            trainable: &self.trainable,
+            grads: &mut self.grads,
+            base: &self.adapter_base,
+            norms: &self.dora_norms,
+        };
+        self.model.backward(&mut self.acts, &mut sink);
+        Ok(loss)
+    }
+
+    /// The gradient accumulator of each linear matrix: its k entries
+    /// (sparse), out*in (full), dA then dB (LoRA, PiSSA), dA, dB, dm (DoRA).
+    pub fn linear_grads(&self) -> &[Vec<f32>] {
+        &self.grads.linear
+    }
+
+    /// The method's state.
+    pub fn trainable(&self) -> &Trainable {
+        &self.trainable
+    }
+
     /// One optimizer update of everything trainable, at step t (1-based).
     fn apply_update(&mut self, opt: &AdamW, t: u64) {
         let grads = &self.grads;

@@ -8,6 +8,10 @@
 //!   v <- b2 v + (1 - b2) g^2
 //!   w <- w - lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)
 //!   w <- w - lr * wd * w                       (decoupled weight decay)
+//!
+//! torch.optim.AdamW (which the authors' LoRA, DoRA and PiSSA scripts use)
+//! adds eps to sqrt(v / (1 - b2^t)) instead, which is the update above with
+//! eps * sqrt(1 - b2^t) in place of eps: `--adamw torch` runs that form.
 
 use serde::{Deserialize, Serialize};
 
@@ -19,12 +23,26 @@ pub struct AdamW {
     pub beta2: f32,
     pub eps: f32,
     pub weight_decay: f32,
+    /// Where eps enters (see the module comment).
+    pub form: EpsForm,
+}
+
+/// Where AdamW's eps enters (`--adamw`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum EpsForm {
+    /// m / (sqrt(v) + eps) with the bias correction in the step size: Hugging
+    /// Face's former transformers.AdamW, and LIFT's sparse AdamW.
+    #[default]
+    Hf,
+    /// m_hat / (sqrt(v_hat) + eps): torch.optim.AdamW.
+    Torch,
 }
 
 impl Default for AdamW {
     /// The paper's settings: betas (0.9, 0.95), eps 1e-6, no weight decay.
     fn default() -> AdamW {
-        AdamW { lr: 2e-4, beta1: 0.9, beta2: 0.95, eps: 1e-6, weight_decay: 0.0 }
+        AdamW { lr: 2e-4, beta1: 0.9, beta2: 0.95, eps: 1e-6, weight_decay: 0.0, form: EpsForm::Hf }
     }
 }
 
@@ -36,12 +54,20 @@ impl AdamW {
         (self.lr as f64 * bc2.sqrt() / bc1) as f32
     }
 
+    /// The eps of step t in the update's form m / (sqrt(v) + eps).
+    pub fn eps_at(&self, t: u64) -> f32 {
+        match self.form {
+            EpsForm::Hf => self.eps,
+            EpsForm::Torch => (self.eps as f64 * (1.0 - (self.beta2 as f64).powi(t as i32)).sqrt()) as f32,
+        }
+    }
+
     /// One AdamW update of a single entry.
     #[inline]
-    fn update(&self, w: &mut f32, m: &mut f32, v: &mut f32, g: f32, step_size: f32) {
+    fn update(&self, w: &mut f32, m: &mut f32, v: &mut f32, g: f32, step_size: f32, eps: f32) {
         *m = self.beta1 * *m + (1.0 - self.beta1) * g;
         *v = self.beta2 * *v + (1.0 - self.beta2) * g * g;
-        *w -= step_size * *m / (v.sqrt() + self.eps);
+        *w -= step_size * *m / (v.sqrt() + eps);
         *w -= self.lr * self.weight_decay * *w;
     }
 }
@@ -70,9 +96,9 @@ impl SparseState {
     /// selected entry in the order of `indices`.
     pub fn step(&mut self, opt: &AdamW, t: u64, w: &mut [f32], g: &[f32]) {
         assert_eq!(g.len(), self.k(), "sparse AdamW: one gradient per selected entry");
-        let step_size = opt.step_size(t);
+        let (step_size, eps) = (opt.step_size(t), opt.eps_at(t));
         for (j, &i) in self.indices.iter().enumerate() {
-            opt.update(&mut w[i as usize], &mut self.m[j], &mut self.v[j], g[j], step_size);
+            opt.update(&mut w[i as usize], &mut self.m[j], &mut self.v[j], g[j], step_size, eps);
         }
     }
 
@@ -136,9 +162,9 @@ impl DenseState {
     /// Dense AdamW step t (t >= 1) of w with gradient g, both of the tensor's size.
     pub fn step(&mut self, opt: &AdamW, t: u64, w: &mut [f32], g: &[f32]) {
         assert_eq!(w.len(), g.len());
-        let step_size = opt.step_size(t);
+        let (step_size, eps) = (opt.step_size(t), opt.eps_at(t));
         for i in 0..w.len() {
-            opt.update(&mut w[i], &mut self.m[i], &mut self.v[i], g[i], step_size);
+            opt.update(&mut w[i], &mut self.m[i], &mut self.v[i], g[i], step_size, eps);
         }
     }
 

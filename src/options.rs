@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use clap::{Args, ValueEnum};
 use serde::{Deserialize, Serialize};
 
-use crate::optim::AdamW;
+use crate::optim::{AdamW, EpsForm};
 use crate::select::{Budget, Select, DEFAULT_DENSITY, DEFAULT_FILTER_RANK, DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS};
 
 /// What is trained (`--method`).
@@ -230,6 +230,17 @@ pub struct TrainOptions {
     /// Decoupled weight decay (on the trained entries only).
     #[arg(long, default_value_t = TrainOptions::default().weight_decay)]
     pub weight_decay: f32,
+    /// Where AdamW's eps enters: hf (Hugging Face's former AdamW and LIFT's
+    /// sparse AdamW: m / (sqrt(v) + eps) with the bias correction in the step
+    /// size) or torch (torch.optim.AdamW: eps added to sqrt(v_hat)), which
+    /// the authors' LoRA, DoRA and PiSSA scripts use.
+    #[arg(long, value_enum, default_value_t = EpsForm::Hf)]
+    #[serde(default)]
+    pub adamw: EpsForm,
+    /// AdamW's eps (the paper's 1e-6; torch.optim.AdamW's default is 1e-8).
+    #[arg(long, default_value_t = TrainOptions::default().adam_eps)]
+    #[serde(default = "default_adam_eps")]
+    pub adam_eps: f32,
     /// Clip the global gradient norm to this (0 = off).
     #[arg(long, default_value_t = TrainOptions::default().grad_clip)]
     pub grad_clip: f32,
@@ -276,6 +287,8 @@ impl Default for TrainOptions {
             warmup: 0.03,
             schedule: Schedule::Linear,
             weight_decay: 0.0,
+            adamw: EpsForm::Hf,
+            adam_eps: default_adam_eps(),
             grad_clip: 1.0,
             seed: 42,
             val_size: 100,
@@ -288,11 +301,16 @@ impl Default for TrainOptions {
     }
 }
 
+/// The paper's AdamW eps.
+fn default_adam_eps() -> f32 {
+    1e-6
+}
+
 impl TrainOptions {
     /// AdamW at learning rate `lr` with this run's weight decay (the paper's
     /// betas and eps).
     pub fn adamw(&self, lr: f32) -> AdamW {
-        AdamW { lr, weight_decay: self.weight_decay, ..AdamW::default() }
+        AdamW { lr, weight_decay: self.weight_decay, eps: self.adam_eps, form: self.adamw, ..AdamW::default() }
     }
 }
 

@@ -457,6 +457,9 @@ fn validate(o: &TrainOptions) -> Result<()> {
     if !o.lr.is_finite() || o.lr <= 0.0 {
         bail!("--lr must be a positive number");
     }
+    if !(o.adam_eps.is_finite() && o.adam_eps >= 0.0) {
+        bail!("--adam-eps must be a finite number >= 0");
+    }
     if !(0.0..1.0).contains(&o.warmup) {
         bail!("--warmup is a ratio of the total steps, in [0, 1)");
     }
