@@ -338,13 +338,15 @@ impl Trainer for CpuTrainer {
                 bail!("loss is {loss} at step {t} (micro-batch {micro})");
             }
             let t0 = Instant::now();
-            self.model
-                .backward(&mut self.acts, &mut CpuMethodSink {
+            self.model.backward(
+                &mut self.acts,
+                &mut CpuMethodSink {
                     trainable: &self.trainable,
                     grads: &mut self.grads,
                     base: &self.adapter_base,
                     norms: &self.dora_norms,
-                });
+                },
+            );
             st.backward_ms += t0.elapsed().as_secs_f64() * 1e3;
             loss_sum += loss as f64;
             st.tokens += batch.tokens.len();

@@ -57,7 +57,14 @@ impl Adapter {
     /// replaces W, so base + s B A is W again (to rounding) at step 0.
     /// `niter` = Some((iterations, seed)) takes the randomized SVD (PEFT's
     /// `pissa_niter_N`), None the exact one. Returns (adapter, residual).
-    pub fn pissa(w: &[f32], oc: usize, ic: usize, r: usize, alpha: f32, niter: Option<(usize, u64)>) -> (Adapter, Vec<f32>) {
+    pub fn pissa(
+        w: &[f32],
+        oc: usize,
+        ic: usize,
+        r: usize,
+        alpha: f32,
+        niter: Option<(usize, u64)>,
+    ) -> (Adapter, Vec<f32>) {
         let (u, sigma, v) = match niter {
             None => select::svd_top(w, oc, ic, r),
             Some((iters, seed)) => select::svd_top_randomized(w, oc, ic, r, iters, seed),

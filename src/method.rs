@@ -98,8 +98,8 @@ pub fn mask_plans(c: &Config, o: &MethodOptions, seed: u64, round: u64, exact_up
     let mut plans = Vec::with_capacity(c.n_layers * 7);
     for (id, layer, linear) in matrices(c) {
         let (out, inp) = linear.shape(c);
-        let k =
-            select::budget_k(out, inp, o.budget()).with_context(|| format!("layer {layer} {linear:?} ({out}x{inp})"))?;
+        let k = select::budget_k(out, inp, o.budget())
+            .with_context(|| format!("layer {layer} {linear:?} ({out}x{inp})"))?;
         let seed = seed ^ (round << 32) ^ id as u64;
         let rule = match o.kind {
             Method::Lift => {
@@ -207,7 +207,12 @@ pub fn check_budget(c: &Config, o: &MethodOptions) -> Result<()> {
             bail!("--s2ft-ratio {} is out of range (0, 1]", o.s2ft_ratio);
         }
         if ((c.ffn_dim * c.n_layers) as f64 * o.s2ft_ratio) < 1.0 {
-            bail!("--s2ft-ratio {} selects no FFN channel of {} x {} layers; raise it", o.s2ft_ratio, c.ffn_dim, c.n_layers);
+            bail!(
+                "--s2ft-ratio {} selects no FFN channel of {} x {} layers; raise it",
+                o.s2ft_ratio,
+                c.ffn_dim,
+                c.n_layers
+            );
         }
         return Ok(());
     }
@@ -301,7 +306,8 @@ impl Trainable {
             }
             Method::Pissa => {
                 let adapters = pissa_start(c, o, seed, weights);
-                let states = adapters.iter().map(|a| (DenseState::new(a.a.len()), DenseState::new(a.b.len()))).collect();
+                let states =
+                    adapters.iter().map(|a| (DenseState::new(a.a.len()), DenseState::new(a.b.len()))).collect();
                 Trainable::Lora { adapters, states }
             }
             Method::Dora => {

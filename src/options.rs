@@ -10,7 +10,7 @@ use clap::{Args, ValueEnum};
 use serde::{Deserialize, Serialize};
 
 use crate::optim::{AdamW, EpsForm};
-use crate::select::{Budget, Select, DEFAULT_DENSITY, DEFAULT_FILTER_RANK, DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS};
+use crate::select::{Budget, DEFAULT_DENSITY, DEFAULT_FILTER_RANK, DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS, Select};
 
 /// What is trained (`--method`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
@@ -51,7 +51,6 @@ impl Method {
         matches!(self, Method::Lora | Method::Dora | Method::Pissa)
     }
 }
-
 
 /// How the rank-r approximation behind LIFT's scores is computed (`--svd`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]

@@ -469,7 +469,14 @@ pub fn svd_top(w: &[f32], out: usize, inp: usize, r: usize) -> (Vec<f64>, Vec<f6
 /// The same triplets from the randomized range of `randomized_range` (q = r
 /// columns, `iters` power iterations, the seed's sketch): W ~ Q Q^T W, whose
 /// SVD is Q times the exact SVD of the small Q^T W (r, in).
-pub fn svd_top_randomized(w: &[f32], out: usize, inp: usize, r: usize, iters: usize, seed: u64) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+pub fn svd_top_randomized(
+    w: &[f32],
+    out: usize,
+    inp: usize,
+    r: usize,
+    iters: usize,
+    seed: u64,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
     check_shape(w, out, inp);
     let r = r.min(out).min(inp);
     let q = randomized_range(w, out, inp, r, iters, seed); // (out, r), orthonormal columns

@@ -271,6 +271,15 @@ fn brute_top_k(x: &[f32], k: usize) -> Vec<u32> {
     idx
 }
 
+/// The k smallest |x|, ties to the smaller index, by a full sort.
+fn brute_bottom_k(x: &[f32], k: usize) -> Vec<u32> {
+    let mut idx: Vec<u32> = (0..x.len() as u32).collect();
+    idx.sort_by(|&a, &b| x[a as usize].abs().total_cmp(&x[b as usize].abs()).then(a.cmp(&b)));
+    idx.truncate(k);
+    idx.sort_unstable();
+    idx
+}
+
 fn assert_mask_shape(mask: &[u32], k: usize, n: usize) {
     assert_eq!(mask.len(), k);
     assert!(mask.windows(2).all(|p| p[0] < p[1]), "mask not strictly ascending");
@@ -301,6 +310,74 @@ fn top_k_abs_equals_a_full_sort_with_ties_to_the_smaller_index() {
         }
     }
     assert!(top_k_abs(&[], 0).is_empty());
+}
+
+/// `--select smallest` (the released code's lift_sparse at HEAD): the k
+/// smallest |x| with ties to the smaller index, against a full sort, and
+/// on a matrix of known SVD the k smallest |W_r|.
+#[test]
+fn select_smallest_equals_a_full_sort_and_the_known_w_r() {
+    let mut rng = TestRng::new(12);
+    for n in [1usize, 9, 1000, 200_003] {
+        let levels = [0.0f32, -0.0, 0.25, -0.25, 1.0, -1.0, 3.0, -3.0];
+        let tied: Vec<f32> = (0..n).map(|_| levels[(rng.next() % 8) as usize]).collect();
+        let distinct: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
+        for x in [&tied, &distinct] {
+            for k in [0, 1, n / 3, n / 2, n - 1, n] {
+                let got = select_k_abs(x, k, Select::Smallest);
+                assert_mask_shape(&got, k, n);
+                assert_eq!(got, brute_bottom_k(x, k), "n = {n}, k = {k}");
+            }
+        }
+    }
+    let (out, inp, r) = (120, 200, 16);
+    let known = KnownSvd::new(out, inp, flat_spectrum(120), 4);
+    let reference: Vec<f32> = known.truncated(r).iter().map(|&x| x as f32).collect();
+    let k = budget_k(out, inp, Budget::Density(0.05)).unwrap();
+    let mask = principal_mask_of(&known.w, out, inp, k, r, Approx::Exact, Select::Smallest);
+    let overlap = mask_overlap(&brute_bottom_k(&reference, k), &mask);
+    assert!(overlap >= 0.999, "overlap with the known W_r's smallest entries: {overlap}");
+    // and it is not the largest-entry mask
+    assert!(mask_overlap(&brute_top_k(&reference, k), &mask) < 0.01);
+}
+
+// ----------------------------------------------------------------------------
+// PiSSA's adapters from the top-r singular triplets
+
+/// On a matrix of known SVD, PiSSA's s B A is the known U_r S_r V_r^T, each
+/// component s b_i a_i^T is sigma_i u_i v_i^T (whatever sign the solver gave
+/// the pair), and residual + s B A is W to rounding; the randomized path
+/// (PEFT's pissa_niter) agrees on a gapped spectrum.
+#[test]
+fn pissa_adapters_are_the_known_top_r_svd() {
+    for (out, inp) in [(60, 90), (90, 60)] {
+        let r = 5;
+        let m = out.min(inp);
+        let known = KnownSvd::new(out, inp, gapped_spectrum(m, r), 21);
+        let alpha = 10.0f32;
+        for niter in [None, Some((6, 3u64))] {
+            let (ad, residual) = lift::lora::Adapter::pissa(&known.w, out, inp, r, alpha, niter);
+            assert_eq!((ad.r, ad.oc, ad.ic), (r, out, inp));
+            let s = ad.scale as f64;
+            assert!((s - alpha as f64 / r as f64).abs() < 1e-12);
+            let mut worst = 0.0f64;
+            for i in 0..r {
+                for o in 0..out {
+                    for j in 0..inp {
+                        let got = s * ad.b[o * r + i] as f64 * ad.a[i * inp + j] as f64;
+                        let want = known.s[i] * known.u[i][o] * known.v[i][j];
+                        worst = worst.max((got - want).abs());
+                    }
+                }
+            }
+            let tol = if niter.is_none() { 1e-5 } else { 1e-3 };
+            assert!(worst / known.s[0] < tol, "{out}x{inp} {niter:?}: component error {worst}");
+            let mut merged = vec![0.0f32; out * inp];
+            ad.merge_into(&mut merged, &residual);
+            let err = max_abs_diff(&merged, &known.w.iter().map(|&x| x as f64).collect::<Vec<_>>());
+            assert!(err < 1e-5, "residual + s B A differs from W by {err}");
+        }
+    }
 }
 
 #[test]

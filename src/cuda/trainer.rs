@@ -456,8 +456,12 @@ impl<'g> GpuTrainer<'g> {
             (Method::Lora | Method::Pissa, Some(Trainable::Lora { adapters, states })) => {
                 lora_state(g, &mut model, &adapters, &states, b * t)?
             }
-            (Method::Pissa, None) => bail!("--method pissa starts from the host weights (lift train), not a model made on the GPU"),
-            (Method::Dora, _) => bail!("--method dora runs on --device cpu only for now (its GPU kernels are not written yet)"),
+            (Method::Pissa, None) => {
+                bail!("--method pissa starts from the host weights (lift train), not a model made on the GPU")
+            }
+            (Method::Dora, _) => {
+                bail!("--method dora runs on --device cpu only for now (its GPU kernels are not written yet)")
+            }
             (m, _) => bail!("the saved state is not --method {m:?}'s"),
         };
         let extras = extras_state(g, &model, o, r, saved_extras.as_deref())?;

@@ -295,7 +295,11 @@ fn read_optimizer(r: &mut Reader, c: &Config) -> Result<(Trainable, Vec<DenseSta
                     magnitudes.push(Magnitude { m, state });
                 }
             }
-            if kind == 3 { Trainable::Dora { adapters, states, magnitudes } } else { Trainable::Lora { adapters, states } }
+            if kind == 3 {
+                Trainable::Dora { adapters, states, magnitudes }
+            } else {
+                Trainable::Lora { adapters, states }
+            }
         }
         k => bail!("unknown optimizer kind {k}"),
     };
