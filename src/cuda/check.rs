@@ -101,8 +101,7 @@ fn down(g: &Gpu, b: &Buf<Bf16>, n: usize) -> Result<Vec<f32>> {
 /// gradients, the tensor-core attention last; then the summary.
 pub fn run(a: &CheckArgs) -> Result<()> {
     let t0 = std::time::Instant::now();
-    let g = Gpu::new()?;
-    eprintln!("device: {} (sm_{}{}); kernels compiled by NVRTC in {:.2}s", g.name, g.cc.0, g.cc.1, g.compile_s);
+    let g = super::open()?;
     eprintln!("{:<58} {:>10} {:>9}  result", "check", "rel. error", "tolerance");
     let mut t = Table { rows: Vec::new() };
     let mut rng = Rng::new(a.seed);
@@ -121,6 +120,7 @@ pub fn run(a: &CheckArgs) -> Result<()> {
 
     whole_step(&g, &mut t, a.seed)?;
     every_gradients(&g, &mut t, a.seed);
+    every_method(&g, &mut t, a.seed);
 
     // The tensor-core attention last: a fault there would end the run
     // (a CUDA error poisons the context), so everything else is in by then.
@@ -700,6 +700,67 @@ fn every_gradient(g: &Gpu, t: &mut Table, config: &str, seed: u64) -> Result<()>
         rel_err(&flat(&rextras), &flat(&gextras)),
         1e-5,
     );
+    Ok(())
+}
+
+/// method_step for DoRA, PiSSA, S2FT (with heads) and LIFT with
+/// `--select smallest`; an error becomes a failed row.
+fn every_method(g: &Gpu, t: &mut Table, seed: u64) {
+    for m in [Method::Dora, Method::Pissa, Method::S2ft, Method::Lift] {
+        if let Err(e) = method_step(g, t, m, seed) {
+            t.add(format!("{m:?} step: {e}"), f64::NAN, 0.0);
+        }
+    }
+}
+
+/// One step of a method on the `small` model on both devices, from the same
+/// host state (PiSSA's SVD and DoRA's magnitudes are the host's on both):
+/// the loss, every gradient the method keeps (A, B and DoRA's magnitudes;
+/// S2FT's rows and columns), then the trained tensors after one AdamW step.
+/// Lift runs with --select smallest here, so its row checks the key flip.
+fn method_step(g: &Gpu, t: &mut Table, m: Method, seed: u64) -> Result<()> {
+    let c = crate::init::named_config("small")?;
+    let mut w = crate::init::random_weights(&c, seed ^ 21);
+    for p in Param::all(&c) {
+        w.get_mut(p).iter_mut().for_each(|x| *x = bf(*x));
+    }
+    let (b, tt) = (2, 37);
+    let mut o = check_options(seed);
+    o.method.kind = m;
+    (o.method.s2ft_ratio, o.method.s2ft_heads) = (0.2, true);
+    o.method.select = crate::select::Select::Smallest;
+    let mut rng = Rng::new(seed ^ 22);
+    let tokens: Vec<u32> = (0..b * tt).map(|_| rng.below(c.vocab_size) as u32).collect();
+    let targets: Vec<i32> =
+        (0..b * tt).map(|i| if i % 6 == 0 { -100 } else { rng.below(c.vocab_size) as i32 }).collect();
+    let n_loss = targets.iter().filter(|&&x| x >= 0).count();
+    let batch = crate::data::Batch { b, t: tt, tokens: tokens.clone(), targets: targets.clone(), n_loss };
+
+    let mut cpu = crate::cpu_trainer::CpuTrainer::start(Model::new(c.clone(), w.clone()), &o, b, tt, None)?;
+    let closs = cpu.gradients(&batch)?;
+    let mut gpu = GpuTrainer::start(g, Model::new(c.clone(), w), &o, b, tt, None)?;
+    if let (crate::method::Trainable::Sparse { states }, Ok(gm)) = (cpu.trainable(), gpu.masks()) {
+        let same = states.iter().zip(&gm).filter(|(s, m)| s.indices == **m).count();
+        t.add(format!("{m:?} step: masks equal the CPU's ({same} of {})", gm.len()), (gm.len() - same) as f64, 0.0);
+    }
+    gpu.zero_grads()?;
+    let (gloss, _, _) = gpu.micro_step(b, tt, &tokens, &targets)?;
+    t.add(format!("{m:?} step: loss"), rel_err(&[gloss], &[closs]), 5e-3);
+    let ggrads = gpu.linear_grads()?;
+    let cgrads = cpu.linear_grads();
+    let flat = |v: &[Vec<f32>]| v.iter().flatten().copied().collect::<Vec<f32>>();
+    t.add(format!("{m:?} step: gradients of the trained values"), rel_err(&flat(&ggrads), &flat(cgrads)), 3e-2);
+    use crate::trainer::Trainer;
+    let lr = 1e-3;
+    cpu.step(std::slice::from_ref(&batch), lr, 1)?;
+    gpu.step(std::slice::from_ref(&batch), lr, 1)?;
+    use crate::formats::state::StateSource;
+    let (mut gv, mut cv) = (Vec::new(), Vec::new());
+    for (_, l, wk) in crate::model::matrices(&c) {
+        gv.extend_from_slice(&gpu.tensor(Param::Linear(l, wk))?);
+        cv.extend_from_slice(&cpu.tensor(Param::Linear(l, wk))?);
+    }
+    t.add(format!("{m:?} step: linear weights after one AdamW step"), rel_err(&gv, &cv), 1e-2);
     Ok(())
 }
 

@@ -93,6 +93,12 @@ pub const FILES: &[KernelFile] = &[
         mma: false,
     },
     KernelFile {
+        name: "dora.cu",
+        source: include_str!("../../kernels/dora.cu"),
+        functions: &["scale_columns", "column_dot", "dora_norms"],
+        mma: false,
+    },
+    KernelFile {
         name: "lowrank.cu",
         source: include_str!("../../kernels/lowrank.cu"),
         functions: &["randn_splitmix", "cholesky_inverse_transpose"],

@@ -558,6 +558,51 @@ pub fn gather_add(g: &Gpu, acc: &mut Buf<f32>, dw: &Buf<f32>, idx: &Buf<u32>, k:
     g.launch("gather_add", (blocks(k), 1, 1), 256, &[Ptr(acc.ptr()), Ptr(dw.ptr()), Ptr(idx.ptr()), I64(k as i64)])
 }
 
+/// dora.cu scale_columns: out (rows, cols) = inp * c[col] (out may be inp).
+pub fn scale_columns(g: &Gpu, out: &Buf<Bf16>, inp: &Buf<Bf16>, c: &Buf<f32>, rows: usize, cols: usize) -> Result<()> {
+    need(out, rows * cols, "scale_columns out");
+    need(inp, rows * cols, "scale_columns inp");
+    need(c, cols, "scale_columns c");
+    let args = [Ptr(out.ptr()), Ptr(inp.ptr()), Ptr(c.ptr()), I64(rows as i64), I32(i32_of(cols))];
+    g.launch("scale_columns", (blocks(rows * cols), 1, 1), 256, &args)
+}
+
+/// dora.cu column_dot: dm (cols) += sum over rows of dout * z, / norm.
+pub fn column_dot(
+    g: &Gpu,
+    dm: &mut Buf<f32>,
+    dout: &Buf<Bf16>,
+    z: &Buf<Bf16>,
+    norm: &Buf<f32>,
+    rows: usize,
+    cols: usize,
+) -> Result<()> {
+    need(dm, cols, "column_dot dm");
+    need(dout, rows * cols, "column_dot dout");
+    need(z, rows * cols, "column_dot z");
+    need(norm, cols, "column_dot norm");
+    let args = [Ptr(dm.ptr()), Ptr(dout.ptr()), Ptr(z.ptr()), Ptr(norm.ptr()), I64(rows as i64), I32(i32_of(cols))];
+    g.launch("column_dot", (blocks(cols), 1, 1), 256, &args)
+}
+
+/// dora.cu dora_norms: per row of v (rows, cols), its norm and c = m / norm.
+pub fn dora_norms(
+    g: &Gpu,
+    norm: &mut Buf<f32>,
+    c: &mut Buf<f32>,
+    v: &Buf<f32>,
+    m: &Buf<f32>,
+    rows: usize,
+    cols: usize,
+) -> Result<()> {
+    need(norm, rows, "dora_norms norm");
+    need(c, rows, "dora_norms c");
+    need(v, rows * cols, "dora_norms v");
+    need(m, rows, "dora_norms m");
+    let args = [Ptr(norm.ptr()), Ptr(c.ptr()), Ptr(v.ptr()), Ptr(m.ptr()), I32(i32_of(cols))];
+    g.launch("dora_norms", (rows as u32, 1, 1), 256, &args)
+}
+
 /// select.rs select_k_abs's key flip for `Smallest`, in place on scores (n).
 pub fn reverse_abs_order(g: &Gpu, scores: &mut Buf<f32>, n: usize) -> Result<()> {
     need(scores, n, "reverse_abs_order");

@@ -68,12 +68,21 @@ impl GpuLayer {
 }
 
 /// A LoRA adapter on the device: A (r, IC), B (OC, r) in bf16 (their f32
-/// masters live in the optimizer state), scale s = alpha / r.
+/// masters live in the optimizer state), scale s = alpha / r; with DoRA also
+/// the row norms of V = W + s B A and the output scale c = m / ||V||.
 pub struct GpuAdapter {
     pub r: usize,
     pub scale: f32,
     pub a: Buf<Bf16>,
     pub b: Buf<Bf16>,
+    pub dora: Option<GpuDora>,
+}
+
+/// DoRA's per-output values of one matrix (dora.rs): ||V||_row and c (OC),
+/// recomputed after every optimizer step.
+pub struct GpuDora {
+    pub norm: Buf<f32>,
+    pub c: Buf<f32>,
 }
 
 pub struct GpuModel {
@@ -218,6 +227,7 @@ pub struct GpuScratch {
     pub dup: Buf<Bf16>,   // (N, F)
     pub dh: Buf<Bf16>,    // (N, F)
     pub dyb: Buf<Bf16>,   // (N, r) LoRA: dout @ B
+    pub dsc: Buf<Bf16>,   // (N, max(C, NH*HS, F)) DoRA: dout * c
 }
 
 /// Every buffer of a forward and backward pass for batches up to (B, T).
@@ -248,8 +258,10 @@ pub struct GpuActs {
 
 impl GpuActs {
     /// Allocates for batches of up to b * t rows; `lora_r` > 0 adds the
-    /// adapters' buffers; `recompute` keeps one layer's activations, not L.
-    pub fn new(g: &Gpu, c: &Config, b: usize, t: usize, lora_r: usize, recompute: bool) -> Result<GpuActs> {
+    /// adapters' buffers, `dora` DoRA's; `recompute` keeps one layer's
+    /// activations, not L.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(g: &Gpu, c: &Config, b: usize, t: usize, lora_r: usize, dora: bool, recompute: bool) -> Result<GpuActs> {
         let n = b * t;
         let (d, q, kv, f) = (c.dim, c.q_dim(), c.kv_dim(), c.ffn_dim);
         let z = |len: usize| g.zeros::<Bf16>(len);
@@ -301,6 +313,7 @@ impl GpuActs {
                 dup: z(n * f)?,
                 dh: z(n * f)?,
                 dyb: z(n * lora_r.max(1))?,
+                dsc: z(if dora { n * d.max(q).max(f) } else { 1 })?,
             },
             n_counted: 0,
         })
@@ -363,11 +376,16 @@ impl GpuModel {
         if let (Some(ad), Some(xa)) = (self.adapters.get(id), xa) {
             g.gemm(false, true, n, ad.r, ic, 1.0, inp.ptr(), ad.a.ptr(), 0.0, xa.ptr(), Dt::Bf16, Dt::Bf16)?;
             g.gemm(false, true, n, oc, ad.r, ad.scale, xa.ptr(), ad.b.ptr(), 1.0, out.ptr(), Dt::Bf16, Dt::Bf16)?;
+            if let Some(dora) = &ad.dora {
+                // y = c * (x V^T): the merged weight diag(c) V of the CPU
+                launch::scale_columns(g, out, out, &dora.c, n, oc)?;
+            }
         }
         Ok(())
     }
 
-    /// dinp (N, IC) = (beta * dinp) + dout @ W (+ s (dout @ B) @ A).
+    /// dinp (N, IC) = (beta * dinp) + dout @ W (+ s (dout @ B) @ A), with
+    /// DoRA's dout * c in place of dout. `s` lends its dyb and dsc scratch.
     #[allow(clippy::too_many_arguments)]
     fn linear_backward_input(
         &self,
@@ -376,12 +394,20 @@ impl GpuModel {
         dout: &Buf<Bf16>,
         w: &Buf<Bf16>,
         id: usize,
-        dyb: &Buf<Bf16>,
+        s: &GpuScratch,
         beta: f32,
         n: usize,
         ic: usize,
         oc: usize,
     ) -> Result<()> {
+        let dyb = &s.dyb;
+        let dout = match self.adapters.get(id).and_then(|ad| ad.dora.as_ref()) {
+            Some(dora) => {
+                launch::scale_columns(g, &s.dsc, dout, &dora.c, n, oc)?;
+                &s.dsc
+            }
+            None => dout,
+        };
         g.gemm(false, false, n, ic, oc, 1.0, dout.ptr(), w.ptr(), beta, dinp.ptr(), Dt::Bf16, Dt::Bf16)?;
         if let Some(ad) = self.adapters.get(id) {
             g.gemm(false, false, n, ad.r, oc, 1.0, dout.ptr(), ad.b.ptr(), 0.0, dyb.ptr(), Dt::Bf16, Dt::Bf16)?;
@@ -578,7 +604,7 @@ impl GpuModel {
         let xa = |i: usize| a.xa.get(i);
         sink.linear(g, id(Linear::Down), &s.dres, &a.h, xa(6), n, f, d)?;
         g.timed("gemm dX", || {
-            self.linear_backward_input(g, &s.dh, &s.dres, &w.w_down, id(Linear::Down), &s.dyb, 0.0, n, f, d)
+            self.linear_backward_input(g, &s.dh, &s.dres, &w.w_down, id(Linear::Down), s, 0.0, n, f, d)
         })?;
         // dgate and dup are written, not accumulated: nothing else adds to them
         g.timed("swiglu", || {
@@ -587,8 +613,8 @@ impl GpuModel {
         sink.linear(g, id(Linear::Gate), &s.dgate, &a.xn2, xa(4), n, d, f)?;
         sink.linear(g, id(Linear::Up), &s.dup, &a.xn2, xa(5), n, d, f)?;
         g.timed("gemm dX", || {
-            self.linear_backward_input(g, &s.dxn, &s.dgate, &w.w_gate, id(Linear::Gate), &s.dyb, 0.0, n, d, f)?;
-            self.linear_backward_input(g, &s.dxn, &s.dup, &w.w_up, id(Linear::Up), &s.dyb, 1.0, n, d, f)
+            self.linear_backward_input(g, &s.dxn, &s.dgate, &w.w_gate, id(Linear::Gate), s, 0.0, n, d, f)?;
+            self.linear_backward_input(g, &s.dxn, &s.dup, &w.w_up, id(Linear::Up), s, 1.0, n, d, f)
         })?;
         g.timed("rmsnorm", || {
             let dw = sink.dense(Param::MlpNorm(l));
@@ -619,9 +645,7 @@ impl GpuModel {
         let id = |which| matrix_id(l, which);
         let xa = |i: usize| a.xa.get(i);
         sink.linear(g, id(Linear::O), &s.dres, &a.att, xa(3), n, qd, d)?;
-        g.timed("gemm dX", || {
-            self.linear_backward_input(g, &s.datt, &s.dres, &w.wo, id(Linear::O), &s.dyb, 0.0, n, qd, d)
-        })?;
+        g.timed("gemm dX", || self.linear_backward_input(g, &s.datt, &s.dres, &w.wo, id(Linear::O), s, 0.0, n, qd, d))?;
         if zero_grads {
             g.timed("zero", || {
                 g.zero_range(&mut s.dq, 0, n * qd)?;
@@ -653,9 +677,9 @@ impl GpuModel {
         sink.linear(g, id(Linear::K), &s.dk, &a.xn1, xa(1), n, d, kvd)?;
         sink.linear(g, id(Linear::V), &s.dv, &a.xn1, xa(2), n, d, kvd)?;
         g.timed("gemm dX", || {
-            self.linear_backward_input(g, &s.dxn, &s.dq, &w.wq, id(Linear::Q), &s.dyb, 0.0, n, d, qd)?;
-            self.linear_backward_input(g, &s.dxn, &s.dk, &w.wk, id(Linear::K), &s.dyb, 1.0, n, d, kvd)?;
-            self.linear_backward_input(g, &s.dxn, &s.dv, &w.wv, id(Linear::V), &s.dyb, 1.0, n, d, kvd)
+            self.linear_backward_input(g, &s.dxn, &s.dq, &w.wq, id(Linear::Q), s, 0.0, n, d, qd)?;
+            self.linear_backward_input(g, &s.dxn, &s.dk, &w.wk, id(Linear::K), s, 1.0, n, d, kvd)?;
+            self.linear_backward_input(g, &s.dxn, &s.dv, &w.wv, id(Linear::V), s, 1.0, n, d, kvd)
         })?;
         g.timed("rmsnorm", || {
             let dw = sink.dense(Param::AttnNorm(l));

@@ -27,12 +27,12 @@ use half::bf16;
 
 use super::gpu::{Bf16, Buf, Dt, Gpu};
 use super::launch;
-use super::model::{GpuActs, GpuAdapter, GpuModel, GpuSink, to_bf16};
+use super::model::{GpuActs, GpuAdapter, GpuDora, GpuModel, GpuSink, to_bf16};
 use super::select::{Job, SelectScratch};
 use crate::data::{self, Batch};
 use crate::formats::state::{Record, StateSource};
 use crate::lora::Adapter;
-use crate::method::{self, MaskPlan, MaskRule, Trainable, extra_params};
+use crate::method::{self, Magnitude, MaskPlan, MaskRule, Trainable, extra_params};
 use crate::model::{Config, Linear, Model, Param, Weights, matrices, matrix, matrix_id};
 use crate::optim::{self, AdamW, DenseState, RefreshStats, SparseState};
 use crate::options::{Method, TrainOptions};
@@ -87,11 +87,41 @@ pub enum GpuState {
     Full {
         states: Vec<GpuDense>,
     },
-    /// (A, B) per matrix; dyb (N, r) is the sink's dout @ B.
+    /// (A, B) per matrix; dyb (N, r) is the sink's dout @ B; DoRA's
+    /// magnitudes and scratch besides.
     Lora {
         states: Vec<(GpuDense, GpuDense)>,
         dyb: Buf<Bf16>,
+        dora: Option<Box<DoraState>>,
     },
+}
+
+/// DoRA on top of LoRA's state: the magnitude m (OC) of each matrix, with
+/// its AdamW state (master = m), and the sink's and the norms' scratch.
+pub struct DoraState {
+    pub mags: Vec<GpuDense>,
+    /// The bf16 copy the AdamW kernel writes (nothing reads it).
+    mag_bf16: Vec<Buf<Bf16>>,
+    /// (N, max OC): x V^T, then dout * c, in the sink.
+    z: Buf<Bf16>,
+    dsc: Buf<Bf16>,
+    /// (largest matrix, f32): V = W + s B A, for the row norms.
+    v: Buf<f32>,
+}
+
+/// DoRA's norms and output scales of every matrix (dora.rs merge_into, on
+/// the device): V = W + s B A in f32, then ||V||_row and c = m / ||V||.
+fn dora_norms(g: &Gpu, model: &mut GpuModel, d: &mut DoraState) -> Result<()> {
+    let GpuModel { config, layers, adapters, .. } = model;
+    for (id, l, w) in matrices(config) {
+        let (oc, ic) = w.shape(config);
+        let ad = &mut adapters[id];
+        launch::convert(g, "bf16_to_f32", &mut d.v, layers[l].linear(w), oc * ic)?;
+        g.gemm(false, false, oc, ic, ad.r, ad.scale, ad.b.ptr(), ad.a.ptr(), 1.0, d.v.ptr(), Dt::Bf16, Dt::F32)?;
+        let dora = ad.dora.as_mut().ok_or_else(|| anyhow!("DoRA: adapter {id} has no norms"))?;
+        launch::dora_norms(g, &mut dora.norm, &mut dora.c, &d.v, &d.mags[id].master, oc, ic)?;
+    }
+    Ok(())
 }
 
 /// Carries out the mask plans (method::mask_plans, with the GPU's rule for
@@ -178,6 +208,8 @@ struct GpuMethodSink<'a> {
     state: &'a mut GpuState,
     extras: &'a mut [(Param, GpuDense)],
     adapters: &'a [GpuAdapter],
+    /// The model's weights (DoRA recomputes x V^T for its magnitudes).
+    layers: &'a [super::model::GpuLayer],
 }
 
 impl GpuSink for GpuMethodSink<'_> {
@@ -214,11 +246,53 @@ impl GpuSink for GpuMethodSink<'_> {
                     g.gemm(true, false, oc, ic, n, 1.0, dout.ptr(), inp.ptr(), 1.0, s.grad.ptr(), Dt::Bf16, Dt::F32)
                 })
             }
-            GpuState::Lora { states, dyb } => {
+            GpuState::Lora { states, dyb, dora } => {
                 // lora.rs Adapter::backward: dB = s dout^T (inp A^T), dA = s (dout B)^T inp.
                 let ad = &self.adapters[id];
                 let xa = xa.ok_or_else(|| anyhow!("LoRA: the forward pass kept no inp @ A^T"))?;
                 let (sa, sb) = &mut states[id];
+                // DoRA (dora.rs backward): dm from z = x V^T, then the
+                // adapter's gradients of dout * c.
+                let dout = match (dora.as_mut(), ad.dora.as_ref()) {
+                    (Some(d), Some(dd)) => {
+                        let (l, which) = matrix(id);
+                        let w = self.layers[l].linear(which);
+                        g.timed("dora", || {
+                            g.gemm(
+                                false,
+                                true,
+                                n,
+                                oc,
+                                ic,
+                                1.0,
+                                inp.ptr(),
+                                w.ptr(),
+                                0.0,
+                                d.z.ptr(),
+                                Dt::Bf16,
+                                Dt::Bf16,
+                            )?;
+                            g.gemm(
+                                false,
+                                true,
+                                n,
+                                oc,
+                                ad.r,
+                                ad.scale,
+                                xa.ptr(),
+                                ad.b.ptr(),
+                                1.0,
+                                d.z.ptr(),
+                                Dt::Bf16,
+                                Dt::Bf16,
+                            )?;
+                            launch::column_dot(g, &mut d.mags[id].grad, dout, &d.z, &dd.norm, n, oc)?;
+                            launch::scale_columns(g, &d.dsc, dout, &dd.c, n, oc)
+                        })?;
+                        &d.dsc
+                    }
+                    _ => dout,
+                };
                 g.timed("gemm dW", || {
                     g.gemm(
                         true,
@@ -349,16 +423,52 @@ fn lora_state(
     model: &mut GpuModel,
     adapters: &[Adapter],
     moments: &[(DenseState, DenseState)],
+    magnitudes: Option<&[Magnitude]>,
     rows: usize,
 ) -> Result<GpuState> {
     let mut states = Vec::with_capacity(adapters.len());
     for (ad, (sa, sb)) in adapters.iter().zip(moments) {
         states.push((GpuDense::upload(g, sa, &ad.a)?, GpuDense::upload(g, sb, &ad.b)?));
         let (a, b) = (g.upload(&to_bf16(&ad.a))?, g.upload(&to_bf16(&ad.b))?);
-        model.adapters.push(GpuAdapter { r: ad.r, scale: ad.scale, a, b });
+        let dora = match magnitudes {
+            Some(_) => Some(GpuDora { norm: g.zeros(ad.oc)?, c: g.zeros(ad.oc)? }),
+            None => None,
+        };
+        model.adapters.push(GpuAdapter { r: ad.r, scale: ad.scale, a, b, dora });
     }
     let r = model.adapters.iter().map(|a| a.r).max().unwrap_or(1);
-    Ok(GpuState::Lora { states, dyb: g.zeros(rows * r)? })
+    let dora = match magnitudes {
+        None => None,
+        Some(mags) => {
+            let c = &model.config;
+            let widest = c.dim.max(c.q_dim()).max(c.ffn_dim);
+            let mut d = DoraState {
+                mags: mags.iter().map(|m| GpuDense::upload(g, &m.state, &m.m)).collect::<Result<_>>()?,
+                mag_bf16: mags.iter().map(|m| g.zeros(m.m.len())).collect::<Result<_>>()?,
+                z: g.zeros(rows * widest)?,
+                dsc: g.zeros(rows * widest)?,
+                v: g.zeros(largest_matrix(c))?,
+            };
+            dora_norms(g, model, &mut d)?;
+            Some(Box::new(d))
+        }
+    };
+    Ok(GpuState::Lora { states, dyb: g.zeros(rows * r)?, dora })
+}
+
+/// DoRA's fresh magnitudes for a model made on the device: the row norms of
+/// its (bf16) weights.
+fn device_magnitudes(g: &Gpu, model: &GpuModel) -> Result<Vec<Magnitude>> {
+    let c = &model.config;
+    matrices(c)
+        .map(|(_, l, w)| {
+            let (oc, ic) = w.shape(c);
+            let bits = g.download(model.layers[l].linear(w), oc * ic)?;
+            let host: Vec<f32> = bits.into_iter().map(|x| bf16::from_bits(x).to_f32()).collect();
+            let m = crate::dora::row_norms(&host, oc, ic);
+            Ok(Magnitude { state: DenseState::new(oc), m })
+        })
+        .collect()
 }
 
 /// The extra tensors' dense state (norms, embeddings): fresh, or saved.
@@ -451,16 +561,21 @@ impl<'g> GpuTrainer<'g> {
             (Method::Full, Some(Trainable::Full { states })) => full_state(g, &model, Some(&states), r)?,
             (Method::Lora, None) => {
                 let (adapters, moments) = method::new_adapters(&model.config, &o.method, o.seed);
-                lora_state(g, &mut model, &adapters, &moments, b * t)?
+                lora_state(g, &mut model, &adapters, &moments, None, b * t)?
             }
             (Method::Lora | Method::Pissa, Some(Trainable::Lora { adapters, states })) => {
-                lora_state(g, &mut model, &adapters, &states, b * t)?
+                lora_state(g, &mut model, &adapters, &states, None, b * t)?
             }
             (Method::Pissa, None) => {
                 bail!("--method pissa starts from the host weights (lift train), not a model made on the GPU")
             }
-            (Method::Dora, _) => {
-                bail!("--method dora runs on --device cpu only for now (its GPU kernels are not written yet)")
+            (Method::Dora, Some(Trainable::Dora { adapters, states, magnitudes })) => {
+                lora_state(g, &mut model, &adapters, &states, Some(&magnitudes), b * t)?
+            }
+            (Method::Dora, None) => {
+                let (adapters, moments) = method::new_adapters(&model.config, &o.method, o.seed);
+                let magnitudes = device_magnitudes(g, &model)?;
+                lora_state(g, &mut model, &adapters, &moments, Some(&magnitudes), b * t)?
             }
             (m, _) => bail!("the saved state is not --method {m:?}'s"),
         };
@@ -468,12 +583,13 @@ impl<'g> GpuTrainer<'g> {
         g.sync()?;
         let mask_s = if o.method.kind.is_sparse() { t0.elapsed().as_secs_f64() } else { 0.0 };
         let lora_r = model.adapters.iter().map(|a| a.r).max().unwrap_or(0);
-        let acts = GpuActs::new(g, &model.config, b, t, lora_r, o.recompute)?;
+        let is_dora = o.method.kind == Method::Dora;
+        let acts = GpuActs::new(g, &model.config, b, t, lora_r, is_dora, o.recompute)?;
         let n_tensors = extras.len()
             + match &state {
                 GpuState::Sparse { states, .. } => states.len(),
                 GpuState::Full { states } => states.len(),
-                GpuState::Lora { states, .. } => 2 * states.len(),
+                GpuState::Lora { states, dora, .. } => 2 * states.len() + dora.as_ref().map_or(0, |d| d.mags.len()),
             };
         let partial = g.zeros(n_tensors * launch::SUMSQ_BLOCKS)?;
         Ok(GpuTrainer { g, model, acts, state, extras, opts: o.clone(), sketch_tf32, reference, partial, mask_s })
@@ -486,10 +602,15 @@ impl<'g> GpuTrainer<'g> {
             match &mut self.state {
                 GpuState::Sparse { states, .. } => states.iter_mut().try_for_each(|s| g.zero(&mut s.acc))?,
                 GpuState::Full { states } => states.iter_mut().try_for_each(|s| g.zero(&mut s.grad))?,
-                GpuState::Lora { states, .. } => states.iter_mut().try_for_each(|(a, b)| {
-                    g.zero(&mut a.grad)?;
-                    g.zero(&mut b.grad)
-                })?,
+                GpuState::Lora { states, dora, .. } => {
+                    states.iter_mut().try_for_each(|(a, b)| {
+                        g.zero(&mut a.grad)?;
+                        g.zero(&mut b.grad)
+                    })?;
+                    if let Some(d) = dora {
+                        d.mags.iter_mut().try_for_each(|m| g.zero(&mut m.grad))?;
+                    }
+                }
             }
             self.extras.iter_mut().try_for_each(|(_, s)| g.zero(&mut s.grad))
         })
@@ -503,8 +624,12 @@ impl<'g> GpuTrainer<'g> {
         let t0 = Instant::now();
         let loss = self.model.forward(g, &mut self.acts, tokens, Some(targets))?; // synchronizes (loss)
         let t1 = Instant::now();
-        let mut sink =
-            GpuMethodSink { state: &mut self.state, extras: &mut self.extras, adapters: &self.model.adapters };
+        let mut sink = GpuMethodSink {
+            state: &mut self.state,
+            extras: &mut self.extras,
+            adapters: &self.model.adapters,
+            layers: &self.model.layers,
+        };
         self.model.backward(g, &mut self.acts, &mut sink)?;
         g.sync()?;
         Ok((loss, (t1 - t0).as_secs_f64() * 1e3, t1.elapsed().as_secs_f64() * 1e3))
@@ -523,10 +648,15 @@ impl<'g> GpuTrainer<'g> {
         match &self.state {
             GpuState::Sparse { states, .. } => states.iter().try_for_each(|s| add(&s.acc, s.k))?,
             GpuState::Full { states } => states.iter().try_for_each(|s| add(&s.grad, s.n))?,
-            GpuState::Lora { states, .. } => states.iter().try_for_each(|(a, b)| {
-                add(&a.grad, a.n)?;
-                add(&b.grad, b.n)
-            })?,
+            GpuState::Lora { states, dora, .. } => {
+                states.iter().try_for_each(|(a, b)| {
+                    add(&a.grad, a.n)?;
+                    add(&b.grad, b.n)
+                })?;
+                if let Some(d) = dora {
+                    d.mags.iter().try_for_each(|m| add(&m.grad, m.n))?;
+                }
+            }
         }
         self.extras.iter().try_for_each(|(_, s)| add(&s.grad, s.n))?;
         let p = g.download(&self.partial, off)?;
@@ -581,7 +711,14 @@ impl<'g> GpuTrainer<'g> {
                     })?;
                 }
             }
-            GpuState::Lora { states, .. } => {
+            GpuState::Lora { states, dora, .. } => {
+                if let Some(d) = dora {
+                    for (m, w) in d.mags.iter_mut().zip(d.mag_bf16.iter_mut()) {
+                        g.timed("adamw", || {
+                            launch::adamw(g, w, &mut m.m, &mut m.v, &mut m.master, &m.grad, m.n, gscale, opt, t)
+                        })?;
+                    }
+                }
                 for (ad, (sa, sb)) in self.model.adapters.iter_mut().zip(states.iter_mut()) {
                     g.timed("adamw", || {
                         launch::adamw(
@@ -616,8 +753,34 @@ impl<'g> GpuTrainer<'g> {
             let w = self.model.param_mut(*p);
             g.timed("adamw", || launch::adamw(g, w, &mut s.m, &mut s.v, &mut s.master, &s.grad, s.n, gscale, opt, t))?;
         }
+        if let GpuState::Lora { dora: Some(d), .. } = &mut self.state {
+            g.timed("dora norms", || dora_norms(g, &mut self.model, d))?;
+        }
         g.sync()?;
         Ok((sum_sq.sqrt(), t0.elapsed().as_secs_f64() * 1e3))
+    }
+
+    /// Every gradient accumulator of the method on the host, per linear
+    /// matrix as CpuTrainer::linear_grads lays them out: the k entries
+    /// (sparse), out*in (full), dA then dB (LoRA, PiSSA) then dm (DoRA).
+    pub fn linear_grads(&self) -> Result<Vec<Vec<f32>>> {
+        let g = self.g;
+        match &self.state {
+            GpuState::Sparse { states, .. } => states.iter().map(|s| g.download(&s.acc, s.k)).collect(),
+            GpuState::Full { states } => states.iter().map(|s| g.download(&s.grad, s.n)).collect(),
+            GpuState::Lora { states, dora, .. } => {
+                let mut out = Vec::with_capacity(states.len());
+                for (id, (sa, sb)) in states.iter().enumerate() {
+                    let mut v = g.download(&sa.grad, sa.n)?;
+                    v.extend(g.download(&sb.grad, sb.n)?);
+                    if let Some(d) = dora {
+                        v.extend(g.download(&d.mags[id].grad, d.mags[id].n)?);
+                    }
+                    out.push(v);
+                }
+                Ok(out)
+            }
+        }
     }
 
     /// The masks on the host (matrix_id order), for checks.
@@ -732,7 +895,10 @@ impl Trainer for GpuTrainer<'_> {
         match &self.state {
             GpuState::Sparse { states, .. } => states.iter().map(|s| s.k).sum(),
             GpuState::Full { states } => states.iter().map(|s| s.n).sum(),
-            GpuState::Lora { states, .. } => states.iter().map(|(a, b)| a.n + b.n).sum(),
+            GpuState::Lora { states, dora, .. } => {
+                states.iter().map(|(a, b)| a.n + b.n).sum::<usize>()
+                    + dora.as_ref().map_or(0, |d| d.mags.iter().map(|m| m.n).sum::<usize>())
+            }
         }
     }
     /// Indices, moments and f32 masters (and LoRA's bf16 adapter copies).
@@ -743,9 +909,10 @@ impl Trainer for GpuTrainer<'_> {
                 states.iter().map(|s| s.idx.bytes() + s.m.bytes() + s.v.bytes() + s.master.bytes()).sum()
             }
             GpuState::Full { states } => states.iter().map(dense).sum(),
-            GpuState::Lora { states, .. } => {
+            GpuState::Lora { states, dora, .. } => {
                 states.iter().map(|(a, b)| dense(a) + dense(b)).sum::<usize>()
                     + self.model.adapters.iter().map(|a| a.a.bytes() + a.b.bytes()).sum::<usize>()
+                    + dora.as_ref().map_or(0, |d| d.mags.iter().map(dense).sum::<usize>())
             }
         };
         method + self.extras.iter().map(|(_, s)| dense(s)).sum::<usize>()
@@ -756,8 +923,12 @@ impl Trainer for GpuTrainer<'_> {
         let method = match &self.state {
             GpuState::Sparse { states, dw } => states.iter().map(|s| s.acc.bytes()).sum::<usize>() + dw.bytes(),
             GpuState::Full { states } => states.iter().map(|s| s.grad.bytes()).sum(),
-            GpuState::Lora { states, dyb } => {
-                states.iter().map(|(a, b)| a.grad.bytes() + b.grad.bytes()).sum::<usize>() + dyb.bytes()
+            GpuState::Lora { states, dyb, dora } => {
+                states.iter().map(|(a, b)| a.grad.bytes() + b.grad.bytes()).sum::<usize>()
+                    + dyb.bytes()
+                    + dora.as_ref().map_or(0, |d| {
+                        d.mags.iter().map(|m| m.grad.bytes()).sum::<usize>() + d.z.bytes() + d.dsc.bytes() + d.v.bytes()
+                    })
             }
         };
         method + self.extras.iter().map(|(_, s)| s.grad.bytes()).sum::<usize>()
@@ -781,13 +952,19 @@ impl StateSource for GpuTrainer<'_> {
         let Param::Linear(l, which) = p else { return Ok(Cow::Owned(self.current(p)?)) };
         let id = matrix_id(l, which);
         Ok(Cow::Owned(match &self.state {
-            GpuState::Lora { .. } => {
+            GpuState::Lora { dora, .. } => {
                 let base = match &self.reference {
                     Some(r) => r.get(p).to_vec(),
                     None => self.current(p)?,
                 };
                 let mut merged = vec![0.0f32; base.len()];
-                self.adapter(id)?.merge_into(&mut merged, &base);
+                match dora {
+                    None => self.adapter(id)?.merge_into(&mut merged, &base),
+                    Some(d) => {
+                        let m = g.download(&d.mags[id].master, d.mags[id].n)?;
+                        crate::dora::merge_into(&self.adapter(id)?, &m, &mut merged, &base);
+                    }
+                }
                 merged
             }
             GpuState::Full { states } => g.download(&states[id].master, states[id].n)?,
@@ -815,9 +992,17 @@ impl StateSource for GpuTrainer<'_> {
                 Record::Sparse(Cow::Owned(SparseState { indices, m, v }))
             }
             GpuState::Full { states } => Record::Full(Cow::Owned(dense(&states[id])?)),
-            GpuState::Lora { states, .. } => {
+            GpuState::Lora { states, dora, .. } => {
                 let (sa, sb) = &states[id];
-                Record::Lora(Cow::Owned(self.adapter(id)?), Cow::Owned(dense(sa)?), Cow::Owned(dense(sb)?))
+                let (ad, sa, sb) = (Cow::Owned(self.adapter(id)?), Cow::Owned(dense(sa)?), Cow::Owned(dense(sb)?));
+                match dora {
+                    None => Record::Lora(ad, sa, sb),
+                    Some(d) => {
+                        let mag = &d.mags[id];
+                        let m = Magnitude { m: g.download(&mag.master, mag.n)?, state: dense(mag)? };
+                        Record::Dora(ad, sa, sb, Cow::Owned(m))
+                    }
+                }
             }
         })
     }
