@@ -173,6 +173,69 @@ fn pissa_init_and_first_step_equal_peft() {
     assert!(worst < 0.1 * moved, "merged weights after one step off by {worst:.2e}");
 }
 
+/// DoRA's merged weights have row norms equal to the trained magnitudes
+/// (read back from state.bin) after a run; the norms and the embedding stay
+/// the checkpoint's.
+#[test]
+fn dora_run_merges_into_rows_of_the_trained_magnitudes() {
+    let dir = common::scratch("methods-dora-run");
+    let base = dir.join("tiny.bin");
+    let (code, _, err) = common::lift(&["init", "--config", "tiny", "-o", base.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let out = dir.join("run");
+    let data = common::root().join("data/math.json");
+    let args = [
+        "train",
+        "--device",
+        "cpu",
+        "--checkpoint",
+        base.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--method",
+        "dora",
+        "--max-steps",
+        "4",
+        "--batch-size",
+        "4",
+        "--val-size",
+        "4",
+        "--lr",
+        "5e-3",
+        "--lora-rank",
+        "4",
+        "--max-seq-len",
+        "512",
+    ];
+    let (code, _, err) = common::lift(&args);
+    assert_eq!(code, 0, "{err}");
+    let ck = Checkpoint::open(&out.join("model.bin")).unwrap();
+    let (c, trained) = (ck.config.clone(), ck.load_weights().unwrap());
+    let mut scratch = trained.clone();
+    let saved = lift::formats::state::load(&out, &c, &mut scratch).unwrap();
+    let Trainable::Dora { magnitudes, .. } = &saved.trainable else { panic!("not a DoRA state") };
+    let (mut worst, mut moved) = (0.0f64, 0.0f64);
+    let original = Checkpoint::open(&base).unwrap().load_weights().unwrap();
+    for (id, l, w) in matrices(&c) {
+        let (oc, ic) = w.shape(&c);
+        let rows = trained.layers[l].linear(w);
+        for o in 0..oc {
+            let norm = rows[o * ic..(o + 1) * ic].iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
+            let m = magnitudes[id].m[o] as f64;
+            worst = worst.max((norm - m).abs() / m);
+        }
+        moved = moved.max(common::rel_err(rows, original.layers[l].linear(w)));
+    }
+    eprintln!("DoRA run: row norms vs magnitudes, max relative difference {worst:.2e}; weights moved {moved:.2e}");
+    assert!(moved > 1e-4, "the run should change the linear weights");
+    assert!(worst < 1e-5, "merged rows do not have the trained magnitudes ({worst:.2e})");
+    for p in [Param::Embed, Param::Norm, Param::AttnNorm(0)] {
+        assert_eq!(trained.get(p), original.get(p), "{p:?} changed");
+    }
+}
+
 // ----------------------------------------------------------------------------
 // S2FT
 
