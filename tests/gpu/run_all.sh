@@ -11,12 +11,13 @@
 #      LoRA merged into model.bin (rank <= r updates); Ctrl-C + --resume vs an
 #      uninterrupted run, and the same state resumed on the CPU; --recompute:
 #      peak memory of llama-3.2-1b seq 2048 with and without
+#   1c. DoRA, PiSSA, S2FT: 10 steps on the GPU and on the CPU, loss curves compared
 #   2. llama-3.2-1b, seq 2048, batch 1, LIFT: --profile with the tensor-core
 #      attention, then with the plain one; the PyTorch reference
 #   3. mask selection for every linear layer of llama-3-8b (filter rank 128),
 #      on weights made on the GPU, --profile, sketch products in f32 and TF32
 #   4. 50-step LIFT run of a small model, GPU vs CPU loss curves
-#   5. lora and full on the 1B shape; a summary table
+#   5. lora, full, dora and s2ft on the 1B shape; a summary table
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUTDIR=${OUT:-.}
@@ -93,6 +94,16 @@ run 20 resume-compare python3 "$CHECK" compare /tmp/liftgpu/whole /tmp/liftgpu/c
 # of CPU and GPU differ by bf16 rounding, so stage 4's tolerance (2%) applies.
 run 60 resume-on-cpu "$BIN" train "${R[@]}" --device cpu --threads 8 --resume /tmp/liftgpu/cut-cpu
 run 20 resume-cpu-compare python3 "$CHECK" compare /tmp/liftgpu/whole /tmp/liftgpu/cut-cpu 2e-2 loss,val_loss,lr,tokens
+# 1c. The paper's other baselines on the GPU against the CPU (10 steps each,
+# same host start: DoRA's magnitudes and PiSSA's SVD are the host's), loss
+# curves within bf16 rounding; then DoRA resumed on the CPU from the GPU's state.
+MB=("${SMALL[@]}" --max-steps 10 --val-size 0 --lr 1e-3 --warmup 0 --schedule constant --eval-every 0
+    --save-every 0 --log-every 5 --lora-rank 4 --lora-alpha 8 --s2ft-ratio 0.1 --s2ft-heads)
+for m in dora pissa s2ft; do
+    run 30 "$m-gpu" "$BIN" train "${MB[@]}" --method $m --device cuda --out /tmp/liftgpu/$m-gpu
+    run 60 "$m-cpu" "$BIN" train "${MB[@]}" --method $m --device cpu --threads 8 --out /tmp/liftgpu/$m-cpu
+    run 20 "$m-compare" python3 "$CHECK" compare /tmp/liftgpu/$m-cpu /tmp/liftgpu/$m-gpu 2e-2 loss,lr,tokens
+done
 # --recompute: llama-3.2-1b, seq 2048; peak memory and step time, with and without.
 RB=(--device cuda --config llama-3.2-1b --method lift --seq 2048 --batch 1 --steps 3 --warmup 1)
 run 40 bench-keep "$BIN" bench "${RB[@]}"
@@ -127,7 +138,7 @@ print(f"loss curve: worst relative difference {worst:.4f} over {len(c)} steps:",
 PY
 
 # 5. The baselines' speed and memory on the same shape.
-for m in lora full; do
+for m in lora full dora s2ft; do
     run 45 "bench-$m" "$BIN" bench --device cuda --method $m "${B[@]}"
 done
 
