@@ -523,3 +523,19 @@ fn smollm2_randomized_masks_agree_with_exact() {
         assert!(worst.0 >= 0.99, "r = {r}: {} agrees on only {:.5}", worst.1, worst.0);
     }
 }
+
+/// On SmolLM2's real weights (layer 0's seven matrices, filter rank 32, 5%),
+/// `--select smallest` is exactly the k smallest |W_r| of the exact W_r by a
+/// full sort, and shares almost nothing with the largest-entry mask.
+#[test]
+fn smollm2_select_smallest_is_the_bottom_k_of_w_r() {
+    let Some(mats) = smollm2_matrices() else { return };
+    for (name, out, inp, w) in mats.iter().take(7) {
+        let k = budget_k(*out, *inp, Budget::Density(DEFAULT_DENSITY)).unwrap();
+        let w_r = low_rank_approx(w, *out, *inp, 32, Approx::Exact);
+        let smallest = principal_mask_of(w, *out, *inp, k, 32, Approx::Exact, Select::Smallest);
+        assert_eq!(smallest, brute_bottom_k(&w_r, k), "{name}");
+        let largest = principal_mask(w, *out, *inp, k, 32, Approx::Exact);
+        assert!(mask_overlap(&largest, &smallest) < 0.01, "{name}");
+    }
+}
