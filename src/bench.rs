@@ -78,6 +78,22 @@ pub struct BenchArgs {
     pub recompute: bool,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Train one pass over the first --limit examples of this data file
+    /// (LLM-Adapters JSON) with --checkpoint's weights and tokenizer, in
+    /// file order, batches of --batch examples: examples/s and target
+    /// tokens/s on real, ragged lengths (CPU).
+    #[arg(long, requires = "checkpoint")]
+    pub data: Option<std::path::PathBuf>,
+    /// Examples taken from --data.
+    #[arg(long, default_value_t = 256)]
+    pub limit: usize,
+    /// With --data: pad each batch to its longest example instead of packing.
+    #[arg(long)]
+    pub no_pack: bool,
+    /// With --data: write the tokenized examples ({"ids", "n_prompt"} per
+    /// line) here, for the PyTorch reference to train on the same tokens.
+    #[arg(long)]
+    pub save_examples: Option<std::path::PathBuf>,
 }
 
 impl BenchArgs {
@@ -148,7 +164,7 @@ fn random_batch(c: &Config, b: usize, t: usize, seed: u64) -> Batch {
     for i in 0..b * t {
         targets[i] = if (i + 1) % t == 0 { rng.below(c.vocab_size) as i32 } else { tokens[i + 1] as i32 };
     }
-    Batch { b, t, tokens, targets, n_loss: b * t }
+    Batch { b, t, tokens, targets, n_loss: b * t, segments: Vec::new() }
 }
 
 pub fn run(a: &BenchArgs) -> Result<()> {
@@ -159,8 +175,9 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     if a.seq == 0 || a.batch == 0 {
         bail!("--seq and --batch must be at least 1");
     }
-    let json = match crate::cuda::resolve(a.device) {
-        Device::Cuda => bench_gpu(a, &c)?,
+    let json = match (crate::cuda::resolve(a.device), &a.data) {
+        (Device::Cuda, None) => bench_gpu(a, &c)?,
+        (_, Some(data)) => bench_data(a, data)?,
         _ => bench_cpu(a, &c)?,
     };
     println!("{json}");
@@ -399,4 +416,58 @@ fn bench_cpu(a: &BenchArgs, c: &Config) -> Result<serde_json::Value> {
     }
     let peak = peak_rss_bytes().unwrap_or(0);
     Ok(report(a, c, t, mask_s, peak, &device, None))
+}
+
+/// `--data`: one pass of LIFT training steps over real examples (the first
+/// --limit of the file, in its order), packed or padded, timed from the
+/// first step to the last (mask selection excluded, reported apart).
+fn bench_data(a: &BenchArgs, path: &std::path::Path) -> Result<serde_json::Value> {
+    use crate::data::{self, Purpose};
+    let ck = crate::formats::checkpoint::Checkpoint::open(a.checkpoint.as_ref().expect("clap requires it"))?;
+    let (c, tok) = (ck.config.clone(), ck.tokenizer.clone());
+    let model = Model::new(c.clone(), ck.load_weights()?);
+    drop(ck);
+    let mut loaded = data::load(path, Purpose::Train, true)?.examples;
+    loaded.truncate(a.limit);
+    let eos = tok.eos_id().ok_or_else(|| anyhow::anyhow!("the tokenizer has no EOS token"))?;
+    let bos = if tok.add_bos() { tok.bos_id() } else { None };
+    let encode = |s: &str| tok.encode(s);
+    let examples: Vec<_> = loaded.iter().map(|e| data::tokenize_example(e, &encode, bos, eos, a.seq)).collect();
+    if let Some(out) = &a.save_examples {
+        let lines: String = examples
+            .iter()
+            .map(|e| format!("{}\n", serde_json::json!({"ids": e.ids, "n_prompt": e.n_prompt})))
+            .collect();
+        std::fs::write(out, lines)?;
+    }
+    let lens: Vec<usize> = examples.iter().map(|e| e.ids.len()).collect();
+    let batches: Vec<Batch> = if a.no_pack {
+        examples.chunks(a.batch).map(|ch| data::make_batch(&ch.iter().collect::<Vec<_>>(), eos)).collect()
+    } else {
+        let order: Vec<usize> = (0..examples.len()).collect();
+        let budget = a.batch * lens.iter().sum::<usize>().div_ceil(lens.len().max(1));
+        let packed = crate::pack::pack_epoch(&lens, &order, a.seq, budget);
+        packed.iter().map(|p| crate::pack::make_packed_batch(&examples, p, eos)).collect()
+    };
+    let longest = lens.iter().copied().max().unwrap_or(1);
+    let o = a.options();
+    let t0 = Instant::now();
+    let mut tr = CpuTrainer::start(model, &o, a.batch, longest, None)?;
+    let mask_s = t0.elapsed().as_secs_f64();
+    let t0 = Instant::now();
+    for (i, b) in batches.iter().enumerate() {
+        let st = tr.step(std::slice::from_ref(b), o.lr, i as u64 + 1)?;
+        eprintln!("step {}/{}: {} x {} positions, loss {:.4}", i + 1, batches.len(), b.b, b.t, st.loss);
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let target_tokens: usize = batches.iter().map(|b| b.n_loss).sum();
+    let positions: usize = batches.iter().map(|b| b.b * b.t).sum();
+    Ok(serde_json::json!({
+        "examples_per_s": examples.len() as f64 / secs, "target_tokens_per_s": target_tokens as f64 / secs,
+        "tokens_per_s": lens.iter().sum::<usize>() as f64 / secs, "positions": positions,
+        "real_tokens": lens.iter().sum::<usize>(), "steps": batches.len(), "seconds": secs, "mask_s": mask_s,
+        "packed": !a.no_pack, "examples": examples.len(), "method": format!("{:?}", a.method.kind).to_lowercase(),
+        "peak_mem_bytes": peak_rss_bytes().unwrap_or(0),
+        "device": format!("cpu ({} threads)", rayon::current_num_threads()), "impl": "lift",
+    }))
 }

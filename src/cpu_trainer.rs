@@ -249,6 +249,7 @@ impl CpuTrainer {
     pub fn gradients(&mut self, batch: &Batch) -> Result<f32> {
         self.grads.zero();
         self.acts.set_shape(&self.model.config, batch.b, batch.t);
+        self.acts.segments.clone_from(&batch.segments);
         let loss = self.model.forward(&mut self.acts, &batch.tokens, Some(&batch.targets))?;
         let mut sink = CpuMethodSink {
             trainable: &self.trainable,
@@ -331,6 +332,7 @@ impl Trainer for CpuTrainer {
         let mut loss_sum = 0.0f64;
         for (micro, batch) in batches.iter().enumerate() {
             self.acts.set_shape(c, batch.b, batch.t);
+            self.acts.segments.clone_from(&batch.segments);
             let t0 = Instant::now();
             let loss = self.model.forward(&mut self.acts, &batch.tokens, Some(&batch.targets))?;
             st.forward_ms += t0.elapsed().as_secs_f64() * 1e3;

@@ -327,6 +327,28 @@ pub struct Batch {
     pub targets: Vec<i32>,
     /// The number of targets that are not IGNORE: the loss is their mean.
     pub n_loss: usize,
+    /// A packed batch's examples (pack.rs), each attended to on its own with
+    /// positions from 0; empty: each row is one sequence from position 0.
+    pub segments: Vec<Segment>,
+}
+
+/// One example inside a packed row: tokens start .. start + len of row `row`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    pub row: usize,
+    pub start: usize,
+    pub len: usize,
+}
+
+/// Writes the targets of one example (`targets` has its length): the id at
+/// each index >= max(n_prompt, 1), at the position before it; the rest stay
+/// IGNORE. Returns how many targets it wrote.
+pub fn write_targets(targets: &mut [i32], ex: &TokenizedExample) -> usize {
+    let first = ex.n_prompt.max(1);
+    for next in first..ex.ids.len() {
+        targets[next - 1] = ex.ids[next] as i32;
+    }
+    ex.ids.len().saturating_sub(first)
 }
 
 /// The mean loss over several batches, each weighted by its loss tokens:
@@ -356,13 +378,9 @@ pub fn make_batch(examples: &[&TokenizedExample], pad_id: u32) -> Batch {
     for (row, ex) in examples.iter().enumerate() {
         let (tok, tgt) = (&mut tokens[row * t..(row + 1) * t], &mut targets[row * t..(row + 1) * t]);
         tok[..ex.ids.len()].copy_from_slice(&ex.ids);
-        // The first predicted id is ids[max(n_prompt, 1)], from the position before it.
-        for next in ex.n_prompt.max(1)..ex.ids.len() {
-            tgt[next - 1] = ex.ids[next] as i32;
-            n_loss += 1;
-        }
+        n_loss += write_targets(&mut tgt[..ex.ids.len()], ex);
     }
-    Batch { b, t, tokens, targets, n_loss }
+    Batch { b, t, tokens, targets, n_loss, segments: Vec::new() }
 }
 
 // ----------------------------------------------------------------------------

@@ -36,6 +36,7 @@ pub mod method;
 pub mod model;
 pub mod optim;
 pub mod options;
+pub mod pack;
 pub mod plot;
 pub mod rng;
 pub mod select;

@@ -344,6 +344,7 @@ impl Weights {
 // The model and its activations
 
 use crate::cpu::{self, AttnDims, RopeTable};
+use crate::data::Segment;
 
 /// A Llama ready to run: its shape, its weights and its RoPE table.
 pub struct Model {
@@ -404,6 +405,8 @@ pub struct Activations {
     pub logits: Vec<f32>,
     losses: Vec<f32>, // (N)
     scratch: Option<Scratch>,
+    /// A packed batch's segments (data::Segment); empty: whole rows.
+    pub segments: Vec<Segment>,
 }
 
 impl Activations {
@@ -440,12 +443,14 @@ impl Activations {
             logits: z(n * c.vocab_size),
             losses: z(n),
             scratch: None,
+            segments: Vec::new(),
         }
     }
 
     /// Re-shapes every buffer for a batch of (B, T). Buffers keep their
     /// capacity, so after the largest batch has been seen no step allocates.
     pub fn set_shape(&mut self, c: &Config, b: usize, t: usize) {
+        self.segments.clear();
         if (b, t) == (self.b, self.t) {
             return;
         }
@@ -576,7 +581,12 @@ impl Model {
         let (b, t) = (acts.b, acts.t);
         let n = b * t;
         assert_eq!(tokens.len(), n, "forward: tokens must be (B, T)");
-        assert!(self.rope.max_pos() >= t, "forward: call ensure_rope first");
+        // positions restart in each segment of a packed batch
+        let longest = acts.segments.iter().map(|sg| sg.len).max().unwrap_or(t);
+        assert!(self.rope.max_pos() >= longest, "forward: call ensure_rope first");
+        if let Some(sg) = acts.segments.iter().find(|sg| sg.row >= b || sg.start + sg.len > t) {
+            bail!("segment {sg:?} lies outside the batch ({b}, {t})");
+        }
         if let Some(&bad) = tokens.iter().find(|&&id| id as usize >= c.vocab_size) {
             bail!("token id {bad} is out of range (vocabulary of {})", c.vocab_size);
         }
@@ -599,9 +609,7 @@ impl Model {
             cpu::matmul_forward(&mut a.q, xn, &w.wq, n, d, qd);
             cpu::matmul_forward(&mut a.k, xn, &w.wk, n, d, kvd);
             cpu::matmul_forward(&mut a.v, xn, &w.wv, n, d, kvd);
-            cpu::rope_forward(&mut a.q, &self.rope, t, c.n_heads, c.head_dim, 0);
-            cpu::rope_forward(&mut a.k, &self.rope, t, c.n_kv_heads, c.head_dim, 0);
-            cpu::attention_forward(&mut a.att, &mut a.lse, &a.q, &a.k, &a.v, dims, None);
+            self.rope_attention_forward(a, &acts.segments, dims);
             cpu::matmul_forward(&mut acts.tmp, &a.att, &w.wo, n, qd, d);
             a.x_mid.copy_from_slice(&a.x_in);
             cpu::residual_forward(&mut a.x_mid, &acts.tmp);
@@ -632,7 +640,7 @@ impl Model {
         let (d, v) = (c.dim, c.vocab_size);
         let dims = AttnDims { b, tq: t, tk: t, tcap: t, nh: c.n_heads, kvh: c.n_kv_heads, hs: c.head_dim };
         acts.scratch(c);
-        let Activations { layers, x_final, xf, rstd_f, logits, targets, tokens, scratch, xn, h, .. } = acts;
+        let Activations { layers, x_final, xf, rstd_f, logits, targets, tokens, scratch, xn, h, segments, .. } = acts;
         let s = scratch.as_mut().expect("scratch allocated above");
 
         // Loss and LM head: dlogits (N, V), then dxf = dlogits @ W_head. A
@@ -651,10 +659,81 @@ impl Model {
         for l in (0..c.n_layers).rev() {
             let a = &layers[l];
             self.mlp_backward(l, a, s, xn, h, sink, n);
-            self.attention_block_backward(l, a, s, xn, sink, dims);
+            self.attention_block_backward(l, a, s, xn, sink, dims, segments);
         }
         if sink.wants(Param::Embed) {
             cpu::embedding_backward(sink.dense(Param::Embed), &s.dres, tokens, d);
+        }
+    }
+
+    /// RoPE (positions from 0) and causal attention of one layer's q, k, v
+    /// (B, T, ...), into att (B, T, NH*HS) and lse (B, T, NH): over whole
+    /// rows, or, for a packed batch, over each segment on its own (positions
+    /// from 0 again, no attention across segments). Positions outside every
+    /// segment (a packed row's padding) get zero output.
+    fn rope_attention_forward(&self, a: &mut LayerActs, segments: &[Segment], dims: AttnDims) {
+        let c = &self.config;
+        let (nh, kvh, hs, t) = (c.n_heads, c.n_kv_heads, c.head_dim, dims.tq);
+        if segments.is_empty() {
+            cpu::rope_forward(&mut a.q, &self.rope, t, nh, hs, 0);
+            cpu::rope_forward(&mut a.k, &self.rope, t, kvh, hs, 0);
+            cpu::attention_forward(&mut a.att, &mut a.lse, &a.q, &a.k, &a.v, dims, None);
+            return;
+        }
+        a.att.fill(0.0);
+        a.lse.fill(0.0);
+        let (qd, kvd) = (nh * hs, kvh * hs);
+        for sg in segments {
+            let (at, len) = (sg.row * t + sg.start, sg.len);
+            let one = AttnDims { b: 1, tq: len, tk: len, tcap: len, ..dims };
+            let q = &mut a.q[at * qd..(at + len) * qd];
+            let k = &mut a.k[at * kvd..(at + len) * kvd];
+            cpu::rope_forward(q, &self.rope, len, nh, hs, 0);
+            cpu::rope_forward(k, &self.rope, len, kvh, hs, 0);
+            let v = &a.v[at * kvd..(at + len) * kvd];
+            let (att, lse) = (&mut a.att[at * qd..(at + len) * qd], &mut a.lse[at * nh..(at + len) * nh]);
+            cpu::attention_forward(att, lse, q, k, v, one, None);
+        }
+    }
+
+    /// Backward of rope_attention_forward: s.datt (B, T, NH*HS) into s.dq,
+    /// s.dk, s.dv (zeroed by the caller), segment by segment when packed.
+    fn rope_attention_backward(&self, s: &mut Scratch, a: &LayerActs, segments: &[Segment], dims: AttnDims) {
+        let c = &self.config;
+        let (nh, kvh, hs, t) = (c.n_heads, c.n_kv_heads, c.head_dim, dims.tq);
+        if segments.is_empty() {
+            let (q, k, v) = (&a.q, &a.k, &a.v);
+            cpu::attention_backward(
+                &mut s.dq,
+                &mut s.dk,
+                &mut s.dv,
+                &mut s.delta,
+                &s.datt,
+                &a.att,
+                &a.lse,
+                q,
+                k,
+                v,
+                dims,
+            );
+            cpu::rope_backward(&mut s.dq, &self.rope, t, nh, hs);
+            cpu::rope_backward(&mut s.dk, &self.rope, t, kvh, hs);
+            return;
+        }
+        let (qd, kvd) = (nh * hs, kvh * hs);
+        for sg in segments {
+            let (at, len) = (sg.row * t + sg.start, sg.len);
+            let one = AttnDims { b: 1, tq: len, tk: len, tcap: len, ..dims };
+            let (rq, rkv, rh) = (at * qd..(at + len) * qd, at * kvd..(at + len) * kvd, at * nh..(at + len) * nh);
+            let dq = &mut s.dq[rq.clone()];
+            let dk = &mut s.dk[rkv.clone()];
+            let dv = &mut s.dv[rkv.clone()];
+            let delta = &mut s.delta[rh.clone()];
+            let (datt, att, lse) = (&s.datt[rq.clone()], &a.att[rq.clone()], &a.lse[rh]);
+            let (q, k, v) = (&a.q[rq], &a.k[rkv.clone()], &a.v[rkv]);
+            cpu::attention_backward(dq, dk, dv, delta, datt, att, lse, q, k, v, one);
+            cpu::rope_backward(dq, &self.rope, len, nh, hs);
+            cpu::rope_backward(dk, &self.rope, len, kvh, hs);
         }
     }
 
@@ -701,6 +780,7 @@ impl Model {
 
     /// The attention block's backward pass of layer l: s.dres holds d(x_mid)
     /// and becomes d(x_in).
+    #[allow(clippy::too_many_arguments)]
     fn attention_block_backward(
         &self,
         l: usize,
@@ -709,9 +789,10 @@ impl Model {
         xn: &mut [f32],
         sink: &mut dyn GradSink,
         dims: AttnDims,
+        segments: &[Segment],
     ) {
         let c = &self.config;
-        let (n, t, d, qd, kvd) = (dims.b * dims.tq, dims.tq, c.dim, c.q_dim(), c.kv_dim());
+        let (n, d, qd, kvd) = (dims.b * dims.tq, c.dim, c.q_dim(), c.kv_dim());
         let w = &self.weights.layers[l];
         let lin = |which| Param::Linear(l, which);
         if sink.wants(lin(Linear::O)) {
@@ -722,21 +803,7 @@ impl Model {
         s.dq.fill(0.0);
         s.dk.fill(0.0);
         s.dv.fill(0.0);
-        cpu::attention_backward(
-            &mut s.dq,
-            &mut s.dk,
-            &mut s.dv,
-            &mut s.delta,
-            &s.datt,
-            &a.att,
-            &a.lse,
-            &a.q,
-            &a.k,
-            &a.v,
-            dims,
-        );
-        cpu::rope_backward(&mut s.dq, &self.rope, t, c.n_heads, c.head_dim);
-        cpu::rope_backward(&mut s.dk, &self.rope, t, c.n_kv_heads, c.head_dim);
+        self.rope_attention_backward(s, a, segments, dims);
         cpu::rmsnorm_forward(xn, &mut s.rstd, &a.x_in, &w.attn_norm, d, c.norm_eps);
         for (which, dy, width) in [(Linear::Q, &s.dq, qd), (Linear::K, &s.dk, kvd), (Linear::V, &s.dv, kvd)] {
             if sink.wants(lin(which)) {

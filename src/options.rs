@@ -257,6 +257,16 @@ pub struct TrainOptions {
     /// Print a progress line every N optimizer steps.
     #[arg(long, default_value_t = TrainOptions::default().log_every)]
     pub log_every: u64,
+    /// Pad each batch's examples to its longest instead of packing them end
+    /// to end into rows of --max-seq-len tokens (pack.rs, the default).
+    #[arg(long)]
+    #[serde(default)]
+    pub no_pack: bool,
+    /// Packed batches: tokens per batch [default: --batch-size x the mean
+    /// example length, so that a step sees about as many examples].
+    #[arg(long)]
+    #[serde(default)]
+    pub batch_tokens: Option<usize>,
     /// Skip examples with no usable prompt or target instead of stopping.
     #[arg(long)]
     pub skip_bad: bool,
@@ -294,6 +304,8 @@ impl Default for TrainOptions {
             eval_every: 50,
             save_every: 100,
             log_every: 1,
+            no_pack: false,
+            batch_tokens: None,
             skip_bad: false,
             recompute: false,
         }

@@ -28,6 +28,7 @@ use crate::method::{self, Trainable, extra_params};
 use crate::model::{Config, Model, Param};
 use crate::optim::DenseState;
 use crate::options::{Device, Method, TrainOptions, lr_at};
+use crate::pack::{self, PackedBatch};
 use crate::tokenizer::Tokenizer;
 use crate::trainer::{StepStats, Trainer};
 
@@ -90,7 +91,11 @@ struct Data {
     ds: Dataset,
     val: Vec<Batch>,
     pad: u32,
+    /// Padded batches per epoch (when not packed).
     per_epoch: u64,
+    /// Packed batches: each epoch's packing, and the index of each epoch's
+    /// first micro-batch over the whole run (one more at the end).
+    packed: Option<(Vec<Vec<PackedBatch>>, Vec<u64>)>,
     total_steps: u64,
 }
 
@@ -114,7 +119,14 @@ fn prepare(o: &TrainOptions, resume: Option<&Path>, device: Device) -> Result<Pr
     // The weights are copied out; unmapping the file keeps its pages out of
     // this process's resident memory.
     drop(ck);
-    let data = load_data(o, &tok)?;
+    // Packed batches need the varlen attention kernels on a GPU, which do not exist yet.
+    let pack = !o.no_pack && device != Device::Cuda;
+    if !o.no_pack && device == Device::Cuda {
+        eprintln!(
+            "note: --device cuda trains on padded batches (packing needs varlen attention kernels, not written yet)"
+        );
+    }
+    let data = load_data(o, &tok, pack)?;
     method::check_budget(&c, &o.method)?;
     let longest = data.ds.train.iter().chain(&data.ds.val).map(|e| e.ids.len()).max().unwrap_or(1);
     let (saved, step, mask_round) = match resume {
@@ -138,7 +150,7 @@ fn prepare(o: &TrainOptions, resume: Option<&Path>, device: Device) -> Result<Pr
 }
 
 /// The training set, its validation split and the step count.
-fn load_data(o: &TrainOptions, tok: &Tokenizer) -> Result<Data> {
+fn load_data(o: &TrainOptions, tok: &Tokenizer, pack: bool) -> Result<Data> {
     let loaded = data::load(&o.data, Purpose::Train, o.skip_bad).map_err(|e| {
         if !o.skip_bad && e.to_string().contains("example") {
             anyhow!("{e} (--skip-bad skips unusable examples)")
@@ -175,14 +187,42 @@ fn load_data(o: &TrainOptions, tok: &Tokenizer) -> Result<Data> {
     let pad = eos;
     let val = ds.val_batches(o.batch_size, pad);
     let per_epoch = ds.batches_per_epoch(o.batch_size) as u64;
-    let mut total_steps = (o.epochs as u64 * per_epoch).div_ceil(o.grad_accum as u64);
+    let packed = if pack { Some(pack_epochs(o, &ds)) } else { None };
+    let micro = match &packed {
+        Some((_, starts)) => *starts.last().unwrap_or(&0),
+        None => o.epochs as u64 * per_epoch,
+    };
+    let mut total_steps = micro.div_ceil(o.grad_accum as u64);
     if let Some(m) = o.max_steps {
         total_steps = total_steps.min(m);
     }
     if total_steps == 0 {
         bail!("nothing to train: 0 optimizer steps (check --epochs and --max-steps)");
     }
-    Ok(Data { ds, val, pad, per_epoch, total_steps })
+    eprintln!("{micro} micro-batches, {total_steps} optimizer steps (--grad-accum {})", o.grad_accum);
+    Ok(Data { ds, val, pad, per_epoch, packed, total_steps })
+}
+
+/// Every epoch's packing (pack.rs), in the seed's orders, and a line on it.
+fn pack_epochs(o: &TrainOptions, ds: &Dataset) -> (Vec<Vec<PackedBatch>>, Vec<u64>) {
+    let lens: Vec<usize> = ds.train.iter().map(|e| e.ids.len()).collect();
+    let mean = lens.iter().sum::<usize>().div_ceil(lens.len().max(1));
+    let budget = o.batch_tokens.unwrap_or(o.batch_size * mean).max(1);
+    let (mut epochs, mut starts) = (Vec::with_capacity(o.epochs), vec![0u64]);
+    let (mut real, mut cells) = (0, 0);
+    for epoch in 0..o.epochs {
+        let batches = pack::pack_epoch(&lens, &ds.epoch_order(epoch, o.seed), o.max_seq_len, budget);
+        let (r, c) = pack::fill(&lens, &batches);
+        (real, cells) = (real + r, cells + c);
+        starts.push(starts.last().unwrap_or(&0) + batches.len() as u64);
+        epochs.push(batches);
+    }
+    let n = epochs.first().map_or(0, Vec::len);
+    eprintln!(
+        "packed batches: --batch-tokens {budget}, {n} batches per epoch, {:.1}% of their positions real tokens (--no-pack pads instead)",
+        100.0 * real as f64 / cells.max(1) as f64
+    );
+    (epochs, starts)
 }
 
 /// Reads DIR/state.bin into the model's weights: the method's state, the
@@ -267,6 +307,13 @@ impl<'o> Run<'o> {
         let mut batches = Vec::with_capacity(o.grad_accum);
         for micro in 0..o.grad_accum as u64 {
             let m = self.step * o.grad_accum as u64 + micro;
+            if let Some((epochs, starts)) = &d.packed {
+                // the last step of a run may ask past the end: wrap around
+                let m = m % starts.last().copied().unwrap_or(1).max(1);
+                let e = starts.partition_point(|&s| s <= m) - 1;
+                batches.push(pack::make_packed_batch(&d.ds.train, &epochs[e][(m - starts[e]) as usize], d.pad));
+                continue;
+            }
             let epoch = (m / d.per_epoch) as usize;
             if epoch != self.order_epoch {
                 self.order = d.ds.epoch_order(epoch, o.seed);

@@ -52,7 +52,7 @@ fn tiny_gqa() -> (Model, Batch) {
     let t = ids.len() / b;
     let targets: Vec<i32> = tg.iter().map(|&v| if v < 0 { -1 } else { v as i32 }).collect();
     let n_loss = targets.iter().filter(|&&v| v >= 0).count();
-    (model, Batch { b, t, tokens: ids.iter().map(|&v| v as u32).collect(), targets, n_loss })
+    (model, Batch { b, t, tokens: ids.iter().map(|&v| v as u32).collect(), targets, n_loss, segments: Vec::new() })
 }
 
 fn options(kind: Method, rank: usize, alpha: f32) -> TrainOptions {

@@ -734,7 +734,8 @@ fn method_step(g: &Gpu, t: &mut Table, m: Method, seed: u64) -> Result<()> {
     let targets: Vec<i32> =
         (0..b * tt).map(|i| if i % 6 == 0 { -100 } else { rng.below(c.vocab_size) as i32 }).collect();
     let n_loss = targets.iter().filter(|&&x| x >= 0).count();
-    let batch = crate::data::Batch { b, t: tt, tokens: tokens.clone(), targets: targets.clone(), n_loss };
+    let batch =
+        crate::data::Batch { b, t: tt, tokens: tokens.clone(), targets: targets.clone(), n_loss, segments: Vec::new() };
 
     let mut cpu = crate::cpu_trainer::CpuTrainer::start(Model::new(c.clone(), w.clone()), &o, b, tt, None)?;
     let closs = cpu.gradients(&batch)?;

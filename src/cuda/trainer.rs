@@ -829,6 +829,9 @@ impl Trainer for GpuTrainer<'_> {
         self.zero_grads()?;
         let mut st = StepStats::default();
         let mut loss_sum = 0.0f64;
+        if batches.iter().any(|b| !b.segments.is_empty()) {
+            bail!("packed batches need the varlen attention kernels, which the GPU does not have yet (use --no-pack)");
+        }
         for (micro, b) in batches.iter().enumerate() {
             let (loss, f, bw) = self.micro_step(b.b, b.t, &b.tokens, &b.targets)?;
             if !loss.is_finite() {

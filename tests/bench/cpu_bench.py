@@ -82,6 +82,37 @@ def table(title, lifts, torches):
     print(f"(medians of {len(lifts)} alternating runs each; {lifts[0]['device']})")
 
 
+DATA = ROOT.parent / "shared" / "datasets" / "math" / "math_train_3k.json"
+SMOL = ROOT / "models" / "smollm2-135m-instruct.bin"
+
+
+def real_data(a):
+    """LIFT on the first 256 examples of math_train_3k (batch 8): lift packed
+    and padded against PyTorch padded to the longest in each batch, on the
+    same token ids (lift writes them), in the same run."""
+    if not DATA.exists() or not SMOL.exists():
+        print(f"\n== real data: skipped ({DATA} or {SMOL} missing; make model)")
+        return
+    ex = Path("/tmp/lift-bench-examples.jsonl")
+    base = ["--data", str(DATA), "--limit", "256", "--batch", "8", "--seq", "512", "--method", "lift"]
+    rows = {"lift packed": [], "lift --no-pack": [], "pytorch padded": []}
+    for _ in range(1 if a.quick else 2):
+        rows["lift packed"].append(run_json([str(LIFT), "bench", "--device", "cpu", "--threads", str(a.threads),
+                                             "--checkpoint", str(SMOL), *base, "--save-examples", str(ex)]))
+        rows["lift --no-pack"].append(run_json([str(LIFT), "bench", "--device", "cpu", "--threads", str(a.threads),
+                                                "--checkpoint", str(SMOL), *base, "--no-pack"]))
+        rows["pytorch padded"].append(torch_bench(a.threads, ["--config", "smollm2-135m", "--method", "lift",
+                                                              "--batch", "8", "--examples", str(ex)]))
+    ref = statistics.median(r["examples_per_s"] for r in rows["pytorch padded"])
+    print("\n== real data: LIFT on the first 256 examples of math_train_3k.json, batch 8 "
+          f"(~{int(statistics.median(r['real_tokens'] for r in rows['lift packed']) / 32)} tokens), {a.threads} threads")
+    print(f"{'':18s} {'examples/s':>11s} {'target tok/s':>13s} {'positions':>10s} {'steps':>6s} {'vs pytorch':>11s}")
+    for name, rs in rows.items():
+        eps = statistics.median(r["examples_per_s"] for r in rs)
+        tts = statistics.median(r["target_tokens_per_s"] for r in rs)
+        print(f"{name:18s} {eps:11.2f} {tts:13.1f} {rs[0]['positions']:10d} {rs[0]['steps']:6d} {eps / ref:11.2f}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
@@ -102,6 +133,8 @@ def main():
             lifts.append(lift_bench(a, a.threads, shape + ["--method", method]))
             torches.append(torch_bench(a.threads, shape + ["--method", method]))
         table(f"== {method} training step, SmolLM2-135M, seq 256, batch 1, {a.threads} threads", lifts, torches)
+
+    real_data(a)
 
     lifts, torches = [], []
     for _ in range(rounds):

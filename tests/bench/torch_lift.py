@@ -134,6 +134,8 @@ def main():
                     help="LIFT's rank r for the mask scores (0: top-|W| masks, which cost the same per step)")
     ap.add_argument("--svd", default="auto", choices=["auto", "exact", "lowrank"])
     ap.add_argument("--forward-only", action="store_true", help="time evaluation: the forward pass and loss only")
+    ap.add_argument("--examples", help="JSONL of {ids, n_prompt} (lift bench --data ... --save-examples): one pass "
+                    "over them in order, batches of --batch padded to their longest as Hugging Face's collators do")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -166,6 +168,8 @@ def main():
                 params += [ad.a, ad.b]
         opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), eps=1e-6, weight_decay=0.0, fused=cuda)
     model.train()
+    if a.examples:
+        return real_data(a, model, opt, sync, mask_s)
     v = CONFIGS[a.config][0]
     tokens = torch.randint(0, v, (a.batch, a.seq), device=a.device)
     if a.forward_only:
@@ -222,6 +226,43 @@ def main():
         "config": a.config, "method": a.method, "seq": a.seq, "batch": a.batch, "steps": a.steps,
         "impl": "torch",
     }))
+
+
+def real_data(a, model, opt, sync, mask_s):
+    """One pass over real examples: padded batches with an attention mask and
+    labels -100 on the prompt and the padding (the loss on the target tokens
+    and the EOS, as lift's), timed from the first step to the last."""
+    exs = [json.loads(l) for l in open(a.examples)]
+    batches = []
+    for i in range(0, len(exs), a.batch):
+        chunk = exs[i:i + a.batch]
+        t = max(len(e["ids"]) for e in chunk)
+        ids = torch.zeros((len(chunk), t), dtype=torch.long)
+        labels = torch.full((len(chunk), t), -100, dtype=torch.long)
+        mask = torch.zeros((len(chunk), t), dtype=torch.long)
+        for r, e in enumerate(chunk):
+            n, first = len(e["ids"]), max(e["n_prompt"], 1)
+            ids[r, :n] = torch.tensor(e["ids"])
+            labels[r, first:n] = ids[r, first:n]
+            mask[r, :n] = 1
+        batches.append((ids.to(a.device), labels.to(a.device), mask.to(a.device)))
+    target_tokens = sum(int((lb != -100).sum()) for _, lb, _ in batches)
+    sync(); t0 = time.perf_counter()
+    for ids, labels, mask in batches:
+        loss = model(input_ids=ids, labels=labels, attention_mask=mask).loss
+        loss.backward()
+        opt.step()
+        if a.method != "lift":
+            opt.zero_grad(set_to_none=True)
+    sync(); secs = time.perf_counter() - t0
+    import resource
+    name = torch.cuda.get_device_name() if a.device == "cuda" else "cpu (%d threads)" % torch.get_num_threads()
+    mem = torch.cuda.max_memory_allocated() if a.device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    real = sum(len(e["ids"]) for e in exs)
+    print(json.dumps({"examples_per_s": len(exs) / secs, "target_tokens_per_s": target_tokens / secs,
+                      "tokens_per_s": real / secs, "positions": sum(b[0].numel() for b in batches), "real_tokens": real,
+                      "steps": len(batches), "seconds": secs, "mask_s": mask_s, "packed": False, "examples": len(exs),
+                      "method": a.method, "peak_mem_bytes": mem, "device": name, "impl": "torch"}))
 
 
 if __name__ == "__main__":

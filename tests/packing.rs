@@ -1,0 +1,119 @@
+//! Packed batches (src/pack.rs) against the examples one at a time: the
+//! loss of a packed batch is the token-weighted mean of the examples'
+//! losses and every parameter's gradient the token-weighted mean of theirs,
+//! each example computed alone, unpadded, as a batch of one (attention that
+//! leaked across examples, or positions that did not restart, would break
+//! both). Plus the packing itself: first fit, the budget, the row length.
+
+mod common;
+
+use lift::data::{self, TokenizedExample};
+use lift::formats::checkpoint::Checkpoint;
+use lift::model::{Activations, FullGrads, Model, Param};
+use lift::pack::{self, PackedBatch};
+
+/// Examples of the given (length, prompt length), ids from a fixed stream.
+fn examples(shape: &[(usize, usize)], vocab: usize) -> Vec<TokenizedExample> {
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    shape
+        .iter()
+        .map(|&(len, n_prompt)| {
+            let ids = (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    (x % vocab as u64) as u32
+                })
+                .collect();
+            TokenizedExample { ids, n_prompt, truncated: false, full_len: len }
+        })
+        .collect()
+}
+
+/// The loss and every parameter's gradient of one batch.
+fn loss_and_grads(model: &Model, batch: &data::Batch) -> (f32, FullGrads) {
+    let c = &model.config;
+    let mut acts = Activations::new(c, batch.b, batch.t);
+    acts.segments.clone_from(&batch.segments);
+    let loss = model.forward(&mut acts, &batch.tokens, Some(&batch.targets)).unwrap();
+    let mut grads = FullGrads::new(c);
+    model.backward(&mut acts, &mut grads);
+    (loss, grads)
+}
+
+#[test]
+fn a_packed_batch_equals_its_examples_one_at_a_time() {
+    let dir = common::root().join("tests/reference/tiny_gqa");
+    let bin = common::scratch("packing-tiny-gqa").join("model.bin");
+    common::convert(&dir, &bin);
+    let ck = Checkpoint::open(&bin).unwrap();
+    let mut model = Model::new(ck.config.clone(), ck.load_weights().unwrap());
+    model.ensure_rope(64);
+    let c = model.config.clone();
+    // lengths past the rope scaling's low-frequency band edge (64 / 4 = 16)
+    let exs = examples(&[(23, 5), (9, 2), (31, 12), (14, 0), (7, 3), (19, 8)], c.vocab_size);
+    let lens: Vec<usize> = exs.iter().map(|e| e.ids.len()).collect();
+    let order: Vec<usize> = (0..exs.len()).collect();
+    let batches = pack::pack_epoch(&lens, &order, 48, 1000);
+    assert_eq!(batches.len(), 1);
+    let packed = pack::make_packed_batch(&exs, &batches[0], 0);
+    assert!(packed.b >= 2 && packed.segments.len() == exs.len(), "{} rows", packed.b);
+    let (loss, grads) = loss_and_grads(&model, &packed);
+
+    let (mut sum_loss, mut n) = (0.0f64, 0usize);
+    let mut want: Vec<(Param, Vec<f64>)> =
+        Param::all(&c).into_iter().map(|p| (p, vec![0.0; p.shape(&c).iter().product()])).collect();
+    for e in &exs {
+        let one = data::make_batch(&[e], 0);
+        if one.n_loss == 0 {
+            continue;
+        }
+        let (l, g) = loss_and_grads(&model, &one);
+        sum_loss += l as f64 * one.n_loss as f64;
+        n += one.n_loss;
+        for (p, acc) in want.iter_mut() {
+            acc.iter_mut().zip(g.grads.get(*p)).for_each(|(a, &x)| *a += x as f64 * one.n_loss as f64);
+        }
+    }
+    assert_eq!(n, packed.n_loss, "the packed batch has the examples' target tokens");
+    let want_loss = (sum_loss / n as f64) as f32;
+    let loss_err = ((loss - want_loss) / want_loss).abs();
+    let mut worst = (0.0f64, String::new());
+    for (p, acc) in &want {
+        let w: Vec<f32> = acc.iter().map(|&x| (x / n as f64) as f32).collect();
+        let e = common::rel_err(grads.grads.get(*p), &w);
+        if e > worst.0 {
+            worst = (e, p.name());
+        }
+    }
+    eprintln!(
+        "packed vs one at a time: loss {loss} vs {want_loss} (rel {loss_err:.1e}); gradients max rel {:.2e} ({})",
+        worst.0, worst.1
+    );
+    assert!(loss_err < 1e-6, "loss {loss} vs {want_loss}");
+    assert!(worst.0 < 1e-5, "gradient of {} off by {:.2e}", worst.1, worst.0);
+}
+
+/// First fit in the epoch's order, no row over the length limit, batches
+/// within the token budget, every example exactly once.
+#[test]
+fn packing_is_first_fit_within_the_limits() {
+    let lens = [30, 10, 25, 5, 40, 8, 12, 33, 3];
+    let order = [4, 0, 1, 2, 3, 5, 6, 7, 8];
+    let batches = pack::pack_epoch(&lens, &order, 48, 100);
+    // by hand: 40 opens row 0; 30 does not fit it (70 > 48): row 1; 10 fits
+    // row 1 (40); 25 would make 105 > 100 tokens: the next batch, row 0;
+    // 5 and 8 join it (38); 12 does not fit (50): row 1; 33 fits row 1
+    // (45); 3 fits row 0 (41).
+    let want =
+        vec![PackedBatch { rows: vec![vec![4], vec![0, 1]] }, PackedBatch { rows: vec![vec![2, 3, 5, 8], vec![6, 7]] }];
+    let mut seen: Vec<usize> = batches.iter().flat_map(|b| b.rows.iter().flatten().copied()).collect();
+    seen.sort_unstable();
+    assert_eq!(seen, (0..lens.len()).collect::<Vec<_>>());
+    for b in &batches {
+        assert!(b.rows.iter().all(|r| r.iter().map(|&i| lens[i]).sum::<usize>() <= 48));
+        assert!(b.rows.iter().flatten().map(|&i| lens[i]).sum::<usize>() <= 100);
+    }
+    assert_eq!(batches, want);
+}
