@@ -173,44 +173,30 @@ fn pissa_init_and_first_step_equal_peft() {
     assert!(worst < 0.1 * moved, "merged weights after one step off by {worst:.2e}");
 }
 
-/// DoRA's merged weights have row norms equal to the trained magnitudes
-/// (read back from state.bin) after a run; the norms and the embedding stay
-/// the checkpoint's.
-#[test]
-fn dora_run_merges_into_rows_of_the_trained_magnitudes() {
-    let dir = common::scratch("methods-dora-run");
+/// A random `tiny` model (`lift init`) and a short CPU run on data/math.json
+/// with `extra` flags: (the base model.bin, the run's --out directory).
+fn tiny_run(name: &str, extra: &[&str]) -> (std::path::PathBuf, std::path::PathBuf) {
+    let dir = common::scratch(name);
     let base = dir.join("tiny.bin");
     let (code, _, err) = common::lift(&["init", "--config", "tiny", "-o", base.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
     let out = dir.join("run");
     let data = common::root().join("data/math.json");
-    let args = [
-        "train",
-        "--device",
-        "cpu",
-        "--checkpoint",
-        base.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--method",
-        "dora",
-        "--max-steps",
-        "4",
-        "--batch-size",
-        "4",
-        "--val-size",
-        "4",
-        "--lr",
-        "5e-3",
-        "--lora-rank",
-        "4",
-        "--max-seq-len",
-        "512",
-    ];
+    let mut args = vec!["train", "--device", "cpu", "--checkpoint", base.to_str().unwrap(), "--data"];
+    args.extend([data.to_str().unwrap(), "--out", out.to_str().unwrap(), "--batch-size", "4", "--val-size", "4"]);
+    args.extend(["--lr", "5e-3", "--max-seq-len", "512"]);
+    args.extend_from_slice(extra);
     let (code, _, err) = common::lift(&args);
     assert_eq!(code, 0, "{err}");
+    (base, out)
+}
+
+/// DoRA's merged weights have row norms equal to the trained magnitudes
+/// (read back from state.bin) after a run; the norms and the embedding stay
+/// the checkpoint's.
+#[test]
+fn dora_run_merges_into_rows_of_the_trained_magnitudes() {
+    let (base, out) = tiny_run("methods-dora-run", &["--method", "dora", "--max-steps", "4", "--lora-rank", "4"]);
     let ck = Checkpoint::open(&out.join("model.bin")).unwrap();
     let (c, trained) = (ck.config.clone(), ck.load_weights().unwrap());
     let mut scratch = trained.clone();
@@ -339,40 +325,8 @@ fn s2ft_gradients_are_the_dense_gradient_restricted() {
 /// every other entry is bit-identical.
 #[test]
 fn s2ft_run_changes_only_whole_selected_channels() {
-    let dir = common::scratch("methods-s2ft-run");
-    let base = dir.join("tiny.bin");
-    let (code, _, err) = common::lift(&["init", "--config", "tiny", "-o", base.to_str().unwrap()]);
-    assert_eq!(code, 0, "{err}");
-    let out = dir.join("run");
-    let data = common::root().join("data/math.json");
-    let args = [
-        "train",
-        "--device",
-        "cpu",
-        "--checkpoint",
-        base.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--method",
-        "s2ft",
-        "--s2ft-ratio",
-        "0.25",
-        "--s2ft-heads",
-        "--max-steps",
-        "3",
-        "--batch-size",
-        "4",
-        "--val-size",
-        "4",
-        "--lr",
-        "5e-3",
-        "--max-seq-len",
-        "512",
-    ];
-    let (code, _, err) = common::lift(&args);
-    assert_eq!(code, 0, "{err}");
+    let extra = ["--method", "s2ft", "--s2ft-ratio", "0.25", "--s2ft-heads", "--max-steps", "3"];
+    let (base, out) = tiny_run("methods-s2ft-run", &extra);
     let before = Checkpoint::open(&base).unwrap().load_weights().unwrap();
     let ck = Checkpoint::open(&out.join("model.bin")).unwrap();
     let (c, after) = (ck.config.clone(), ck.load_weights().unwrap());

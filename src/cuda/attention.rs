@@ -84,7 +84,8 @@ pub fn choose(g: &Gpu, requested: Attention) -> Result<Attention> {
 }
 
 /// ||a - b|| / ||b|| (0 when both are zero); NaN anywhere gives NaN.
-fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+/// (These small helpers serve gpu-check too.)
+pub(super) fn rel_err(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len());
     let (mut num, mut den) = (0.0f64, 0.0f64);
     for (&x, &y) in a.iter().zip(b) {
@@ -98,18 +99,18 @@ fn rel_err(a: &[f32], b: &[f32]) -> f64 {
 }
 
 /// n normal values times `scale`, each rounded to bf16 (kept as f32).
-fn randv(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
+pub(super) fn randv(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
     let mut v = vec![0.0; n];
     rng.fill_normal(&mut v);
     v.iter().map(|x| half::bf16::from_f32(x * scale).to_f32()).collect()
 }
 
 /// f32 values to a bf16 buffer on the device.
-fn upb(g: &Gpu, x: &[f32]) -> Result<Buf<Bf16>> {
+pub(super) fn upb(g: &Gpu, x: &[f32]) -> Result<Buf<Bf16>> {
     g.upload(&x.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect::<Vec<Bf16>>())
 }
 
 /// The first n values of a bf16 buffer, widened to f32.
-fn down(g: &Gpu, b: &Buf<Bf16>, n: usize) -> Result<Vec<f32>> {
+pub(super) fn down(g: &Gpu, b: &Buf<Bf16>, n: usize) -> Result<Vec<f32>> {
     Ok(g.download(b, n)?.into_iter().map(|v| half::bf16::from_bits(v).to_f32()).collect())
 }

@@ -11,10 +11,11 @@
 
 use anyhow::{Result, bail};
 
+use super::attention::{down, randv, rel_err, upb};
 use super::gpu::Attention;
 use super::gpu::{Bf16, Buf, Dt, Gpu};
 use super::launch::{self, Attn, RopeDev};
-use super::model::{GpuModel, from_bf16, to_bf16};
+use super::model::GpuModel;
 use super::select::{Job, SelectScratch};
 use super::trainer::GpuTrainer;
 use crate::cpu::{self, AttnDims, RopeTable};
@@ -46,20 +47,6 @@ impl Table {
 /// The tolerance of a bf16 output.
 const TOL: f64 = 1e-2;
 
-/// ||a - b|| / ||b|| (0 when both are zero); NaN anywhere gives NaN.
-fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let (mut num, mut den) = (0.0f64, 0.0f64);
-    for (&x, &y) in a.iter().zip(b) {
-        if !x.is_finite() || !y.is_finite() {
-            return f64::NAN;
-        }
-        num += (x as f64 - y as f64).powi(2);
-        den += (y as f64).powi(2);
-    }
-    if den == 0.0 { num.sqrt() } else { (num / den).sqrt() }
-}
-
 /// The Euclidean norm.
 fn l2(x: &[f32]) -> f64 {
     x.iter().map(|&v| (v as f64).powi(2)).sum::<f64>().sqrt()
@@ -75,26 +62,9 @@ fn rel_err_floor(a: &[f32], b: &[f32], floor: f64) -> f64 {
     if den == 0.0 { diff } else { diff / den }
 }
 
-/// n normal values times `scale`, each rounded to bf16 (kept as f32).
-fn randv(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
-    let mut v = vec![0.0; n];
-    rng.fill_normal(&mut v);
-    v.iter().map(|x| bf(x * scale)).collect()
-}
-
 /// f32 -> bf16 -> f32.
 fn bf(x: f32) -> f32 {
     half::bf16::from_f32(x).to_f32()
-}
-
-/// f32 values to a bf16 buffer on the device.
-fn upb(g: &Gpu, x: &[f32]) -> Result<Buf<Bf16>> {
-    g.upload(&to_bf16(x))
-}
-
-/// The first n values of a bf16 buffer, widened to f32.
-fn down(g: &Gpu, b: &Buf<Bf16>, n: usize) -> Result<Vec<f32>> {
-    Ok(from_bf16(&g.download(b, n)?))
 }
 
 /// `lift gpu-check`: every kernel family in turn, the whole LIFT step and the
