@@ -409,6 +409,13 @@ impl Trainer for CpuTrainer {
     fn device_peak_bytes(&self) -> Option<u64> {
         None
     }
+
+    fn host_parts(&self) -> Option<(usize, usize)> {
+        let c = &self.model.config;
+        let weights = Param::all(c).iter().map(|p| p.shape(c).iter().product::<usize>()).sum::<usize>() * 4;
+        let base = self.adapter_base.iter().map(Vec::len).sum::<usize>() * 4;
+        Some((weights + base, self.acts.bytes()))
+    }
 }
 
 impl StateSource for CpuTrainer {

@@ -449,6 +449,28 @@ impl Activations {
 
     /// Re-shapes every buffer for a batch of (B, T). Buffers keep their
     /// capacity, so after the largest batch has been seen no step allocates.
+    /// Bytes held by the buffers (their capacity: what the largest batch so far needed).
+    pub fn bytes(&self) -> usize {
+        let f = |v: &Vec<f32>| v.capacity() * 4;
+        let layer = |a: &LayerActs| {
+            [&a.x_in, &a.rstd1, &a.q, &a.k, &a.v, &a.att, &a.lse, &a.x_mid, &a.rstd2, &a.gate, &a.up]
+                .iter()
+                .map(|v| f(v))
+                .sum::<usize>()
+        };
+        let s = self.scratch.as_ref().map_or(0, |s| {
+            [&s.dres, &s.dxn, &s.dq, &s.dk, &s.dv, &s.datt, &s.delta, &s.rstd, &s.dgate, &s.dup, &s.dh]
+                .iter()
+                .map(|v| f(v))
+                .sum()
+        });
+        let top = [&self.tmp, &self.xn, &self.h, &self.x_final, &self.xf, &self.rstd_f, &self.logits, &self.losses];
+        self.layers.iter().map(layer).sum::<usize>()
+            + top.iter().map(|v| f(v)).sum::<usize>()
+            + s
+            + 4 * (self.tokens.capacity() + self.targets.capacity())
+    }
+
     pub fn set_shape(&mut self, c: &Config, b: usize, t: usize) {
         self.segments.clear();
         if (b, t) == (self.b, self.t) {

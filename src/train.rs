@@ -471,12 +471,25 @@ fn finish(
     }
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     let device_peak = tr.device_peak_bytes().map(|b| format!("peak GPU {:.1} MiB, ", mib(b))).unwrap_or_default();
+    let (peak, state, grads) = (peak_rss_bytes().unwrap_or(0), tr.state_bytes() as u64, tr.grad_bytes() as u64);
     eprintln!(
         "memory: {device_peak}peak resident {:.1} MiB, optimizer state {:.1} MiB, gradients {:.1} MiB",
-        mib(peak_rss_bytes().unwrap_or(0)),
-        mib(tr.state_bytes() as u64),
-        mib(tr.grad_bytes() as u64)
+        mib(peak),
+        mib(state),
+        mib(grads)
     );
+    if let Some((weights, acts)) = tr.host_parts() {
+        let other = peak.saturating_sub(weights as u64 + acts as u64 + state + grads);
+        eprintln!(
+            "memory: the peak is weights {:.1} + activations {:.1} + optimizer state {:.1} + gradients {:.1} + other {:.1} MiB \
+             (other: the program, allocator slack, the checkpoint while it loaded)",
+            mib(weights as u64),
+            mib(acts as u64),
+            mib(state),
+            mib(grads),
+            mib(other)
+        );
+    }
     Ok(())
 }
 

@@ -51,4 +51,9 @@ pub trait Trainer: StateSource {
 
     /// Peak device memory, for a trainer on a GPU.
     fn device_peak_bytes(&self) -> Option<u64>;
+
+    /// Host bytes of the weights (the model's, and a frozen base copy where
+    /// a method keeps one) and of the activation buffers, for a trainer on
+    /// the CPU: the parts of its resident memory besides state and gradients.
+    fn host_parts(&self) -> Option<(usize, usize)>;
 }

@@ -940,6 +940,10 @@ impl Trainer for GpuTrainer<'_> {
     fn device_peak_bytes(&self) -> Option<u64> {
         Some(super::gpu::mem_peak() as u64)
     }
+
+    fn host_parts(&self) -> Option<(usize, usize)> {
+        None
+    }
 }
 
 impl StateSource for GpuTrainer<'_> {
