@@ -264,6 +264,9 @@ fn train(a: TrainArgs) -> Result<()> {
 
 fn eval(a: EvalArgs) -> Result<()> {
     let (ck, mut model) = load_model(&a.checkpoint)?;
+    if ck.tokenizer.eos_id().is_none() {
+        bail!("{}: the tokenizer has no EOS token (lift eval ends every target with it)", a.checkpoint.display());
+    }
     let o = lift::eval::EvalOptions {
         data: a.data.clone(),
         limit: a.limit,
@@ -369,6 +372,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
     if let Some(&bad) = prompt.iter().find(|&&id| id as usize >= vocab) {
         bail!("token id {bad} is out of range (vocab {vocab})");
     }
+    check_kv_cache(&model.config, prompt.len(), a.max_new_tokens)?;
     let t0 = Instant::now();
     let mut stdout = std::io::stdout();
     let mut shown = 0usize; // bytes of text already printed when streaming
@@ -402,6 +406,22 @@ fn generate(a: GenerateArgs) -> Result<()> {
         secs,
         ids.len() as f64 / secs
     );
+    Ok(())
+}
+
+/// The KV cache of `lift generate` holds every position of the prompt and
+/// the new tokens: refuse a --max-new-tokens it could not be allocated for.
+fn check_kv_cache(c: &lift::model::Config, prompt: usize, max_new: usize) -> Result<()> {
+    const MAX_BYTES: u128 = 32 << 30;
+    let bytes = (prompt as u128 + max_new as u128) * (2 * 4 * c.n_layers * c.kv_dim()) as u128;
+    if bytes > MAX_BYTES {
+        bail!(
+            "--max-new-tokens {max_new}: a KV cache for {} positions would take {} GiB (at most {} GiB)",
+            prompt as u128 + max_new as u128,
+            bytes >> 30,
+            MAX_BYTES >> 30
+        );
+    }
     Ok(())
 }
 
