@@ -55,6 +55,18 @@ pub fn clip(s: &str) -> String {
     }
 }
 
+/// A message from a parser (serde_json's echo the value they choke on) cut
+/// to its head and its tail, which says where the problem is.
+pub fn shorten(msg: &str) -> String {
+    let n = msg.chars().count();
+    if n <= 4 * QUOTE_CHARS {
+        return msg.to_string();
+    }
+    let head: String = msg.chars().take(5 * QUOTE_CHARS / 2).collect();
+    let tail: String = msg.chars().skip(n - QUOTE_CHARS).collect();
+    format!("{head} ... {tail}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -66,6 +78,8 @@ mod tests {
         let q = quote(&long);
         assert!(q.len() < 200 && q.ends_with("(200000 bytes)"), "{q}");
         assert_eq!(clip("[1, 2]"), "[1, 2]");
+        let serde = format!("invalid type: string \"{}\", expected u32 at line 1 column 9", "x".repeat(5000));
+        assert!(shorten(&serde).len() < 250 && shorten(&serde).ends_with("at line 1 column 9"));
         assert_eq!(plain("blk.0.attn_q.weight"), "blk.0.attn_q.weight");
         assert_eq!(plain("a\nb"), "\"a\\nb\"");
     }

@@ -372,7 +372,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
     if let Some(&bad) = prompt.iter().find(|&&id| id as usize >= vocab) {
         bail!("token id {bad} is out of range (vocab {vocab})");
     }
-    check_kv_cache(&model.config, prompt.len(), a.max_new_tokens)?;
+    check_memory(&model.config, prompt.len(), a.max_new_tokens)?;
     let t0 = Instant::now();
     let mut stdout = std::io::stdout();
     let mut shown = 0usize; // bytes of text already printed when streaming
@@ -409,16 +409,26 @@ fn generate(a: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-/// The KV cache of `lift generate` holds every position of the prompt and
-/// the new tokens: refuse a --max-new-tokens it could not be allocated for.
-fn check_kv_cache(c: &lift::model::Config, prompt: usize, max_new: usize) -> Result<()> {
+/// `lift generate` keeps a KV cache of every position (prompt and new
+/// tokens), and the CPU attention scores the prompt as one (T, T) block per
+/// head and thread: refuse a prompt or a --max-new-tokens whose buffers
+/// could not be allocated, rather than be killed trying.
+fn check_memory(c: &lift::model::Config, prompt: usize, max_new: usize) -> Result<()> {
     const MAX_BYTES: u128 = 32 << 30;
-    let bytes = (prompt as u128 + max_new as u128) * (2 * 4 * c.n_layers * c.kv_dim()) as u128;
-    if bytes > MAX_BYTES {
+    let positions = prompt as u128 + max_new as u128;
+    let cache = positions * (2 * 4 * c.n_layers * c.kv_dim()) as u128;
+    if cache > MAX_BYTES {
         bail!(
-            "--max-new-tokens {max_new}: a KV cache for {} positions would take {} GiB (at most {} GiB)",
-            prompt as u128 + max_new as u128,
-            bytes >> 30,
+            "--max-new-tokens {max_new}: a KV cache for {positions} positions would take {} GiB (at most {} GiB)",
+            cache >> 30,
+            MAX_BYTES >> 30
+        );
+    }
+    let scores = (prompt as u128).pow(2) * 4 * rayon::current_num_threads() as u128;
+    if scores > MAX_BYTES {
+        bail!(
+            "the prompt has {prompt} tokens: its attention scores would take {} GiB (at most {} GiB)",
+            scores >> 30,
             MAX_BYTES >> 30
         );
     }

@@ -27,7 +27,7 @@ use half::bf16;
 use memmap2::Mmap;
 use serde::{Deserialize, Serialize};
 
-use crate::limits::{clip, plain};
+use crate::limits::{clip, plain, shorten};
 use crate::model::{Config, Param, Weights};
 use crate::tokenizer::Tokenizer;
 
@@ -178,7 +178,8 @@ fn parse(map: &[u8]) -> Result<(Header, usize)> {
     let Some(json) = json else {
         bail!("header of {hlen} bytes runs past the end of the file ({} bytes; truncated?)", map.len());
     };
-    let header: Header = serde_json::from_slice(json).map_err(|e| anyhow!("corrupt header: {e}"))?;
+    let header: Header =
+        serde_json::from_slice(json).map_err(|e| anyhow!("corrupt header: {}", shorten(&e.to_string())))?;
     let c = &header.config;
     c.validate()?;
     if header.tokenizer.vocab_size() > c.vocab_size {

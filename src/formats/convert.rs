@@ -15,7 +15,7 @@ use serde_json::Value;
 use crate::formats::checkpoint::{DType, param_count, write_model_bin};
 use crate::formats::gguf::{GgufFile, GgufTensor, SUPPORTED_TYPES};
 use crate::formats::safetensors::{Dtype, SafeTensor, SafeTensors};
-use crate::limits::{clip, plain, quote};
+use crate::limits::{clip, plain, quote, shorten};
 use crate::model::{Config, Param, RopeScaling};
 use crate::tokenizer::Tokenizer;
 
@@ -124,7 +124,7 @@ fn open_source(input: &Path) -> Result<Source> {
 fn open_gguf(path: &Path) -> Result<Source> {
     let g = GgufFile::open(path)?;
     let p = path.display().to_string();
-    let mut config = gguf_config(&g).with_context(|| p.clone())?;
+    let mut config = gguf_config(&g, &p)?;
     config.validate().with_context(|| p.clone())?;
     if let Some(t) = g.find("rope_freqs.weight")
         && g.get_f32("lift.rope.llama3.factor").is_none()
@@ -142,17 +142,18 @@ fn open_gguf(path: &Path) -> Result<Source> {
         config.rope_scaling = Some(fit_llama3_scaling(&config, &factors).with_context(|| p.clone())?);
         config.validate().with_context(|| p.clone())?;
     }
-    let tokenizer = gguf_tokenizer(&g).with_context(|| format!("{p}: tokenizer"))?;
+    let tokenizer = gguf_tokenizer(&g, &p)?;
     let tensors = GgufTensors { g, p, cfg: config.clone() };
     Ok(Source { kind: "gguf", config, tokenizer, tensors: Box::new(tensors) })
 }
 
 /// The model's shape from a GGUF's `llama.*` keys (RoPE scaling only from
-/// lift's own keys; `rope_freqs` is fitted by the caller).
-fn gguf_config(g: &GgufFile) -> Result<Config> {
+/// lift's own keys; `rope_freqs` is fitted by the caller). The getters'
+/// errors name the file `p` already; so do the ones here.
+fn gguf_config(g: &GgufFile, p: &str) -> Result<Config> {
     let arch = g.require_str("general.architecture")?.to_string();
     if arch != "llama" {
-        bail!("architecture {} is not supported (lift reads Llama-family models)", quote(&arch));
+        bail!("{p}: architecture {} is not supported (lift reads Llama-family models)", quote(&arch));
     }
     let key = |k: &str| format!("{arch}.{k}");
     let size = |k: &str| -> Result<usize> { Ok(usize::try_from(g.require_u64(&key(k))?).unwrap_or(usize::MAX)) };
@@ -180,7 +181,7 @@ fn gguf_config(g: &GgufFile) -> Result<Config> {
     if let Some(kind) = g.get_str(&key("rope.scaling.type"))
         && kind != "none"
     {
-        bail!("RoPE scaling {} is not supported (lift supports Llama-3 \"llama3\" scaling)", quote(kind));
+        bail!("{p}: RoPE scaling {} is not supported (lift supports Llama-3 \"llama3\" scaling)", quote(kind));
     }
     if let Some(factor) = g.get_f32("lift.rope.llama3.factor") {
         // Written by `lift export`: the exact parameters.
@@ -195,8 +196,8 @@ fn gguf_config(g: &GgufFile) -> Result<Config> {
     Ok(config)
 }
 
-/// The tokenizer from a GGUF's `tokenizer.ggml.*` keys.
-fn gguf_tokenizer(g: &GgufFile) -> Result<Tokenizer> {
+/// The tokenizer from a GGUF's `tokenizer.ggml.*` keys (`p` names the file).
+fn gguf_tokenizer(g: &GgufFile, p: &str) -> Result<Tokenizer> {
     let tokens: Vec<String> = g.require_str_array("tokenizer.ggml.tokens")?.into_iter().map(String::from).collect();
     let model = g.require_str("tokenizer.ggml.model")?.to_string();
     let pre = g.get_str("tokenizer.ggml.pre").unwrap_or("default").to_string();
@@ -207,12 +208,13 @@ fn gguf_tokenizer(g: &GgufFile) -> Result<Tokenizer> {
     let id = |key: &str| -> Result<Option<u32>> {
         match g.get_u64(key) {
             None => Ok(None),
-            Some(v) => u32::try_from(v).map(Some).map_err(|_| anyhow!("{key} is {v}, not a token id")),
+            Some(v) => u32::try_from(v).map(Some).map_err(|_| anyhow!("{p}: {key} is {v}, not a token id")),
         }
     };
     let (bos, eos) = (id("tokenizer.ggml.bos_token_id")?, id("tokenizer.ggml.eos_token_id")?);
     let add_bos = g.get_bool("tokenizer.ggml.add_bos_token").unwrap_or(model == "llama");
     Tokenizer::from_gguf_vocab(&model, &pre, tokens, token_types, merges, scores, bos, eos, add_bos)
+        .with_context(|| format!("{p}: tokenizer"))
 }
 
 /// A GGUF's tensors under their Hugging Face names.
@@ -376,7 +378,8 @@ fn open_hf_dir(dir: &Path) -> Result<Source> {
     let cfg_path = dir.join("config.json");
     let cp = cfg_path.display().to_string();
     let text = std::fs::read_to_string(&cfg_path).with_context(|| format!("{cp}: cannot read"))?;
-    let json: Value = serde_json::from_str(&text).map_err(|e| anyhow!("{cp}: not valid JSON: {e}"))?;
+    let json: Value =
+        serde_json::from_str(&text).map_err(|e| anyhow!("{cp}: not valid JSON: {}", shorten(&e.to_string())))?;
     let config = hf_config(&json).with_context(|| cp.clone())?;
 
     let tok_path = dir.join("tokenizer.json");
@@ -406,7 +409,8 @@ fn open_safetensors(dir: &Path) -> Result<HfTensors> {
     }
     let ip = index.display().to_string();
     let text = std::fs::read_to_string(&index).with_context(|| format!("{ip}: cannot read"))?;
-    let json: Value = serde_json::from_str(&text).map_err(|e| anyhow!("{ip}: not valid JSON: {e}"))?;
+    let json: Value =
+        serde_json::from_str(&text).map_err(|e| anyhow!("{ip}: not valid JSON: {}", shorten(&e.to_string())))?;
     let map = json.get("weight_map").and_then(Value::as_object).ok_or_else(|| anyhow!("{ip}: no weight_map"))?;
     let mut shard_ids: BTreeMap<&str, usize> = BTreeMap::new();
     for (name, shard) in map {

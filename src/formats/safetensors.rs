@@ -32,7 +32,7 @@ use rayon::prelude::*;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use crate::limits::{clip, plain};
+use crate::limits::{clip, plain, shorten};
 
 /// The official reader refuses headers over 100 MB; so do we, so that a
 /// corrupt length cannot make us parse gigabytes of tensor data as JSON.
@@ -220,8 +220,8 @@ fn parse_header(buf: &[u8]) -> Result<(Vec<SafeTensor>, BTreeMap<String, String>
     let data_start = 8 + n;
     let header = std::str::from_utf8(&buf[8..data_start as usize])
         .map_err(|_| "header is not UTF-8 (not a safetensors file?)".to_string())?;
-    let header: Map<String, Value> =
-        serde_json::from_str(header).map_err(|e| format!("header is not a JSON object: {e}"))?;
+    let header: Map<String, Value> = serde_json::from_str(header)
+        .map_err(|e| format!("header is not a JSON object: {}", shorten(&e.to_string())))?;
 
     let mut metadata = BTreeMap::new();
     let mut tensors = Vec::new();
@@ -230,10 +230,11 @@ fn parse_header(buf: &[u8]) -> Result<(Vec<SafeTensor>, BTreeMap<String, String>
         if name == "__metadata__" {
             // The format allows only string values here.
             metadata = serde_json::from_value(value)
-                .map_err(|e| format!("__metadata__ is not a map of strings to strings: {e}"))?;
+                .map_err(|e| format!("__metadata__ is not a map of strings to strings: {}", shorten(&e.to_string())))?;
             continue;
         }
-        let entry: Entry = serde_json::from_value(value).map_err(|e| format!("tensor {q}: bad header entry: {e}"))?;
+        let entry: Entry = serde_json::from_value(value)
+            .map_err(|e| format!("tensor {q}: bad header entry: {}", shorten(&e.to_string())))?;
         let dtype = Dtype::parse(&entry.dtype);
         let (begin, end) = entry.data_offsets;
         if begin > end || end > file_len - data_start {

@@ -29,7 +29,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::formats::checkpoint;
-use crate::limits::plain;
+use crate::limits::{plain, shorten};
 use crate::lora::Adapter;
 use crate::method::{Trainable, extra_params};
 use crate::model::{Config, Param, Weights, matrices, matrix};
@@ -214,7 +214,8 @@ fn read_state(r: &mut Reader, c: &Config, weights: &mut Weights) -> Result<Saved
     }
     let hlen = r.len().context("the header length")?;
     let json = r.bytes(hlen).context("the header")?;
-    let header: StateHeader = serde_json::from_slice(json).map_err(|e| anyhow!("corrupt header: {e}"))?;
+    let header: StateHeader =
+        serde_json::from_slice(json).map_err(|e| anyhow!("corrupt header: {}", shorten(&e.to_string())))?;
     let step = header.step;
     let o = &header.options.method;
     let saved = saved_tensors(c, o.kind, &extra_params(c, o));

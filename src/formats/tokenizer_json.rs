@@ -10,7 +10,7 @@
 use anyhow::{Result, anyhow, bail};
 use serde_json::{Value, json};
 
-use crate::limits::{clip, plain, quote};
+use crate::limits::{clip, plain, quote, shorten};
 use crate::tokenizer::{
     AddedToken, BpeOptions, DecodeStep, GPT2_REGEX, Normalize, PreTokenize, Prepend, Spec, Tokenizer, normalize,
 };
@@ -39,7 +39,8 @@ impl Tokenizer {
 /// A tokenizer.json, with the tokenizer_config.json next to it when given, as
 /// the `Spec` it describes.
 fn parse(json: &str, config: Option<&str>) -> Result<Spec> {
-    let root: Value = serde_json::from_str(json).map_err(|e| anyhow!("tokenizer.json is not valid JSON: {e}"))?;
+    let root: Value = serde_json::from_str(json)
+        .map_err(|e| anyhow!("tokenizer.json is not valid JSON: {}", shorten(&e.to_string())))?;
     let model = root.get("model").ok_or_else(|| anyhow!("tokenizer.json has no \"model\""))?;
     let kind = str_field(model, "type").unwrap_or("BPE");
     if kind != "BPE" {
@@ -129,7 +130,10 @@ fn parse(json: &str, config: Option<&str>) -> Result<Spec> {
     // BOS/EOS: named by the config; BOS added if the config says so, or else
     // if the post-processor's template starts with a special token.
     let config: Option<Value> = match config {
-        Some(c) => Some(serde_json::from_str(c).map_err(|e| anyhow!("tokenizer_config.json is not valid JSON: {e}"))?),
+        Some(c) => Some(
+            serde_json::from_str(c)
+                .map_err(|e| anyhow!("tokenizer_config.json is not valid JSON: {}", shorten(&e.to_string())))?,
+        ),
         None => None,
     };
     let template_bos = template_first_special(root.get("post_processor")).and_then(|name| token_id(&name));
