@@ -56,15 +56,20 @@ pub fn clip(s: &str) -> String {
 }
 
 /// A message from a parser (serde_json's echo the value they choke on) cut
-/// to its head and its tail, which says where the problem is.
+/// to its head and its tail, which says where the problem is: at most
+/// about 300 bytes.
 pub fn shorten(msg: &str) -> String {
-    let n = msg.chars().count();
-    if n <= 4 * QUOTE_CHARS {
+    if msg.len() <= 300 {
         return msg.to_string();
     }
-    let head: String = msg.chars().take(5 * QUOTE_CHARS / 2).collect();
-    let tail: String = msg.chars().skip(n - QUOTE_CHARS).collect();
-    format!("{head} ... {tail}")
+    let head = floor_boundary(msg, 200);
+    let tail = (msg.len() - 64..msg.len()).find(|&i| msg.is_char_boundary(i)).unwrap_or(msg.len());
+    format!("{} ... {}", &msg[..head], &msg[tail..])
+}
+
+/// The largest char boundary of `s` at or below `at`.
+fn floor_boundary(s: &str, at: usize) -> usize {
+    (0..=at.min(s.len())).rev().find(|&i| s.is_char_boundary(i)).unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -79,7 +84,8 @@ mod tests {
         assert!(q.len() < 200 && q.ends_with("(200000 bytes)"), "{q}");
         assert_eq!(clip("[1, 2]"), "[1, 2]");
         let serde = format!("invalid type: string \"{}\", expected u32 at line 1 column 9", "x".repeat(5000));
-        assert!(shorten(&serde).len() < 250 && shorten(&serde).ends_with("at line 1 column 9"));
+        assert!(shorten(&serde).len() < 300 && shorten(&serde).ends_with("at line 1 column 9"));
+        assert!(shorten(&"▁".repeat(1000)).len() < 300);
         assert_eq!(plain("blk.0.attn_q.weight"), "blk.0.attn_q.weight");
         assert_eq!(plain("a\nb"), "\"a\\nb\"");
     }

@@ -19,6 +19,7 @@
 //!                                            (`make fuzz`), printing runs/s
 //!   --bless                  rewrite each corpus case's expected error with what it gives
 //!   --make-seeds             rebuild tests/fuzz_corpus/seeds (then re-bless the corpus)
+//!   --save-case TARGET BASE INPUT NAME WHY   add input INPUT of a run to the corpus
 //!   --child ...              a worker (started by the supervisor)
 
 mod fuzzing;
@@ -34,14 +35,14 @@ static ALLOC: alloc::Bounded = alloc::Bounded;
 
 /// Inputs per target in the short run: about 50 s in all on 2 cores.
 const SHORT_RUNS: &[(&str, u64)] = &[
-    ("model_bin", 1500),
-    ("gguf", 1500),
-    ("safetensors", 4000),
-    ("hf_dir", 1000),
-    ("tokenizer_json", 1000),
-    ("gguf_vocab", 600),
-    ("state_bin", 800),
-    ("data", 1500),
+    ("model_bin", 6000),
+    ("gguf", 5500),
+    ("safetensors", 10000),
+    ("hf_dir", 1800),
+    ("tokenizer_json", 900),
+    ("gguf_vocab", 1500),
+    ("state_bin", 5500),
+    ("data", 4500),
 ];
 
 /// The base seed of the short run (fixed, so every run of the suite tries
@@ -59,6 +60,10 @@ fn main() {
     }
     if args.iter().any(|a| a == "--seeds-child") {
         std::process::exit(if check_seeds() == 0 { 0 } else { 1 });
+    }
+    if args.first().is_some_and(|a| a == "--save-case") {
+        save_case(&args[1..]);
+        return;
     }
     if args.iter().any(|a| a == "--make-seeds") {
         make_seeds();
@@ -183,6 +188,24 @@ fn check_corpus(bless: bool) -> usize {
     alloc::set_limit(usize::MAX);
     println!("fuzz: {} corpus cases, {} as expected", cases.len(), cases.len() - bad);
     bad
+}
+
+/// `--save-case TARGET BASE INPUT NAME WHY`: input INPUT of a fuzz run as
+/// tests/fuzz_corpus/cases/NAME.json (its error is filled in by --bless).
+fn save_case(a: &[String]) {
+    let [target, base, input, name, why] = a else {
+        panic!("--save-case TARGET BASE INPUT NAME WHY");
+    };
+    let all = targets::all(&fuzzing::root());
+    let t = all.iter().find(|t| t.name == target).expect("a known target");
+    let (s, f, edits) = fuzzing::input_for(t, base.parse().expect("BASE"), input.parse().expect("INPUT"));
+    let mut case = fuzzing::case_json(t, s, f, &edits);
+    case["why"] = why.as_str().into();
+    case["error"] = "".into();
+    let path = fuzzing::root().join("tests/fuzz_corpus/cases").join(format!("{name}.json"));
+    std::fs::create_dir_all(path.parent().expect("cases dir")).expect("cases dir");
+    std::fs::write(&path, serde_json::to_string_pretty(&case).expect("json") + "\n").expect("write the case");
+    println!("wrote {}", path.display());
 }
 
 // ----------------------------------------------------------------------------

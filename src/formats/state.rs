@@ -224,7 +224,7 @@ fn read_state(r: &mut Reader, c: &Config, weights: &mut Weights) -> Result<Saved
         let name = param.name();
         let dst = weights.get_mut(param);
         let values = r.f32s(dst.len()).with_context(|| format!("tensor {name}"))?;
-        finite(&values).with_context(|| format!("tensor {name} (saved at step {step})"))?;
+        finite(&values, &format!("tensor {name}")).with_context(|| format!("saved at step {step}"))?;
         dst.copy_from_slice(&values);
     }
     let (trainable, extras) = read_optimizer(r, c, o).with_context(|| format!("saved at step {step}"))?;
@@ -349,26 +349,26 @@ fn lora(r: &mut Reader, c: &Config, id: usize) -> Result<(Adapter, DenseState, D
     }
     let scale = r.f32s(1)?.first().copied().unwrap_or(f32::NAN);
     let (a, b) = (r.f32s(rank * ic)?, r.f32s(oc * rank)?);
-    finite(&[scale]).context("the adapter's scale")?;
-    finite(&a).context("the adapter's A")?;
-    finite(&b).context("the adapter's B")?;
+    finite(&[scale], "the adapter's scale")?;
+    finite(&a, "the adapter's A")?;
+    finite(&b, "the adapter's B")?;
     let sa = dense(r, rank * ic).context("the state of A")?;
     let sb = dense(r, oc * rank).context("the state of B")?;
     Ok((Adapter { r: rank, oc, ic, scale, a, b }, sa, sb))
 }
 
-/// Every value finite; the error gives the first one that is not.
-fn finite(xs: &[f32]) -> Result<()> {
+/// Every value of `what` finite; the error gives the first one that is not.
+fn finite(xs: &[f32], what: &str) -> Result<()> {
     match xs.iter().position(|x| !x.is_finite()) {
         None => Ok(()),
-        Some(i) => bail!("holds {} at index {i} of {}", xs[i], xs.len()),
+        Some(i) => bail!("{what} holds {} at index {i} of {}", xs[i], xs.len()),
     }
 }
 
 /// AdamW moments as a step leaves them: finite, the second not negative.
 fn moments(m: &[f32], v: &[f32]) -> Result<()> {
-    finite(m).context("the first moment")?;
-    finite(v).context("the second moment")?;
+    finite(m, "the first moment")?;
+    finite(v, "the second moment")?;
     if let Some(i) = v.iter().position(|&x| x < 0.0) {
         bail!("the second moment is negative ({}) at index {i}", v[i]);
     }

@@ -72,12 +72,24 @@ pub enum Edit {
 }
 
 impl Edit {
-    /// As the corpus stores it.
+    /// As the corpus stores it. A long string made of one repeated piece is
+    /// stored as the piece and a count, a deep nesting (`nest`) as its depth
+    /// and what it wraps, so that a case stays a few lines.
     pub fn to_json(&self) -> Value {
         match self {
             Edit::Bytes { at, del, ins } => json!({"at": at, "del": del, "hex": hex(ins)}),
             Edit::Truncate(n) => json!({"truncate": n}),
-            Edit::Set { path, value } => json!({"set": path, "value": value}),
+            Edit::Set { path, value } => {
+                let (inner, depth) = unnest(value);
+                let mut j = match repeated(inner) {
+                    Some((unit, times)) => json!({"set": path, "repeat": unit, "times": times}),
+                    None => json!({"set": path, "value": inner}),
+                };
+                if depth > 0 {
+                    j["nest"] = json!(depth);
+                }
+                j
+            }
             Edit::Remove { path } => json!({"remove": path}),
         }
     }
@@ -87,7 +99,12 @@ impl Edit {
             return Some(Edit::Truncate(n.as_u64()? as usize));
         }
         if let Some(p) = v.get("set") {
-            return Some(Edit::Set { path: p.as_str()?.to_string(), value: v.get("value")?.clone() });
+            let inner = match (v.get("repeat"), v.get("times")) {
+                (Some(unit), Some(n)) => Value::String(unit.as_str()?.repeat(n.as_u64()? as usize)),
+                _ => v.get("value")?.clone(),
+            };
+            let depth = v.get("nest").and_then(Value::as_u64).unwrap_or(0) as usize;
+            return Some(Edit::Set { path: p.as_str()?.to_string(), value: nest(inner, depth) });
         }
         if let Some(p) = v.get("remove") {
             return Some(Edit::Remove { path: p.as_str()?.to_string() });
@@ -104,6 +121,54 @@ fn hex(b: &[u8]) -> String {
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
     (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
+}
+
+/// `v` wrapped `depth` times, alternately in an array and in a
+/// {"type": "Sequence", "a": ...} object (the shape tokenizer.json nests).
+pub fn nest(mut v: Value, depth: usize) -> Value {
+    for i in 0..depth {
+        v = if i % 2 == 0 {
+            Value::Array(vec![v])
+        } else {
+            let mut m = serde_json::Map::new();
+            m.insert("type".into(), Value::String("Sequence".into()));
+            m.insert("a".into(), v);
+            Value::Object(m)
+        };
+    }
+    v
+}
+
+/// `nest`'s inverse for deep nestings (8 levels or more): (inner, depth).
+fn unnest(v: &Value) -> (&Value, usize) {
+    let (mut inner, mut depth) = (v, 0usize);
+    loop {
+        // The wrapper of level depth-1 is an array if depth-1 is even.
+        let next = match inner {
+            Value::Array(a) if a.len() == 1 => a.first(),
+            Value::Object(m) if m.len() == 2 && m.get("type") == Some(&json!("Sequence")) => m.get("a"),
+            _ => None,
+        };
+        match next {
+            Some(n) => {
+                inner = n;
+                depth += 1;
+            }
+            None => break,
+        }
+    }
+    // Only a whole, alternating nesting can be rebuilt by `nest`.
+    if depth >= 8 && nest(inner.clone(), depth) == *v { (inner, depth) } else { (v, 0) }
+}
+
+/// A string that is one piece of at most 4 characters repeated (100 times or more).
+fn repeated(v: &Value) -> Option<(String, usize)> {
+    let s = v.as_str()?;
+    (1..=4).find_map(|n| {
+        let unit: String = s.chars().take(n).collect();
+        let times = s.len() / unit.len().max(1);
+        (times >= 100 && unit.repeat(times) == s).then_some((unit, times))
+    })
 }
 
 // ----------------------------------------------------------------------------
@@ -361,22 +426,7 @@ fn new_value(rng: &mut Rng, old: &Value) -> Value {
             let unit = *rng.pick(&["a", "é", " ", "\u{0}", "▁", "<s>", "(", "\\"]);
             json!(unit.repeat(n))
         }
-        4 => {
-            let depth = *rng.pick(&[20usize, 100, 127, 129, 2000]);
-            let mut v = old.clone();
-            // (json! would copy v at every level: build the values by hand.)
-            for i in 0..depth {
-                v = if i % 2 == 0 {
-                    Value::Array(vec![v])
-                } else {
-                    let mut m = serde_json::Map::new();
-                    m.insert("type".into(), Value::String("Sequence".into()));
-                    m.insert("a".into(), v);
-                    Value::Object(m)
-                };
-            }
-            v
-        }
+        4 => nest(old.clone(), *rng.pick(&[20usize, 100, 127, 129, 2000])),
         5 => match old {
             Value::Array(a) if !a.is_empty() => {
                 let mut a = a.clone();
