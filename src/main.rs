@@ -264,6 +264,9 @@ fn train(a: TrainArgs) -> Result<()> {
 
 fn eval(a: EvalArgs) -> Result<()> {
     let (ck, mut model) = load_model(&a.checkpoint)?;
+    if ck.tokenizer.eos_id().is_none() {
+        bail!("{}: the tokenizer has no EOS token (lift eval ends every target with it)", a.checkpoint.display());
+    }
     let o = lift::eval::EvalOptions {
         data: a.data.clone(),
         limit: a.limit,
@@ -369,6 +372,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
     if let Some(&bad) = prompt.iter().find(|&&id| id as usize >= vocab) {
         bail!("token id {bad} is out of range (vocab {vocab})");
     }
+    check_memory(&model.config, prompt.len(), a.max_new_tokens)?;
     let t0 = Instant::now();
     let mut stdout = std::io::stdout();
     let mut shown = 0usize; // bytes of text already printed when streaming
@@ -402,6 +406,32 @@ fn generate(a: GenerateArgs) -> Result<()> {
         secs,
         ids.len() as f64 / secs
     );
+    Ok(())
+}
+
+/// `lift generate` keeps a KV cache of every position (prompt and new
+/// tokens), and the CPU attention scores the prompt as one (T, T) block per
+/// head and thread: refuse a prompt or a --max-new-tokens whose buffers
+/// could not be allocated, rather than be killed trying.
+fn check_memory(c: &lift::model::Config, prompt: usize, max_new: usize) -> Result<()> {
+    const MAX_BYTES: u128 = 32 << 30;
+    let positions = prompt as u128 + max_new as u128;
+    let cache = positions * (2 * 4 * c.n_layers * c.kv_dim()) as u128;
+    if cache > MAX_BYTES {
+        bail!(
+            "--max-new-tokens {max_new}: a KV cache for {positions} positions would take {} GiB (at most {} GiB)",
+            cache >> 30,
+            MAX_BYTES >> 30
+        );
+    }
+    let scores = (prompt as u128).pow(2) * 4 * rayon::current_num_threads() as u128;
+    if scores > MAX_BYTES {
+        bail!(
+            "the prompt has {prompt} tokens: its attention scores would take {} GiB (at most {} GiB)",
+            scores >> 30,
+            MAX_BYTES >> 30
+        );
+    }
     Ok(())
 }
 

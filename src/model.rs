@@ -7,6 +7,8 @@
 use anyhow::{Result, bail};
 use serde::{Deserialize, Serialize};
 
+use crate::limits;
+
 /// Llama 3.1/3.2 "llama3" RoPE frequency scaling (Hugging Face `rope_scaling`).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct RopeScaling {
@@ -14,6 +16,32 @@ pub struct RopeScaling {
     pub low_freq_factor: f32,
     pub high_freq_factor: f32,
     pub original_max_position_embeddings: usize,
+}
+
+impl RopeScaling {
+    /// The blend between the two wavelengths divides by high - low, and the
+    /// long wavelengths by `factor`: all must be finite, positive, apart.
+    fn validate(&self) -> Result<()> {
+        let (f, lo, hi) = (self.factor, self.low_freq_factor, self.high_freq_factor);
+        if !positive(f) || !positive(lo) || !positive(hi) || hi <= lo {
+            bail!(
+                "model config: rope scaling factor {f}, low_freq_factor {lo}, high_freq_factor {hi}: each must be finite and positive, high above low"
+            );
+        }
+        let old = self.original_max_position_embeddings;
+        if old == 0 || old > limits::MAX_CONTEXT {
+            bail!(
+                "model config: rope scaling original_max_position_embeddings is {old}, outside 1..={}",
+                limits::MAX_CONTEXT
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Finite and above zero (NaN is not).
+fn positive(x: f32) -> bool {
+    x.is_finite() && x > 0.0
 }
 
 /// The shape of a Llama-family model. Covers SmolLM2, TinyLlama, Llama-2,
@@ -42,21 +70,35 @@ pub struct Config {
 }
 
 impl Config {
-    /// Checks the relations between fields that the ops rely on.
+    /// Checks what the ops rely on: every size positive and within the
+    /// bounds of `limits` (so that no product of sizes overflows and no
+    /// buffer is sized from an absurd value), the heads dividing evenly, and
+    /// every float finite and positive.
     pub fn validate(&self) -> Result<()> {
-        let positive = [
-            ("vocab_size", self.vocab_size),
-            ("dim", self.dim),
-            ("n_layers", self.n_layers),
-            ("n_heads", self.n_heads),
-            ("n_kv_heads", self.n_kv_heads),
-            ("head_dim", self.head_dim),
-            ("ffn_dim", self.ffn_dim),
+        let sizes = [
+            ("vocab_size", self.vocab_size, limits::MAX_VOCAB),
+            ("dim", self.dim, limits::MAX_DIM),
+            ("n_layers", self.n_layers, limits::MAX_LAYERS),
+            ("n_heads", self.n_heads, limits::MAX_HEADS),
+            ("n_kv_heads", self.n_kv_heads, limits::MAX_HEADS),
+            ("head_dim", self.head_dim, limits::MAX_HEAD_DIM),
+            ("ffn_dim", self.ffn_dim, limits::MAX_FFN_DIM),
+            ("max_seq_len", self.max_seq_len, limits::MAX_CONTEXT),
         ];
-        for (name, v) in positive {
-            if v == 0 {
-                bail!("model config: {name} must be positive");
+        for (name, v, max) in sizes {
+            if v == 0 || v > max {
+                bail!("model config: {name} is {v}, outside 1..={max}");
             }
+        }
+        // Both products are below 2^24 by the bounds above.
+        if self.q_dim() > limits::MAX_DIM || self.kv_dim() > limits::MAX_DIM {
+            bail!(
+                "model config: {} heads of {} (q width {}) exceed the width limit {}",
+                self.n_heads,
+                self.head_dim,
+                self.q_dim(),
+                limits::MAX_DIM
+            );
         }
         if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             bail!("model config: n_heads {} is not a multiple of n_kv_heads {}", self.n_heads, self.n_kv_heads);
@@ -64,10 +106,15 @@ impl Config {
         if !self.head_dim.is_multiple_of(2) {
             bail!("model config: head_dim {} must be even for RoPE", self.head_dim);
         }
-        // Written so that NaN fails too.
-        #[allow(clippy::neg_cmp_op_on_partial_ord)]
-        if !(self.norm_eps > 0.0) || !(self.rope_theta > 0.0) {
-            bail!("model config: norm_eps and rope_theta must be positive");
+        if !positive(self.norm_eps) || !positive(self.rope_theta) {
+            bail!(
+                "model config: norm_eps {} and rope_theta {} must be finite and positive",
+                self.norm_eps,
+                self.rope_theta
+            );
+        }
+        if let Some(s) = &self.rope_scaling {
+            s.validate()?;
         }
         Ok(())
     }
@@ -294,6 +341,33 @@ impl Weights {
             norm: z(d),
             lm_head: if c.tied_embeddings { None } else { Some(z(c.vocab_size * d)) },
         }
+    }
+
+    /// Weights whose every tensor comes from `get`, each checked to have
+    /// its parameter's size: how a checkpoint is loaded, without sizing any
+    /// buffer from the config before the file has shown it holds that much.
+    pub fn try_from_fn(c: &Config, mut get: impl FnMut(Param) -> Result<Vec<f32>>) -> Result<Weights> {
+        let mut take = |p: Param| -> Result<Vec<f32>> {
+            let v = get(p)?;
+            let want: usize = p.shape(c).iter().product();
+            if v.len() != want {
+                bail!("tensor {} has {} values, its shape {:?} needs {want}", p.name(), v.len(), p.shape(c));
+            }
+            Ok(v)
+        };
+        let embed = take(Param::Embed)?;
+        let mut layers = Vec::with_capacity(c.n_layers);
+        for l in 0..c.n_layers {
+            let attn_norm = take(Param::AttnNorm(l))?;
+            let [q, k, v, o, gate, up, down] = Linear::ALL.map(|w| take(Param::Linear(l, w)));
+            let (wq, wk, wv, wo) = (q?, k?, v?, o?);
+            let (w_gate, w_up, w_down) = (gate?, up?, down?);
+            let mlp_norm = take(Param::MlpNorm(l))?;
+            layers.push(LayerWeights { attn_norm, wq, wk, wv, wo, mlp_norm, w_gate, w_up, w_down });
+        }
+        let norm = take(Param::Norm)?;
+        let lm_head = if c.tied_embeddings { None } else { Some(take(Param::LmHead)?) };
+        Ok(Weights { embed, layers, norm, lm_head })
     }
 
     pub fn get(&self, p: Param) -> &[f32] {

@@ -44,6 +44,8 @@ use std::sync::{Arc, OnceLock, RwLock};
 use anyhow::{Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 
+use crate::limits::{clip, quote};
+
 /// GPT-2's pre-tokenizer regex (also used by `tokenizers`' ByteLevel with `use_regex`).
 pub const GPT2_REGEX: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
 
@@ -806,6 +808,11 @@ impl Tables {
         if n > u32::MAX as usize {
             bail!("vocabulary has {n} tokens, more than ids can number");
         }
+        for (what, id) in [("BOS", spec.bos_id), ("EOS", spec.eos_id), ("unknown", spec.bpe.unk_id)] {
+            if let Some(id) = id.filter(|&id| id as usize >= n) {
+                bail!("the {what} token id {id} is out of range (vocab {n})");
+            }
+        }
         let mut token_to_id = HashMap::with_capacity(n);
         for (id, token) in spec.vocab.iter().enumerate() {
             // With duplicates, the last id wins, as in a {token: id} dict.
@@ -813,7 +820,7 @@ impl Tables {
         }
         for a in &spec.added_tokens {
             if a.id as usize >= n {
-                bail!("added token {:?} has id {}, out of range (vocab {n})", a.content, a.id);
+                bail!("added token {} has id {}, out of range (vocab {n})", quote(&a.content), a.id);
             }
             token_to_id.insert(a.content.clone(), a.id);
         }
@@ -821,10 +828,9 @@ impl Tables {
         let mut merges = HashMap::with_capacity(spec.merges.len());
         for (rank, (a, b)) in spec.merges.iter().enumerate() {
             let id = |t: &str| {
-                token_to_id
-                    .get(t)
-                    .copied()
-                    .ok_or_else(|| anyhow!("merge {a:?} {b:?}: token {t:?} is not in the vocabulary"))
+                let missing =
+                    || anyhow!("merge {} {}: token {} is not in the vocabulary", quote(a), quote(b), quote(t));
+                token_to_id.get(t).copied().ok_or_else(missing)
             };
             let (a_id, b_id, new_id) = (id(a)?, id(b)?, id(&format!("{a}{b}"))?);
             // A repeated pair keeps its last rank, as tokenizers' HashMap insert does.
@@ -839,8 +845,7 @@ impl Tables {
         let mut regexes = Vec::new();
         for step in &spec.pre_tokenizer {
             if let PreTokenize::Split(pattern) = step {
-                let re = fancy_regex::Regex::new(pattern)
-                    .map_err(|e| anyhow!("pre-tokenizer regex {pattern:?} does not compile: {e}"))?;
+                let re = compile_split(pattern)?;
                 regexes.push(re);
             }
         }
@@ -867,6 +872,37 @@ impl Tables {
             cache: RwLock::new(HashMap::new()),
         })
     }
+}
+
+/// The longest pre-tokenizer regex accepted, and its deepest nesting of
+/// groups. Real ones are a few hundred bytes and nest twice; the regex
+/// parser recurses once per group, so a file could otherwise overflow the
+/// stack with "((((...".
+const MAX_REGEX_BYTES: usize = 4096;
+const MAX_REGEX_NESTING: usize = 32;
+
+/// A `Split` step's regex, compiled after its size and nesting are checked.
+fn compile_split(pattern: &str) -> Result<fancy_regex::Regex> {
+    let (mut depth, mut deepest, mut escaped) = (0usize, 0usize, false);
+    for c in pattern.chars() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' => escaped = true,
+            '(' | '[' => depth += 1,
+            ')' | ']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        deepest = deepest.max(depth);
+    }
+    if pattern.len() > MAX_REGEX_BYTES || deepest > MAX_REGEX_NESTING {
+        bail!(
+            "pre-tokenizer regex {} is too large ({} bytes, nesting {deepest}; at most {MAX_REGEX_BYTES} and {MAX_REGEX_NESTING})",
+            quote(pattern),
+            pattern.len()
+        );
+    }
+    fancy_regex::Regex::new(pattern)
+        .map_err(|e| anyhow!("pre-tokenizer regex {} does not compile: {}", quote(pattern), clip(&e.to_string())))
 }
 
 // ---------------------------------------------------------------------------

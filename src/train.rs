@@ -143,6 +143,8 @@ fn prepare(o: &TrainOptions, resume: Option<&Path>, device: Device) -> Result<Pr
     // Created before the masks are selected, so an unwritable --out fails before any work.
     std::fs::create_dir_all(&o.out)
         .with_context(|| format!("{}: cannot create the output directory", o.out.display()))?;
+    // Temporary files of a killed earlier run are of no use to anyone.
+    checkpoint::remove_stale_temps(&o.out);
     let probe = o.out.join(".write-test");
     std::fs::write(&probe, b"").with_context(|| format!("{}: not writable", o.out.display()))?;
     let _ = std::fs::remove_file(&probe);

@@ -17,7 +17,7 @@
 //! ```
 //! Tensor names are the Hugging Face names (`model.layers.0.self_attn.q_proj.weight`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -27,6 +27,7 @@ use half::bf16;
 use memmap2::Mmap;
 use serde::{Deserialize, Serialize};
 
+use crate::limits::{clip, plain, shorten};
 use crate::model::{Config, Param, Weights};
 use crate::tokenizer::Tokenizer;
 
@@ -86,11 +87,17 @@ pub struct Checkpoint {
     pub tokenizer: Tokenizer,
     pub tensors: Vec<TensorEntry>,
     pub metadata: BTreeMap<String, String>,
+    /// tensor name -> its index in `tensors`
+    index: HashMap<String, usize>,
     map: Mmap,
     data_start: usize,
 }
 
 impl Checkpoint {
+    /// Opens a model.bin and checks everything before the tensor data: the
+    /// preamble, the header, the config's bounds, the tokenizer against the
+    /// vocabulary, and the tensor directory against the config (every tensor
+    /// one of its parameters, with the shape it gives, inside the file).
     pub fn open(path: &Path) -> Result<Checkpoint> {
         let p = path.display();
         let file = File::open(path).with_context(|| format!("{p}: cannot open"))?;
@@ -98,67 +105,37 @@ impl Checkpoint {
         // never writes a checkpoint in place (it writes a temp file and renames),
         // so the mapped bytes do not change under us.
         let map = unsafe { Mmap::map(&file) }.with_context(|| format!("{p}: cannot map"))?;
-        if map.len() < PREAMBLE {
-            bail!("{p}: not a lift model.bin (only {} bytes)", map.len());
-        }
-        if &map[..8] != MAGIC {
-            bail!("{p}: not a lift model.bin (bad magic); convert GGUF or Hugging Face models with `lift convert`");
-        }
-        let version = u32::from_le_bytes(map[8..12].try_into().unwrap());
-        if version != VERSION {
-            bail!("{p}: model.bin version {version} is not supported (this lift reads version {VERSION})");
-        }
-        let hlen = u64::from_le_bytes(map[16..24].try_into().unwrap());
-        let hend = (PREAMBLE as u64).checked_add(hlen).filter(|&e| e <= map.len() as u64);
-        let Some(hend) = hend else {
-            bail!("{p}: header of {hlen} bytes runs past the end of the file ({} bytes; truncated?)", map.len());
-        };
-        let header: Header =
-            serde_json::from_slice(&map[PREAMBLE..hend as usize]).map_err(|e| anyhow!("{p}: corrupt header: {e}"))?;
-        header.config.validate().with_context(|| format!("{p}"))?;
-        if header.tokenizer.vocab_size() > header.config.vocab_size {
-            bail!(
-                "{p}: the tokenizer has {} tokens but the model's vocabulary is {}",
-                header.tokenizer.vocab_size(),
-                header.config.vocab_size
-            );
-        }
-        let data_start = (hend as usize).next_multiple_of(ALIGN);
-        for t in &header.tensors {
-            let numel: usize = t.shape.iter().product();
-            if t.nbytes != (numel * t.dtype.size()) as u64 {
-                bail!("{p}: tensor {} has shape {:?} but {} bytes", t.name, t.shape, t.nbytes);
-            }
-            let end = (data_start as u64).checked_add(t.offset).and_then(|s| s.checked_add(t.nbytes));
-            if end.is_none_or(|e| e > map.len() as u64) {
-                bail!("{p}: tensor {} runs past the end of the file ({} bytes; truncated?)", t.name, map.len());
-            }
-        }
+        let (header, data_start) = parse(&map).map_err(|e| anyhow!("{p}: {e}"))?;
+        let index = header.tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
         Ok(Checkpoint {
             path: path.to_path_buf(),
             config: header.config,
             tokenizer: header.tokenizer,
             tensors: header.tensors,
             metadata: header.metadata,
+            index,
             map,
             data_start,
         })
     }
 
     pub fn find(&self, name: &str) -> Option<&TensorEntry> {
-        self.tensors.iter().find(|t| t.name == name)
+        self.index.get(name).and_then(|&i| self.tensors.get(i))
     }
 
     /// The values of one tensor, converted to f32.
-    pub fn tensor_f32(&self, t: &TensorEntry) -> Vec<f32> {
-        let start = self.data_start + t.offset as usize;
-        let bytes = &self.map[start..start + t.nbytes as usize];
-        match t.dtype {
-            DType::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect(),
-            DType::Bf16 => {
-                bytes.chunks_exact(2).map(|b| bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()).collect()
-            }
-        }
+    pub fn tensor_f32(&self, t: &TensorEntry) -> Result<Vec<f32>> {
+        let range = usize::try_from(t.offset)
+            .ok()
+            .and_then(|o| o.checked_add(self.data_start))
+            .and_then(|s| Some(s..s.checked_add(usize::try_from(t.nbytes).ok()?)?));
+        let Some(bytes) = range.and_then(|r| self.map.get(r)) else {
+            bail!("{}: tensor {} lies outside the file", self.path.display(), plain(&t.name));
+        };
+        Ok(match t.dtype {
+            DType::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+            DType::Bf16 => bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        })
     }
 
     /// The dtype most tensors are stored in (what a re-save should use).
@@ -167,28 +144,131 @@ impl Checkpoint {
         if bf * 2 > self.tensors.len() { DType::Bf16 } else { DType::F32 }
     }
 
-    /// Every model parameter in f32, each checked against the config's shape.
+    /// Every model parameter in f32 (their shapes were checked by `open`).
+    /// A non-finite value is an error naming its tensor: a NaN weight would
+    /// only make every output NaN, and training would spread it.
     pub fn load_weights(&self) -> Result<Weights> {
-        let c = &self.config;
         let p = self.path.display();
-        let mut w = Weights::zeros(c);
-        for param in Param::all(c) {
+        let w = Weights::try_from_fn(&self.config, |param| {
             let name = param.name();
-            let t = self.find(&name).ok_or_else(|| anyhow!("{p}: tensor {name} is missing"))?;
-            let want = param.shape(c);
-            if t.shape != want {
-                bail!("{p}: tensor {name} has shape {:?}, the config says {want:?}", t.shape);
+            let t = self.find(&name).ok_or_else(|| anyhow!("tensor {name} is missing"))?;
+            let values = self.tensor_f32(t)?;
+            if let Some((i, v)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+                bail!("tensor {name} holds {v} at index {i} of {}: the weights must be finite", values.len());
             }
-            w.get_mut(param).copy_from_slice(&self.tensor_f32(t));
+            Ok(values)
+        });
+        w.map_err(|e| anyhow!("{p}: {e}"))
+    }
+}
+
+/// The header of a model.bin image and where its tensor data starts, checked.
+/// Errors come without the file name, which `open` adds.
+fn parse(map: &[u8]) -> Result<(Header, usize)> {
+    let (Some(magic), Some(version), Some(hlen)) = (map.get(..8), le_u32(map, 8), le_u64(map, 16)) else {
+        bail!("not a lift model.bin (only {} bytes)", map.len());
+    };
+    if magic != MAGIC {
+        bail!("not a lift model.bin (bad magic); convert GGUF or Hugging Face models with `lift convert`");
+    }
+    if version != VERSION {
+        bail!("model.bin version {version} is not supported (this lift reads version {VERSION})");
+    }
+    let json = usize::try_from(hlen).ok().and_then(|n| map.get(PREAMBLE..PREAMBLE.checked_add(n)?));
+    let Some(json) = json else {
+        bail!("header of {hlen} bytes runs past the end of the file ({} bytes; truncated?)", map.len());
+    };
+    let header: Header =
+        serde_json::from_slice(json).map_err(|e| anyhow!("corrupt header: {}", shorten(&e.to_string())))?;
+    let c = &header.config;
+    c.validate()?;
+    if header.tokenizer.vocab_size() > c.vocab_size {
+        bail!(
+            "the tokenizer has {} tokens but the model's vocabulary is {}",
+            header.tokenizer.vocab_size(),
+            c.vocab_size
+        );
+    }
+    let data_start = (PREAMBLE + json.len()).next_multiple_of(ALIGN);
+    check_directory(c, &header.tensors, data_start as u64, map.len() as u64)?;
+    Ok((header, data_start))
+}
+
+/// How many tensors a model of this config has: the embedding, nine per
+/// layer (two norms, seven linear weights), the final norm, and the LM head
+/// unless it is tied. `Param::all` lists them.
+pub fn param_count(c: &Config) -> Option<usize> {
+    c.n_layers.checked_mul(9)?.checked_add(if c.tied_embeddings { 2 } else { 3 })
+}
+
+/// The tensor directory is exactly the config's parameters: each once, with
+/// the shape the config gives it, stored in as many bytes as that shape
+/// needs, inside the file. The count is compared first, so that the
+/// parameter list is only built for as many tensors as the file lists.
+fn check_directory(c: &Config, tensors: &[TensorEntry], data_start: u64, file_len: u64) -> Result<()> {
+    let want = param_count(c).unwrap_or(usize::MAX);
+    if tensors.len() != want {
+        bail!(
+            "the config ({} layers, {} LM head) has {want} tensors, but the file lists {}",
+            c.n_layers,
+            if c.tied_embeddings { "tied" } else { "separate" },
+            tensors.len()
+        );
+    }
+    let mut index: HashMap<&str, &TensorEntry> = HashMap::with_capacity(tensors.len());
+    for t in tensors {
+        if index.insert(&t.name, t).is_some() {
+            bail!("tensor {} is listed twice", plain(&t.name));
         }
-        Ok(w)
+    }
+    for param in Param::all(c) {
+        let name = param.name();
+        let t = index.get(name.as_str()).ok_or_else(|| anyhow!("tensor {name} is missing"))?;
+        let shape = param.shape(c);
+        if t.shape != shape {
+            bail!("tensor {name} has shape {}, but the config says {shape:?}", clip(&format!("{:?}", t.shape)));
+        }
+        // The shape is the config's, whose bounds keep this product small.
+        let nbytes = shape.iter().product::<usize>() as u64 * t.dtype.size() as u64;
+        if t.nbytes != nbytes {
+            bail!("tensor {name} has shape {shape:?} but {} bytes (expected {nbytes})", t.nbytes);
+        }
+        let end = data_start.checked_add(t.offset).and_then(|s| s.checked_add(t.nbytes));
+        if end.is_none_or(|e| e > file_len) {
+            bail!("tensor {name} runs past the end of the file ({file_len} bytes; truncated?)");
+        }
+    }
+    Ok(())
+}
+
+fn le_u32(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+fn le_u64(b: &[u8], at: usize) -> Option<u64> {
+    Some(u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?))
+}
+
+/// Why writing a model.bin stopped: reading a tensor from its source failed
+/// (that error names the input), or the output could not be written.
+enum WriteError {
+    Source(anyhow::Error),
+    Output(anyhow::Error),
+}
+
+impl From<std::io::Error> for WriteError {
+    fn from(e: std::io::Error) -> WriteError {
+        WriteError::Output(e.into())
     }
 }
 
 /// Writes a model.bin with the given tensors, fetching each tensor's f32
 /// values only when it is written, so a converter never holds more than one
 /// tensor in memory. The file appears atomically: it is written next to
-/// `path` under a temporary name and renamed at the end.
+/// `path` under a temporary name, flushed to disk and renamed at the end; on
+/// any failure the temporary file is removed and `path` is left as it was.
+/// An error from `fetch` is returned as it is (it is the input's); an error
+/// writing names `path`.
 pub fn write_model_bin(
     path: &Path,
     config: &Config,
@@ -198,19 +278,28 @@ pub fn write_model_bin(
     tensors: &[(String, Vec<usize>)],
     mut fetch: impl FnMut(&str) -> Result<Vec<f32>>,
 ) -> Result<()> {
+    let pd = path.display();
     let mut entries = Vec::with_capacity(tensors.len());
     let mut offset = 0u64;
     for (name, shape) in tensors {
-        let nbytes = (shape.iter().product::<usize>() * dtype.size()) as u64;
+        let nbytes = shape.iter().try_fold(dtype.size() as u64, |n, &d| n.checked_mul(d as u64));
+        let end = nbytes.and_then(|n| offset.checked_add(n));
+        let (Some(nbytes), Some(end)) = (nbytes, end) else {
+            bail!("{pd}: tensor {name} of shape {shape:?} is too large to write");
+        };
         entries.push(TensorEntry { name: name.clone(), dtype, shape: shape.clone(), offset, nbytes });
-        offset = (offset + nbytes).next_multiple_of(ALIGN as u64);
+        offset = end.next_multiple_of(ALIGN as u64);
     }
     let header =
         Header { config: config.clone(), tokenizer: tokenizer.clone(), tensors: entries, metadata: metadata.clone() };
     let json = serde_json::to_vec(&header)?;
+    remove_stale_temps(path);
     let tmp = tmp_path(path);
-    let result = (|| -> Result<()> {
-        let file = File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+    let result = (|| -> Result<(), WriteError> {
+        let file = File::create(&tmp).map_err(|e| {
+            let what = format!("cannot create the temporary file {} beside it", tmp.display());
+            WriteError::Output(anyhow::Error::new(e).context(what))
+        })?;
         let mut out = BufWriter::with_capacity(1 << 20, file);
         out.write_all(MAGIC)?;
         out.write_all(&VERSION.to_le_bytes())?;
@@ -220,15 +309,15 @@ pub fn write_model_bin(
         let mut pos = PREAMBLE + json.len();
         pad_to(&mut out, &mut pos)?;
         for t in &header.tensors {
-            let values = fetch(&t.name)?;
-            if values.len() * dtype.size() != t.nbytes as usize {
-                bail!(
-                    "tensor {} has {} values, its shape {:?} needs {}",
+            let values = fetch(&t.name).map_err(WriteError::Source)?;
+            if values.len() as u64 * dtype.size() as u64 != t.nbytes {
+                let e = anyhow!(
+                    "tensor {} has {} values, its shape {:?} needs more or fewer",
                     t.name,
                     values.len(),
-                    t.shape,
-                    t.nbytes as usize / dtype.size()
+                    t.shape
                 );
+                return Err(WriteError::Source(e));
             }
             let bytes: Vec<u8> = match dtype {
                 DType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
@@ -239,15 +328,17 @@ pub fn write_model_bin(
             pad_to(&mut out, &mut pos)?;
         }
         out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        sync_dir(path);
         Ok(())
     })();
-    match result {
-        Ok(()) => std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot write", path.display())),
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            Err(e.context(format!("{}: write failed", path.display())))
+    result.map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        match e {
+            WriteError::Source(e) => e,
+            WriteError::Output(e) => e.context(format!("{pd}: write failed")),
         }
-    }
+    })
 }
 
 /// Saves a model's weights (e.g. after fine-tuning) as a model.bin.
@@ -261,8 +352,10 @@ pub fn save_weights(
 ) -> Result<()> {
     let params = Param::all(config);
     let list: Vec<(String, Vec<usize>)> = params.iter().map(|p| (p.name(), p.shape(config))).collect();
+    let mut next = params.iter();
     write_model_bin(path, config, tokenizer, metadata, dtype, &list, |name| {
-        let p = params.iter().find(|p| p.name() == name).expect("name from the same list");
+        // Tensors are fetched in the order of the list.
+        let p = next.next().filter(|p| p.name() == name).ok_or_else(|| anyhow!("tensor {name} out of order"))?;
         Ok(weights.get(*p).to_vec())
     })
 }
@@ -273,7 +366,44 @@ pub fn tmp_path(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }
 
-fn pad_to(out: &mut impl Write, pos: &mut usize) -> Result<()> {
+/// Removes the temporary files (`tmp_path`) that a killed lift left beside
+/// `path` (or, for a directory, beside any file in it), and only those whose
+/// process is gone, so that a live writer's file is never touched. Whether a
+/// process lives is read from /proc; without it nothing is removed.
+pub fn remove_stale_temps(path: &Path) {
+    if !Path::new("/proc/self").exists() {
+        return;
+    }
+    let (dir, only) = if path.is_dir() { (path, None) } else { (parent_dir(path), path.file_name()) };
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        // ".NAME.tmp-PID"
+        let Some((base, pid)) = name.strip_prefix('.').and_then(|n| n.rsplit_once(".tmp-")) else { continue };
+        if only.is_some_and(|o| o.to_string_lossy() != base) {
+            continue;
+        }
+        let Ok(pid) = pid.parse::<u32>() else { continue };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+/// The directory a file is in ("." for a bare name).
+fn parent_dir(path: &Path) -> &Path {
+    path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."))
+}
+
+/// Flushes a directory entry change (the rename) to disk, where the
+/// platform allows; a failure here loses nothing that was not already safe.
+fn sync_dir(path: &Path) {
+    if let Ok(d) = File::open(parent_dir(path)) {
+        let _ = d.sync_all();
+    }
+}
+
+fn pad_to(out: &mut impl Write, pos: &mut usize) -> std::io::Result<()> {
     let target = pos.next_multiple_of(ALIGN);
     out.write_all(&vec![0u8; target - *pos])?;
     *pos = target;

@@ -12,9 +12,10 @@ use std::path::Path;
 use anyhow::{Context, Result, anyhow, bail};
 use serde_json::Value;
 
-use crate::formats::checkpoint::{DType, write_model_bin};
-use crate::formats::gguf::GgufFile;
-use crate::formats::safetensors::SafeTensors;
+use crate::formats::checkpoint::{DType, param_count, write_model_bin};
+use crate::formats::gguf::{GgufFile, GgufTensor, SUPPORTED_TYPES};
+use crate::formats::safetensors::{Dtype, SafeTensor, SafeTensors};
+use crate::limits::{clip, plain, quote, shorten};
 use crate::model::{Config, Param, RopeScaling};
 use crate::tokenizer::Tokenizer;
 
@@ -26,44 +27,63 @@ pub struct ConvertReport {
     pub source: String,
 }
 
-/// A model being imported: its shape, its tokenizer and a way to read each
-/// tensor (by Hugging Face name) as f32.
+/// A model being imported: its shape, its tokenizer and its tensors.
 struct Source {
     kind: &'static str,
     config: Config,
     tokenizer: Tokenizer,
-    read: TensorReader,
+    tensors: Box<dyn Tensors>,
 }
 
-/// Reads one tensor by Hugging Face name: its shape and f32 values.
-type TensorReader = Box<dyn FnMut(&str) -> Result<(Vec<usize>, Vec<f32>)>>;
+/// The tensors of a model being imported, by Hugging Face name.
+trait Tensors {
+    /// How many tensors the input holds (of any name).
+    fn count(&self) -> usize;
+    /// Checks that tensor `name` is there, has the (row-major) shape `want`
+    /// and a type lift reads; the error names the input file and the
+    /// tensor under the input's own name.
+    fn check(&self, name: &str, want: &[usize]) -> Result<()>;
+    /// The tensor's values as f32, row-major (out, in) for a matrix.
+    fn read(&self, name: &str) -> Result<Vec<f32>>;
+}
 
 /// Converts a GGUF file or a Hugging Face directory at `input` into a
-/// model.bin at `output`.
+/// model.bin at `output`. Everything about the input is checked before the
+/// output is created: the config, the tokenizer against the vocabulary, and
+/// every tensor's presence, shape and type, so that a bad input names the
+/// input and leaves no output behind.
 pub fn convert(input: &Path, output: &Path, dtype: DType) -> Result<ConvertReport> {
-    let mut src = open_source(input)?;
+    let src = open_source(input)?;
     let c = src.config.clone();
+    let ip = input.display();
     if src.tokenizer.vocab_size() > c.vocab_size {
         bail!(
-            "{}: the tokenizer has {} tokens but the model's vocabulary is {}",
-            input.display(),
+            "{ip}: the tokenizer has {} tokens but the model's vocabulary is {}",
             src.tokenizer.vocab_size(),
             c.vocab_size
         );
     }
+    // The parameter list is only built once the input is seen to hold as
+    // many tensors (a corrupt layer count must not size it).
+    let want = param_count(&c).unwrap_or(usize::MAX);
+    if want > src.tensors.count() {
+        bail!(
+            "{ip}: the config ({} layers) has {want} tensors, but the input holds only {}",
+            c.n_layers,
+            src.tensors.count()
+        );
+    }
     let params = Param::all(&c);
     let list: Vec<(String, Vec<usize>)> = params.iter().map(|p| (p.name(), p.shape(&c))).collect();
+    for (name, shape) in &list {
+        src.tensors.check(name, shape)?;
+    }
     let mut n_params = 0;
     let mut metadata = BTreeMap::new();
     metadata.insert("source".to_string(), input.display().to_string());
     metadata.insert("source_format".to_string(), src.kind.to_string());
-    let path = input.display().to_string();
     write_model_bin(output, &c, &src.tokenizer, &metadata, dtype, &list, |name| {
-        let (shape, values) = (src.read)(name)?;
-        let want = list.iter().find(|(n, _)| n == name).map(|(_, s)| s.clone()).unwrap_or_default();
-        if shape != want {
-            bail!("{path}: tensor {name} has shape {shape:?}, but the config says {want:?}");
-        }
+        let values = src.tensors.read(name)?;
         n_params += values.len();
         Ok(values)
     })?;
@@ -104,84 +124,153 @@ fn open_source(input: &Path) -> Result<Source> {
 fn open_gguf(path: &Path) -> Result<Source> {
     let g = GgufFile::open(path)?;
     let p = path.display().to_string();
+    let mut config = gguf_config(&g, &p)?;
+    config.validate().with_context(|| p.clone())?;
+    if let Some(t) = g.find("rope_freqs.weight")
+        && g.get_f32("lift.rope.llama3.factor").is_none()
+    {
+        // llama.cpp stores Llama-3.1/3.2 scaling as per-frequency divisors.
+        if t.n_elements() != (config.head_dim / 2) as u64 {
+            bail!(
+                "{p}: rope_freqs.weight has {} values, head_dim {} needs {}",
+                t.n_elements(),
+                config.head_dim,
+                config.head_dim / 2
+            );
+        }
+        let factors = g.tensor_f32(t)?;
+        config.rope_scaling = Some(fit_llama3_scaling(&config, &factors).with_context(|| p.clone())?);
+        config.validate().with_context(|| p.clone())?;
+    }
+    let tokenizer = gguf_tokenizer(&g, &p)?;
+    let tensors = GgufTensors { g, p, cfg: config.clone() };
+    Ok(Source { kind: "gguf", config, tokenizer, tensors: Box::new(tensors) })
+}
+
+/// The model's shape from a GGUF's `llama.*` keys (RoPE scaling only from
+/// lift's own keys; `rope_freqs` is fitted by the caller). The getters'
+/// errors name the file `p` already; so do the ones here.
+fn gguf_config(g: &GgufFile, p: &str) -> Result<Config> {
     let arch = g.require_str("general.architecture")?.to_string();
     if arch != "llama" {
-        bail!("{p}: architecture {arch:?} is not supported (lift reads Llama-family models)");
+        bail!("{p}: architecture {} is not supported (lift reads Llama-family models)", quote(&arch));
     }
     let key = |k: &str| format!("{arch}.{k}");
-    let tokens: Vec<String> = g.require_str_array("tokenizer.ggml.tokens")?.into_iter().map(String::from).collect();
-    let dim = g.require_u64(&key("embedding_length"))? as usize;
-    let n_heads = g.require_u64(&key("attention.head_count"))? as usize;
-    let n_kv_heads = g.get_u64(&key("attention.head_count_kv")).map_or(n_heads, |v| v as usize);
-    let head_dim = g
-        .get_u64(&key("attention.key_length"))
-        .or_else(|| g.get_u64(&key("rope.dimension_count")))
-        .map_or(dim / n_heads.max(1), |v| v as usize);
-    let has_output = g.find("output.weight").is_some();
+    let size = |k: &str| -> Result<usize> { Ok(usize::try_from(g.require_u64(&key(k))?).unwrap_or(usize::MAX)) };
+    let opt = |k: &str| g.get_u64(&key(k)).map(|v| usize::try_from(v).unwrap_or(usize::MAX));
+    let dim = size("embedding_length")?;
+    let n_heads = size("attention.head_count")?;
+    let vocab_size = match opt("vocab_size") {
+        Some(v) => v,
+        None => g.require_str_array("tokenizer.ggml.tokens")?.len(),
+    };
     let mut config = Config {
-        vocab_size: g.get_u64(&key("vocab_size")).map_or(tokens.len(), |v| v as usize),
+        vocab_size,
         dim,
-        n_layers: g.require_u64(&key("block_count"))? as usize,
+        n_layers: size("block_count")?,
         n_heads,
-        n_kv_heads,
-        head_dim,
-        ffn_dim: g.require_u64(&key("feed_forward_length"))? as usize,
+        n_kv_heads: opt("attention.head_count_kv").unwrap_or(n_heads),
+        head_dim: opt("attention.key_length").or_else(|| opt("rope.dimension_count")).unwrap_or(dim / n_heads.max(1)),
+        ffn_dim: size("feed_forward_length")?,
         norm_eps: g.require_f32(&key("attention.layer_norm_rms_epsilon"))?,
         rope_theta: g.get_f32(&key("rope.freq_base")).unwrap_or(10000.0),
         rope_scaling: None,
-        tied_embeddings: !has_output,
-        max_seq_len: g.get_u64(&key("context_length")).map_or(2048, |v| v as usize),
+        tied_embeddings: g.find("output.weight").is_none(),
+        max_seq_len: opt("context_length").unwrap_or(2048),
     };
     if let Some(kind) = g.get_str(&key("rope.scaling.type"))
         && kind != "none"
     {
-        bail!("{p}: RoPE scaling {kind:?} is not supported (lift supports Llama-3 \"llama3\" scaling)");
+        bail!("{p}: RoPE scaling {} is not supported (lift supports Llama-3 \"llama3\" scaling)", quote(kind));
     }
     if let Some(factor) = g.get_f32("lift.rope.llama3.factor") {
         // Written by `lift export`: the exact parameters.
+        let orig = g.require_u64("lift.rope.llama3.original_max_position_embeddings")?;
         config.rope_scaling = Some(RopeScaling {
             factor,
             low_freq_factor: g.require_f32("lift.rope.llama3.low_freq_factor")?,
             high_freq_factor: g.require_f32("lift.rope.llama3.high_freq_factor")?,
-            original_max_position_embeddings: g.require_u64("lift.rope.llama3.original_max_position_embeddings")?
-                as usize,
+            original_max_position_embeddings: usize::try_from(orig).unwrap_or(usize::MAX),
         });
-    } else if let Some(t) = g.find("rope_freqs.weight") {
-        // llama.cpp stores Llama-3.1/3.2 scaling as per-frequency divisors.
-        let factors = g.tensor_f32(t)?;
-        config.rope_scaling = Some(fit_llama3_scaling(&config, &factors).with_context(|| p.clone())?);
     }
-    config.validate().with_context(|| p.clone())?;
+    Ok(config)
+}
 
+/// The tokenizer from a GGUF's `tokenizer.ggml.*` keys (`p` names the file).
+fn gguf_tokenizer(g: &GgufFile, p: &str) -> Result<Tokenizer> {
+    let tokens: Vec<String> = g.require_str_array("tokenizer.ggml.tokens")?.into_iter().map(String::from).collect();
     let model = g.require_str("tokenizer.ggml.model")?.to_string();
     let pre = g.get_str("tokenizer.ggml.pre").unwrap_or("default").to_string();
     let token_types = g.get_i32_array("tokenizer.ggml.token_type").unwrap_or_default();
     let merges: Vec<String> =
         g.get_str_array("tokenizer.ggml.merges").unwrap_or_default().into_iter().map(String::from).collect();
     let scores = g.get_f32_array("tokenizer.ggml.scores").unwrap_or_default();
-    let bos = g.get_u64("tokenizer.ggml.bos_token_id").map(|v| v as u32);
-    let eos = g.get_u64("tokenizer.ggml.eos_token_id").map(|v| v as u32);
-    let add_bos = g.get_bool("tokenizer.ggml.add_bos_token").unwrap_or(model == "llama");
-    let tokenizer = Tokenizer::from_gguf_vocab(&model, &pre, tokens, token_types, merges, scores, bos, eos, add_bos)
-        .with_context(|| format!("{p}: tokenizer"))?;
-
-    let cfg = config.clone();
-    let read = move |name: &str| -> Result<(Vec<usize>, Vec<f32>)> {
-        let gname = gguf_name(name, cfg.tied_embeddings).ok_or_else(|| anyhow!("{p}: no GGUF name for {name}"))?;
-        let t = g.find(&gname).ok_or_else(|| anyhow!("{p}: tensor {gname} is missing"))?;
-        // ggml lists dimensions fastest first; PyTorch's (out, in) is the reverse.
-        let shape: Vec<usize> = t.dims.iter().rev().map(|&d| d as usize).collect();
-        let mut values = g.tensor_f32(t)?;
-        if gname.ends_with("attn_q.weight") || gname.ends_with("attn_k.weight") {
-            let heads = if gname.ends_with("attn_q.weight") { cfg.n_heads } else { cfg.n_kv_heads };
-            if shape.len() != 2 || shape[0] != heads * cfg.head_dim {
-                bail!("{p}: tensor {gname} has shape {shape:?}, expected ({}, {})", heads * cfg.head_dim, cfg.dim);
-            }
-            values = unpermute_rope_rows(&values, heads, cfg.head_dim, shape[1]);
+    let id = |key: &str| -> Result<Option<u32>> {
+        match g.get_u64(key) {
+            None => Ok(None),
+            Some(v) => u32::try_from(v).map(Some).map_err(|_| anyhow!("{p}: {key} is {v}, not a token id")),
         }
-        Ok((shape, values))
     };
-    Ok(Source { kind: "gguf", config, tokenizer, read: Box::new(read) })
+    let (bos, eos) = (id("tokenizer.ggml.bos_token_id")?, id("tokenizer.ggml.eos_token_id")?);
+    let add_bos = g.get_bool("tokenizer.ggml.add_bos_token").unwrap_or(model == "llama");
+    Tokenizer::from_gguf_vocab(&model, &pre, tokens, token_types, merges, scores, bos, eos, add_bos)
+        .with_context(|| format!("{p}: tokenizer"))
+}
+
+/// A GGUF's tensors under their Hugging Face names.
+struct GgufTensors {
+    g: GgufFile,
+    p: String,
+    cfg: Config,
+}
+
+impl GgufTensors {
+    fn find(&self, name: &str) -> Result<(String, &GgufTensor)> {
+        let p = &self.p;
+        let gname = gguf_name(name, self.cfg.tied_embeddings).ok_or_else(|| anyhow!("{p}: no GGUF name for {name}"))?;
+        let t = self.g.find(&gname).ok_or_else(|| anyhow!("{p}: tensor {gname} is missing"))?;
+        Ok((gname, t))
+    }
+}
+
+impl Tensors for GgufTensors {
+    fn count(&self) -> usize {
+        self.g.tensors().len()
+    }
+
+    fn check(&self, name: &str, want: &[usize]) -> Result<()> {
+        let (gname, t) = self.find(name)?;
+        // ggml lists dimensions fastest first; PyTorch's (out, in) is the reverse.
+        let shape: Vec<u64> = t.dims.iter().rev().copied().collect();
+        if !shape.iter().map(|&d| d as usize).eq(want.iter().copied()) {
+            bail!("{}: tensor {gname} has shape {shape:?}, but the config says {want:?}", self.p);
+        }
+        if !t.dtype.is_supported() {
+            let supported: Vec<String> = SUPPORTED_TYPES.iter().map(|t| t.to_string()).collect();
+            bail!(
+                "{}: tensor {gname} has type {}, which lift cannot read (supported: {})",
+                self.p,
+                t.dtype,
+                supported.join(", ")
+            );
+        }
+        Ok(())
+    }
+
+    fn read(&self, name: &str) -> Result<Vec<f32>> {
+        let (gname, t) = self.find(name)?;
+        let mut values = self.g.tensor_f32(t)?;
+        let (q, k) = (gname.ends_with("attn_q.weight"), gname.ends_with("attn_k.weight"));
+        if q || k {
+            let heads = if q { self.cfg.n_heads } else { self.cfg.n_kv_heads };
+            let (rows, cols) = (heads * self.cfg.head_dim, self.cfg.dim);
+            if values.len() != rows * cols {
+                bail!("{}: tensor {gname} has {} values, expected ({rows}, {cols})", self.p, values.len());
+            }
+            values = unpermute_rope_rows(&values, heads, self.cfg.head_dim, cols);
+        }
+        Ok(values)
+    }
 }
 
 /// The llama.cpp name of a Hugging Face tensor name.
@@ -289,7 +378,8 @@ fn open_hf_dir(dir: &Path) -> Result<Source> {
     let cfg_path = dir.join("config.json");
     let cp = cfg_path.display().to_string();
     let text = std::fs::read_to_string(&cfg_path).with_context(|| format!("{cp}: cannot read"))?;
-    let json: Value = serde_json::from_str(&text).map_err(|e| anyhow!("{cp}: not valid JSON: {e}"))?;
+    let json: Value =
+        serde_json::from_str(&text).map_err(|e| anyhow!("{cp}: not valid JSON: {}", shorten(&e.to_string())))?;
     let config = hf_config(&json).with_context(|| cp.clone())?;
 
     let tok_path = dir.join("tokenizer.json");
@@ -300,48 +390,86 @@ fn open_hf_dir(dir: &Path) -> Result<Source> {
     let tokenizer =
         Tokenizer::from_hf_json(&tok_text, tc_text.as_deref()).with_context(|| format!("{}", tok_path.display()))?;
 
-    // One file, or shards listed in model.safetensors.index.json.
+    let tensors = open_safetensors(dir)?;
+    Ok(Source { kind: "huggingface", config, tokenizer, tensors: Box::new(tensors) })
+}
+
+/// A Hugging Face directory's tensors: model.safetensors, or the shards
+/// that model.safetensors.index.json lists (files in the directory itself).
+fn open_safetensors(dir: &Path) -> Result<HfTensors> {
     let single = dir.join("model.safetensors");
     let index = dir.join("model.safetensors.index.json");
-    let mut files: Vec<SafeTensors> = Vec::new();
-    let mut where_is: BTreeMap<String, usize> = BTreeMap::new();
+    let mut t = HfTensors { files: Vec::new(), where_is: BTreeMap::new(), dir: dir.display().to_string() };
     if single.exists() {
-        files.push(SafeTensors::open(&single)?);
-    } else if index.exists() {
-        let ip = index.display().to_string();
-        let text = std::fs::read_to_string(&index).with_context(|| format!("{ip}: cannot read"))?;
-        let json: Value = serde_json::from_str(&text).map_err(|e| anyhow!("{ip}: not valid JSON: {e}"))?;
-        let map = json.get("weight_map").and_then(Value::as_object).ok_or_else(|| anyhow!("{ip}: no weight_map"))?;
-        let mut shard_ids: BTreeMap<String, usize> = BTreeMap::new();
-        for (name, shard) in map {
-            let shard = shard.as_str().ok_or_else(|| anyhow!("{ip}: weight_map entry {name} is not a file name"))?;
-            let id = match shard_ids.get(shard) {
-                Some(&id) => id,
-                None => {
-                    files.push(SafeTensors::open(&dir.join(shard))?);
-                    shard_ids.insert(shard.to_string(), files.len() - 1);
-                    files.len() - 1
-                }
-            };
-            where_is.insert(name.clone(), id);
-        }
-    } else {
+        t.files.push(SafeTensors::open(&single)?);
+        return Ok(t);
+    }
+    if !index.exists() {
         bail!("{}: no model.safetensors or model.safetensors.index.json", dir.display());
     }
-    let dir_s = dir.display().to_string();
-    let read = move |name: &str| -> Result<(Vec<usize>, Vec<f32>)> {
-        let id = match where_is.get(name) {
+    let ip = index.display().to_string();
+    let text = std::fs::read_to_string(&index).with_context(|| format!("{ip}: cannot read"))?;
+    let json: Value =
+        serde_json::from_str(&text).map_err(|e| anyhow!("{ip}: not valid JSON: {}", shorten(&e.to_string())))?;
+    let map = json.get("weight_map").and_then(Value::as_object).ok_or_else(|| anyhow!("{ip}: no weight_map"))?;
+    let mut shard_ids: BTreeMap<&str, usize> = BTreeMap::new();
+    for (name, shard) in map {
+        let shard =
+            shard
+                .as_str()
+                .filter(|f| Path::new(f).file_name().is_some_and(|n| n == std::ffi::OsStr::new(f)))
+                .ok_or_else(|| anyhow!("{ip}: weight_map entry {} is not the name of a file beside it", plain(name)))?;
+        let id = match shard_ids.get(shard) {
             Some(&id) => id,
-            None => (0..files.len())
-                .find(|&i| files[i].find(name).is_some())
-                .ok_or_else(|| anyhow!("{dir_s}: tensor {name} is missing"))?,
+            None => {
+                t.files.push(SafeTensors::open(&dir.join(shard))?);
+                shard_ids.insert(shard, t.files.len() - 1);
+                t.files.len() - 1
+            }
         };
-        let f = &files[id];
-        let t = f.find(name).ok_or_else(|| anyhow!("{dir_s}: tensor {name} is missing"))?;
-        let shape = t.shape.clone();
-        Ok((shape, f.tensor_f32(name)?))
-    };
-    Ok(Source { kind: "huggingface", config, tokenizer, read: Box::new(read) })
+        t.where_is.insert(name.clone(), id);
+    }
+    Ok(t)
+}
+
+/// The tensors of one or more safetensors files.
+struct HfTensors {
+    files: Vec<SafeTensors>,
+    /// tensor name -> index into `files` (from the index; else searched)
+    where_is: BTreeMap<String, usize>,
+    dir: String,
+}
+
+impl HfTensors {
+    fn find(&self, name: &str) -> Result<(&SafeTensors, &SafeTensor)> {
+        let file = match self.where_is.get(name) {
+            Some(&id) => self.files.get(id),
+            None => self.files.iter().find(|f| f.find(name).is_some()),
+        };
+        file.and_then(|f| Some((f, f.find(name)?))).ok_or_else(|| anyhow!("{}: tensor {name} is missing", self.dir))
+    }
+}
+
+impl Tensors for HfTensors {
+    fn count(&self) -> usize {
+        self.files.iter().map(|f| f.tensors().len()).sum()
+    }
+
+    fn check(&self, name: &str, want: &[usize]) -> Result<()> {
+        let (f, t) = self.find(name)?;
+        let p = f.path().display();
+        if t.shape != want {
+            bail!("{p}: tensor {name} has shape {:?}, but the config says {want:?}", t.shape);
+        }
+        if let Dtype::Other(d) = &t.dtype {
+            bail!("{p}: tensor {name} has dtype {}, which lift cannot read (supported: F32, F16, BF16)", plain(d));
+        }
+        Ok(())
+    }
+
+    fn read(&self, name: &str) -> Result<Vec<f32>> {
+        self.find(name)?.0.tensor_f32(name)
+    }
 }
 
 /// Reads a Llama `config.json` (transformers 4.x or 5.x field names).
@@ -352,12 +480,10 @@ pub fn hf_config(j: &Value) -> Result<Config> {
             .is_some_and(|a| a.iter().any(|x| x.as_str() == Some("LlamaForCausalLM")));
     if !arch_ok {
         let what = j.get("model_type").and_then(Value::as_str).unwrap_or("unknown");
-        bail!("model_type {what:?} is not supported (lift reads Llama-family models)");
+        bail!("model_type {} is not supported (lift reads Llama-family models)", quote(what));
     }
-    let req = |k: &str| -> Result<usize> {
-        j.get(k).and_then(Value::as_u64).map(|v| v as usize).ok_or_else(|| anyhow!("missing field {k}"))
-    };
-    let opt = |k: &str| j.get(k).and_then(Value::as_u64).map(|v| v as usize);
+    let opt = |k: &str| -> Result<Option<usize>> { size_field(j, k) };
+    let req = |k: &str| -> Result<usize> { opt(k)?.ok_or_else(|| anyhow!("missing field {k}")) };
     let dim = req("hidden_size")?;
     let n_heads = req("num_attention_heads")?;
     // transformers 5 moves rope_theta and rope_scaling into rope_parameters.
@@ -384,7 +510,7 @@ pub fn hf_config(j: &Value) -> Result<Config> {
                         original_max_position_embeddings: f("original_max_position_embeddings")? as usize,
                     })
                 }
-                other => bail!("RoPE scaling {other:?} is not supported (lift supports \"llama3\")"),
+                other => bail!("RoPE scaling {} is not supported (lift supports \"llama3\")", quote(other)),
             }
         }
     };
@@ -393,18 +519,30 @@ pub fn hf_config(j: &Value) -> Result<Config> {
         dim,
         n_layers: req("num_hidden_layers")?,
         n_heads,
-        n_kv_heads: opt("num_key_value_heads").unwrap_or(n_heads),
-        head_dim: opt("head_dim").unwrap_or(dim / n_heads.max(1)),
+        n_kv_heads: opt("num_key_value_heads")?.unwrap_or(n_heads),
+        head_dim: opt("head_dim")?.unwrap_or(dim / n_heads.max(1)),
         ffn_dim: req("intermediate_size")?,
         norm_eps: j.get("rms_norm_eps").and_then(Value::as_f64).ok_or_else(|| anyhow!("missing field rms_norm_eps"))?
             as f32,
         rope_theta: theta as f32,
         rope_scaling,
         tied_embeddings: j.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false),
-        max_seq_len: opt("max_position_embeddings").unwrap_or(2048),
+        max_seq_len: opt("max_position_embeddings")?.unwrap_or(2048),
     };
     config.validate()?;
     Ok(config)
+}
+
+/// An integer field of config.json: absent or null is None, anything but a
+/// non-negative integer is an error naming the field.
+fn size_field(j: &Value, key: &str) -> Result<Option<usize>> {
+    match j.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => match v.as_u64() {
+            Some(n) => Ok(Some(usize::try_from(n).unwrap_or(usize::MAX))),
+            None => bail!("field {key} is {}, not a non-negative integer", clip(&v.to_string())),
+        },
+    }
 }
 
 #[cfg(test)]

@@ -40,6 +40,8 @@ use half::{bf16, f16};
 use memmap2::Mmap;
 use rayon::prelude::*;
 
+use crate::limits::{clip, plain};
+
 // ---------------------------------------------------------------------------
 // Tensor types
 
@@ -346,12 +348,12 @@ impl GgufTensor {
     /// tensor of this type (overflow, a row that is not whole blocks).
     fn layout(&self) -> Result<(u64, u64), String> {
         let n = self.dims.iter().try_fold(1u64, |n, &d| n.checked_mul(d));
-        let n = n.ok_or_else(|| format!("tensor {} has dims {:?}, too many values", self.name, self.dims))?;
+        let n = n.ok_or_else(|| format!("tensor {} has dims {:?}, too many values", plain(&self.name), self.dims))?;
         let (block, block_bytes) = self.dtype.sizes();
         if !self.row_len().is_multiple_of(block) {
             return Err(format!(
                 "tensor {} has rows of {} values, not a multiple of the {} block size {}",
-                self.name,
+                plain(&self.name),
                 self.row_len(),
                 self.dtype,
                 block
@@ -359,7 +361,8 @@ impl GgufTensor {
         }
         // n is a multiple of the row length, hence of the block size.
         let bytes = (n / block).checked_mul(block_bytes);
-        let bytes = bytes.ok_or_else(|| format!("tensor {} has dims {:?}, too many bytes", self.name, self.dims))?;
+        let bytes =
+            bytes.ok_or_else(|| format!("tensor {} has dims {:?}, too many bytes", plain(&self.name), self.dims))?;
         Ok((n, bytes))
     }
 }
@@ -575,7 +578,7 @@ impl GgufFile {
             bail!(
                 "{}: tensor {} has type {}, which lift cannot read (supported: {})",
                 self.path.display(),
-                t.name,
+                plain(&t.name),
                 t.dtype,
                 supported.join(", ")
             );
@@ -608,7 +611,7 @@ fn tensor_range(t: &GgufTensor, bytes: u64, data_start: u64, file_len: u64) -> R
         Some((start, end)) if end <= file_len => Ok((start, end)),
         _ => Err(format!(
             "tensor {} needs {bytes} bytes at offset {}, but the file ends at {file_len} (truncated?)",
-            t.name,
+            plain(&t.name),
             data_start as u128 + t.offset as u128
         )),
     }
@@ -774,9 +777,9 @@ fn parse_header(buf: &[u8]) -> Result<Header, String> {
         let value = c
             .value_type()
             .and_then(|ty| c.value(ty, 0))
-            .map_err(|e| format!("metadata key {key} (entry {i} of {n_kv}): {e}"))?;
+            .map_err(|e| format!("metadata key {} (entry {i} of {n_kv}): {e}", plain(&key)))?;
         if !seen.insert(key.clone()) {
-            return Err(format!("metadata key {key} appears twice"));
+            return Err(format!("metadata key {} appears twice", plain(&key)));
         }
         metadata.push((key, value));
     }
@@ -786,7 +789,7 @@ fn parse_header(buf: &[u8]) -> Result<Header, String> {
     for i in 0..n_tensors {
         let t = read_tensor_info(&mut c).map_err(|e| format!("tensor info {i} of {n_tensors}: {e}"))?;
         if !seen.insert(t.name.clone()) {
-            return Err(format!("tensor {} appears twice", t.name));
+            return Err(format!("tensor {} appears twice", plain(&t.name)));
         }
         tensors.push(t);
     }
@@ -795,7 +798,7 @@ fn parse_header(buf: &[u8]) -> Result<Header, String> {
         None => DEFAULT_ALIGNMENT,
         Some((_, v)) => match v.as_int() {
             Some(a) if a > 0 && (a as u64).is_power_of_two() && a <= u32::MAX as i128 => a as u64,
-            _ => return Err(format!("general.alignment is {v:?}, not a power of two")),
+            _ => return Err(format!("general.alignment is {}, not a power of two", clip(&format!("{v:?}")))),
         },
     };
     // The data section starts at the next multiple of the alignment; c.pos
@@ -807,7 +810,8 @@ fn parse_header(buf: &[u8]) -> Result<Header, String> {
         if !t.offset.is_multiple_of(alignment) {
             return Err(format!(
                 "tensor {} is at offset {}, not a multiple of the alignment {alignment}",
-                t.name, t.offset
+                plain(&t.name),
+                t.offset
             ));
         }
         tensor_range(t, bytes, data_start, file_len)?;
@@ -817,7 +821,7 @@ fn parse_header(buf: &[u8]) -> Result<Header, String> {
 
 fn read_tensor_info(c: &mut Cursor) -> Result<GgufTensor, String> {
     let name = c.string()?;
-    let with_name = |e: String| format!("tensor {name}: {e}");
+    let with_name = |e: String| format!("tensor {}: {e}", plain(&name));
     let n_dims = c.u32().map_err(with_name)?;
     if n_dims > MAX_DIMS {
         return Err(with_name(format!("{n_dims} dims, more than ggml's {MAX_DIMS}")));

@@ -19,7 +19,7 @@
 //! Every error is one line that starts with the file's path; offsets and
 //! shapes are checked against the file before any tensor is read.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -31,6 +31,8 @@ use memmap2::Mmap;
 use rayon::prelude::*;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
+
+use crate::limits::{clip, plain, shorten};
 
 /// The official reader refuses headers over 100 MB; so do we, so that a
 /// corrupt length cannot make us parse gigabytes of tensor data as JSON.
@@ -97,8 +99,10 @@ pub struct SafeTensor {
 }
 
 impl SafeTensor {
+    /// The number of values; saturates for a shape no file can hold (such
+    /// a shape is only possible with a dtype of unknown size).
     pub fn n_elements(&self) -> usize {
-        self.shape.iter().product()
+        self.shape.iter().fold(1usize, |n, &d| n.saturating_mul(d))
     }
 }
 
@@ -107,6 +111,8 @@ pub struct SafeTensors {
     path: PathBuf,
     mmap: Mmap,
     tensors: Vec<SafeTensor>,
+    /// tensor name -> index into `tensors`
+    index: HashMap<String, usize>,
     metadata: BTreeMap<String, String>,
 }
 
@@ -130,7 +136,8 @@ impl SafeTensors {
         // checkpoint is not edited while it is being read.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| anyhow!("{name}: cannot map: {e}"))?;
         let (tensors, metadata) = parse_header(&mmap).map_err(|e| anyhow!("{name}: {e}"))?;
-        Ok(SafeTensors { path: path.to_owned(), mmap, tensors, metadata })
+        let index = tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
+        Ok(SafeTensors { path: path.to_owned(), mmap, tensors, index, metadata })
     }
 
     pub fn path(&self) -> &Path {
@@ -143,7 +150,7 @@ impl SafeTensors {
     }
 
     pub fn find(&self, name: &str) -> Option<&SafeTensor> {
-        self.tensors.iter().find(|t| t.name == name)
+        self.index.get(name).and_then(|&i| self.tensors.get(i))
     }
 
     /// The `__metadata__` map (empty when the file has none).
@@ -154,8 +161,11 @@ impl SafeTensors {
     /// The values of tensor `name` as f32, row-major.
     pub fn tensor_f32(&self, name: &str) -> Result<Vec<f32>> {
         let path = self.path.display();
-        let t = self.find(name).ok_or_else(|| anyhow!("{path}: tensor {name} is missing"))?;
-        let bytes = &self.mmap[t.start..t.end];
+        let t = self.find(name).ok_or_else(|| anyhow!("{path}: tensor {} is missing", plain(name)))?;
+        let bytes = self
+            .mmap
+            .get(t.start..t.end)
+            .ok_or_else(|| anyhow!("{path}: tensor {} lies outside the file", plain(name)))?;
         let convert: fn(&[u8], &mut [f32]) = match t.dtype {
             Dtype::F32 => |x, y| {
                 for (b, y) in x.chunks_exact(4).zip(y) {
@@ -173,7 +183,11 @@ impl SafeTensors {
                 }
             },
             Dtype::Other(ref d) => {
-                bail!("{path}: tensor {name} has dtype {d}, which lift cannot read (supported: F32, F16, BF16)")
+                bail!(
+                    "{path}: tensor {} has dtype {}, which lift cannot read (supported: F32, F16, BF16)",
+                    plain(name),
+                    plain(d)
+                )
             }
         };
         // The sizes were checked at open, so bytes holds exactly n values.
@@ -206,25 +220,26 @@ fn parse_header(buf: &[u8]) -> Result<(Vec<SafeTensor>, BTreeMap<String, String>
     let data_start = 8 + n;
     let header = std::str::from_utf8(&buf[8..data_start as usize])
         .map_err(|_| "header is not UTF-8 (not a safetensors file?)".to_string())?;
-    let header: Map<String, Value> =
-        serde_json::from_str(header).map_err(|e| format!("header is not a JSON object: {e}"))?;
+    let header: Map<String, Value> = serde_json::from_str(header)
+        .map_err(|e| format!("header is not a JSON object: {}", shorten(&e.to_string())))?;
 
     let mut metadata = BTreeMap::new();
     let mut tensors = Vec::new();
     for (name, value) in header {
+        let q = plain(&name);
         if name == "__metadata__" {
             // The format allows only string values here.
             metadata = serde_json::from_value(value)
-                .map_err(|e| format!("__metadata__ is not a map of strings to strings: {e}"))?;
+                .map_err(|e| format!("__metadata__ is not a map of strings to strings: {}", shorten(&e.to_string())))?;
             continue;
         }
-        let entry: Entry =
-            serde_json::from_value(value).map_err(|e| format!("tensor {name}: bad header entry: {e}"))?;
+        let entry: Entry = serde_json::from_value(value)
+            .map_err(|e| format!("tensor {q}: bad header entry: {}", shorten(&e.to_string())))?;
         let dtype = Dtype::parse(&entry.dtype);
         let (begin, end) = entry.data_offsets;
         if begin > end || end > file_len - data_start {
             return Err(format!(
-                "tensor {name} has data_offsets [{begin}, {end}], but the data section is {} bytes (truncated?)",
+                "tensor {q} has data_offsets [{begin}, {end}], but the data section is {} bytes (truncated?)",
                 file_len - data_start
             ));
         }
@@ -234,8 +249,9 @@ fn parse_header(buf: &[u8]) -> Result<(Vec<SafeTensor>, BTreeMap<String, String>
             let bytes = n.and_then(|n| n.checked_mul(size));
             if bytes != Some(end - begin) {
                 return Err(format!(
-                    "tensor {name} has shape {:?} of {dtype}, but data_offsets [{begin}, {end}] hold {} bytes",
-                    entry.shape,
+                    "tensor {q} has shape {} of {}, but data_offsets [{begin}, {end}] hold {} bytes",
+                    clip(&format!("{:?}", entry.shape)),
+                    plain(&dtype.to_string()),
                     end - begin
                 ));
             }

@@ -31,11 +31,12 @@ use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::formats::checkpoint;
+use crate::limits::{plain, shorten};
 use crate::lora::Adapter;
 use crate::method::{Magnitude, Trainable, extra_params};
 use crate::model::{Config, Param, Weights, matrices, matrix};
 use crate::optim::{DenseState, SparseState};
-use crate::options::{Method, TrainOptions};
+use crate::options::{Method, MethodOptions, TrainOptions};
 
 /// What state.bin holds besides the arrays: where the run stands.
 #[derive(Serialize, Deserialize)]
@@ -206,94 +207,101 @@ pub struct Saved {
 }
 
 /// Reads DIR/state.bin: the saved tensors go into `weights` (which hold the
-/// base checkpoint's), the rest is returned.
+/// base checkpoint's), the rest is returned. Everything is checked against
+/// the model and the header's method before it is used: the tensor list,
+/// every count and size, the masks (ascending, unique, inside their
+/// weight), and every value (finite; second moments not negative). An
+/// error names the file and the record it is in.
 pub fn load(dir: &Path, c: &Config, weights: &mut Weights) -> Result<Saved> {
     let path = dir.join("state.bin");
     let p = path.display().to_string();
     let bytes = std::fs::read(&path)
         .with_context(|| format!("{p}: cannot read (is {} the --out of a training run?)", dir.display()))?;
     let mut r = Reader { bytes: &bytes, pos: 0 };
-    let inner = |r: &mut Reader, weights: &mut Weights| -> Result<Saved> {
-        if r.bytes(8)? != b"LIFTSTAT" {
-            bail!("not a lift training state");
-        }
-        let hlen = r.len()?;
-        let header: StateHeader = serde_json::from_slice(r.bytes(hlen)?).map_err(|e| anyhow!("corrupt header: {e}"))?;
-        let params = Param::all(c);
-        for name in &header.tensors {
-            let param = params.iter().find(|q| q.name() == *name).ok_or_else(|| anyhow!("unknown tensor {name}"))?;
-            let n = weights.get(*param).len();
-            let values = r.f32s(n)?;
-            weights.get_mut(*param).copy_from_slice(&values);
-        }
-        let (trainable, extras) = read_optimizer(r, c)?;
-        Ok(Saved { header, trainable, extras })
-    };
-    inner(&mut r, weights).map_err(|e| anyhow!("{p}: {e}"))
+    read_state(&mut r, c, weights).map_err(|e| anyhow!("{p}: {}", one_line(&e)))
 }
 
-/// Reads the optimizer records and the extras.
-fn read_optimizer(r: &mut Reader, c: &Config) -> Result<(Trainable, Vec<DenseState>)> {
-    let dense = |r: &mut Reader| -> Result<DenseState> {
-        let n = r.len()?;
-        Ok(DenseState { m: r.f32s(n)?, v: r.f32s(n)? })
-    };
-    let kind = r.bytes(1)?[0];
-    let count = r.len()?;
-    // One state per linear weight of this model, each of its size: a state
-    // from another model must fail here, not index out of bounds later.
+/// An error and its causes on one line, outermost first.
+fn one_line(e: &anyhow::Error) -> String {
+    e.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": ")
+}
+
+fn read_state(r: &mut Reader, c: &Config, weights: &mut Weights) -> Result<Saved> {
+    if r.bytes(8).ok() != Some(b"LIFTSTAT".as_slice()) {
+        bail!("not a lift training state");
+    }
+    let hlen = r.len().context("the header length")?;
+    let json = r.bytes(hlen).context("the header")?;
+    let header: StateHeader =
+        serde_json::from_slice(json).map_err(|e| anyhow!("corrupt header: {}", shorten(&e.to_string())))?;
+    let step = header.step;
+    let o = &header.options.method;
+    let saved = saved_tensors(c, o.kind, &extra_params(c, o));
+    check_tensor_list(&header.tensors, &saved, o.kind)?;
+    for param in saved {
+        let name = param.name();
+        let dst = weights.get_mut(param);
+        let values = r.f32s(dst.len()).with_context(|| format!("tensor {name}"))?;
+        finite(&values, &format!("tensor {name}")).with_context(|| format!("saved at step {step}"))?;
+        dst.copy_from_slice(&values);
+    }
+    let (trainable, extras) = read_optimizer(r, c, o).with_context(|| format!("saved at step {step}"))?;
+    if r.pos != r.bytes.len() {
+        bail!("{} bytes after the last record (corrupt, or not written by this lift)", r.bytes.len() - r.pos);
+    }
+    Ok(Saved { header, trainable, extras })
+}
+
+/// The header's tensor list is the one the header's method saves for this model.
+fn check_tensor_list(names: &[String], saved: &[Param], kind: Method) -> Result<()> {
+    if names.len() != saved.len() {
+        bail!(
+            "the header lists {} tensors, but a --method {kind:?} run of this model saves {} (another model, or corrupt)",
+            names.len(),
+            saved.len()
+        );
+    }
+    if let Some((got, want)) = names.iter().zip(saved).find(|(n, p)| **n != p.name()) {
+        bail!("the header lists tensor {} where {} belongs (another model, or corrupt)", plain(got), want.name());
+    }
+    Ok(())
+}
+
+/// Reads the optimizer records and the extras' states, each checked
+/// against the size of its weight and the method the header names.
+fn read_optimizer(r: &mut Reader, c: &Config, o: &MethodOptions) -> Result<(Trainable, Vec<DenseState>)> {
+    let kind = r.bytes(1).context("the optimizer kind")?.first().copied().unwrap_or(u8::MAX);
+    if kind != kind_byte(o.kind) {
+        bail!("optimizer records of kind {kind}, but --method {:?} writes kind {}", o.kind, kind_byte(o.kind));
+    }
+    let count = r.len().context("the number of optimizer records")?;
+    // One record per linear weight of this model: a state from another
+    // model must fail here, not index out of bounds later.
     if count != c.n_layers * 7 {
         bail!("optimizer state for {count} linear weights, the model has {}", c.n_layers * 7);
     }
-    let size = |id: usize| matrix(id).1.shape(c);
+    let what = |id: usize| {
+        let (l, w) = matrix(id);
+        format!("optimizer record {id} ({})", w.hf_name(l))
+    };
     let trainable = match kind {
-        0 => {
+        0 => Trainable::Sparse {
+            states: (0..count).map(|id| sparse(r, c, id).with_context(|| what(id))).collect::<Result<_>>()?,
+        },
+        1 => Trainable::Full {
+            states: (0..count).map(|id| dense(r, numel(c, id)).with_context(|| what(id))).collect::<Result<_>>()?,
+        },
+        _ => {
+            let mut adapters = Vec::with_capacity(count);
             let mut states = Vec::with_capacity(count);
+            let mut magnitudes = Vec::new();
             for id in 0..count {
-                let k = r.len()?;
-                let indices = r.u32s(k)?;
-                let (out, inp) = size(id);
-                if indices.iter().any(|&i| i as usize >= out * inp) {
-                    bail!("mask {id} has an index beyond its {out}x{inp} weight");
-                }
-                if indices.windows(2).any(|p| p[0] >= p[1]) {
-                    bail!("mask {id}: the indices are not ascending and unique");
-                }
-                states.push(SparseState { indices, m: r.f32s(k)?, v: r.f32s(k)? });
-            }
-            Trainable::Sparse { states }
-        }
-        1 => {
-            let states: Vec<DenseState> = (0..count).map(|_| dense(r)).collect::<Result<_>>()?;
-            if let Some(id) = (0..count).find(|&id| states[id].m.len() != size(id).0 * size(id).1) {
-                bail!("optimizer state {id} does not have the size of its weight");
-            }
-            Trainable::Full { states }
-        }
-        2 | 3 => {
-            let (mut adapters, mut states, mut magnitudes) = (Vec::new(), Vec::new(), Vec::new());
-            for id in 0..count {
-                let (rank, oc, ic) = (r.len()?, r.len()?, r.len()?);
-                if (oc, ic) != size(id) {
-                    bail!("adapter {id} is {oc}x{ic}, its weight {}x{}", size(id).0, size(id).1);
-                }
-                let scale = r.f32s(1)?[0];
-                let (a, b) = (r.f32s(rank * ic)?, r.f32s(oc * rank)?);
-                adapters.push(Adapter { r: rank, oc, ic, scale, a, b });
-                let (sa, sb) = (dense(r)?, dense(r)?);
-                if sa.m.len() != rank * ic || sb.m.len() != oc * rank {
-                    bail!("adapter {id}: optimizer state of another size");
-                }
-                states.push((sa, sb));
+                let (ad, sa, sb) = lora(r, c, id).with_context(|| what(id))?;
                 if kind == 3 {
-                    let n = r.len()?;
-                    let m = r.f32s(n)?;
-                    let state = dense(r)?;
-                    if m.len() != oc || state.m.len() != oc {
-                        bail!("magnitude {id} is not of its weight's {oc} rows");
-                    }
-                    magnitudes.push(Magnitude { m, state });
+                    magnitudes.push(magnitude(r, ad.oc).with_context(|| what(id))?);
                 }
+                adapters.push(ad);
+                states.push((sa, sb));
             }
             if kind == 3 {
                 Trainable::Dora { adapters, states, magnitudes }
@@ -301,14 +309,113 @@ fn read_optimizer(r: &mut Reader, c: &Config) -> Result<(Trainable, Vec<DenseSta
                 Trainable::Lora { adapters, states }
             }
         }
-        k => bail!("unknown optimizer kind {k}"),
     };
-    let n_extra = r.len()?;
-    let extra = (0..n_extra).map(|_| dense(r)).collect::<Result<_>>()?;
-    Ok((trainable, extra))
+    let n_extra = r.len().context("the number of extra tensors")?;
+    let wanted = extra_params(c, o);
+    if n_extra != wanted.len() {
+        bail!("{n_extra} extra tensors' states, but the header's options train {}", wanted.len());
+    }
+    let extras = wanted
+        .iter()
+        .map(|p| {
+            let n = p.shape(c).iter().product();
+            dense(r, n).with_context(|| format!("the optimizer state of {}", p.name()))
+        })
+        .collect::<Result<_>>()?;
+    Ok((trainable, extras))
 }
 
-/// Reads little-endian values from a byte buffer, failing on truncation.
+/// The entries of linear weight `id`.
+fn numel(c: &Config, id: usize) -> usize {
+    let (out, inp) = matrix(id).1.shape(c);
+    out * inp
+}
+
+/// A sparse record: the mask (ascending, unique, inside its weight) and its moments.
+fn sparse(r: &mut Reader, c: &Config, id: usize) -> Result<SparseState> {
+    let (out, inp) = matrix(id).1.shape(c);
+    let k = r.len()?;
+    if k > out * inp {
+        bail!("a mask of {k} entries in a {out}x{inp} weight");
+    }
+    let indices = r.u32s(k)?;
+    if indices.iter().any(|&i| i as usize >= out * inp) {
+        bail!("the mask has an index beyond its {out}x{inp} weight");
+    }
+    if indices.windows(2).any(|p| p[0] >= p[1]) {
+        bail!("the mask's indices are not ascending and unique");
+    }
+    let (m, v) = (r.f32s(k)?, r.f32s(k)?);
+    moments(&m, &v)?;
+    Ok(SparseState { indices, m, v })
+}
+
+/// A dense record of `n` entries (the length is checked before anything
+/// is read).
+fn dense(r: &mut Reader, n: usize) -> Result<DenseState> {
+    let len = r.len()?;
+    if len != n {
+        bail!("a state of {len} values for a tensor of {n}");
+    }
+    let (m, v) = (r.f32s(n)?, r.f32s(n)?);
+    moments(&m, &v)?;
+    Ok(DenseState { m, v })
+}
+
+/// A LoRA record: the adapter (rank at most its weight's smaller side,
+/// finite values) and the states of A and B.
+/// DoRA's magnitude after its LoRA record: m (OC), finite, and its state.
+fn magnitude(r: &mut Reader, oc: usize) -> Result<Magnitude> {
+    let n = r.len()?;
+    if n != oc {
+        bail!("a magnitude of {n} values for a weight of {oc} rows");
+    }
+    let m = r.f32s(n)?;
+    finite(&m, "the magnitude")?;
+    let state = dense(r, oc).context("the state of the magnitude")?;
+    Ok(Magnitude { m, state })
+}
+
+fn lora(r: &mut Reader, c: &Config, id: usize) -> Result<(Adapter, DenseState, DenseState)> {
+    let (rank, oc, ic) = (r.len()?, r.len()?, r.len()?);
+    let (want_oc, want_ic) = matrix(id).1.shape(c);
+    if (oc, ic) != (want_oc, want_ic) {
+        bail!("an adapter of {oc}x{ic} for a {want_oc}x{want_ic} weight");
+    }
+    if rank == 0 || rank > oc.min(ic) {
+        bail!("an adapter of rank {rank} for a {oc}x{ic} weight");
+    }
+    let scale = r.f32s(1)?.first().copied().unwrap_or(f32::NAN);
+    let (a, b) = (r.f32s(rank * ic)?, r.f32s(oc * rank)?);
+    finite(&[scale], "the adapter's scale")?;
+    finite(&a, "the adapter's A")?;
+    finite(&b, "the adapter's B")?;
+    let sa = dense(r, rank * ic).context("the state of A")?;
+    let sb = dense(r, oc * rank).context("the state of B")?;
+    Ok((Adapter { r: rank, oc, ic, scale, a, b }, sa, sb))
+}
+
+/// Every value of `what` finite; the error gives the first one that is not.
+fn finite(xs: &[f32], what: &str) -> Result<()> {
+    match xs.iter().position(|x| !x.is_finite()) {
+        None => Ok(()),
+        Some(i) => bail!("{what} holds {} at index {i} of {}", xs[i], xs.len()),
+    }
+}
+
+/// AdamW moments as a step leaves them: finite, the second not negative.
+fn moments(m: &[f32], v: &[f32]) -> Result<()> {
+    finite(m, "the first moment")?;
+    finite(v, "the second moment")?;
+    if let Some(i) = v.iter().position(|&x| x < 0.0) {
+        bail!("the second moment is negative ({}) at index {i}", v[i]);
+    }
+    Ok(())
+}
+
+/// Reads little-endian values from a byte buffer; a read past the end is
+/// an error that says where, and a length is checked against the bytes
+/// left before anything is allocated for it.
 struct Reader<'a> {
     bytes: &'a [u8],
     pos: usize,
@@ -316,20 +423,28 @@ struct Reader<'a> {
 
 impl Reader<'_> {
     fn bytes(&mut self, n: usize) -> Result<&[u8]> {
-        let end = self.pos.checked_add(n).filter(|&e| e <= self.bytes.len()).ok_or_else(|| anyhow!("truncated"))?;
-        let s = &self.bytes[self.pos..end];
-        self.pos = end;
+        let left = self.bytes.len() - self.pos;
+        if n > left {
+            bail!("truncated: {n} bytes needed at offset {}, {left} left in the file", self.pos);
+        }
+        let s = &self.bytes[self.pos..self.pos + n];
+        self.pos += n;
         Ok(s)
     }
     fn len(&mut self) -> Result<usize> {
-        Ok(u64::from_le_bytes(self.bytes(8)?.try_into().unwrap()) as usize)
+        let at = self.pos;
+        let b = self.bytes(8)?;
+        let n = u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
+        usize::try_from(n).map_err(|_| anyhow!("corrupt length {n} at offset {at}"))
+    }
+    fn words(&mut self, n: usize) -> Result<&[u8]> {
+        let bytes = n.checked_mul(4).ok_or_else(|| anyhow!("corrupt length {n} at offset {}", self.pos))?;
+        self.bytes(bytes)
     }
     fn f32s(&mut self, n: usize) -> Result<Vec<f32>> {
-        let b = self.bytes(n.checked_mul(4).ok_or_else(|| anyhow!("corrupt length"))?)?;
-        Ok(b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect())
+        Ok(self.words(n)?.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
     }
     fn u32s(&mut self, n: usize) -> Result<Vec<u32>> {
-        let b = self.bytes(n.checked_mul(4).ok_or_else(|| anyhow!("corrupt length"))?)?;
-        Ok(b.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect())
+        Ok(self.words(n)?.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
     }
 }

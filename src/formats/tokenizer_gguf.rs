@@ -13,6 +13,7 @@ use anyhow::{Result, anyhow, bail};
 
 use crate::formats::gguf::GgufValue;
 use crate::formats::tokenizer_json::split_merge;
+use crate::limits::quote;
 use crate::tokenizer::{
     AddedToken, BpeOptions, DecodeStep, GPT2_REGEX, GPT4O_REGEX, LLAMA3_REGEX, PreTokenize, Prepend, QWEN2_REGEX, Spec,
     Tokenizer, byte_alphabet, parse_byte_token,
@@ -169,7 +170,7 @@ fn build(
                 if scores.len() != n {
                     bail!("GGUF tokenizer: {} scores for {n} tokens, and no merges", scores.len());
                 }
-                merges_from_scores(&tokens, &scores)
+                merges_from_scores(&tokens, &scores)?
             } else {
                 parse_merges(&merge_list)?
             };
@@ -187,7 +188,7 @@ fn build(
                 DecodeStep::Strip { content: ' ', start: 1, stop: 0 },
             ];
         }
-        other => bail!("GGUF tokenizer model {other:?} is not supported (only \"gpt2\" and \"llama\" BPE)"),
+        other => bail!("GGUF tokenizer model {} is not supported (only \"gpt2\" and \"llama\" BPE)", quote(other)),
     }
     Ok(Spec { vocab, merges, added_tokens, normalizer, pre_tokenizer, bpe, decoder, bos_id, eos_id, add_bos })
 }
@@ -232,36 +233,97 @@ fn parse_merges(merges: &[String]) -> Result<Vec<(String, String)>> {
 /// (best first), then by longer left part, then longer right part; ties keep
 /// the vocabulary's order, and within one token the pairs go by the ids of
 /// their parts. This is transformers' `generate_merges`, order for order.
-fn merges_from_scores(tokens: &[String], scores: &[f32]) -> Vec<(String, String)> {
+///
+/// The cuts of a token are found with two tries (its prefixes that are
+/// tokens, its suffixes that are tokens) in one walk each, so a long token
+/// costs its length, not its length squared. A vocabulary whose cuts would
+/// spell far more text than the vocabulary itself is refused: every prefix
+/// of "aaaa..." being a token would otherwise make merges cubic in its size.
+fn merges_from_scores(tokens: &[String], scores: &[f32]) -> Result<Vec<(String, String)>> {
     // {token: id} keeps the last id of a repeated token, {token: score} its
     // first position and last score, as Python dicts built from the lists.
     let mut id_of: HashMap<&str, usize> = HashMap::with_capacity(tokens.len());
     let mut score_of: HashMap<&str, f32> = HashMap::with_capacity(tokens.len());
     let mut order: Vec<&str> = Vec::with_capacity(tokens.len());
-    for (i, t) in tokens.iter().enumerate() {
+    for (i, (t, &score)) in tokens.iter().zip(scores).enumerate() {
         id_of.insert(t, i);
-        if score_of.insert(t, scores[i]).is_none() {
+        if score_of.insert(t, score).is_none() {
             order.push(t);
         }
     }
+    let forward = Trie::new(order.iter().map(|t| t.bytes()));
+    let backward = Trie::new(order.iter().map(|t| t.bytes().rev()));
+    let vocab_bytes: usize = order.iter().map(|t| t.len()).sum();
+    let mut budget = 64 * vocab_bytes + (1 << 20);
     // (left, right, score, chars in left, chars in right)
     let mut all: Vec<(&str, &str, f32, usize, usize)> = Vec::new();
     for t in order {
+        let suffix_cuts: HashSet<usize> =
+            backward.prefix_lens(t.bytes().rev()).into_iter().map(|k| t.len() - k).collect();
         let mut local = Vec::new();
-        for (cut, _) in t.char_indices().skip(1) {
+        for cut in forward.prefix_lens(t.bytes()) {
+            if cut == 0 || cut >= t.len() || !suffix_cuts.contains(&cut) || !t.is_char_boundary(cut) {
+                continue;
+            }
             let (l, r) = t.split_at(cut);
             if let (Some(&li), Some(&ri)) = (id_of.get(l), id_of.get(r)) {
                 local.push((li, ri, l, r));
             }
         }
+        budget = budget.checked_sub(local.len() * t.len()).ok_or_else(|| {
+            anyhow!("GGUF tokenizer: the scores of these {} tokens imply too many merges (tokens made of many smaller tokens)", tokens.len())
+        })?;
         local.sort_by_key(|&(li, ri, _, _)| (li, ri));
         for (_, _, l, r) in local {
-            all.push((l, r, score_of[t], l.chars().count(), r.chars().count()));
+            let score = score_of.get(t).copied().unwrap_or_default();
+            all.push((l, r, score, l.chars().count(), r.chars().count()));
         }
     }
     // Descending, stable: Python's sorted(..., reverse=True) keeps ties in order.
     all.sort_by(|x, y| y.2.total_cmp(&x.2).then(y.3.cmp(&x.3)).then(y.4.cmp(&x.4)));
-    all.into_iter().map(|(l, r, ..)| (l.to_string(), r.to_string())).collect()
+    Ok(all.into_iter().map(|(l, r, ..)| (l.to_string(), r.to_string())).collect())
+}
+
+/// The tokens' bytes (or their reversed bytes) as a trie: which prefixes of
+/// a string are tokens, found in one walk along it.
+struct Trie {
+    /// (node, byte) -> child node; node 0 is the root.
+    next: HashMap<(u32, u8), u32>,
+    /// Whether a token ends at each node.
+    ends: Vec<bool>,
+}
+
+impl Trie {
+    fn new<W: Iterator<Item = u8>>(words: impl Iterator<Item = W>) -> Trie {
+        let mut t = Trie { next: HashMap::new(), ends: vec![false] };
+        for word in words {
+            let mut node = 0u32;
+            for b in word {
+                let fresh = t.ends.len() as u32;
+                node = *t.next.entry((node, b)).or_insert(fresh);
+                if node == fresh {
+                    t.ends.push(false);
+                }
+            }
+            t.ends[node as usize] = true;
+        }
+        t
+    }
+
+    /// The lengths of the prefixes of `bytes` that are tokens, ascending.
+    fn prefix_lens(&self, bytes: impl Iterator<Item = u8>) -> Vec<usize> {
+        let (mut node, mut out) = (0u32, Vec::new());
+        for (i, b) in bytes.enumerate() {
+            match self.next.get(&(node, b)) {
+                Some(&n) => node = n,
+                None => break,
+            }
+            if self.ends[node as usize] {
+                out.push(i + 1);
+            }
+        }
+        out
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -335,7 +397,7 @@ mod tests {
     fn merges_from_scores_prefers_higher_score_then_longer_left() {
         let tokens = ["a", "b", "c", "ab", "bc", "abc"].map(String::from);
         let scores = [0.0, 0.0, 0.0, -1.0, -2.0, -3.0];
-        let m = merges_from_scores(&tokens, &scores);
+        let m = merges_from_scores(&tokens, &scores).unwrap();
         let m: Vec<(&str, &str)> = m.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
         assert_eq!(m, [("a", "b"), ("b", "c"), ("ab", "c"), ("a", "bc")]);
     }

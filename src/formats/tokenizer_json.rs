@@ -10,6 +10,7 @@
 use anyhow::{Result, anyhow, bail};
 use serde_json::{Value, json};
 
+use crate::limits::{clip, plain, quote, shorten};
 use crate::tokenizer::{
     AddedToken, BpeOptions, DecodeStep, GPT2_REGEX, Normalize, PreTokenize, Prepend, Spec, Tokenizer, normalize,
 };
@@ -38,11 +39,12 @@ impl Tokenizer {
 /// A tokenizer.json, with the tokenizer_config.json next to it when given, as
 /// the `Spec` it describes.
 fn parse(json: &str, config: Option<&str>) -> Result<Spec> {
-    let root: Value = serde_json::from_str(json).map_err(|e| anyhow!("tokenizer.json is not valid JSON: {e}"))?;
+    let root: Value = serde_json::from_str(json)
+        .map_err(|e| anyhow!("tokenizer.json is not valid JSON: {}", shorten(&e.to_string())))?;
     let model = root.get("model").ok_or_else(|| anyhow!("tokenizer.json has no \"model\""))?;
     let kind = str_field(model, "type").unwrap_or("BPE");
     if kind != "BPE" {
-        bail!("tokenizer.json: model type {kind} is not supported (only BPE)");
+        bail!("tokenizer.json: model type {} is not supported (only BPE)", plain(kind));
     }
     for key in ["continuing_subword_prefix", "end_of_word_suffix"] {
         if str_field(model, key).is_some_and(|s| !s.is_empty()) {
@@ -54,25 +56,14 @@ fn parse(json: &str, config: Option<&str>) -> Result<Spec> {
     }
 
     // Vocabulary: the model's, then added tokens (which may extend it).
-    let mut by_id: Vec<Option<String>> = Vec::new();
-    let mut put = |id: u64, token: &str| -> Result<()> {
-        let i = usize::try_from(id)
-            .ok()
-            .filter(|&i| i < (1 << 31))
-            .ok_or_else(|| anyhow!("tokenizer.json: token {token:?} has id {id}, too large"))?;
-        if by_id.len() <= i {
-            by_id.resize(i + 1, None);
-        }
-        by_id[i] = Some(token.to_string());
-        Ok(())
-    };
     let vocab = model
         .get("vocab")
         .and_then(Value::as_object)
         .ok_or_else(|| anyhow!("tokenizer.json: model.vocab is missing or not an object"))?;
+    let mut ids: Vec<(u64, &str)> = Vec::with_capacity(vocab.len());
     for (token, id) in vocab {
-        let id = id.as_u64().ok_or_else(|| anyhow!("tokenizer.json: vocab id of {token:?} is not a number"))?;
-        put(id, token)?;
+        let id = id.as_u64().ok_or_else(|| anyhow!("tokenizer.json: vocab id of {} is not a number", quote(token)))?;
+        ids.push((id, token));
     }
     let mut added_tokens = Vec::new();
     for a in root.get("added_tokens").and_then(Value::as_array).into_iter().flatten() {
@@ -81,11 +72,11 @@ fn parse(json: &str, config: Option<&str>) -> Result<Spec> {
         let id = a
             .get("id")
             .and_then(Value::as_u64)
-            .ok_or_else(|| anyhow!("tokenizer.json: added token {content:?} has no id"))?;
-        put(id, content)?;
+            .ok_or_else(|| anyhow!("tokenizer.json: added token {} has no id", quote(content)))?;
+        ids.push((id, content));
         let special = bool_field(a, "special", false);
         added_tokens.push(AddedToken {
-            id: id as u32,
+            id: u32::try_from(id).unwrap_or(u32::MAX),
             content: content.to_string(),
             special,
             normalized: bool_field(a, "normalized", !special),
@@ -94,6 +85,10 @@ fn parse(json: &str, config: Option<&str>) -> Result<Spec> {
             single_word: bool_field(a, "single_word", false),
         });
     }
+    let mut by_id: Vec<Option<String>> = vec![None; id_space(&ids)?];
+    for (id, token) in ids {
+        by_id[id as usize] = Some(token.to_string());
+    }
     // An id nobody uses decodes to nothing, as in tokenizers (where it is skipped).
     let mut vocab: Vec<String> = by_id.into_iter().map(Option::unwrap_or_default).collect();
     // tokenizers spells a normalized added token in its normalized form
@@ -101,7 +96,9 @@ fn parse(json: &str, config: Option<&str>) -> Result<Spec> {
     // it gives back.
     let normalizer = parse_normalizer(root.get("normalizer").unwrap_or(&Value::Null))?;
     for a in added_tokens.iter().filter(|a| a.normalized) {
-        vocab[a.id as usize] = normalize(&normalizer, &a.content);
+        if let Some(slot) = vocab.get_mut(a.id as usize) {
+            *slot = normalize(&normalizer, &a.content);
+        }
     }
 
     let mut merges = Vec::new();
@@ -111,9 +108,10 @@ fn parse(json: &str, config: Option<&str>) -> Result<Spec> {
 
     let token_id = |name: &str| -> Option<u32> { vocab.iter().rposition(|t| t == name).map(|i| i as u32) };
     let unk_id = match str_field(model, "unk_token") {
-        Some(unk) => {
-            Some(token_id(unk).ok_or_else(|| anyhow!("tokenizer.json: unk_token {unk:?} is not in the vocabulary"))?)
-        }
+        Some(unk) => Some(
+            token_id(unk)
+                .ok_or_else(|| anyhow!("tokenizer.json: unk_token {} is not in the vocabulary", quote(unk)))?,
+        ),
         None => None,
     };
     let bpe = BpeOptions {
@@ -132,7 +130,10 @@ fn parse(json: &str, config: Option<&str>) -> Result<Spec> {
     // BOS/EOS: named by the config; BOS added if the config says so, or else
     // if the post-processor's template starts with a special token.
     let config: Option<Value> = match config {
-        Some(c) => Some(serde_json::from_str(c).map_err(|e| anyhow!("tokenizer_config.json is not valid JSON: {e}"))?),
+        Some(c) => Some(
+            serde_json::from_str(c)
+                .map_err(|e| anyhow!("tokenizer_config.json is not valid JSON: {}", shorten(&e.to_string())))?,
+        ),
         None => None,
     };
     let template_bos = template_first_special(root.get("post_processor")).and_then(|name| token_id(&name));
@@ -149,7 +150,7 @@ fn parse(json: &str, config: Option<&str>) -> Result<Spec> {
         };
         token_id(name)
             .map(Some)
-            .ok_or_else(|| anyhow!("tokenizer_config.json: {key} {name:?} is not in the vocabulary"))
+            .ok_or_else(|| anyhow!("tokenizer_config.json: {key} {} is not in the vocabulary", quote(name)))
     };
     let bos_id = named("bos_token")?.or(template_bos);
     let eos_id = named("eos_token")?;
@@ -164,15 +165,32 @@ fn parse(json: &str, config: Option<&str>) -> Result<Spec> {
     Ok(Spec { vocab, merges, added_tokens, normalizer, pre_tokenizer, bpe, decoder, bos_id, eos_id, add_bos })
 }
 
+/// How many ids the vocabulary spans (the largest id + 1). Ids may leave
+/// gaps, but a span far beyond the tokens there are is a corrupt file, and
+/// refusing it keeps the table of ids in proportion to the file: at most
+/// twice the tokens, plus 1024.
+fn id_space(ids: &[(u64, &str)]) -> Result<usize> {
+    let limit = 2 * ids.len() as u64 + 1024;
+    match ids.iter().max_by_key(|(id, _)| *id) {
+        None => Ok(0),
+        Some(&(id, _)) if id < limit => Ok(id as usize + 1),
+        Some(&(id, token)) => bail!(
+            "tokenizer.json: token {} has id {id}, far beyond the {} tokens there are (ids must be below {limit})",
+            quote(token),
+            ids.len()
+        ),
+    }
+}
+
 /// A merge is "a b" (older files) or ["a", "b"].
 fn parse_merge(m: &Value) -> Result<(String, String)> {
     match m {
         Value::String(s) => split_merge(s),
         Value::Array(pair) => match pair.as_slice() {
             [Value::String(a), Value::String(b)] => Ok((a.clone(), b.clone())),
-            _ => bail!("merge {m} is not a pair of strings"),
+            _ => bail!("merge {} is not a pair of strings", clip(&m.to_string())),
         },
-        _ => bail!("merge {m} is neither \"a b\" nor [\"a\", \"b\"]"),
+        _ => bail!("merge {} is neither \"a b\" nor [\"a\", \"b\"]", clip(&m.to_string())),
     }
 }
 
@@ -180,7 +198,7 @@ pub(super) fn split_merge(s: &str) -> Result<(String, String)> {
     let mut parts = s.split(' ');
     match (parts.next(), parts.next(), parts.next()) {
         (Some(a), Some(b), None) => Ok((a.to_string(), b.to_string())),
-        _ => bail!("merge {s:?} is not two tokens separated by one space"),
+        _ => bail!("merge {} is not two tokens separated by one space", quote(s)),
     }
 }
 
@@ -202,7 +220,7 @@ fn parse_normalizer(v: &Value) -> Result<Vec<Normalize>> {
             let (from, to) = replace_args(v)?;
             steps.push(Normalize::Replace(from, to));
         }
-        Some(other) => bail!("tokenizer.json: normalizer {other} is not supported"),
+        Some(other) => bail!("tokenizer.json: normalizer {} is not supported", plain(other)),
     }
     Ok(steps)
 }
@@ -229,7 +247,8 @@ fn parse_pre_tokenizer(v: &Value) -> Result<Vec<PreTokenize>> {
             let behavior = str_field(v, "behavior").unwrap_or("Isolated");
             if behavior != "Isolated" || bool_field(v, "invert", false) {
                 bail!(
-                    "tokenizer.json: Split pre-tokenizer with behavior {behavior} (invert {}) is not supported",
+                    "tokenizer.json: Split pre-tokenizer with behavior {} (invert {}) is not supported",
+                    plain(behavior),
                     bool_field(v, "invert", false)
                 );
             }
@@ -249,7 +268,7 @@ fn parse_pre_tokenizer(v: &Value) -> Result<Vec<PreTokenize>> {
             }
             steps.push(PreTokenize::Metaspace { prepend: prepend_scheme(v)?, split: bool_field(v, "split", true) });
         }
-        Some(other) => bail!("tokenizer.json: pre-tokenizer {other} is not supported"),
+        Some(other) => bail!("tokenizer.json: pre-tokenizer {} is not supported", plain(other)),
     }
     Ok(steps)
 }
@@ -281,7 +300,7 @@ fn parse_decoder(v: &Value) -> Result<Vec<DecodeStep>> {
             }
             steps.push(DecodeStep::Metaspace { strip_first: prepend_scheme(v)? != Prepend::Never });
         }
-        Some(other) => bail!("tokenizer.json: decoder {other} is not supported"),
+        Some(other) => bail!("tokenizer.json: decoder {} is not supported", plain(other)),
     }
     Ok(steps)
 }
@@ -292,7 +311,7 @@ fn prepend_scheme(v: &Value) -> Result<Prepend> {
         Some("always") => Ok(Prepend::Always),
         Some("first") => Ok(Prepend::First),
         Some("never") => Ok(Prepend::Never),
-        Some(other) => bail!("tokenizer.json: Metaspace prepend_scheme {other:?} is unknown"),
+        Some(other) => bail!("tokenizer.json: Metaspace prepend_scheme {} is unknown", quote(other)),
         None if bool_field(v, "add_prefix_space", true) => Ok(Prepend::Always),
         None => Ok(Prepend::Never),
     }
@@ -347,7 +366,7 @@ fn to_json(spec: &Spec) -> Result<String> {
         }
     }
     let merges: Vec<Value> = spec.merges.iter().map(|(a, b)| json!([a, b])).collect();
-    let unk = spec.bpe.unk_id.map(|id| spec.vocab[id as usize].clone());
+    let unk = spec.bpe.unk_id.and_then(|id| spec.vocab.get(id as usize).cloned());
     let model = json!({
         "type": "BPE", "dropout": null, "unk_token": unk,
         "continuing_subword_prefix": null, "end_of_word_suffix": null,
@@ -396,13 +415,13 @@ fn to_json(spec: &Spec) -> Result<String> {
         .collect();
     let post = match (spec.add_bos, spec.bos_id) {
         (true, Some(bos)) => {
-            let name = &spec.vocab[bos as usize];
+            let name = spec.vocab.get(bos as usize).map_or("", String::as_str);
             json!({
                 "type": "TemplateProcessing",
                 "single": [{"SpecialToken": {"id": name, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
                 "pair": [{"SpecialToken": {"id": name, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
                          {"SpecialToken": {"id": name, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
-                "special_tokens": {name.as_str(): {"id": name, "ids": [bos], "tokens": [name]}},
+                "special_tokens": {name: {"id": name, "ids": [bos], "tokens": [name]}},
             })
         }
         _ => Value::Null,
