@@ -129,13 +129,29 @@ impl Checkpoint {
             .ok()
             .and_then(|o| o.checked_add(self.data_start))
             .and_then(|s| Some(s..s.checked_add(usize::try_from(t.nbytes).ok()?)?));
-        let Some(bytes) = range.and_then(|r| self.map.get(r)) else {
+        let Some(bytes) = range.clone().and_then(|r| self.map.get(r)) else {
             bail!("{}: tensor {} lies outside the file", self.path.display(), plain(&t.name));
         };
-        Ok(match t.dtype {
+        let values = match t.dtype {
             DType::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
             DType::Bf16 => bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-        })
+        };
+        // The copy is made: drop the mapped pages from this process's resident
+        // set, so that loading peaks at the copies plus one tensor's pages,
+        // not at the copies plus the whole file.
+        #[cfg(unix)]
+        if let Some(r) = range {
+            let page = 4096;
+            let (start, end) = (r.start.div_ceil(page) * page, r.end / page * page);
+            if end > start {
+                // SAFETY: a read-only mapping of a file: dropped pages are read
+                // back from the file if touched again, and no reference into
+                // them outlives this function (`bytes` is not used below).
+                let _ =
+                    unsafe { self.map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start) };
+            }
+        }
+        Ok(values)
     }
 
     /// The dtype most tensors are stored in (what a re-save should use).

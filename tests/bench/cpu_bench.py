@@ -94,7 +94,7 @@ def real_data(a):
         print(f"\n== real data: skipped ({DATA} or {SMOL} missing; make model)")
         return
     ex = Path("/tmp/lift-bench-examples.jsonl")
-    base = ["--data", str(DATA), "--limit", "256", "--batch", "8", "--seq", "512", "--method", "lift"]
+    base = ["--data", str(DATA), "--limit", str(a.real_limit), "--batch", "8", "--seq", "512", "--method", "lift"]
     rows = {"lift packed": [], "lift --no-pack": [], "pytorch padded": []}
     for _ in range(1 if a.quick else 2):
         rows["lift packed"].append(run_json([str(LIFT), "bench", "--device", "cpu", "--threads", str(a.threads),
@@ -104,8 +104,8 @@ def real_data(a):
         rows["pytorch padded"].append(torch_bench(a.threads, ["--config", "smollm2-135m", "--method", "lift",
                                                               "--batch", "8", "--examples", str(ex)]))
     ref = statistics.median(r["examples_per_s"] for r in rows["pytorch padded"])
-    print("\n== real data: LIFT on the first 256 examples of math_train_3k.json, batch 8 "
-          f"(~{int(statistics.median(r['real_tokens'] for r in rows['lift packed']) / 32)} tokens), {a.threads} threads")
+    print(f"\n== real data: LIFT on the first {a.real_limit} examples of math_train_3k.json, batch 8, "
+          f"{a.threads} threads")
     print(f"{'':18s} {'examples/s':>11s} {'target tok/s':>13s} {'positions':>10s} {'steps':>6s} {'vs pytorch':>11s}")
     for name, rs in rows.items():
         eps = statistics.median(r["examples_per_s"] for r in rs)
@@ -120,6 +120,7 @@ def main():
     ap.add_argument("--steps", type=int, default=3, help="timed steps per run (after 1 warm-up)")
     ap.add_argument("--checkpoint", help="a real model.bin for lift (PyTorch uses a random model of its shape)")
     ap.add_argument("--quick", action="store_true", help="one round, and no scaling or mask tables")
+    ap.add_argument("--real-limit", type=int, default=256, help="examples of math_train_3k in the real-data row")
     a = ap.parse_args()
     if not LIFT.exists():
         sys.exit("./lift is missing: run make first")
