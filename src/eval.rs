@@ -145,7 +145,9 @@ fn generate_answers(
     let mut results: Vec<(usize, String, bool)> = Vec::with_capacity(total);
     for chunk in todo.chunks(o.batch_size) {
         let prompts: Vec<Vec<u32>> = chunk.iter().map(|(_, p)| p.clone()).collect();
-        let outs = generate::greedy_batch(model, &prompts, o.max_new_tokens, Some(eos));
+        let outs =
+            generate::generate(model, &prompts, &crate::decode::DecodeOptions::greedy(o.max_new_tokens, Some(eos)))?
+                .ids;
         for ((i, _), ids) in chunk.iter().zip(outs) {
             let ids: Vec<u32> = ids.into_iter().filter(|&id| id != eos).collect();
             let text = tok.decode(&ids)?;
