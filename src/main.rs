@@ -7,6 +7,8 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 
+use lift::answer::Rule;
+use lift::data::Template;
 use lift::decode::{DecodeOptions, Sampling, Strategy};
 use lift::formats::checkpoint::{Checkpoint, DType};
 use lift::model::Model;
@@ -96,30 +98,49 @@ struct EvalArgs {
     /// A model.bin.
     #[arg(long)]
     checkpoint: PathBuf,
-    /// LLM-Adapters JSON or JSONL.
-    #[arg(long)]
-    data: PathBuf,
-    /// Only the first N examples.
+    /// Data sets: LLM-Adapters JSON or JSONL files, or directories of them
+    /// (their test sets); each is one row of the table.
+    #[arg(long, num_args = 1.., required_unless_present = "suite")]
+    data: Vec<PathBuf>,
+    /// A named suite of the paper: math (AddSub, AQuA, GSM8K, MultiArith,
+    /// SingleEq, SVAMP, MAWPS) or commonsense (BoolQ, PIQA, SIQA, HellaSwag,
+    /// WinoGrande, ARC-e, ARC-c, OBQA); missing sets are skipped with a note.
+    #[arg(long, conflicts_with = "data")]
+    suite: Option<String>,
+    /// Where --suite looks for its sets (<dir>/math/gsm8k_test.json, ...).
+    #[arg(long, default_value = "../shared/datasets")]
+    suite_dir: PathBuf,
+    /// Only the first N examples of each set.
     #[arg(long)]
     limit: Option<usize>,
-    /// Write every prediction as JSONL here.
+    /// A directory for one predictions JSONL per set (<dir>/<set>.jsonl);
+    /// with one set, a path ending in .jsonl is the file itself.
     #[arg(long)]
     out: Option<PathBuf>,
     /// Only the loss; no generation.
     #[arg(long)]
     no_generate: bool,
-    /// Print one JSON object {"loss", "accuracy", "n", ...}.
+    /// Print one JSON object: the averages and totals, and "sets" with each set's results.
     #[arg(long)]
     json: bool,
     /// Generation length limit per example.
     #[arg(long, default_value_t = 256)]
     max_new_tokens: usize,
-    /// Examples per batch (loss and generation).
+    #[command(flatten)]
+    decoding: DecodeArgs,
+    /// Prompts per batch (loss and generation; beams multiply the rows).
     #[arg(long, default_value_t = 16)]
     batch_size: usize,
     /// Longer examples are truncated for the loss.
     #[arg(long, default_value_t = 2048)]
     max_seq_len: usize,
+    /// Prompt template: alpaca (lift's) or reference (the LIFT release's
+    /// evaluation prompt for generation, its training format for the loss).
+    #[arg(long, value_enum, default_value_t = Template::Alpaca)]
+    template: Template,
+    /// How answers are read: lift's rules or the LIFT release's (see the README).
+    #[arg(long, value_enum, default_value_t = Rule::Lift)]
+    answer_rule: Rule,
     /// Skip examples with no usable prompt instead of stopping.
     #[arg(long)]
     skip_bad: bool,
@@ -328,23 +349,34 @@ fn train(a: TrainArgs) -> Result<()> {
 }
 
 fn eval(a: EvalArgs) -> Result<()> {
+    let strategy = a.decoding.strategy()?;
+    let (sets, notes) = match &a.suite {
+        Some(name) => lift::eval::suite_sets(name, &a.suite_dir)?,
+        None => lift::eval::data_sets(&a.data)?,
+    };
+    for n in &notes {
+        eprintln!("note: {n}");
+    }
     let (ck, mut model) = load_model(&a.checkpoint)?;
     let o = lift::eval::EvalOptions {
-        data: a.data.clone(),
+        sets,
         limit: a.limit,
         preds: a.out,
         generate: !a.no_generate,
+        strategy,
         max_new_tokens: a.max_new_tokens,
         batch_size: a.batch_size,
         max_seq_len: a.max_seq_len,
         skip_bad: a.skip_bad,
+        template: a.template,
+        rule: a.answer_rule,
         quiet: a.json,
     };
     let r = lift::eval::evaluate(&mut model, &ck.tokenizer, &o)?;
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {
-        println!("{}", lift::eval::summary(&r, &a.data));
+        print!("{}", lift::eval::table(&r));
     }
     Ok(())
 }

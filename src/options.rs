@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use clap::{Args, ValueEnum};
 use serde::{Deserialize, Serialize};
 
+use crate::data::Template;
 use crate::optim::AdamW;
 use crate::select::{Budget, DEFAULT_DENSITY, DEFAULT_FILTER_RANK, DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS};
 
@@ -209,6 +210,11 @@ pub struct TrainOptions {
     #[arg(long)]
     #[serde(default)]
     pub recompute: bool,
+    /// Prompt template: alpaca (lift's) or reference (the LIFT release's
+    /// training prompt and target format; see the README).
+    #[arg(long, value_enum, default_value_t = Template::Alpaca)]
+    #[serde(default)]
+    pub template: Template,
 }
 
 impl Default for TrainOptions {
@@ -237,6 +243,7 @@ impl Default for TrainOptions {
             log_every: 1,
             skip_bad: false,
             recompute: false,
+            template: Template::Alpaca,
         }
     }
 }
