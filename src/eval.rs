@@ -88,13 +88,20 @@ pub struct SuiteResult {
 // ----------------------------------------------------------------------------
 // Suites and data paths
 
-/// The paper's suites: (name, folder under the datasets root, [(name in the
-/// tables, LLM-Adapters data set name)]).
-pub const SUITES: [(&str, &str, &[(&str, &str)]); 2] = [
-    (
-        "math",
-        "math",
-        &[
+/// A named suite: its folder under the datasets root and its sets as
+/// (name in the tables, LLM-Adapters data set name).
+pub struct Suite {
+    pub name: &'static str,
+    pub folder: &'static str,
+    pub sets: &'static [(&'static str, &'static str)],
+}
+
+/// The paper's suites, in the order of its tables.
+pub const SUITES: [Suite; 2] = [
+    Suite {
+        name: "math",
+        folder: "math",
+        sets: &[
             ("AddSub", "AddSub"),
             ("AQuA", "AQuA"),
             ("GSM8K", "gsm8k"),
@@ -103,11 +110,11 @@ pub const SUITES: [(&str, &str, &[(&str, &str)]); 2] = [
             ("SVAMP", "SVAMP"),
             ("MAWPS", "mawps"),
         ],
-    ),
-    (
-        "commonsense",
-        "commonsense",
-        &[
+    },
+    Suite {
+        name: "commonsense",
+        folder: "commonsense",
+        sets: &[
             ("BoolQ", "boolq"),
             ("PIQA", "piqa"),
             ("SIQA", "social_i_qa"),
@@ -117,7 +124,7 @@ pub const SUITES: [(&str, &str, &[(&str, &str)]); 2] = [
             ("ARC-c", "ARC-Challenge"),
             ("OBQA", "openbookqa"),
         ],
-    ),
+    },
 ];
 
 /// The sets of suite `name` found under `root`, and a note for each one
@@ -125,13 +132,13 @@ pub const SUITES: [(&str, &str, &[(&str, &str)]); 2] = [
 /// repository's layout) or `<root>/<folder>/<set>/test.json` (the LIFT
 /// scripts'), either also directly under root; names match without case.
 pub fn suite_sets(name: &str, root: &Path) -> Result<(Vec<EvalSet>, Vec<String>)> {
-    let known: Vec<&str> = SUITES.iter().map(|s| s.0).collect();
-    let Some((_, folder, members)) = SUITES.iter().find(|s| s.0.eq_ignore_ascii_case(name)) else {
+    let known: Vec<&str> = SUITES.iter().map(|s| s.name).collect();
+    let Some(suite) = SUITES.iter().find(|s| s.name.eq_ignore_ascii_case(name)) else {
         bail!("unknown suite {name:?} (known: {})", known.join(", "));
     };
-    let dirs = [root.join(folder), root.to_path_buf()];
+    let dirs = [root.join(suite.folder), root.to_path_buf()];
     let (mut sets, mut notes) = (Vec::new(), Vec::new());
-    for (table_name, file) in members.iter() {
+    for (table_name, file) in suite.sets {
         match dirs.iter().find_map(|d| find_set(d, file)) {
             Some(path) => sets.push(EvalSet { name: table_name.to_string(), path }),
             None => notes.push(format!("{table_name}: no {file}_test.json under {}, skipped", dirs[0].display())),
