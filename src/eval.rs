@@ -60,6 +60,8 @@ pub struct SetResult {
     pub loss: Option<f32>,
     /// Fraction of generated answers that are correct (None without generation).
     pub accuracy: Option<f64>,
+    /// The accuracy of the same answers read by each rule (lift, reference).
+    pub accuracy_by_rule: Option<ByRule>,
     /// Examples evaluated.
     pub n: usize,
     /// Examples whose answer was checked, and how many were correct.
@@ -70,6 +72,12 @@ pub struct SetResult {
     pub generated_tokens: usize,
     pub generate_s: f64,
     pub tokens_per_s: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct ByRule {
+    pub lift: f64,
+    pub reference: f64,
 }
 
 /// A suite's results: the unweighted means over its sets (`accuracy` over
@@ -266,7 +274,7 @@ fn load_sets(o: &EvalOptions) -> Result<Vec<Loaded>> {
         if !answers && !targets {
             bail!("{}: no example has a target or an answer: nothing to evaluate", set.path.display());
         }
-        if !answers && o.generate && !o.quiet {
+        if !answers && o.generate {
             eprintln!("note: {}: no example has an `answer`: loss only", set.path.display());
         }
         out.push(Loaded { set: set.clone(), examples });
@@ -317,12 +325,16 @@ fn evaluate_set(
     let n_answered = answers.rows.len();
     let n_correct = answers.rows.iter().filter(|r| r.correct).count();
     let accuracy = (n_answered > 0).then(|| n_correct as f64 / n_answered as f64);
+    let share = |f: fn(&AnswerRow) -> bool| answers.rows.iter().filter(|r| f(r)).count() as f64 / n_answered as f64;
+    let accuracy_by_rule =
+        (n_answered > 0).then(|| ByRule { lift: share(|r| r.by_rule[0]), reference: share(|r| r.by_rule[1]) });
     let tokens_per_s = (answers.tokens > 0).then(|| answers.tokens as f64 / answers.seconds.max(1e-9));
     Ok(SetResult {
         name: l.set.name.clone(),
         path: l.set.path.display().to_string(),
         loss,
         accuracy,
+        accuracy_by_rule,
         n: l.examples.len(),
         n_answered,
         n_correct,
@@ -393,7 +405,9 @@ fn target_loss(
 struct AnswerRow {
     index: usize,
     text: String,
+    /// By the rule of --answer-rule, and by [lift, reference].
     correct: bool,
+    by_rule: [bool; 2],
 }
 
 #[derive(Default)]
@@ -432,8 +446,10 @@ fn generate_answers(
             let ids: Vec<u32> = ids.into_iter().filter(|&id| Some(id) != decoding.eos).collect();
             a.tokens += ids.len();
             let text = tok.decode(&ids)?;
-            let correct = answer::is_correct_by(o.rule, &text, examples[*i].answer.as_deref().unwrap_or(""));
-            a.rows.push(AnswerRow { index: *i, text, correct });
+            let gold = examples[*i].answer.as_deref().unwrap_or("");
+            let by_rule = [Rule::Lift, Rule::Reference].map(|r| answer::is_correct_by(r, &text, gold));
+            let correct = by_rule[(o.rule == Rule::Reference) as usize];
+            a.rows.push(AnswerRow { index: *i, text, correct, by_rule });
         }
         let dt = t0.elapsed().as_secs_f64();
         a.seconds += dt;

@@ -218,7 +218,7 @@ struct DecodeArgs {
     #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     length_penalty: f32,
     /// Sample at this temperature (0 = greedy).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     temperature: Option<f32>,
     /// Sample from the K most likely tokens only (temperature 1 unless given).
     #[arg(long)]
