@@ -50,9 +50,10 @@ impl SlotCache {
         self.len += n;
     }
 
-    /// Drops every slot that no row refers to, renumbering the rest, so
-    /// long beam searches keep only what their live beams can see.
-    fn compact(&mut self, rows: &mut [Vec<u32>]) {
+    /// Drops every slot that no row refers to, renumbering the rest, when
+    /// they are more than half the pool, so long beam searches keep about
+    /// what their live beams can see.
+    fn collect_garbage(&mut self, rows: &mut [Vec<u32>]) {
         let mut map = vec![u32::MAX; self.len];
         let mut kept = 0u32;
         for s in rows.iter().flatten() {
@@ -60,6 +61,9 @@ impl SlotCache {
                 map[*s as usize] = kept;
                 kept += 1;
             }
+        }
+        if 2 * kept as usize > self.len {
+            return;
         }
         let mut order: Vec<(u32, u32)> =
             map.iter().enumerate().filter(|m| *m.1 != u32::MAX).map(|(old, &new)| (old as u32, new)).collect();
@@ -89,12 +93,23 @@ pub struct CpuSource<'a> {
     cache: SlotCache,
     /// The slots of each row, in position order.
     rows: Vec<Vec<u32>>,
+    /// The pool size at which garbage is next looked for.
+    gc_at: usize,
 }
+
+/// The smallest pool worth collecting garbage from.
+const GC_MIN: usize = 4096;
 
 impl<'a> CpuSource<'a> {
     pub fn new(model: &'a Model) -> CpuSource<'a> {
         let c = &model.config;
-        CpuSource { model, rope: RopeTable::new(&c.rope_inv_freq(), 1), cache: SlotCache::new(c), rows: Vec::new() }
+        let rope = RopeTable::new(&c.rope_inv_freq(), 1);
+        CpuSource { model, rope, cache: SlotCache::new(c), rows: Vec::new(), gc_at: GC_MIN }
+    }
+
+    /// Positions held in the cache (live rows' and garbage not yet collected).
+    pub fn cached_positions(&self) -> usize {
+        self.cache.len
     }
 
     /// Makes the RoPE table cover positions 0..len.
@@ -173,6 +188,7 @@ impl LogitSource for CpuSource<'_> {
         self.check_ids(&tokens)?;
         self.rows.clear();
         self.cache.len = 0;
+        self.gc_at = GC_MIN;
         let pos: Vec<usize> = prompts.iter().flat_map(|p| 0..p.len()).collect();
         self.ensure_rope(pos.iter().max().map_or(0, |&p| p + 1));
         let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
@@ -210,10 +226,11 @@ impl LogitSource for CpuSource<'_> {
             return;
         }
         self.rows = src.iter().map(|&s| self.rows[s].clone()).collect();
-        // Garbage (slots of dropped beams) is collected once it is half the pool.
-        let referenced = self.rows.iter().map(Vec::len).sum::<usize>().min(self.cache.len);
-        if self.cache.len > 4096 && self.cache.len > 2 * referenced {
-            self.cache.compact(&mut self.rows);
+        // Slots of dropped rows are garbage; a pass over the rows' lists
+        // costs far less than a step, so it is looked for at every doubling.
+        if self.cache.len >= self.gc_at {
+            self.cache.collect_garbage(&mut self.rows);
+            self.gc_at = (2 * self.cache.len).max(GC_MIN);
         }
     }
 }

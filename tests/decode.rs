@@ -124,6 +124,91 @@ fn batched_generation_matches_transformers() {
 }
 
 // ----------------------------------------------------------------------------
+// The CPU source against the training forward pass
+
+/// `CpuSource` with every answer checked against `Model::forward` run from
+/// scratch on each row's whole sequence (no cache, no packing, no slots).
+struct Checked<'a> {
+    inner: lift::generate::CpuSource<'a>,
+    model: &'a Model,
+    seqs: Vec<Vec<u32>>,
+    worst: f64,
+    shrank: bool,
+}
+
+impl Checked<'_> {
+    fn check(&mut self, logits: &[f32]) {
+        let v = self.model.config.vocab_size;
+        for (r, seq) in self.seqs.iter().enumerate() {
+            let mut acts = lift::model::Activations::new(&self.model.config, 1, seq.len());
+            self.model.forward(&mut acts, seq, None).unwrap();
+            let want = &acts.logits[(seq.len() - 1) * v..seq.len() * v];
+            self.worst = self.worst.max(common::rel_err(&logits[r * v..(r + 1) * v], want));
+        }
+    }
+}
+
+impl LogitSource for Checked<'_> {
+    fn vocab_size(&self) -> usize {
+        self.inner.vocab_size()
+    }
+    fn prefill(&mut self, prompts: &[Vec<u32>]) -> anyhow::Result<Vec<f32>> {
+        self.seqs = prompts.to_vec();
+        let logits = self.inner.prefill(prompts)?;
+        self.check(&logits);
+        Ok(logits)
+    }
+    fn step(&mut self, tokens: &[u32]) -> anyhow::Result<Vec<f32>> {
+        self.seqs.iter_mut().zip(tokens).for_each(|(s, &t)| s.push(t));
+        let before = self.inner.cached_positions();
+        let logits = self.inner.step(tokens)?;
+        self.shrank |= self.inner.cached_positions() < before;
+        self.check(&logits);
+        Ok(logits)
+    }
+    fn select(&mut self, src: &[usize]) {
+        self.seqs = src.iter().map(|&s| self.seqs[s].clone()).collect();
+        let before = self.inner.cached_positions();
+        self.inner.select(src);
+        self.shrank |= self.inner.cached_positions() < before;
+    }
+}
+
+/// Packed prefill, per-row positions, slot attention, beam reordering and
+/// garbage collection of the cache give the logits of the plain forward
+/// pass, on the tiny GQA model (llama3 RoPE scaling) with 8 prompts of
+/// different lengths and 8 beams each, long enough for the pool to be
+/// collected.
+#[test]
+fn the_cpu_source_gives_the_logits_of_the_forward_pass() {
+    let dir = common::scratch("decode-tiny");
+    let bin = dir.join("tiny.bin");
+    common::convert(&common::root().join("tests/reference/tiny_gqa"), &bin);
+    let ck = Checkpoint::open(&bin).unwrap();
+    let mut model = Model::new(ck.config.clone(), ck.load_weights().unwrap());
+    model.ensure_rope(256);
+    let prompts: Vec<Vec<u32>> =
+        (0..8).map(|i| (0..5 + 3 * i).map(|t| ((t * 37 + i * 11) % 380) as u32).collect()).collect();
+    let mut src = Checked {
+        inner: lift::generate::CpuSource::new(&model),
+        model: &model,
+        seqs: vec![],
+        worst: 0.0,
+        shrank: false,
+    };
+    let o =
+        DecodeOptions { strategy: Strategy::Beam { num_beams: 8, length_penalty: 1.0 }, max_new_tokens: 90, eos: None };
+    let out = decode::decode(&mut src, &prompts, &o).unwrap();
+    println!("max rel err of the logits {:.2e}; pool collected: {}", src.worst, src.shrank);
+    assert!(out.ids.iter().all(|ids| ids.len() == 90));
+    assert!(src.worst < 1e-4, "cached logits differ from the forward pass by {:.2e}", src.worst);
+    assert!(src.shrank, "the cache was never collected: the test does not reach the garbage collection");
+    let o = DecodeOptions::greedy(40, None);
+    decode::decode(&mut src, &prompts, &o).unwrap();
+    assert!(src.worst < 1e-4, "greedy: {:.2e}", src.worst);
+}
+
+// ----------------------------------------------------------------------------
 // A toy model: the next-token logits depend only on the last token.
 
 /// Logits table[last token] (V each); the prompt's last token starts.
