@@ -14,8 +14,9 @@ It prints, for SmolLM2-135M at seq 256, batch 1:
   4. scaling: lift's LIFT step time at seq 128/256/512/1024, on 1 and 2 threads;
   5. mask selection for all 210 linear matrices: exact SVD vs randomized;
   6. generation on the real SmolLM2-135M-Instruct (models/, `make model`):
-     the same prompts (the first --gen-batch problems of data/math_test.json,
-     the alpaca template) as one batch, greedy and 4 beams, at most
+     the same prompts (the first --gen-batch problems of GSM8K's test set from
+     ../shared/datasets, the evaluation workload, or of data/math_test.json
+     where that is missing; the alpaca template) as one batch, greedy and 4 beams, at most
      --gen-tokens new tokens, lift (`lift bench --generate`) against
      transformers' generate() (tests/bench/torch_generate.py, left padding, on
      lift's weights exported with `lift export --format hf`): milliseconds
@@ -98,7 +99,7 @@ def main():
     ap.add_argument("--checkpoint", help="a real model.bin for lift (PyTorch uses a random model of its shape)")
     ap.add_argument("--quick", action="store_true", help="one round, and no scaling or mask tables")
     ap.add_argument("--generation-only", action="store_true", help="only the generation table")
-    ap.add_argument("--gen-batch", type=int, default=8, help="prompts per generation batch")
+    ap.add_argument("--gen-batch", type=int, default=16, help="prompts per generation batch")
     ap.add_argument("--gen-tokens", type=int, default=128, help="new tokens per prompt at most")
     a = ap.parse_args()
     if not LIFT.exists():
@@ -153,7 +154,10 @@ def generation(a, rounds):
         subprocess.run([str(LIFT), "export", "--checkpoint", str(model), "--format", "hf", "-o", str(hf)],
                        check=True, capture_output=True)
     prompts = ROOT / "target" / "bench-prompts.json"
-    print(f"\n== generation, {model.name}, {a.gen_batch} prompts of data/math_test.json as one batch, "
+    data = ROOT.parent / "shared" / "datasets" / "math" / "gsm8k_test.json"
+    if not data.exists():
+        data = ROOT / "data" / "math_test.json"
+    print(f"\n== generation, {model.name}, {a.gen_batch} prompts of {data.name} as one batch, "
           f"at most {a.gen_tokens} new tokens, {a.threads} threads (ms per batch, medians of {rounds} alternating runs)")
     print(f"{'':10s} {'lift':>9s} {'pytorch':>9s} {'lift/pytorch':>13s} {'prefill tok/s':>14s} "
           f"{'decode tok/s':>13s} {'new tokens':>11s} {'same tokens':>12s}")
@@ -161,7 +165,7 @@ def generation(a, rounds):
         lifts, torches = [], []
         for _ in range(rounds):
             lifts.append(run_json([str(LIFT), "bench", "--generate", "--threads", str(a.threads), "--checkpoint",
-                                   str(model), "--data", str(ROOT / "data" / "math_test.json"), "--batch",
+                                   str(model), "--data", str(data), "--batch",
                                    str(a.gen_batch), "--max-new-tokens", str(a.gen_tokens), "--num-beams",
                                    str(beams), "--warmup", "0", "--steps", "1"]))
             prompts.write_text(json.dumps(lifts[-1]["prompt_ids"]))
@@ -177,6 +181,7 @@ def generation(a, rounds):
         dec = statistics.median(r["decode_tokens_per_s"] for r in lifts)
         print(f"{label:10s} {ml:9.0f} {mt:9.0f} {ml / mt:13.2f} {pre:14.0f} {dec:13.1f} "
               f"{lifts[-1]['generated_tokens']:11d} {same:>5d}/{a.gen_batch:<6d}")
+    print(f"(prompt tokens: {lifts[-1]['prefill_tokens']} in all; decode tok/s counts every beam's row)")
 
 
 if __name__ == "__main__":
