@@ -19,6 +19,11 @@
 //!   ignore case (theirs would miss "True").
 //! - anything else: `Text`, compared as whole strings (see `extract`). None of
 //!   the LLM-Adapters math or commonsense sets needs it.
+//!
+//! `Rule::Reference` reads answers exactly as the LIFT release's evaluation
+//! scripts do (`run_math_parallel.py`, `run_commonsense_parallel.py`), for
+//! numbers on lift's rule (they are the same), for letters and option words
+//! on `reference_letter` and `reference_word`.
 
 /// The families of option words; the gold answer names one member.
 pub const CHOICE_FAMILIES: [&[&str]; 5] = [
@@ -28,6 +33,18 @@ pub const CHOICE_FAMILIES: [&[&str]; 5] = [
     &["option1", "option2"],
     &["ending1", "ending2", "ending3", "ending4"],
 ];
+
+/// Whose rules read the answers (`--answer-rule`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Rule {
+    /// lift's: the option letter the text names, option words as whole words.
+    #[default]
+    Lift,
+    /// The LIFT release's: the first capital A-E anywhere; the first option
+    /// word anywhere in the lowercased text, even inside another word.
+    Reference,
+}
 
 /// How an answer is read out of generated text.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -62,11 +79,18 @@ pub fn answer_kind(answer: &str) -> AnswerKind {
 /// a lowercase option word, or for Text the trimmed text (after the last
 /// "answer is", if any) without a final period. None when there is none.
 pub fn extract(generated: &str, kind: AnswerKind) -> Option<String> {
-    match kind {
-        AnswerKind::Number => last_number(generated),
-        AnswerKind::Letter => extract_letter(generated).map(|c| c.to_string()),
-        AnswerKind::Choice(family) => first_word_of(generated, family),
-        AnswerKind::Text => {
+    extract_by(Rule::Lift, generated, kind)
+}
+
+/// `extract` by the rules of `rule`.
+pub fn extract_by(rule: Rule, generated: &str, kind: AnswerKind) -> Option<String> {
+    match (kind, rule) {
+        (AnswerKind::Number, _) => last_number(generated),
+        (AnswerKind::Letter, Rule::Lift) => extract_letter(generated).map(|c| c.to_string()),
+        (AnswerKind::Letter, Rule::Reference) => reference_letter(generated).map(|c| c.to_string()),
+        (AnswerKind::Choice(family), Rule::Lift) => first_word_of(generated, family),
+        (AnswerKind::Choice(family), Rule::Reference) => reference_word(generated, family),
+        (AnswerKind::Text, _) => {
             let lower = generated.to_ascii_lowercase();
             let tail = match lower.rfind("answer is") {
                 Some(p) => &generated[p + "answer is".len()..],
@@ -81,17 +105,24 @@ pub fn extract(generated: &str, kind: AnswerKind) -> Option<String> {
 
 /// Whether `generated` gives the gold answer, by the rule `answer_kind(gold)` picks.
 pub fn is_correct(generated: &str, gold: &str) -> bool {
+    is_correct_by(Rule::Lift, generated, gold)
+}
+
+/// `is_correct` by the rules of `rule`. The reference compares letters
+/// exactly (`target == predict`) and option words after lowercasing the gold.
+pub fn is_correct_by(rule: Rule, generated: &str, gold: &str) -> bool {
     let kind = answer_kind(gold);
-    let Some(got) = extract(generated, kind) else {
+    let Some(got) = extract_by(rule, generated, kind) else {
         return false;
     };
     let gold = gold.trim();
-    match kind {
-        AnswerKind::Number => match (parse_number(&got), parse_number(gold)) {
+    match (kind, rule) {
+        (AnswerKind::Number, _) => match (parse_number(&got), parse_number(gold)) {
             (Some(p), Some(g)) => (p - g).abs() <= 1e-3,
             _ => false,
         },
-        AnswerKind::Letter | AnswerKind::Choice(_) | AnswerKind::Text => got.eq_ignore_ascii_case(gold),
+        (AnswerKind::Letter, Rule::Reference) => got == gold,
+        (AnswerKind::Letter | AnswerKind::Choice(_) | AnswerKind::Text, _) => got.eq_ignore_ascii_case(gold),
     }
 }
 
@@ -224,4 +255,26 @@ fn first_word_of(text: &str, family: &[&str]) -> Option<String> {
         }
     }
     best.map(|(_, w)| w.to_string())
+}
+
+// ----------------------------------------------------------------------------
+// The LIFT release's rules
+
+/// The first uppercase A-E anywhere in the trimmed text, inside a word or
+/// not (`re.findall(r'A|B|C|D|E', sentence.strip())[0]`): "Answer: C" reads
+/// as A.
+pub fn reference_letter(text: &str) -> Option<char> {
+    text.trim().chars().find(|c| matches!(c, 'A'..='E'))
+}
+
+/// The leftmost word of `family` in the lowercased text, as a plain
+/// substring (`re.findall(r'true|false', sentence.lower())[0]`): "untrue"
+/// reads as true. Where two words start at the same place the regex takes
+/// the first alternative, the family's first word.
+pub fn reference_word(text: &str, family: &[&str]) -> Option<String> {
+    let lower = text.to_lowercase();
+    (0..lower.len())
+        .filter(|&i| lower.is_char_boundary(i))
+        .find_map(|i| family.iter().find(|w| lower[i..].starts_with(**w)))
+        .map(|w| w.to_string())
 }

@@ -78,11 +78,23 @@ pub struct BenchArgs {
     pub recompute: bool,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Train one pass over the first --limit examples of this data file
-    /// (LLM-Adapters JSON) with --checkpoint's weights and tokenizer, in
-    /// file order, batches of --batch examples: examples/s and target
-    /// tokens/s on real, ragged lengths (CPU).
-    #[arg(long, requires = "checkpoint")]
+    /// Time generation instead of training (CPU): --batch prompts decoded as
+    /// one batch, prefill and decode tokens/s (see `bench_generate`).
+    #[arg(long, conflicts_with_all = ["mask_only", "forward_only"])]
+    pub generate: bool,
+    /// --generate: beams per prompt (1 = greedy).
+    #[arg(long, default_value_t = 1)]
+    pub num_beams: usize,
+    /// --generate: new tokens per prompt at most (EOS ends a row earlier).
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    /// A data set (LLM-Adapters JSON). With --generate: the prompts of its
+    /// first --batch examples (the alpaca template) instead of random ids of
+    /// length --seq. Otherwise: one training pass over its first --limit
+    /// examples with --checkpoint's weights and tokenizer, in file order,
+    /// batches of --batch examples: examples/s and target tokens/s on real,
+    /// ragged lengths (CPU).
+    #[arg(long)]
     pub data: Option<std::path::PathBuf>,
     /// Examples taken from --data.
     #[arg(long, default_value_t = 256)]
@@ -176,6 +188,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         bail!("--seq and --batch must be at least 1");
     }
     let json = match (crate::cuda::resolve(a.device), &a.data) {
+        _ if a.generate => bench_generate(a, &c)?,
         (Device::Cuda, None) => bench_gpu(a, &c)?,
         (_, Some(data)) => bench_data(a, data)?,
         _ => bench_cpu(a, &c)?,
@@ -423,7 +436,8 @@ fn bench_cpu(a: &BenchArgs, c: &Config) -> Result<serde_json::Value> {
 /// first step to the last (mask selection excluded, reported apart).
 fn bench_data(a: &BenchArgs, path: &std::path::Path) -> Result<serde_json::Value> {
     use crate::data::{self, Purpose};
-    let ck = crate::formats::checkpoint::Checkpoint::open(a.checkpoint.as_ref().expect("clap requires it"))?;
+    let Some(checkpoint) = &a.checkpoint else { bail!("--data trains a real model: give --checkpoint MODEL.bin") };
+    let ck = crate::formats::checkpoint::Checkpoint::open(checkpoint)?;
     let (c, tok) = (ck.config.clone(), ck.tokenizer.clone());
     let model = Model::new(c.clone(), ck.load_weights()?);
     drop(ck);
@@ -470,4 +484,81 @@ fn bench_data(a: &BenchArgs, path: &std::path::Path) -> Result<serde_json::Value
         "peak_mem_bytes": peak_rss_bytes().unwrap_or(0),
         "device": format!("cpu ({} threads)", rayon::current_num_threads()), "impl": "lift",
     }))
+}
+
+/// `--generate`: decodes the same batch of prompts --warmup + --steps times
+/// with `lift eval`'s path (`decode::decode` over the CPU model) and reports
+/// medians: prefill tokens/s (prompt tokens over the prefill time), decode
+/// tokens/s (rows stepped, every beam counted, over the decode time), and
+/// the whole call. The prompts and the new tokens are in the JSON, so that a
+/// reference can run the same prompts and compare the outputs.
+fn bench_generate(a: &BenchArgs, c: &Config) -> Result<serde_json::Value> {
+    use crate::decode::{self, DecodeOptions, Strategy};
+    let (model, tok) = bench_model(a, c)?;
+    let prompts = match (&a.data, &tok) {
+        (Some(path), Some(tok)) => data_prompts(path, tok, a.batch)?,
+        (Some(_), None) => bail!("--data needs --checkpoint (its tokenizer encodes the prompts)"),
+        (None, _) => {
+            let mut rng = Rng::new(a.seed);
+            (0..a.batch).map(|_| (0..a.seq).map(|_| rng.below(c.vocab_size) as u32).collect()).collect()
+        }
+    };
+    let strategy = match a.num_beams {
+        0 => bail!("--num-beams must be at least 1"),
+        1 => Strategy::Greedy,
+        n => Strategy::Beam { num_beams: n, length_penalty: 1.0 },
+    };
+    let eos = tok.as_ref().and_then(|t| t.eos_id());
+    let o = DecodeOptions { strategy, max_new_tokens: a.max_new_tokens, eos };
+    let mut source = crate::generate::CpuSource::new(&model);
+    let (mut runs, mut ids) = (Vec::new(), Vec::new());
+    for i in 0..a.warmup + a.steps.max(1) {
+        let t0 = Instant::now();
+        let out = decode::decode(&mut source, &prompts, &o)?;
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        eprintln!("generate {}: {ms:.0} ms, {} new tokens", i + 1, out.ids.iter().map(Vec::len).sum::<usize>());
+        if i >= a.warmup {
+            runs.push((ms, out.stats));
+        }
+        ids = out.ids;
+    }
+    let med = |f: &dyn Fn(&(f64, decode::DecodeStats)) -> f64| median(runs.iter().map(f).collect());
+    let s = runs[0].1;
+    Ok(serde_json::json!({
+        "total_ms": med(&|r| r.0),
+        "prefill_ms": med(&|r| r.1.prefill_s * 1e3),
+        "decode_ms": med(&|r| r.1.step_s * 1e3),
+        "prefill_tokens": s.prefill_tokens,
+        "prefill_tokens_per_s": med(&|r| r.1.prefill_tokens as f64 / r.1.prefill_s),
+        "decode_steps": s.steps,
+        "decode_rows": s.step_rows,
+        "decode_tokens_per_s": med(&|r| r.1.step_rows as f64 / r.1.step_s),
+        "generated_tokens": ids.iter().map(Vec::len).sum::<usize>(),
+        "batch": a.batch, "num_beams": a.num_beams, "max_new_tokens": a.max_new_tokens,
+        "device": format!("cpu ({} threads)", rayon::current_num_threads()),
+        "prompt_ids": prompts, "new_ids": ids, "impl": "lift",
+    }))
+}
+
+/// The checkpoint's model and tokenizer, or a random model of --config.
+fn bench_model(a: &BenchArgs, c: &Config) -> Result<(Model, Option<crate::tokenizer::Tokenizer>)> {
+    Ok(match &a.checkpoint {
+        Some(p) => {
+            let ck = crate::formats::checkpoint::Checkpoint::open(p)?;
+            (Model::new(c.clone(), ck.load_weights()?), Some(ck.tokenizer))
+        }
+        None => (Model::new(c.clone(), crate::init::random_weights(c, a.seed)), None),
+    })
+}
+
+/// The evaluation prompts of the first n examples of a data set.
+fn data_prompts(path: &std::path::Path, tok: &crate::tokenizer::Tokenizer, n: usize) -> Result<Vec<Vec<u32>>> {
+    use crate::data::{self, Purpose, Template};
+    let loaded = data::load(path, Purpose::Eval, false)?;
+    if loaded.examples.len() < n {
+        bail!("{}: {} examples, fewer than --batch {n}", path.display(), loaded.examples.len());
+    }
+    let bos = if tok.add_bos() { tok.bos_id() } else { None };
+    let encode = |s: &str| tok.encode(s);
+    Ok(loaded.examples[..n].iter().map(|e| Template::Alpaca.prompt_ids(e, &encode, bos)).collect())
 }

@@ -19,6 +19,7 @@
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 pub use crate::rng::Rng;
@@ -244,6 +245,119 @@ impl Example {
     }
 }
 
+/// Which prompt strings a run uses (`--template`, for training and
+/// evaluation alike).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Template {
+    /// lift's prompt (`format_prompt`), the same for training and generation.
+    #[default]
+    Alpaca,
+    /// The LIFT release's exact strings: its training prompt (`BASE_PROMPT`)
+    /// for training and the loss, its evaluation prompt (`i_prompt`) for
+    /// generation; see `reference_train_prompt` and `reference_eval_prompt`.
+    Reference,
+}
+
+/// The training prompt of the LIFT release (`src/utils/data_utils.py`,
+/// `BASE_PROMPT`), character for character:
+///
+/// ```text
+/// <s> Below is an instruction that describes a task. Write a response that appropriately completes the request.␣␣
+///
+/// ### Instruction:
+/// {instruction}
+/// ␣␣␣␣␣␣␣␣␣␣␣␣␣␣␣␣            <- a line of 16 spaces
+/// ### Response:
+/// ```
+///
+/// with a literal "<s> " in front (text, whatever the tokenizer makes of
+/// it; the tokenizer's own BOS is added as usual) and two spaces after
+/// "request.". The release puts the `input`, when not empty, where the
+/// instruction goes (its `get_instruction_or_prompt`), and drops the
+/// instruction; so does this.
+pub fn reference_train_prompt(ex: &Example) -> String {
+    let text = if ex.input.is_empty() { &ex.instruction } else { &ex.input };
+    format!("<s> {PREAMBLE}  \n\n### Instruction:\n{text}\n{}\n### Response:\n", " ".repeat(16))
+}
+
+/// The evaluation prompt of the LIFT release (`src/eval/run_math_parallel.py`
+/// and `run_commonsense_parallel.py`, `i_prompt`), which differs from its
+/// training prompt: one space after "request.", an empty line (no spaces)
+/// before "### Response:", and only the instruction (never the input).
+///
+/// ```text
+/// <s> Below is an instruction that describes a task. Write a response that appropriately completes the request.␣
+///
+/// ### Instruction:
+/// {instruction}
+///
+/// ### Response:
+/// ```
+pub fn reference_eval_prompt(ex: &Example) -> String {
+    format!("<s> {PREAMBLE} \n\n### Instruction:\n{}\n\n### Response:\n", ex.instruction)
+}
+
+impl Template {
+    /// The prompt the model learns to answer (and the loss is measured after).
+    pub fn train_prompt(self, ex: &Example) -> String {
+        match self {
+            Template::Alpaca => ex.prompt(),
+            Template::Reference => reference_train_prompt(ex),
+        }
+    }
+
+    /// The prompt generation starts from.
+    pub fn eval_prompt(self, ex: &Example) -> String {
+        match self {
+            Template::Alpaca => ex.prompt(),
+            Template::Reference => reference_eval_prompt(ex),
+        }
+    }
+
+    /// One example as training ids with its loss mask.
+    ///
+    /// alpaca: `tokenize_example` (prompt and target encoded apart, EOS id
+    /// appended). reference, as the release's `preprocess`: the target is
+    /// `output + " " + EOS text` (any "</s>" in the output removed),
+    /// prompt and target are encoded as one text, and the prompt's share is
+    /// the length of the prompt encoded alone (so a BPE merge across the
+    /// boundary moves it by a token, as there); no EOS id is appended, the
+    /// EOS text is in the target.
+    pub fn tokenize(self, ex: &Example, t: &Tokenization) -> TokenizedExample {
+        match self {
+            Template::Alpaca => tokenize_example(ex, t.encode, t.bos, t.eos, t.max_seq_len),
+            Template::Reference => {
+                let prompt = reference_train_prompt(ex);
+                let output = ex.target.as_deref().unwrap_or("").replace("</s>", "");
+                let whole = format!("{prompt}{output} {}", t.eos_text);
+                let mut ids: Vec<u32> = t.bos.into_iter().collect();
+                let n_prompt = ids.len() + (t.encode)(&prompt).len();
+                ids.extend((t.encode)(&whole));
+                let full_len = ids.len();
+                ids.truncate(t.max_seq_len);
+                TokenizedExample { ids, n_prompt, truncated: full_len > t.max_seq_len, full_len }
+            }
+        }
+    }
+
+    /// The ids generation starts from: [BOS] + encode(eval prompt).
+    pub fn prompt_ids(self, ex: &Example, encode: &dyn Fn(&str) -> Vec<u32>, bos: Option<u32>) -> Vec<u32> {
+        bos.into_iter().chain(encode(&self.eval_prompt(ex))).collect()
+    }
+}
+
+/// What tokenizing an example needs besides the template.
+pub struct Tokenization<'a> {
+    pub encode: &'a dyn Fn(&str) -> Vec<u32>,
+    /// Some when the tokenizer adds a BOS (Llama 2/3 do, SmolLM2 does not).
+    pub bos: Option<u32>,
+    pub eos: u32,
+    /// The EOS token as text (the reference template writes it into the target).
+    pub eos_text: String,
+    pub max_seq_len: usize,
+}
+
 // ----------------------------------------------------------------------------
 // Tokenization and the loss mask
 
@@ -429,6 +543,19 @@ impl Dataset {
         val_size: usize,
         seed: u64,
     ) -> Result<Dataset> {
+        let tokenize = |ex: &Example| tokenize_example(ex, encode, bos, eos, max_seq_len);
+        Dataset::with_tokenizer(examples, &tokenize, max_seq_len, val_size, seed)
+    }
+
+    /// `new` with any tokenization of the examples (a template's, see
+    /// `Template::tokenize`); `max_seq_len` is the one it cuts to.
+    pub fn with_tokenizer(
+        examples: &[Example],
+        tokenize: &dyn Fn(&Example) -> TokenizedExample,
+        max_seq_len: usize,
+        val_size: usize,
+        seed: u64,
+    ) -> Result<Dataset> {
         if let Some(i) = examples.iter().position(|e| e.target.is_none()) {
             bail!("example {i} has no target (looked for {}): cannot train on it", TARGET_FIELDS.join(", "));
         }
@@ -451,7 +578,7 @@ impl Dataset {
 
         let mut ds = Dataset { train: Vec::new(), val: Vec::new(), stats: DataStats::default() };
         for (ex, &val) in examples.iter().zip(&is_val) {
-            let tok = tokenize_example(ex, encode, bos, eos, max_seq_len);
+            let tok = tokenize(ex);
             let s = &mut ds.stats;
             s.examples += 1;
             s.truncated += tok.truncated as usize;

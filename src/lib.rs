@@ -26,6 +26,7 @@ pub mod cpu;
 pub mod cpu_trainer;
 pub mod cuda;
 pub mod data;
+pub mod decode;
 pub mod dora;
 pub mod eval;
 pub mod formats;

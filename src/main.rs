@@ -1,13 +1,15 @@
 //! The `lift` command line. Each subcommand is a thin layer over the library:
 //! parse arguments, call into `lift::*`, print results.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 
+use lift::answer::Rule;
+use lift::data::Template;
+use lift::decode::{DecodeOptions, Sampling, Strategy};
 use lift::formats::checkpoint::{Checkpoint, DType};
 use lift::model::Model;
 use lift::options::{Device, TrainOptions};
@@ -46,7 +48,7 @@ enum Command {
     Convert(ConvertArgs),
     /// Print the token ids of a text as a JSON array (no BOS).
     Tokenize(TokenizeArgs),
-    /// Continue a prompt with greedy decoding.
+    /// Continue prompts: greedy, beam search or sampling.
     Generate(GenerateArgs),
     /// Write a randomly initialized model of a named shape (for tests and benchmarks).
     Init(lift::init::InitArgs),
@@ -96,30 +98,49 @@ struct EvalArgs {
     /// A model.bin.
     #[arg(long)]
     checkpoint: PathBuf,
-    /// LLM-Adapters JSON or JSONL.
-    #[arg(long)]
-    data: PathBuf,
-    /// Only the first N examples.
+    /// Data sets: LLM-Adapters JSON or JSONL files, or directories of them
+    /// (their test sets); each is one row of the table.
+    #[arg(long, num_args = 1.., required_unless_present = "suite")]
+    data: Vec<PathBuf>,
+    /// A named suite of the paper: math (AddSub, AQuA, GSM8K, MultiArith,
+    /// SingleEq, SVAMP, MAWPS) or commonsense (BoolQ, PIQA, SIQA, HellaSwag,
+    /// WinoGrande, ARC-e, ARC-c, OBQA); missing sets are skipped with a note.
+    #[arg(long, conflicts_with = "data")]
+    suite: Option<String>,
+    /// Where --suite looks for its sets (<dir>/math/gsm8k_test.json, ...).
+    #[arg(long, default_value = "../shared/datasets")]
+    suite_dir: PathBuf,
+    /// Only the first N examples of each set.
     #[arg(long)]
     limit: Option<usize>,
-    /// Write every prediction as JSONL here.
+    /// A directory for one predictions JSONL per set (<dir>/<set>.jsonl);
+    /// with one set, a path ending in .jsonl is the file itself.
     #[arg(long)]
     out: Option<PathBuf>,
     /// Only the loss; no generation.
     #[arg(long)]
     no_generate: bool,
-    /// Print one JSON object {"loss", "accuracy", "n", ...}.
+    /// Print one JSON object: the averages and totals, and "sets" with each set's results.
     #[arg(long)]
     json: bool,
     /// Generation length limit per example.
     #[arg(long, default_value_t = 256)]
     max_new_tokens: usize,
-    /// Examples per batch (loss and generation).
+    #[command(flatten)]
+    decoding: DecodeArgs,
+    /// Prompts per batch (loss and generation; beams multiply the rows).
     #[arg(long, default_value_t = 16)]
     batch_size: usize,
     /// Longer examples are truncated for the loss.
     #[arg(long, default_value_t = 2048)]
     max_seq_len: usize,
+    /// Prompt template: alpaca (lift's) or reference (the LIFT release's
+    /// evaluation prompt for generation, its training format for the loss).
+    #[arg(long, value_enum, default_value_t = Template::Alpaca)]
+    template: Template,
+    /// How answers are read: lift's rules or the LIFT release's (see the README).
+    #[arg(long, value_enum, default_value_t = Rule::Lift)]
+    answer_rule: Rule,
     /// Skip examples with no usable prompt instead of stopping.
     #[arg(long)]
     skip_bad: bool,
@@ -169,18 +190,83 @@ struct GenerateArgs {
     /// A model.bin.
     #[arg(long)]
     checkpoint: PathBuf,
-    /// The prompt text (encoded with BOS if the tokenizer adds one).
+    /// A prompt text (encoded with BOS if the tokenizer adds one); repeat the
+    /// flag to decode several prompts as one batch.
     #[arg(long, required_unless_present = "prompt_ids")]
-    prompt: Option<String>,
-    /// The prompt as token ids, e.g. "1,2,3" (instead of --prompt; no BOS added).
+    prompt: Vec<String>,
+    /// A prompt as token ids, e.g. "1,2,3" (no BOS added); repeatable, instead of --prompt.
     #[arg(long, conflicts_with = "prompt")]
-    prompt_ids: Option<String>,
+    prompt_ids: Vec<String>,
     /// How many tokens to generate at most (stops early at EOS).
     #[arg(long, default_value_t = 128)]
     max_new_tokens: usize,
-    /// Print {"ids": [...], "text": "..."} with only the new tokens.
+    #[command(flatten)]
+    decoding: DecodeArgs,
+    /// Print {"ids": [...], "text": "..."} with only the new tokens (one line per prompt).
     #[arg(long)]
     json: bool,
+}
+
+/// How tokens are chosen (`lift generate` and `lift eval`): greedy unless
+/// --num-beams is above 1 or a sampling flag is given.
+#[derive(Args, Clone)]
+struct DecodeArgs {
+    /// Beam search with N beams (Hugging Face generate semantics; 1 = greedy).
+    #[arg(long, default_value_t = 1)]
+    num_beams: usize,
+    /// Beam search: finished hypotheses score sum(log p) / length^this.
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    length_penalty: f32,
+    /// Sample at this temperature (0 = greedy).
+    #[arg(long, allow_negative_numbers = true)]
+    temperature: Option<f32>,
+    /// Sample from the K most likely tokens only (temperature 1 unless given).
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Sample from the smallest set of tokens whose probability reaches P, in (0, 1].
+    #[arg(long, allow_negative_numbers = true)]
+    top_p: Option<f32>,
+    /// Seed of the sampling generator (the same seed gives the same text).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+impl DecodeArgs {
+    fn strategy(&self) -> Result<Strategy> {
+        if self.num_beams == 0 {
+            bail!("--num-beams must be at least 1");
+        }
+        if let Some(p) = self.top_p
+            && !(p > 0.0 && p <= 1.0)
+        {
+            bail!("--top-p must be in (0, 1], not {p}");
+        }
+        if self.top_k == Some(0) {
+            bail!("--top-k must be at least 1");
+        }
+        if let Some(t) = self.temperature
+            && !(t.is_finite() && t >= 0.0)
+        {
+            bail!("--temperature must be 0 (greedy) or positive, not {t}");
+        }
+        let sampling = self.temperature != Some(0.0)
+            && (self.temperature.is_some() || self.top_k.is_some() || self.top_p.is_some());
+        if sampling && self.num_beams > 1 {
+            bail!("--num-beams cannot be combined with sampling (--temperature, --top-k, --top-p)");
+        }
+        Ok(if self.num_beams > 1 {
+            Strategy::Beam { num_beams: self.num_beams, length_penalty: self.length_penalty }
+        } else if sampling {
+            Strategy::Sample(Sampling {
+                temperature: self.temperature.unwrap_or(1.0),
+                top_k: self.top_k.unwrap_or(0),
+                top_p: self.top_p.unwrap_or(1.0),
+                seed: self.seed,
+            })
+        } else {
+            Strategy::Greedy
+        })
+    }
 }
 
 fn main() {
@@ -263,26 +349,37 @@ fn train(a: TrainArgs) -> Result<()> {
 }
 
 fn eval(a: EvalArgs) -> Result<()> {
+    let strategy = a.decoding.strategy()?;
+    let (sets, notes) = match &a.suite {
+        Some(name) => lift::eval::suite_sets(name, &a.suite_dir)?,
+        None => lift::eval::data_sets(&a.data)?,
+    };
+    for n in &notes {
+        eprintln!("note: {n}");
+    }
     let (ck, mut model) = load_model(&a.checkpoint)?;
     if ck.tokenizer.eos_id().is_none() {
         bail!("{}: the tokenizer has no EOS token (lift eval ends every target with it)", a.checkpoint.display());
     }
     let o = lift::eval::EvalOptions {
-        data: a.data.clone(),
+        sets,
         limit: a.limit,
         preds: a.out,
         generate: !a.no_generate,
+        strategy,
         max_new_tokens: a.max_new_tokens,
         batch_size: a.batch_size,
         max_seq_len: a.max_seq_len,
         skip_bad: a.skip_bad,
+        template: a.template,
+        rule: a.answer_rule,
         quiet: a.json,
     };
     let r = lift::eval::evaluate(&mut model, &ck.tokenizer, &o)?;
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {
-        println!("{}", lift::eval::summary(&r, &a.data));
+        print!("{}", lift::eval::table(&r));
     }
     Ok(())
 }
@@ -349,62 +446,44 @@ fn load_model(path: &Path) -> Result<(Checkpoint, Model)> {
 }
 
 fn generate(a: GenerateArgs) -> Result<()> {
-    let (ck, mut model) = load_model(&a.checkpoint)?;
+    let strategy = a.decoding.strategy()?;
+    let (ck, model) = load_model(&a.checkpoint)?;
     let tok = &ck.tokenizer;
-    let prompt: Vec<u32> = match (&a.prompt, &a.prompt_ids) {
-        (_, Some(ids)) => parse_ids(ids)?,
-        (Some(text), None) => {
-            let mut ids = Vec::new();
-            if tok.add_bos()
-                && let Some(b) = tok.bos_id()
-            {
-                ids.push(b);
-            }
-            ids.extend(tok.encode(text));
-            ids
-        }
-        (None, None) => bail!("give --prompt or --prompt-ids"),
+    let prompts: Vec<Vec<u32>> = if a.prompt_ids.is_empty() {
+        let bos = if tok.add_bos() { tok.bos_id() } else { None };
+        a.prompt.iter().map(|text| bos.into_iter().chain(tok.encode(text)).collect()).collect()
+    } else {
+        a.prompt_ids.iter().map(|s| parse_ids(s)).collect::<Result<_>>()?
     };
-    if prompt.is_empty() {
-        bail!("the prompt is empty");
+    if let Some(i) = prompts.iter().position(Vec::is_empty) {
+        bail!("prompt {} is empty", i + 1);
     }
     let vocab = model.config.vocab_size;
-    if let Some(&bad) = prompt.iter().find(|&&id| id as usize >= vocab) {
-        bail!("token id {bad} is out of range (vocab {vocab})");
-    }
-    check_memory(&model.config, prompt.len(), a.max_new_tokens)?;
-    let t0 = Instant::now();
-    let mut stdout = std::io::stdout();
-    let mut shown = 0usize; // bytes of text already printed when streaming
-    let mut so_far: Vec<u32> = Vec::new();
-    let ids = lift::generate::greedy(&mut model, &prompt, a.max_new_tokens, tok.eos_id(), |id| {
-        if !a.json {
-            // Stream: print whatever complete text the new token adds.
-            so_far.push(id);
-            if let Ok(text) = tok.decode(&so_far)
-                && !text.ends_with('\u{FFFD}')
-                && let Some(new) = text.get(shown..)
-            {
-                let _ = write!(stdout, "{new}");
-                let _ = stdout.flush();
-                shown = text.len();
-            }
+    for p in &prompts {
+        if let Some(&bad) = p.iter().find(|&&id| id as usize >= vocab) {
+            bail!("token id {bad} is out of range (vocab {vocab})");
         }
-    });
-    let text = tok.decode(&ids)?;
-    let secs = t0.elapsed().as_secs_f64();
-    if a.json {
-        println!("{}", serde_json::json!({ "ids": ids, "text": text }));
-    } else {
-        print!("{}", text.get(shown..).unwrap_or(""));
-        println!();
+        check_memory(&model.config, p.len(), a.max_new_tokens)?;
     }
+    let o = DecodeOptions { strategy, max_new_tokens: a.max_new_tokens, eos: tok.eos_id() };
+    let t0 = Instant::now();
+    let out = lift::generate::generate(&model, &prompts, &o)?;
+    let secs = t0.elapsed().as_secs_f64();
+    for ids in &out.ids {
+        let text = tok.decode(ids)?;
+        if a.json {
+            println!("{}", serde_json::json!({ "ids": ids, "text": text }));
+        } else {
+            println!("{text}");
+        }
+    }
+    let s = &out.stats;
+    let new: usize = out.ids.iter().map(Vec::len).sum();
     eprintln!(
-        "{} prompt tokens, {} new tokens in {:.2}s ({:.1} tokens/s)",
-        prompt.len(),
-        ids.len(),
-        secs,
-        ids.len() as f64 / secs
+        "{} prompt tokens, {new} new tokens in {secs:.2}s (prefill {:.0} tokens/s, decode {:.1} steps/s)",
+        s.prefill_tokens,
+        s.prefill_tokens as f64 / s.prefill_s.max(1e-9),
+        s.steps as f64 / s.step_s.max(1e-9),
     );
     Ok(())
 }

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use clap::{Args, ValueEnum};
 use serde::{Deserialize, Serialize};
 
+use crate::data::Template;
 use crate::optim::{AdamW, EpsForm};
 use crate::select::{Budget, DEFAULT_DENSITY, DEFAULT_FILTER_RANK, DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS, Select};
 
@@ -276,6 +277,11 @@ pub struct TrainOptions {
     #[arg(long)]
     #[serde(default)]
     pub recompute: bool,
+    /// Prompt template: alpaca (lift's) or reference (the LIFT release's
+    /// training prompt and target format; see the README).
+    #[arg(long, value_enum, default_value_t = Template::Alpaca)]
+    #[serde(default)]
+    pub template: Template,
 }
 
 impl Default for TrainOptions {
@@ -308,6 +314,7 @@ impl Default for TrainOptions {
             batch_tokens: None,
             skip_bad: false,
             recompute: false,
+            template: Template::Alpaca,
         }
     }
 }

@@ -169,7 +169,10 @@ fn load_data(o: &TrainOptions, tok: &Tokenizer, pack: bool) -> Result<Data> {
     let eos = tok.eos_id().ok_or_else(|| anyhow!("{}: the tokenizer has no EOS token", o.checkpoint.display()))?;
     let bos = if tok.add_bos() { tok.bos_id() } else { None };
     let encode = |s: &str| tok.encode(s);
-    let ds = Dataset::new(&loaded.examples, &encode, bos, eos, o.max_seq_len, o.val_size, o.seed)
+    let eos_text = tok.token_str(eos).unwrap_or_default().to_string();
+    let t = data::Tokenization { encode: &encode, bos, eos, eos_text, max_seq_len: o.max_seq_len };
+    let tokenize = |ex: &data::Example| o.template.tokenize(ex, &t);
+    let ds = Dataset::with_tokenizer(&loaded.examples, &tokenize, o.max_seq_len, o.val_size, o.seed)
         .with_context(|| o.data.display().to_string())?;
     let st = &ds.stats;
     eprintln!(

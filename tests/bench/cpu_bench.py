@@ -12,7 +12,16 @@ It prints, for SmolLM2-135M at seq 256, batch 1:
   2. the same for the `full` method (dense AdamW);
   3. a forward-only pass (evaluation);
   4. scaling: lift's LIFT step time at seq 128/256/512/1024, on 1 and 2 threads;
-  5. mask selection for all 210 linear matrices: exact SVD vs randomized.
+  5. mask selection for all 210 linear matrices: exact SVD vs randomized;
+  6. generation on the real SmolLM2-135M-Instruct (models/, `make model`):
+     the same prompts (the first --gen-batch problems of GSM8K's test set from
+     ../shared/datasets, the evaluation workload, or of data/math_test.json
+     where that is missing; the alpaca template) as one batch, greedy and 4 beams, at most
+     --gen-tokens new tokens, lift (`lift bench --generate`) against
+     transformers' generate() (tests/bench/torch_generate.py, left padding, on
+     lift's weights exported with `lift export --format hf`): milliseconds
+     per batch, their ratio, lift's prefill and decode tokens/s, and whether
+     both produced the same tokens. `--generation-only` runs just this.
 PyTorch is transformers' LlamaForCausalLM in f32 with SDPA attention and the
 same sparse AdamW (tests/bench/torch_lift.py). torch and transformers are
 installed into .venv-bench/ on first use (a few minutes; not part of CI).
@@ -121,11 +130,17 @@ def main():
     ap.add_argument("--checkpoint", help="a real model.bin for lift (PyTorch uses a random model of its shape)")
     ap.add_argument("--quick", action="store_true", help="one round, and no scaling or mask tables")
     ap.add_argument("--real-limit", type=int, default=256, help="examples of math_train_3k in the real-data row")
+    ap.add_argument("--generation-only", action="store_true", help="only the generation table")
+    ap.add_argument("--gen-batch", type=int, default=16, help="prompts per generation batch")
+    ap.add_argument("--gen-tokens", type=int, default=128, help="new tokens per prompt at most")
     a = ap.parse_args()
     if not LIFT.exists():
         sys.exit("./lift is missing: run make first")
     ensure_torch()
     rounds = 1 if a.quick else a.rounds
+    if a.generation_only:
+        generation(a, rounds)
+        return
     shape = ["--config", "smollm2-135m", "--seq", "256", "--batch", "1",
              "--steps", str(a.steps), "--warmup", "1"]
     for method in ["lift", "full"]:
@@ -159,6 +174,48 @@ def main():
     for svd in ["exact", "randomized"]:
         r = lift_bench(a, a.threads, ["--config", "smollm2-135m", "--method", "lift", "--mask-only", "--svd", svd])
         print(f"{svd:11s} {r['mask_total_ms'] / 1e3:7.1f} s")
+    generation(a, rounds)
+
+
+def generation(a, rounds):
+    """Table 6: lift and transformers generating for the same batch, alternately."""
+    model = Path(a.checkpoint) if a.checkpoint else ROOT / "models" / "smollm2-135m-instruct.bin"
+    if not model.exists():
+        print(f"\n== generation: skipped, {model} is missing (make model)")
+        return
+    hf = ROOT / "target" / "bench-hf"
+    if not (hf / "model.safetensors").exists() or hf.stat().st_mtime < model.stat().st_mtime:
+        subprocess.run([str(LIFT), "export", "--checkpoint", str(model), "--format", "hf", "-o", str(hf)],
+                       check=True, capture_output=True)
+    prompts = ROOT / "target" / "bench-prompts.json"
+    data = ROOT.parent / "shared" / "datasets" / "math" / "gsm8k_test.json"
+    if not data.exists():
+        data = ROOT / "data" / "math_test.json"
+    print(f"\n== generation, {model.name}, {a.gen_batch} prompts of {data.name} as one batch, "
+          f"at most {a.gen_tokens} new tokens, {a.threads} threads (ms per batch, medians of {rounds} alternating runs)")
+    print(f"{'':10s} {'lift':>9s} {'pytorch':>9s} {'lift/pytorch':>13s} {'prefill tok/s':>14s} "
+          f"{'decode tok/s':>13s} {'new tokens':>11s} {'same tokens':>12s}")
+    for label, beams in [("greedy", 1), ("4 beams", 4)]:
+        lifts, torches = [], []
+        for _ in range(rounds):
+            lifts.append(run_json([str(LIFT), "bench", "--generate", "--threads", str(a.threads), "--checkpoint",
+                                   str(model), "--data", str(data), "--batch",
+                                   str(a.gen_batch), "--max-new-tokens", str(a.gen_tokens), "--num-beams",
+                                   str(beams), "--warmup", "0", "--steps", "1"]))
+            prompts.write_text(json.dumps(lifts[-1]["prompt_ids"]))
+            env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
+            torches.append(run_json([str(PY), str(ROOT / "tests/bench/torch_generate.py"), "--model", str(hf),
+                                     "--prompts", str(prompts), "--num-beams", str(beams), "--max-new-tokens",
+                                     str(a.gen_tokens), "--threads", str(a.threads), "--warmup", "0",
+                                     "--steps", "1"], env))
+        ml = statistics.median(r["total_ms"] for r in lifts)
+        mt = statistics.median(r["total_ms"] for r in torches)
+        same = sum(x == y for x, y in zip(lifts[-1]["new_ids"], torches[-1]["new_ids"]))
+        pre = statistics.median(r["prefill_tokens_per_s"] for r in lifts)
+        dec = statistics.median(r["decode_tokens_per_s"] for r in lifts)
+        print(f"{label:10s} {ml:9.0f} {mt:9.0f} {ml / mt:13.2f} {pre:14.0f} {dec:13.1f} "
+              f"{lifts[-1]['generated_tokens']:11d} {same:>5d}/{a.gen_batch:<6d}")
+    print(f"(prompt tokens: {lifts[-1]['prefill_tokens']} in all; decode tok/s counts every beam's row)")
 
 
 if __name__ == "__main__":

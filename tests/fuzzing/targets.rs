@@ -207,7 +207,8 @@ fn run_model(model: &mut Model, tok: &Tokenizer) -> Result<()> {
     model.ensure_rope(ids.len() + 2);
     let mut acts = Activations::new(&model.config, 1, ids.len());
     model.forward(&mut acts, &ids, None)?;
-    lift::generate::greedy(model, &ids, 2, tok.eos_id(), |_| {});
+    let o = lift::decode::DecodeOptions::greedy(2, tok.eos_id());
+    lift::generate::generate(model, &[ids], &o)?;
     Ok(())
 }
 
@@ -360,14 +361,17 @@ fn data_file(w: &Work, path: &Path) -> Result<()> {
     }
     let mut model = Model::new(m.config.clone(), m.weights.clone());
     let o = lift::eval::EvalOptions {
-        data: path.to_path_buf(),
+        sets: vec![lift::eval::EvalSet { name: "fuzz".into(), path: path.to_path_buf() }],
         limit: Some(4),
         preds: None,
         generate: true,
+        strategy: lift::decode::Strategy::Greedy,
         max_new_tokens: 3,
         batch_size: 2,
         max_seq_len: 256,
         skip_bad: true,
+        template: lift::data::Template::Alpaca,
+        rule: lift::answer::Rule::Lift,
         quiet: true,
     };
     lift::eval::evaluate(&mut model, tok, &o)?;
