@@ -272,7 +272,8 @@ fn allowed<T>(r: Result<T>) -> Result<Option<T>> {
     }
 }
 
-/// What `lift eval`, `generate`, `tokenize` and `export` do with a model.bin.
+/// What `lift eval`, `generate`, `tokenize`, `export` and `train` do with a
+/// model.bin (one LIFT step on the micro data).
 fn model_bin(w: &Work, _: &Seed, path: &Path) -> Result<()> {
     let ck = Checkpoint::open(path)?;
     let weights = ck.load_weights()?;
@@ -281,6 +282,9 @@ fn model_bin(w: &Work, _: &Seed, path: &Path) -> Result<()> {
     run_model(&mut model, &ck.tokenizer)?;
     export::export_hf(&ck, &model.weights, &w.fresh("hf"), DType::Bf16)?;
     export::export_gguf(&ck, &model.weights, &w.scratch.join("x.gguf"), true)?;
+    let mut o = micro_options(path, &w.seeds.join("data.json"), Method::Lift, w.fresh("train"));
+    (o.max_steps, o.val_size) = (Some(1), 0);
+    lift::train::train(&o, None, Device::Cpu)?;
     Ok(())
 }
 
