@@ -35,7 +35,7 @@ static ALLOC: alloc::Bounded = alloc::Bounded;
 
 /// Inputs per target in the short run: about 50 s in all on 2 cores.
 const SHORT_RUNS: &[(&str, u64)] = &[
-    ("model_bin", 6000),
+    ("model_bin", 3500),
     ("gguf", 5500),
     ("safetensors", 10000),
     ("hf_dir", 1800),
@@ -52,6 +52,9 @@ const SHORT_SEED: u64 = 2026;
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let flag = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
+    if let Some(x) = flag("--extra") {
+        targets::set_extra(x.into());
+    }
     if args.first().is_some_and(|a| a == "--child") {
         let num = |i: usize| args.get(i).and_then(|a| a.parse::<f64>().ok()).unwrap_or(0.0);
         let at = |i: usize| args.get(i).and_then(|a| a.parse::<u64>().ok()).unwrap_or(0);
@@ -69,16 +72,29 @@ fn main() {
         make_seeds();
         return;
     }
+    if args.iter().any(|a| a == "--list") {
+        println!("fuzz: test");
+        return;
+    }
+    if filtered_out(&args) {
+        return;
+    }
     let bless = args.iter().any(|a| a == "--bless");
+    let long = flag("--long").and_then(|s| s.parse::<f64>().ok());
+    let base = flag("--seed").and_then(|s| s.parse().ok()).unwrap_or_else(clock_seed);
+    if long.is_some() {
+        let extra = fuzzing::work_dir().join("extra-seeds");
+        targets::make_extra(&fuzzing::root(), &extra).expect("the tiny model's seeds");
+        targets::set_extra(extra);
+    }
     let mut failed = seeds_in_child() + check_corpus(bless);
     if bless {
         std::process::exit(0);
     }
     let only = flag("--target");
-    let jobs: Vec<(String, u64, u64, f64)> = match flag("--long").and_then(|s| s.parse::<f64>().ok()) {
+    let jobs: Vec<(String, u64, u64, f64)> = match long {
         Some(secs) => {
-            let base = flag("--seed").and_then(|s| s.parse().ok()).unwrap_or_else(clock_seed);
-            println!("fuzz: {secs} s per target, base seed {base} (rerun with --seed {base})");
+            println!("fuzz: {secs} s per target, base seed {base} (rerun with --seed {base}), tiny model seeds added");
             SHORT_RUNS.iter().map(|(t, _)| (t.to_string(), base, u64::MAX, secs)).collect()
         }
         None => SHORT_RUNS.iter().map(|&(t, n)| (t.to_string(), SHORT_SEED, n, f64::INFINITY)).collect(),
@@ -90,6 +106,23 @@ fn main() {
         std::process::exit(1);
     }
     println!("fuzz: ok");
+}
+
+/// Whether `cargo test NAME` names another test: a word that is not a flag
+/// or a flag's value, of which "fuzz" does not contain one.
+fn filtered_out(args: &[String]) -> bool {
+    const VALUED: [&str; 6] = ["--long", "--seed", "--target", "--extra", "--test-threads", "--format"];
+    let mut words = Vec::new();
+    let mut i = 0;
+    while i < args.len() {
+        if VALUED.contains(&args[i].as_str()) {
+            i += 1;
+        } else if !args[i].starts_with('-') {
+            words.push(args[i].as_str());
+        }
+        i += 1;
+    }
+    !words.is_empty() && !words.iter().any(|w| "fuzz".contains(w))
 }
 
 fn clock_seed() -> u64 {
@@ -123,12 +156,13 @@ fn fuzz(jobs: &[(String, u64, u64, f64)]) -> usize {
 /// `check_seeds` in a process of its own, whose stderr (the progress lines
 /// of the resumed training runs) is dropped: 1 if a seed is not accepted.
 fn seeds_in_child() -> usize {
-    let status = std::process::Command::new(std::env::current_exe().expect("own path"))
-        .arg("--seeds-child")
-        .env("RAYON_NUM_THREADS", "1")
-        .stderr(std::process::Stdio::null())
-        .status()
-        .expect("start the seed check");
+    let mut cmd = std::process::Command::new(std::env::current_exe().expect("own path"));
+    cmd.arg("--seeds-child");
+    if let Some(x) = targets::extra() {
+        cmd.arg("--extra").arg(x);
+    }
+    let status =
+        cmd.env("RAYON_NUM_THREADS", "1").stderr(std::process::Stdio::null()).status().expect("start the seed check");
     usize::from(!status.success())
 }
 
@@ -141,7 +175,7 @@ fn check_seeds() -> usize {
     for t in &all {
         for s in 0..t.seeds.len() {
             let input = fuzzing::materialize(t, s, 0, &[], &w.scratch.join("in"));
-            match fuzzing::run_one(t, &w, &input) {
+            match fuzzing::run_one(t, s, &w, &input) {
                 Outcome::Accepted => {}
                 Outcome::Refused(msg) | Outcome::Finding(_, msg) => {
                     println!("seed {} of {} is not accepted: {msg}", t.seeds[s].name, t.name);
@@ -211,6 +245,35 @@ fn save_case(a: &[String]) {
 // ----------------------------------------------------------------------------
 // The seeds
 
+/// seeds/hf_sharded: the micro Hugging Face directory with its tensors in
+/// two shards and model.safetensors.index.json naming them.
+fn write_shards(seeds: &Path) {
+    use lift::formats::safetensors::{SafeTensors, TensorData, write_safetensors};
+    let dir = seeds.join("hf_sharded");
+    std::fs::create_dir_all(&dir).expect("hf_sharded");
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(seeds.join("hf").join(f), dir.join(f)).expect("copy");
+    }
+    let st = SafeTensors::open(&seeds.join("hf/model.safetensors")).expect("micro safetensors");
+    let all: Vec<(String, Vec<usize>, Vec<f32>)> = st
+        .tensors()
+        .iter()
+        .map(|t| (t.name.clone(), t.shape.clone(), st.tensor_f32(&t.name).expect("values")))
+        .collect();
+    let mut map = serde_json::Map::new();
+    for (i, part) in all.chunks(all.len().div_ceil(2)).enumerate() {
+        let name = format!("model-0000{}-of-00002.safetensors", i + 1);
+        let tensors: Vec<(&str, &[usize], TensorData)> =
+            part.iter().map(|(n, s, v)| (n.as_str(), s.as_slice(), TensorData::F32(v))).collect();
+        write_safetensors(&dir.join(&name), &tensors, None).expect("shard");
+        for (n, _, _) in part {
+            map.insert(n.clone(), name.clone().into());
+        }
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": map});
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).expect("index");
+}
+
 /// Rebuilds tests/fuzz_corpus/seeds: a micro Llama (dim 8, 2 layers, GQA,
 /// llama3 RoPE scaling, untied head) with the tiny test model's tokenizer,
 /// as model.bin, GGUF and a Hugging Face directory; small data files; and
@@ -256,6 +319,7 @@ fn make_seeds() {
     export::export_gguf(&ck, &w, &seeds.join("micro.gguf"), true).expect("micro.gguf");
     export::export_hf(&ck, &w, &seeds.join("hf"), DType::Bf16).expect("hf");
     let _ = std::fs::remove_file(seeds.join("hf/generation_config.json"));
+    write_shards(seeds);
     let examples: Vec<serde_json::Value> = (0..8)
         .map(|i| serde_json::json!({"instruction": format!("What is {i} + {}?", i * 3), "output": format!("{i} + {} = {}. The answer is {}.", i * 3, i * 4, i * 4), "answer": (i * 4).to_string()}))
         .collect();
@@ -269,7 +333,7 @@ fn make_seeds() {
     std::fs::write(seeds.join("data.jsonl"), jsonl).expect("data.jsonl");
     for (kind, name) in [(Method::Lift, "state_lift"), (Method::Full, "state_full"), (Method::Lora, "state_lora")] {
         let out = seeds.join(name);
-        let o = targets::micro_options(seeds, kind, out.clone());
+        let o = targets::micro_options(&seeds.join("micro.bin"), &seeds.join("data.json"), kind, out.clone());
         lift::train::train(&o, None, Device::Cpu).unwrap_or_else(|e| panic!("{name}: {e:#}"));
         for f in std::fs::read_dir(&out).expect("run directory").flatten() {
             if f.file_name() != "state.bin" {

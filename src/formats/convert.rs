@@ -422,6 +422,14 @@ fn open_safetensors(dir: &Path) -> Result<HfTensors> {
         let id = match shard_ids.get(shard) {
             Some(&id) => id,
             None => {
+                if !dir.join(shard).is_file() {
+                    bail!(
+                        "{ip}: weight_map entry {} names {}, which is not a file in {}",
+                        plain(name),
+                        quote(shard),
+                        dir.display()
+                    );
+                }
                 t.files.push(SafeTensors::open(&dir.join(shard))?);
                 shard_ids.insert(shard, t.files.len() - 1);
                 t.files.len() - 1

@@ -131,8 +131,8 @@ pub enum Outcome {
     Finding(&'static str, String),
 }
 
-pub fn run_one(t: &Target, w: &Work, input: &Path) -> Outcome {
-    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (t.run)(w, input)));
+pub fn run_one(t: &Target, s: usize, w: &Work, input: &Path) -> Outcome {
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (t.run)(w, &t.seeds[s], input)));
     match r {
         Ok(Ok(())) => Outcome::Accepted,
         Ok(Err(e)) => {
@@ -161,7 +161,7 @@ pub fn worker(target: &str, base: u64, start: u64, end: u64, secs: f64) {
         println!("run {i}");
         let (s, f, edits) = input_for(t, base, i);
         let input = materialize(t, s, f, &edits, &scratch.join("in"));
-        if let Outcome::Finding(kind, detail) = run_one(t, &w, &input) {
+        if let Outcome::Finding(kind, detail) = run_one(t, s, &w, &input) {
             println!("{kind} {i} {}", detail.replace('\n', "\\n"));
         }
         i += 1;
@@ -194,8 +194,12 @@ pub fn supervise(target: &str, base: u64, runs: u64, secs: f64, watchdog: Durati
     let mut next = 0u64;
     while next < runs && t0.elapsed().as_secs_f64() < secs {
         let left = secs - t0.elapsed().as_secs_f64();
-        let mut child = Command::new(std::env::current_exe().expect("own path"))
-            .args(["--child", target, &base.to_string(), &next.to_string(), &runs.to_string(), &left.to_string()])
+        let mut cmd = Command::new(std::env::current_exe().expect("own path"));
+        cmd.args(["--child", target, &base.to_string(), &next.to_string(), &runs.to_string(), &left.to_string()]);
+        if let Some(x) = targets::extra() {
+            cmd.arg("--extra").arg(x);
+        }
+        let mut child = cmd
             .env("RAYON_NUM_THREADS", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -326,7 +330,7 @@ pub fn run_case(all: &[Target], c: &Case, w: &Work) -> Result<String, String> {
     let edits: Option<Vec<Edit>> = j["edits"].as_array().ok_or("no edits")?.iter().map(Edit::from_json).collect();
     let dir = w.scratch.join("in");
     let input = materialize(t, s, f, &edits.ok_or("a malformed edit")?, &dir);
-    match run_one(t, w, &input) {
+    match run_one(t, s, w, &input) {
         Outcome::Accepted => Err("accepted (it must be refused)".into()),
         Outcome::Finding(kind, detail) => Err(format!("{kind}: {detail}")),
         Outcome::Refused(msg) => Ok(msg.replace(&dir.display().to_string(), "$IN")),

@@ -7,8 +7,9 @@
 //! runner checks that it is one line. A panic, an abort (an allocation past
 //! the budget, a stack overflow) or a hang is a finding.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use anyhow::{Context, Result, anyhow};
 use serde_json::Value;
@@ -33,29 +34,32 @@ pub struct SeedFile {
 }
 
 /// A valid input. Most are one file; a Hugging Face directory is several,
-/// of which each mutated input changes one.
+/// of which each mutated input changes one. A state.bin seed names the
+/// model.bin it belongs to.
 pub struct Seed {
     pub name: String,
     pub files: Vec<SeedFile>,
+    pub model: Option<PathBuf>,
 }
 
 pub struct Target {
     pub name: &'static str,
     pub seeds: Vec<Seed>,
-    /// Runs one input: the file (a one-file seed) or the directory it was written to.
-    pub run: fn(&Work, &Path) -> Result<()>,
+    /// Runs one input of a seed: the file (a one-file seed) or the
+    /// directory it was written to.
+    pub run: fn(&Work, &Seed, &Path) -> Result<()>,
 }
 
 /// What a worker process keeps between inputs: its scratch directory and,
-/// loaded once, the small model the state and data targets use.
+/// loaded once each, the models the state and data targets use.
 pub struct Work {
     pub scratch: PathBuf,
     pub seeds: PathBuf,
-    micro: OnceLock<Micro>,
+    models: Mutex<HashMap<PathBuf, Arc<Loaded>>>,
 }
 
-/// tests/fuzz_corpus/seeds/micro.bin, loaded.
-struct Micro {
+/// A seed model.bin, loaded.
+struct Loaded {
     config: Config,
     weights: Weights,
     tokenizer: Tokenizer,
@@ -63,15 +67,22 @@ struct Micro {
 
 impl Work {
     pub fn new(scratch: PathBuf, seeds: PathBuf) -> Work {
-        Work { scratch, seeds, micro: OnceLock::new() }
+        Work { scratch, seeds, models: Mutex::new(HashMap::new()) }
     }
 
-    fn micro(&self) -> &Micro {
-        self.micro.get_or_init(|| {
-            let ck = Checkpoint::open(&self.seeds.join("micro.bin")).expect("the micro seed loads");
-            let weights = ck.load_weights().expect("the micro seed's weights load");
-            Micro { config: ck.config.clone(), weights, tokenizer: ck.tokenizer.clone() }
-        })
+    /// The model at `path` (a seed: it loads).
+    fn model(&self, path: &Path) -> Arc<Loaded> {
+        let mut models = self.models.lock().unwrap_or_else(|e| e.into_inner());
+        let m = models.entry(path.to_path_buf()).or_insert_with(|| {
+            let ck = Checkpoint::open(path).expect("a seed model loads");
+            let weights = ck.load_weights().expect("a seed model's weights load");
+            Arc::new(Loaded { config: ck.config.clone(), weights, tokenizer: ck.tokenizer.clone() })
+        });
+        m.clone()
+    }
+
+    fn micro(&self) -> Arc<Loaded> {
+        self.model(&self.seeds.join("micro.bin"))
     }
 
     /// A fresh, empty directory under the scratch directory.
@@ -92,11 +103,25 @@ fn file(name: &str, layout: Layout, path: &Path) -> SeedFile {
 }
 
 fn one(name: &str, f: SeedFile) -> Seed {
-    Seed { name: name.to_string(), files: vec![f] }
+    Seed { name: name.to_string(), files: vec![f], model: None }
 }
 
-/// Every target, with the committed seeds (tests/fuzz_corpus/seeds) and the
-/// committed fixtures (tests/data).
+/// Seeds made at the start of a long run from the tiny test model
+/// (tests/reference/tiny_gqa), the inputs a user's fuzzer would start from:
+/// set with `set_extra`, added by `all`.
+static EXTRA: OnceLock<PathBuf> = OnceLock::new();
+
+pub fn set_extra(dir: PathBuf) {
+    let _ = EXTRA.set(dir);
+}
+
+pub fn extra() -> Option<&'static Path> {
+    EXTRA.get().map(PathBuf::as_path)
+}
+
+/// Every target, with the committed seeds (tests/fuzz_corpus/seeds), the
+/// committed fixtures (tests/data), and the tiny model's when `set_extra`
+/// was called.
 pub fn all(root: &Path) -> Vec<Target> {
     let s = root.join("tests/fuzz_corpus/seeds");
     let fixtures = root.join("tests/data");
@@ -105,23 +130,45 @@ pub fn all(root: &Path) -> Vec<Target> {
     };
     let vocab =
         |n: &str| one(n, file("vocab.json", Layout::Json, &fixtures.join("tokenizer").join(n).join("vocab.json")));
-    let hf = Seed {
-        name: "hf".into(),
+    let hf = |name: &str, dir: &Path| Seed {
+        name: name.into(),
         files: vec![
-            file("config.json", Layout::Json, &s.join("hf/config.json")),
-            file("tokenizer.json", Layout::Json, &s.join("hf/tokenizer.json")),
-            file("tokenizer_config.json", Layout::Json, &s.join("hf/tokenizer_config.json")),
-            file("model.safetensors", Layout::Safetensors, &s.join("hf/model.safetensors")),
+            file("config.json", Layout::Json, &dir.join("config.json")),
+            file("tokenizer.json", Layout::Json, &dir.join("tokenizer.json")),
+            file("tokenizer_config.json", Layout::Json, &dir.join("tokenizer_config.json")),
+            file("model.safetensors", Layout::Safetensors, &dir.join("model.safetensors")),
         ],
+        model: None,
     };
-    let state = |n: &str| Seed {
-        name: n.to_string(),
-        files: vec![file("state.bin", Layout::StateBin, &s.join(n).join("state.bin"))],
+    let sharded = |dir: &Path| Seed {
+        name: "hf_sharded".into(),
+        files: vec![
+            file("config.json", Layout::Json, &dir.join("config.json")),
+            file("tokenizer.json", Layout::Json, &dir.join("tokenizer.json")),
+            file("model.safetensors.index.json", Layout::Json, &dir.join("model.safetensors.index.json")),
+            file(
+                "model-00001-of-00002.safetensors",
+                Layout::Safetensors,
+                &dir.join("model-00001-of-00002.safetensors"),
+            ),
+            file(
+                "model-00002-of-00002.safetensors",
+                Layout::Safetensors,
+                &dir.join("model-00002-of-00002.safetensors"),
+            ),
+        ],
+        model: None,
     };
-    vec![
+    let state = |name: &str, path: &Path, model: &Path| Seed {
+        name: name.to_string(),
+        files: vec![file("state.bin", Layout::StateBin, path)],
+        model: Some(model.to_path_buf()),
+    };
+    let micro = s.join("micro.bin");
+    let mut t = vec![
         Target {
             name: "model_bin",
-            seeds: vec![one("micro.bin", file("model.bin", Layout::ModelBin, &s.join("micro.bin")))],
+            seeds: vec![one("micro.bin", file("model.bin", Layout::ModelBin, &micro))],
             run: model_bin,
         },
         Target {
@@ -143,7 +190,7 @@ pub fn all(root: &Path) -> Vec<Target> {
             ],
             run: safetensors,
         },
-        Target { name: "hf_dir", seeds: vec![hf], run: hf_dir },
+        Target { name: "hf_dir", seeds: vec![hf("hf", &s.join("hf")), sharded(&s.join("hf_sharded"))], run: hf_dir },
         Target {
             name: "tokenizer_json",
             seeds: ["gpt2", "llama3", "metaspace", "sentencepiece", "smollm"].map(tok).into_iter().collect(),
@@ -152,7 +199,10 @@ pub fn all(root: &Path) -> Vec<Target> {
         Target { name: "gguf_vocab", seeds: vec![vocab("llama3_gguf"), vocab("sentencepiece_gguf")], run: gguf_vocab },
         Target {
             name: "state_bin",
-            seeds: vec![state("state_lift"), state("state_full"), state("state_lora")],
+            seeds: ["state_lift", "state_full", "state_lora"]
+                .map(|n| state(n, &s.join(n).join("state.bin"), &micro))
+                .into_iter()
+                .collect(),
             run: state_bin,
         },
         Target {
@@ -163,7 +213,44 @@ pub fn all(root: &Path) -> Vec<Target> {
             ],
             run: data_file,
         },
-    ]
+    ];
+    if let Some(x) = extra() {
+        let tiny = root.join("tests/reference/tiny_gqa");
+        let add = |t: &mut Vec<Target>, name: &str, seed: Seed| {
+            if let Some(target) = t.iter_mut().find(|t| t.name == name) {
+                target.seeds.push(seed);
+            }
+        };
+        add(&mut t, "model_bin", one("tiny.bin", file("model.bin", Layout::ModelBin, &x.join("tiny.bin"))));
+        add(&mut t, "gguf", one("tiny.gguf", file("model.gguf", Layout::Raw, &x.join("tiny.gguf"))));
+        add(&mut t, "gguf", one("tiny32.gguf", file("model.gguf", Layout::Raw, &x.join("tiny32.gguf"))));
+        add(
+            &mut t,
+            "safetensors",
+            one("tiny.safetensors", file("t.safetensors", Layout::Safetensors, &tiny.join("model.safetensors"))),
+        );
+        add(&mut t, "hf_dir", hf("tiny_gqa", &tiny));
+        add(&mut t, "state_bin", state("tiny_state", &x.join("tiny_state/state.bin"), &x.join("tiny.bin")));
+    }
+    t
+}
+
+/// Writes the tiny model's seeds into `dir`: model.bin (converted from its
+/// Hugging Face directory), GGUF (F16 and F32) and the state.bin of a
+/// 2-step LIFT run on the micro data.
+pub fn make_extra(root: &Path, dir: &Path) -> Result<()> {
+    let tiny = root.join("tests/reference/tiny_gqa");
+    std::fs::create_dir_all(dir)?;
+    let bin = dir.join("tiny.bin");
+    convert::convert(&tiny, &bin, DType::F32)?;
+    let ck = Checkpoint::open(&bin)?;
+    let w = ck.load_weights()?;
+    export::export_gguf(&ck, &w, &dir.join("tiny.gguf"), true)?;
+    export::export_gguf(&ck, &w, &dir.join("tiny32.gguf"), false)?;
+    let seeds = root.join("tests/fuzz_corpus/seeds");
+    let o = micro_options(&bin, &seeds.join("data.json"), Method::Lift, dir.join("tiny_state"));
+    lift::train::train(&o, None, Device::Cpu)?;
+    Ok(())
 }
 
 // ----------------------------------------------------------------------------
@@ -185,8 +272,9 @@ fn allowed<T>(r: Result<T>) -> Result<Option<T>> {
     }
 }
 
-/// What `lift eval`, `generate`, `tokenize` and `export` do with a model.bin.
-fn model_bin(w: &Work, path: &Path) -> Result<()> {
+/// What `lift eval`, `generate`, `tokenize`, `export` and `train` do with a
+/// model.bin (one LIFT step on the micro data).
+fn model_bin(w: &Work, _: &Seed, path: &Path) -> Result<()> {
     let ck = Checkpoint::open(path)?;
     let weights = ck.load_weights()?;
     use_tokenizer(&ck.tokenizer)?;
@@ -194,6 +282,9 @@ fn model_bin(w: &Work, path: &Path) -> Result<()> {
     run_model(&mut model, &ck.tokenizer)?;
     export::export_hf(&ck, &model.weights, &w.fresh("hf"), DType::Bf16)?;
     export::export_gguf(&ck, &model.weights, &w.scratch.join("x.gguf"), true)?;
+    let mut o = micro_options(path, &w.seeds.join("data.json"), Method::Lift, w.fresh("train"));
+    (o.max_steps, o.val_size) = (Some(1), 0);
+    lift::train::train(&o, None, Device::Cpu)?;
     Ok(())
 }
 
@@ -227,7 +318,7 @@ fn use_tokenizer(tok: &Tokenizer) -> Result<()> {
 }
 
 /// What `lift convert` does with a GGUF, then reading the result.
-fn gguf(w: &Work, path: &Path) -> Result<()> {
+fn gguf(w: &Work, _: &Seed, path: &Path) -> Result<()> {
     let g = GgufFile::open(path)?;
     for (k, _) in g.metadata() {
         let _ = (g.get_str(k), g.get_u64(k), g.get_f32(k), g.get_bool(k));
@@ -247,7 +338,7 @@ fn gguf(w: &Work, path: &Path) -> Result<()> {
     Ok(())
 }
 
-fn safetensors(_: &Work, path: &Path) -> Result<()> {
+fn safetensors(_: &Work, _: &Seed, path: &Path) -> Result<()> {
     let f = SafeTensors::open(path)?;
     for t in f.tensors() {
         allowed(f.tensor_f32(&t.name))?;
@@ -256,7 +347,7 @@ fn safetensors(_: &Work, path: &Path) -> Result<()> {
 }
 
 /// `lift convert` of a Hugging Face directory, then reading the result.
-fn hf_dir(w: &Work, dir: &Path) -> Result<()> {
+fn hf_dir(w: &Work, _: &Seed, dir: &Path) -> Result<()> {
     let out = w.scratch.join("out.bin");
     convert::convert(dir, &out, DType::F32)?;
     let ck = Checkpoint::open(&out)?;
@@ -264,13 +355,13 @@ fn hf_dir(w: &Work, dir: &Path) -> Result<()> {
     run_model(&mut model, &ck.tokenizer)
 }
 
-fn tokenizer_json(_: &Work, path: &Path) -> Result<()> {
+fn tokenizer_json(_: &Work, _: &Seed, path: &Path) -> Result<()> {
     let text = String::from_utf8(read(path)).map_err(|_| anyhow!("{}: not UTF-8", path.display()))?;
     use_tokenizer(&Tokenizer::from_hf_json(&text, None)?)
 }
 
 /// A GGUF vocabulary (`tokenizer.ggml.*` as JSON, tests/data/tokenizer/*_gguf).
-fn gguf_vocab(_: &Work, path: &Path) -> Result<()> {
+fn gguf_vocab(_: &Work, _: &Seed, path: &Path) -> Result<()> {
     let v: Value = serde_json::from_slice(&read(path))?;
     let strings = |k: &str| -> Result<Vec<String>> {
         let a = v[k].as_array().ok_or_else(|| anyhow!("{k} is not an array"))?;
@@ -301,14 +392,14 @@ fn gguf_vocab(_: &Work, path: &Path) -> Result<()> {
     use_tokenizer(&tok)
 }
 
-/// The options a seed run of this method was made with (tests/fuzz.rs
-/// --make-seeds), pointing at the micro model and data.
-pub fn micro_options(seeds: &Path, kind: Method, out: PathBuf) -> TrainOptions {
+/// The options the seed runs of a method were made with (tests/fuzz.rs
+/// --make-seeds), for a model and a data file.
+pub fn micro_options(checkpoint: &Path, data: &Path, kind: Method, out: PathBuf) -> TrainOptions {
     let mut method = MethodOptions { kind, density: Some(0.25), filter_rank: 2, lora_rank: 2, ..Default::default() };
     method.train_norms = kind == Method::Full;
     TrainOptions {
-        checkpoint: seeds.join("micro.bin"),
-        data: seeds.join("data.json"),
+        checkpoint: checkpoint.to_path_buf(),
+        data: data.to_path_buf(),
         out,
         method,
         lr: 1e-2,
@@ -326,20 +417,21 @@ pub fn micro_options(seeds: &Path, kind: Method, out: PathBuf) -> TrainOptions {
 }
 
 /// `lift train --resume` of a state.bin: the load, then one more step.
-fn state_bin(w: &Work, path: &Path) -> Result<()> {
-    let m = w.micro();
+fn state_bin(w: &Work, seed: &Seed, path: &Path) -> Result<()> {
+    let model = seed.model.clone().unwrap_or_else(|| w.seeds.join("micro.bin"));
+    let m = w.model(&model);
     let dir = path.parent().unwrap_or(Path::new("."));
     let mut weights = m.weights.clone();
     let saved = state::load(dir, &m.config, &mut weights)?;
     let kind = saved.header.options.method.kind;
-    let mut o = micro_options(&w.seeds, kind, w.fresh("out"));
+    let mut o = micro_options(&model, &w.seeds.join("data.json"), kind, w.fresh("out"));
     o.max_steps = Some(saved.header.step.saturating_add(1).min(4));
     lift::train::train(&o, Some(dir), Device::Cpu)?;
     Ok(())
 }
 
 /// `lift train`'s and `lift eval`'s use of a data file with the micro model.
-fn data_file(w: &Work, path: &Path) -> Result<()> {
+fn data_file(w: &Work, _: &Seed, path: &Path) -> Result<()> {
     let m = w.micro();
     let tok = &m.tokenizer;
     let eos = tok.eos_id().ok_or_else(|| anyhow!("the micro tokenizer has an EOS"))?;
