@@ -45,6 +45,10 @@ trait Tensors {
     fn check(&self, name: &str, want: &[usize]) -> Result<()>;
     /// The tensor's values as f32, row-major (out, in) for a matrix.
     fn read(&self, name: &str) -> Result<Vec<f32>>;
+    /// The tensor's name in the input (a GGUF's are llama.cpp's).
+    fn label(&self, name: &str) -> String {
+        name.to_string()
+    }
 }
 
 /// Converts a GGUF file or a Hugging Face directory at `input` into a
@@ -84,6 +88,12 @@ pub fn convert(input: &Path, output: &Path, dtype: DType) -> Result<ConvertRepor
     metadata.insert("source_format".to_string(), src.kind.to_string());
     write_model_bin(output, &c, &src.tokenizer, &metadata, dtype, &list, |name| {
         let values = src.tensors.read(name)?;
+        // A NaN or an infinity (a corrupt scale of a quantized block) would
+        // make a model.bin that every other command refuses.
+        if let Some((i, v)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+            let label = src.tensors.label(name);
+            bail!("{ip}: tensor {label} holds {v} at index {i} of {}: the weights must be finite", values.len());
+        }
         n_params += values.len();
         Ok(values)
     })?;
@@ -236,6 +246,10 @@ impl GgufTensors {
 impl Tensors for GgufTensors {
     fn count(&self) -> usize {
         self.g.tensors().len()
+    }
+
+    fn label(&self, name: &str) -> String {
+        gguf_name(name, self.cfg.tied_embeddings).unwrap_or_else(|| name.to_string())
     }
 
     fn check(&self, name: &str, want: &[usize]) -> Result<()> {
