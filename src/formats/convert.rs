@@ -401,8 +401,18 @@ fn open_hf_dir(dir: &Path) -> Result<Source> {
         std::fs::read_to_string(&tok_path).with_context(|| format!("{}: cannot read", tok_path.display()))?;
     let tc_path = dir.join("tokenizer_config.json");
     let tc_text = std::fs::read_to_string(&tc_path).ok();
-    let tokenizer =
-        Tokenizer::from_hf_json(&tok_text, tc_text.as_deref()).with_context(|| format!("{}", tok_path.display()))?;
+    let tokenizer = Tokenizer::from_hf_json(&tok_text, tc_text.as_deref()).map_err(|e| {
+        // The parser names the file it means by its bare name: name it by its path.
+        let msg = e.to_string();
+        match msg.strip_prefix("tokenizer_config.json") {
+            Some(rest) => anyhow!("{}{rest}", tc_path.display()),
+            None => anyhow!(
+                "{}{}",
+                tok_path.display(),
+                msg.strip_prefix("tokenizer.json").map_or(format!(": {msg}"), str::to_string)
+            ),
+        }
+    })?;
 
     let tensors = open_safetensors(dir)?;
     Ok(Source { kind: "huggingface", config, tokenizer, tensors: Box::new(tensors) })
