@@ -10,8 +10,8 @@
 //!   `--resume` must then continue to exactly the model an uninterrupted
 //!   run gives, or, killed before its first save, refuse in one line;
 //! - a full disk (RLIMIT_FSIZE, set by `ulimit -f` in a shell that execs
-//!   lift) and a read-only output directory: one-line errors, the previous
-//!   files intact, no temporary files left;
+//!   lift) for convert, export and train, and a read-only output directory:
+//!   one-line errors, the previous files intact, no temporary files left;
 //! - a NaN weight in a checkpoint or in a saved state, an infinite learning
 //!   rate, a loss that overflows: training stops with the step and the
 //!   tensor named, and the last good state kept.
@@ -327,6 +327,18 @@ fn a_full_disk_gives_one_line_and_keeps_the_previous_files() {
     assert_mentions(error_line(&err), &[s(&bin), "write failed", "File too large"]);
     assert_eq!(std::fs::read(&bin).expect("m.bin"), before, "the previous model.bin is intact");
     assert_eq!(entries(&dir), ["m.bin"], "no temporary file is left");
+
+    // export: the old GGUF stays as it was.
+    let gguf = dir.join("m.gguf");
+    let export = strings(&["export", "--checkpoint", s(&bin), "--format", "gguf", "-o", s(&gguf)]);
+    let (code, err) = run(&export);
+    assert_eq!(code, 0, "{err}");
+    let gguf_before = std::fs::read(&gguf).expect("m.gguf");
+    let (code, err) = run_limited(64 << 10, &export);
+    assert_ne!(code, 0, "{err}");
+    assert_mentions(error_line(&err), &[s(&gguf), "cannot write", "File too large"]);
+    assert_eq!(std::fs::read(&gguf).expect("m.gguf"), gguf_before, "the previous GGUF is intact");
+    assert_eq!(entries(&dir), ["m.bin", "m.gguf"], "no temporary file is left");
 
     // train: a save of state.bin that does not fit leaves the old one.
     let out = dir.join("run");

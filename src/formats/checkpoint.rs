@@ -357,6 +357,30 @@ pub fn write_model_bin(
     })
 }
 
+/// Writes `path` through a temporary file beside it (`tmp_path`), flushed
+/// and renamed into place when `write` is done: a reader sees the old file
+/// or the whole new one, never a part, and on an error (a full disk) the
+/// temporary file is removed and `path` is left as it was.
+pub fn write_atomic(path: &Path, write: impl FnOnce(&mut BufWriter<File>) -> std::io::Result<()>) -> Result<()> {
+    let pd = path.display();
+    remove_stale_temps(path);
+    let tmp = tmp_path(path);
+    let result = (|| -> Result<()> {
+        let file = File::create(&tmp)
+            .with_context(|| format!("cannot create the temporary file {} beside it", tmp.display()))?;
+        let mut w = BufWriter::with_capacity(1 << 20, file);
+        write(&mut w)?;
+        w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        sync_dir(path);
+        Ok(())
+    })();
+    result.map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        e.context(format!("{pd}: cannot write"))
+    })
+}
+
 /// Saves a model's weights (e.g. after fine-tuning) as a model.bin.
 pub fn save_weights(
     path: &Path,

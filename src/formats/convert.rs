@@ -45,6 +45,10 @@ trait Tensors {
     fn check(&self, name: &str, want: &[usize]) -> Result<()>;
     /// The tensor's values as f32, row-major (out, in) for a matrix.
     fn read(&self, name: &str) -> Result<Vec<f32>>;
+    /// The tensor's name in the input (a GGUF's are llama.cpp's).
+    fn label(&self, name: &str) -> String {
+        name.to_string()
+    }
 }
 
 /// Converts a GGUF file or a Hugging Face directory at `input` into a
@@ -84,6 +88,12 @@ pub fn convert(input: &Path, output: &Path, dtype: DType) -> Result<ConvertRepor
     metadata.insert("source_format".to_string(), src.kind.to_string());
     write_model_bin(output, &c, &src.tokenizer, &metadata, dtype, &list, |name| {
         let values = src.tensors.read(name)?;
+        // A NaN or an infinity (a corrupt scale of a quantized block) would
+        // make a model.bin that every other command refuses.
+        if let Some((i, v)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+            let label = src.tensors.label(name);
+            bail!("{ip}: tensor {label} holds {v} at index {i} of {}: the weights must be finite", values.len());
+        }
         n_params += values.len();
         Ok(values)
     })?;
@@ -238,6 +248,10 @@ impl Tensors for GgufTensors {
         self.g.tensors().len()
     }
 
+    fn label(&self, name: &str) -> String {
+        gguf_name(name, self.cfg.tied_embeddings).unwrap_or_else(|| name.to_string())
+    }
+
     fn check(&self, name: &str, want: &[usize]) -> Result<()> {
         let (gname, t) = self.find(name)?;
         // ggml lists dimensions fastest first; PyTorch's (out, in) is the reverse.
@@ -387,8 +401,18 @@ fn open_hf_dir(dir: &Path) -> Result<Source> {
         std::fs::read_to_string(&tok_path).with_context(|| format!("{}: cannot read", tok_path.display()))?;
     let tc_path = dir.join("tokenizer_config.json");
     let tc_text = std::fs::read_to_string(&tc_path).ok();
-    let tokenizer =
-        Tokenizer::from_hf_json(&tok_text, tc_text.as_deref()).with_context(|| format!("{}", tok_path.display()))?;
+    let tokenizer = Tokenizer::from_hf_json(&tok_text, tc_text.as_deref()).map_err(|e| {
+        // The parser names the file it means by its bare name: name it by its path.
+        let msg = e.to_string();
+        match msg.strip_prefix("tokenizer_config.json") {
+            Some(rest) => anyhow!("{}{rest}", tc_path.display()),
+            None => anyhow!(
+                "{}{}",
+                tok_path.display(),
+                msg.strip_prefix("tokenizer.json").map_or(format!(": {msg}"), str::to_string)
+            ),
+        }
+    })?;
 
     let tensors = open_safetensors(dir)?;
     Ok(Source { kind: "huggingface", config, tokenizer, tensors: Box::new(tensors) })

@@ -32,7 +32,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Result, anyhow, bail};
@@ -40,6 +40,7 @@ use half::{bf16, f16};
 use memmap2::Mmap;
 use rayon::prelude::*;
 
+use crate::formats::checkpoint::write_atomic;
 use crate::limits::{clip, plain};
 
 // ---------------------------------------------------------------------------
@@ -1107,7 +1108,8 @@ pub enum GgufWriteData<'a> {
 /// The alignment `write_gguf` uses, written as `general.alignment`.
 const WRITE_ALIGNMENT: u64 = 32;
 
-/// Writes a GGUF v3 file. `tensors` are (name, dims in ggml order, data);
+/// Writes a GGUF v3 file (atomically: see `write_atomic`). `tensors` are
+/// (name, dims in ggml order, data);
 /// each tensor starts at a multiple of 32 bytes. `general.alignment` is
 /// always written by us (as u32 32), so a `general.alignment` entry in
 /// `metadata` (say, copied from another file) is dropped.
@@ -1171,36 +1173,34 @@ pub fn write_gguf(
     }
     pad_to(&mut header, WRITE_ALIGNMENT);
 
-    let file = File::create(path).map_err(|e| anyhow!("{name}: cannot create: {e}"))?;
-    let mut w = BufWriter::new(file);
-    let io = |e: std::io::Error| anyhow!("{name}: cannot write: {e}");
-    w.write_all(&header).map_err(io)?;
-    // Convert in chunks so a 500 MB tensor never needs a second 500 MB copy.
-    let mut buf = Vec::new();
-    for (_, _, data) in tensors {
-        let written = match *data {
-            GgufWriteData::F32(v) => {
-                for chunk in v.chunks(1 << 16) {
-                    buf.clear();
-                    buf.extend(chunk.iter().flat_map(|x| x.to_le_bytes()));
-                    w.write_all(&buf).map_err(io)?;
+    write_atomic(path, |w| {
+        w.write_all(&header)?;
+        // Convert in chunks so a 500 MB tensor never needs a second 500 MB copy.
+        let mut buf = Vec::new();
+        for (_, _, data) in tensors {
+            let written = match *data {
+                GgufWriteData::F32(v) => {
+                    for chunk in v.chunks(1 << 16) {
+                        buf.clear();
+                        buf.extend(chunk.iter().flat_map(|x| x.to_le_bytes()));
+                        w.write_all(&buf)?;
+                    }
+                    v.len() as u64 * 4
                 }
-                v.len() as u64 * 4
-            }
-            GgufWriteData::F16(v) => {
-                for chunk in v.chunks(1 << 16) {
-                    buf.clear();
-                    buf.extend(chunk.iter().flat_map(|&x| f16::from_f32(x).to_le_bytes()));
-                    w.write_all(&buf).map_err(io)?;
+                GgufWriteData::F16(v) => {
+                    for chunk in v.chunks(1 << 16) {
+                        buf.clear();
+                        buf.extend(chunk.iter().flat_map(|&x| f16::from_f32(x).to_le_bytes()));
+                        w.write_all(&buf)?;
+                    }
+                    v.len() as u64 * 2
                 }
-                v.len() as u64 * 2
-            }
-        };
-        let padding = written.div_ceil(WRITE_ALIGNMENT) * WRITE_ALIGNMENT - written;
-        w.write_all(&vec![0u8; padding as usize]).map_err(io)?;
-    }
-    w.flush().map_err(io)?;
-    Ok(())
+            };
+            let padding = written.div_ceil(WRITE_ALIGNMENT) * WRITE_ALIGNMENT - written;
+            w.write_all(&vec![0u8; padding as usize])?;
+        }
+        Ok(())
+    })
 }
 
 fn put_string(out: &mut Vec<u8>, s: &str) {

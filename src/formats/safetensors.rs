@@ -22,7 +22,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Result, anyhow, bail};
@@ -32,6 +32,7 @@ use rayon::prelude::*;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
+use crate::formats::checkpoint::write_atomic;
 use crate::limits::{clip, plain, shorten};
 
 /// The official reader refuses headers over 100 MB; so do we, so that a
@@ -337,31 +338,29 @@ pub fn write_safetensors(
     let mut header = serde_json::to_vec(&header).map_err(|e| anyhow!("{name}: cannot encode header: {e}"))?;
     header.resize(header.len().div_ceil(8) * 8, b' ');
 
-    let file = File::create(path).map_err(|e| anyhow!("{name}: cannot create: {e}"))?;
-    let mut w = BufWriter::new(file);
-    let io = |e: std::io::Error| anyhow!("{name}: cannot write: {e}");
-    w.write_all(&(header.len() as u64).to_le_bytes()).map_err(io)?;
-    w.write_all(&header).map_err(io)?;
-    // Convert in chunks so a big tensor never needs a second full-size copy.
-    let mut buf = Vec::new();
-    for (_, _, data) in &order {
-        match data {
-            TensorData::F32(v) => {
-                for chunk in v.chunks(1 << 16) {
-                    buf.clear();
-                    buf.extend(chunk.iter().flat_map(|x| x.to_le_bytes()));
-                    w.write_all(&buf).map_err(io)?;
+    write_atomic(path, |w| {
+        w.write_all(&(header.len() as u64).to_le_bytes())?;
+        w.write_all(&header)?;
+        // Convert in chunks so a big tensor never needs a second full-size copy.
+        let mut buf = Vec::new();
+        for (_, _, data) in &order {
+            match data {
+                TensorData::F32(v) => {
+                    for chunk in v.chunks(1 << 16) {
+                        buf.clear();
+                        buf.extend(chunk.iter().flat_map(|x| x.to_le_bytes()));
+                        w.write_all(&buf)?;
+                    }
                 }
-            }
-            TensorData::BF16(v) => {
-                for chunk in v.chunks(1 << 16) {
-                    buf.clear();
-                    buf.extend(chunk.iter().flat_map(|x| x.to_le_bytes()));
-                    w.write_all(&buf).map_err(io)?;
+                TensorData::BF16(v) => {
+                    for chunk in v.chunks(1 << 16) {
+                        buf.clear();
+                        buf.extend(chunk.iter().flat_map(|x| x.to_le_bytes()));
+                        w.write_all(&buf)?;
+                    }
                 }
             }
         }
-    }
-    w.flush().map_err(io)?;
-    Ok(())
+        Ok(())
+    })
 }
