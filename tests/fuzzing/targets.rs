@@ -288,17 +288,22 @@ fn model_bin(w: &Work, _: &Seed, path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// A short forward pass and two greedy tokens from BOS, EOS and a prompt.
+/// A short forward pass and eight greedy tokens from BOS, EOS and a prompt.
 fn run_model(model: &mut Model, tok: &Tokenizer) -> Result<()> {
     let mut ids: Vec<u32> = tok.bos_id().into_iter().chain(tok.eos_id()).collect();
     ids.extend(tok.encode("Hi 12 é").into_iter().take(8));
     if ids.is_empty() {
         return Ok(());
     }
-    model.ensure_rope(ids.len() + 2);
+    model.ensure_rope(ids.len() + 8);
     let mut acts = Activations::new(&model.config, 1, ids.len());
     model.forward(&mut acts, &ids, None)?;
-    lift::generate::greedy(model, &ids, 2, tok.eos_id(), |_| {});
+    // As `lift generate` streams: the text so far decoded after every token.
+    let mut so_far = Vec::new();
+    lift::generate::greedy(model, &ids, 8, None, |id| {
+        so_far.push(id);
+        let _ = tok.decode(&so_far);
+    });
     Ok(())
 }
 
