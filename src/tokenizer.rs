@@ -842,6 +842,7 @@ impl Tables {
             *slot = token_to_id.get(&format!("<0x{b:02X}>")).copied();
         }
 
+        check_literals(spec)?;
         let mut regexes = Vec::new();
         for step in &spec.pre_tokenizer {
             if let PreTokenize::Split(pattern) = step {
@@ -872,6 +873,35 @@ impl Tables {
             cache: RwLock::new(HashMap::new()),
         })
     }
+}
+
+/// The longest string a normalizer or decoder step may insert. Real ones
+/// are a character (`▁`, a space); a long one would multiply the text, once
+/// per match, at every encode or decode.
+const MAX_STEP_TEXT: usize = 64;
+
+/// Normalizer and decoder strings: short, and a Replace has something to replace.
+fn check_literals(spec: &Spec) -> Result<()> {
+    let mut texts: Vec<(&str, &str, bool)> = Vec::new(); // (step, text, may be empty)
+    for n in &spec.normalizer {
+        match n {
+            Normalize::Prepend(p) => texts.push(("Prepend normalizer", p, true)),
+            Normalize::Replace(a, b) => {
+                texts.extend([("Replace normalizer", a.as_str(), false), ("Replace normalizer", b, true)])
+            }
+        }
+    }
+    for d in &spec.decoder {
+        if let DecodeStep::Replace(a, b) = d {
+            texts.extend([("Replace decoder", a.as_str(), false), ("Replace decoder", b.as_str(), true)]);
+        }
+    }
+    for (step, text, may_be_empty) in texts {
+        if text.len() > MAX_STEP_TEXT || (text.is_empty() && !may_be_empty) {
+            bail!("{step} with the string {}: want 1 to {MAX_STEP_TEXT} bytes", quote(text));
+        }
+    }
+    Ok(())
 }
 
 /// The longest pre-tokenizer regex accepted, and its deepest nesting of

@@ -35,6 +35,11 @@ pub const WORKER_LIMIT: usize = 1 << 30;
 /// The longest error message that still reads as one line.
 pub const MAX_MESSAGE: usize = 600;
 
+/// An input that takes this long is reported as slow (not a failure: the
+/// time depends on the machine), so that work out of proportion to the
+/// input shows up before it is a hang.
+const SLOW_MS: u128 = 1000;
+
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -161,8 +166,13 @@ pub fn worker(target: &str, base: u64, start: u64, end: u64, secs: f64) {
         println!("run {i}");
         let (s, f, edits) = input_for(t, base, i);
         let input = materialize(t, s, f, &edits, &scratch.join("in"));
+        let t1 = Instant::now();
         if let Outcome::Finding(kind, detail) = run_one(t, s, &w, &input) {
             println!("{kind} {i} {}", detail.replace('\n', "\\n"));
+        }
+        let ms = t1.elapsed().as_millis();
+        if ms >= SLOW_MS {
+            println!("slow {i} {ms}");
         }
         i += 1;
     }
@@ -184,13 +194,15 @@ pub struct Report {
     pub runs: u64,
     pub secs: f64,
     pub findings: Vec<Finding>,
+    /// (input, milliseconds) of the slow inputs.
+    pub slow: Vec<(u64, u64)>,
 }
 
 /// Runs `runs` inputs of a target (or as many as `secs` allow) in workers,
 /// restarting a worker after the input that killed it.
 pub fn supervise(target: &str, base: u64, runs: u64, secs: f64, watchdog: Duration) -> Report {
     let t0 = Instant::now();
-    let mut r = Report { target: target.to_string(), runs: 0, secs: 0.0, findings: Vec::new() };
+    let mut r = Report { target: target.to_string(), runs: 0, secs: 0.0, findings: Vec::new(), slow: Vec::new() };
     let mut next = 0u64;
     while next < runs && t0.elapsed().as_secs_f64() < secs {
         let left = secs - t0.elapsed().as_secs_f64();
@@ -228,6 +240,7 @@ pub fn supervise(target: &str, base: u64, runs: u64, secs: f64, watchdog: Durati
                             r.runs += 1;
                         }
                         (Some("oom"), Some(n)) => oom = Some(n),
+                        (Some("slow"), Some(i)) => r.slow.push((i, rest.parse().unwrap_or(0))),
                         (Some("done"), _) => done = true,
                         (Some(kind), Some(i)) => {
                             r.findings.push(Finding { iter: i, kind: kind.to_string(), detail: rest.to_string() })
@@ -280,6 +293,13 @@ pub fn print_report(t: &Target, base: u64, r: &Report) -> usize {
         let path = dir.join(format!("{}-{base}-{}.json", t.name, f.iter));
         let _ = std::fs::write(&path, serde_json::to_string_pretty(&case).unwrap_or_default());
         println!("  FINDING {} input {} ({}): {} -> {}", t.name, f.iter, f.kind, f.detail, path.display());
+    }
+    let mut slow = r.slow.clone();
+    slow.sort_by_key(|&(_, ms)| std::cmp::Reverse(ms));
+    for &(i, ms) in slow.iter().take(3) {
+        let (s, fi, edits) = input_for(t, base, i);
+        let case = case_json(t, s, fi, &edits);
+        println!("  slow {} input {i}: {ms} ms: {}", t.name, cut(&case.to_string(), 200));
     }
     println!(
         "fuzz {:<15} {:>7} runs in {:>6.1} s ({:>6.0} runs/s), {} findings ({} distinct)",

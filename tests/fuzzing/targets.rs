@@ -288,18 +288,23 @@ fn model_bin(w: &Work, _: &Seed, path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// A short forward pass and two greedy tokens from BOS, EOS and a prompt.
+/// A short forward pass and eight greedy tokens from BOS, EOS and a prompt.
 fn run_model(model: &mut Model, tok: &Tokenizer) -> Result<()> {
     let mut ids: Vec<u32> = tok.bos_id().into_iter().chain(tok.eos_id()).collect();
     ids.extend(tok.encode("Hi 12 é").into_iter().take(8));
     if ids.is_empty() {
         return Ok(());
     }
-    model.ensure_rope(ids.len() + 2);
+    model.ensure_rope(ids.len() + 8);
     let mut acts = Activations::new(&model.config, 1, ids.len());
     model.forward(&mut acts, &ids, None)?;
-    let o = lift::decode::DecodeOptions::greedy(2, tok.eos_id());
-    lift::generate::generate(model, &[ids], &o)?;
+    // As `lift generate` prints: the text of the new tokens, prefix by prefix.
+    let out = lift::generate::generate(model, &[ids], &lift::decode::DecodeOptions::greedy(8, None))?;
+    for new in &out.ids {
+        for n in 1..=new.len() {
+            let _ = tok.decode(&new[..n]);
+        }
+    }
     Ok(())
 }
 
