@@ -2,9 +2,10 @@
 //! (config.json + safetensors + tokenizer.json) becomes a model.bin.
 //!
 //! Both importers produce the same three things: a `Config`, a `Tokenizer`,
-//! and a function that yields each tensor under its Hugging Face name as a
-//! row-major f32 (out, in) matrix. `convert` checks every shape against the
-//! config and streams the tensors into the output one at a time.
+//! and their `Tensors`, each looked up by its Hugging Face name and read as
+//! a row-major f32 (out, in) matrix. `convert` checks every tensor's
+//! presence, shape and type against the config before the output is
+//! created, then streams the tensors into it one at a time.
 
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -291,7 +291,7 @@ fn read_optimizer(r: &mut Reader, c: &Config, o: &MethodOptions) -> Result<(Trai
         1 => Trainable::Full {
             states: (0..count).map(|id| dense(r, numel(c, id)).with_context(|| what(id))).collect::<Result<_>>()?,
         },
-        _ => {
+        2 => {
             let mut adapters = Vec::with_capacity(count);
             let mut states = Vec::with_capacity(count);
             let mut magnitudes = Vec::new();
@@ -309,6 +309,7 @@ fn read_optimizer(r: &mut Reader, c: &Config, o: &MethodOptions) -> Result<(Trai
                 Trainable::Lora { adapters, states }
             }
         }
+        k => bail!("unknown optimizer kind {k}"),
     };
     let n_extra = r.len().context("the number of extra tensors")?;
     let wanted = extra_params(c, o);
