@@ -291,7 +291,7 @@ fn read_optimizer(r: &mut Reader, c: &Config, o: &MethodOptions) -> Result<(Trai
         1 => Trainable::Full {
             states: (0..count).map(|id| dense(r, numel(c, id)).with_context(|| what(id))).collect::<Result<_>>()?,
         },
-        2 => {
+        2 | 3 => {
             let mut adapters = Vec::with_capacity(count);
             let mut states = Vec::with_capacity(count);
             let mut magnitudes = Vec::new();
