@@ -274,21 +274,29 @@ pub fn rope_backward(dx: &mut [f32], rope: &RopeTable, t: usize, h: usize, hs: u
 }
 
 fn rope_rotate(x: &mut [f32], rope: &RopeTable, t: usize, h: usize, hs: usize, pos0: usize, sign: f32) {
+    x.par_chunks_mut(h * hs).enumerate().for_each(|(row, xt)| rotate_row(xt, rope, pos0 + row % t, hs, sign));
+}
+
+/// rope_forward with each row's own position: x (N, H, HS), pos (N) (the
+/// decoding path, where the rows of a batch stand at different positions).
+pub fn rope_forward_at(x: &mut [f32], rope: &RopeTable, pos: &[usize], h: usize, hs: usize) {
+    x.par_chunks_mut(h * hs).zip(pos.par_iter()).for_each(|(xt, &p)| rotate_row(xt, rope, p, hs, 1.0));
+}
+
+/// One row's heads (H, HS) rotated by position p's angles (times `sign`).
+fn rotate_row(xt: &mut [f32], rope: &RopeTable, p: usize, hs: usize, sign: f32) {
     let half = hs / 2;
-    x.par_chunks_mut(h * hs).enumerate().for_each(|(row, xt)| {
-        let p = pos0 + row % t;
-        let cos = &rope.cos[p * half..(p + 1) * half];
-        let sin = &rope.sin[p * half..(p + 1) * half];
-        for head in xt.chunks_mut(hs) {
-            let (a, b) = head.split_at_mut(half);
-            for i in 0..half {
-                let (x0, x1) = (a[i], b[i]);
-                let s = sign * sin[i];
-                a[i] = x0 * cos[i] - x1 * s;
-                b[i] = x1 * cos[i] + x0 * s;
-            }
+    let cos = &rope.cos[p * half..(p + 1) * half];
+    let sin = &rope.sin[p * half..(p + 1) * half];
+    for head in xt.chunks_mut(hs) {
+        let (a, b) = head.split_at_mut(half);
+        for i in 0..half {
+            let (x0, x1) = (a[i], b[i]);
+            let s = sign * sin[i];
+            a[i] = x0 * cos[i] - x1 * s;
+            b[i] = x1 * cos[i] + x0 * s;
         }
-    });
+    }
 }
 
 // ----------------------------------------------------------------------------

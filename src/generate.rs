@@ -137,8 +137,8 @@ impl<'a> CpuSource<'a> {
             cpu::matmul_forward(&mut q, &xn, &lw.wq, n, d, qd);
             cpu::matmul_forward(&mut k, &xn, &lw.wk, n, d, kvd);
             cpu::matmul_forward(&mut v, &xn, &lw.wv, n, d, kvd);
-            rope_at(&mut q, &self.rope, pos, c.n_heads, c.head_dim);
-            rope_at(&mut k, &self.rope, pos, c.n_kv_heads, c.head_dim);
+            cpu::rope_forward_at(&mut q, &self.rope, pos, c.n_heads, c.head_dim);
+            cpu::rope_forward_at(&mut k, &self.rope, pos, c.n_kv_heads, c.head_dim);
             self.cache.put(l, &k, &v);
             attend(&self.cache, l, &q, &mut att);
             cpu::matmul_forward(&mut tmp, &att, &lw.wo, n, qd, d);
@@ -233,24 +233,6 @@ impl LogitSource for CpuSource<'_> {
             self.gc_at = (2 * self.cache.len).max(GC_MIN);
         }
     }
-}
-
-/// Rotates each row's heads by the RoPE angles of its own position.
-/// x is (N, H, HS); the same rotation as `cpu::rope_forward`.
-fn rope_at(x: &mut [f32], rope: &RopeTable, pos: &[usize], h: usize, hs: usize) {
-    let half = hs / 2;
-    x.par_chunks_mut(h * hs).zip(pos.par_iter()).for_each(|(xt, &p)| {
-        let cos = &rope.cos[p * half..(p + 1) * half];
-        let sin = &rope.sin[p * half..(p + 1) * half];
-        for head in xt.chunks_mut(hs) {
-            let (a, b) = head.split_at_mut(half);
-            for i in 0..half {
-                let (x0, x1) = (a[i], b[i]);
-                a[i] = x0 * cos[i] - x1 * sin[i];
-                b[i] = x1 * cos[i] + x0 * sin[i];
-            }
-        }
-    });
 }
 
 /// Causal attention of packed prompts, each over its own keys, with the
