@@ -470,7 +470,7 @@ fn finish(
         let path = o.out.join("model.bin");
         checkpoint::write_model_bin(&path, c, tok, &meta, dtype, &list, |name| {
             let p = params.iter().find(|p| p.name() == name).expect("name from the same list");
-            Ok(tr.tensor(*p)?.into_owned())
+            tr.tensor(*p)
         })?;
         eprintln!("saved {}", path.display());
     }

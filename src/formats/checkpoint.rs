@@ -17,6 +17,7 @@
 //! ```
 //! Tensor names are the Hugging Face names (`model.layers.0.self_attn.q_proj.weight`).
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -280,19 +281,20 @@ impl From<std::io::Error> for WriteError {
 
 /// Writes a model.bin with the given tensors, fetching each tensor's f32
 /// values only when it is written, so a converter never holds more than one
-/// tensor in memory. The file appears atomically: it is written next to
+/// tensor in memory (borrowed, where the caller holds it already: a trainer
+/// writing its weights). The file appears atomically: it is written next to
 /// `path` under a temporary name, flushed to disk and renamed at the end; on
 /// any failure the temporary file is removed and `path` is left as it was.
 /// An error from `fetch` is returned as it is (it is the input's); an error
 /// writing names `path`.
-pub fn write_model_bin(
+pub fn write_model_bin<'s>(
     path: &Path,
     config: &Config,
     tokenizer: &Tokenizer,
     metadata: &BTreeMap<String, String>,
     dtype: DType,
     tensors: &[(String, Vec<usize>)],
-    mut fetch: impl FnMut(&str) -> Result<Vec<f32>>,
+    mut fetch: impl FnMut(&str) -> Result<Cow<'s, [f32]>>,
 ) -> Result<()> {
     let pd = path.display();
     let mut entries = Vec::with_capacity(tensors.len());
@@ -335,12 +337,7 @@ pub fn write_model_bin(
                 );
                 return Err(WriteError::Source(e));
             }
-            let bytes: Vec<u8> = match dtype {
-                DType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-                DType::Bf16 => values.iter().flat_map(|&v| bf16::from_f32(v).to_bits().to_le_bytes()).collect(),
-            };
-            out.write_all(&bytes)?;
-            pos += bytes.len();
+            pos += write_values(&mut out, &values, dtype)?;
             pad_to(&mut out, &mut pos)?;
         }
         out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
@@ -355,6 +352,22 @@ pub fn write_model_bin(
             WriteError::Output(e) => e.context(format!("{pd}: write failed")),
         }
     })
+}
+
+/// Writes values little-endian in `dtype`, converted a block at a time (a
+/// whole-tensor byte copy would be 108 MiB for SmolLM2's embedding); returns
+/// the bytes written.
+fn write_values(out: &mut impl Write, values: &[f32], dtype: DType) -> std::io::Result<usize> {
+    let mut bytes = Vec::with_capacity(1 << 18);
+    for block in values.chunks(1 << 16) {
+        bytes.clear();
+        match dtype {
+            DType::F32 => bytes.extend(block.iter().flat_map(|v| v.to_le_bytes())),
+            DType::Bf16 => bytes.extend(block.iter().flat_map(|&v| bf16::from_f32(v).to_bits().to_le_bytes())),
+        }
+        out.write_all(&bytes)?;
+    }
+    Ok(values.len() * dtype.size())
 }
 
 /// Writes `path` through a temporary file beside it (`tmp_path`), flushed
@@ -396,7 +409,7 @@ pub fn save_weights(
     write_model_bin(path, config, tokenizer, metadata, dtype, &list, |name| {
         // Tensors are fetched in the order of the list.
         let p = next.next().filter(|p| p.name() == name).ok_or_else(|| anyhow!("tensor {name} out of order"))?;
-        Ok(weights.get(*p).to_vec())
+        Ok(Cow::Borrowed(weights.get(*p)))
     })
 }
 

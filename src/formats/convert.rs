@@ -96,7 +96,7 @@ pub fn convert(input: &Path, output: &Path, dtype: DType) -> Result<ConvertRepor
             bail!("{ip}: tensor {label} holds {v} at index {i} of {}: the weights must be finite", values.len());
         }
         n_params += values.len();
-        Ok(values)
+        Ok(values.into())
     })?;
     Ok(ConvertReport { config: c, n_tensors: list.len(), n_params, source: src.kind.to_string() })
 }

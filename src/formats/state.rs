@@ -105,8 +105,12 @@ impl Writer {
     fn len(&mut self, n: usize) -> Result<()> {
         self.bytes(&(n as u64).to_le_bytes())
     }
+    /// A block at a time: no byte copy of a whole tensor.
     fn f32s(&mut self, xs: &[f32]) -> Result<()> {
-        self.bytes(&xs.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>())
+        for block in xs.chunks(1 << 16) {
+            self.bytes(&block.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>())?;
+        }
+        Ok(())
     }
     fn dense(&mut self, s: &DenseState) -> Result<()> {
         self.len(s.m.len())?;
