@@ -7,7 +7,7 @@
 //! memory (on the GPU for --device cuda), so no file is needed; tokens are
 //! random and every position counts in the loss.
 //!
-//! `--recompute` (CUDA) keeps only each layer's input through the forward
+//! `--recompute` keeps only each layer's input through the forward
 //! pass and recomputes the rest in the backward pass; peak_mem_bytes shows
 //! what it saves, step_ms what it costs.
 //!
@@ -73,7 +73,7 @@ pub struct BenchArgs {
     #[arg(long, value_enum, default_value = "f32")]
     pub sketch: Sketch,
     /// Recompute each layer's activations in the backward pass instead of
-    /// keeping them (CUDA).
+    /// keeping them.
     #[arg(long)]
     pub recompute: bool,
     #[arg(long, default_value_t = 0)]
@@ -372,9 +372,6 @@ fn bench_cpu(a: &BenchArgs, c: &Config) -> Result<serde_json::Value> {
         None => eprintln!("random {} in {:.1}s", a.config, t0.elapsed().as_secs_f64()),
     }
     let o = a.options();
-    if a.recompute {
-        bail!("--recompute is implemented for --device cuda only");
-    }
     let device = format!("cpu ({} threads)", rayon::current_num_threads());
     if a.mask_only {
         if !a.method.kind.is_sparse() {
@@ -392,7 +389,7 @@ fn bench_cpu(a: &BenchArgs, c: &Config) -> Result<serde_json::Value> {
     if a.forward_only {
         model.ensure_rope(a.seq);
         let batch = random_batch(c, a.batch, a.seq, a.seed ^ 1);
-        let mut acts = crate::model::Activations::new(c, a.batch, a.seq);
+        let mut acts = crate::model::Activations::with(c, a.batch, a.seq, crate::model::Head::Loss, false);
         let mut fwd = Vec::new();
         for i in 0..a.warmup + a.steps {
             let t0 = Instant::now();
@@ -411,7 +408,7 @@ fn bench_cpu(a: &BenchArgs, c: &Config) -> Result<serde_json::Value> {
         }));
     }
     let t_mask = Instant::now();
-    let mut tr = CpuTrainer::start(model, &o, a.batch, a.seq, None)?;
+    let mut tr = CpuTrainer::start(model, &o, a.seq, a.batch * a.seq, None)?;
     let mask_s = if a.method.kind.is_sparse() { t_mask.elapsed().as_secs_f64() } else { 0.0 };
     let batch = random_batch(c, a.batch, a.seq, a.seed ^ 1);
     let mut t = Timings { step: vec![], fwd: vec![], bwd: vec![], opt: vec![] };
@@ -466,7 +463,7 @@ fn bench_data(a: &BenchArgs, path: &std::path::Path) -> Result<serde_json::Value
     let longest = lens.iter().copied().max().unwrap_or(1);
     let o = a.options();
     let t0 = Instant::now();
-    let mut tr = CpuTrainer::start(model, &o, a.batch, longest, None)?;
+    let mut tr = CpuTrainer::start(model, &o, longest, batches.iter().map(|b| b.b * b.t).max().unwrap_or(0), None)?;
     let mask_s = t0.elapsed().as_secs_f64();
     let t0 = Instant::now();
     for (i, b) in batches.iter().enumerate() {

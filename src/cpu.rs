@@ -653,6 +653,21 @@ pub fn swiglu_backward(dgate: &mut [f32], dup: &mut [f32], dout: &[f32], gate: &
         });
 }
 
+/// swiglu_backward into fresh gradients, in place: dh (N, F) holds dout and
+/// becomes dgate, up (N, F) becomes dup. The backward pass needs no three
+/// more (N, F) buffers this way (elementwise, so in place is safe; the
+/// values are those of swiglu_backward into zeros).
+pub fn swiglu_backward_inplace(dh: &mut [f32], up: &mut [f32], gate: &[f32]) {
+    dh.par_chunks_mut(4096).zip(up.par_chunks_mut(4096)).zip(gate.par_chunks(4096)).for_each(|((dy, u), g)| {
+        for i in 0..dy.len() {
+            let s = 1.0 / (1.0 + (-g[i]).exp());
+            let du = dy[i] * g[i] * s;
+            dy[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+            u[i] = du;
+        }
+    });
+}
+
 // ----------------------------------------------------------------------------
 // Residual
 
@@ -673,9 +688,20 @@ pub fn residual_forward(x: &mut [f32], y: &[f32]) {
 /// or 0 where ignored, and returns their mean over the counted positions
 /// (0 when none counts), which is PyTorch's `cross_entropy(ignore_index=-100)`.
 pub fn crossentropy_forward(losses: &mut [f32], logits: &[f32], targets: &[i32], v: usize) -> f32 {
+    crossentropy_losses(losses, logits, targets, v);
+    crossentropy_mean(losses, targets)
+}
+
+/// The per-row part of crossentropy_forward, for any R rows: losses (R)
+/// from logits (R, V) and targets (R). lm_head.rs calls it chunk by chunk.
+pub fn crossentropy_losses(losses: &mut [f32], logits: &[f32], targets: &[i32], v: usize) {
     losses.par_iter_mut().zip(logits.par_chunks(v)).zip(targets.par_iter()).for_each(|((loss, row), &tgt)| {
         *loss = if tgt < 0 { 0.0 } else { logsumexp(row) - row[tgt as usize] };
     });
+}
+
+/// Mean of losses (N) over the positions with a target (0 when none has one).
+pub fn crossentropy_mean(losses: &[f32], targets: &[i32]) -> f32 {
     let n = targets.iter().filter(|&&t| t >= 0).count();
     if n == 0 {
         return 0.0;
@@ -689,7 +715,12 @@ pub fn crossentropy_forward(losses: &mut [f32], logits: &[f32], targets: &[i32],
 /// an ignored position. logits is (N, V); it holds dlogits afterwards.
 pub fn crossentropy_backward_inplace(logits: &mut [f32], targets: &[i32], v: usize) {
     let n = targets.iter().filter(|&&t| t >= 0).count().max(1);
-    let inv = 1.0 / n as f32;
+    crossentropy_backward_rows(logits, targets, v, 1.0 / n as f32);
+}
+
+/// The per-row part of crossentropy_backward_inplace, for any R rows of a
+/// batch whose counted positions number 1 / inv: logits (R, V) become dlogits.
+pub fn crossentropy_backward_rows(logits: &mut [f32], targets: &[i32], v: usize, inv: f32) {
     logits.par_chunks_mut(v).zip(targets.par_iter()).for_each(|(row, &tgt)| {
         if tgt < 0 {
             row.fill(0.0);

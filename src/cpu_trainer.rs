@@ -13,7 +13,7 @@ use crate::data::{self, Batch};
 use crate::dora;
 use crate::formats::state::{Record, StateSource, record_of};
 use crate::method::{self, MaskPlan, MaskRule, Trainable, extra_params};
-use crate::model::{Activations, Config, GradSink, Linear, Model, Param, matrices, matrix_id};
+use crate::model::{Activations, Config, GradSink, Head, Linear, Model, Param, matrices, matrix_id};
 use crate::optim::{self, AdamW, DenseState, RefreshStats, SparseState};
 use crate::options::TrainOptions;
 use crate::select;
@@ -80,7 +80,11 @@ struct Grads {
 }
 
 impl Grads {
-    fn new(trainable: &Trainable, c: &Config, o: &TrainOptions) -> Grads {
+    /// Accumulators for the method's trainable values, and for a sparse
+    /// method the sampled product's scratch for batches of up to `rows`
+    /// positions, made once (grown later, the old block would stay behind
+    /// as allocator slack).
+    fn new(trainable: &Trainable, c: &Config, o: &TrainOptions, rows: usize) -> Grads {
         let linear = match trainable {
             Trainable::Sparse { states } => states.iter().map(|s| vec![0.0; s.k()]).collect(),
             Trainable::Full { states } => states.iter().map(|s| vec![0.0; s.m.len()]).collect(),
@@ -92,7 +96,9 @@ impl Grads {
         };
         let extra =
             extra_params(c, &o.method).into_iter().map(|p| (p, vec![0.0; p.shape(c).iter().product()])).collect();
-        Grads { linear, extra, dw: Vec::new() }
+        let widest = Linear::ALL.iter().map(|w| w.shape(c).0 + w.shape(c).1).max().unwrap_or(0);
+        let dw = if matches!(trainable, Trainable::Sparse { .. }) { vec![0.0; rows * widest] } else { Vec::new() };
+        Grads { linear, extra, dw }
     }
 
     fn zero(&mut self) {
@@ -201,13 +207,14 @@ pub struct CpuTrainer {
 
 impl CpuTrainer {
     /// A run from a state read from state.bin, or a fresh one: the masks
-    /// selected (sparse methods) or the adapters made (LoRA). Activations
-    /// are sized for batches up to (B, T).
+    /// selected (sparse methods) or the adapters made (LoRA). RoPE covers
+    /// sequences up to T; the activations are sized for batches of up to
+    /// `rows` positions (B*T; a larger one makes them grow).
     pub fn start(
         mut model: Model,
         o: &TrainOptions,
-        b: usize,
         t: usize,
+        rows: usize,
         saved: Option<(Trainable, Vec<DenseState>)>,
     ) -> Result<CpuTrainer> {
         let c = &model.config.clone();
@@ -224,7 +231,7 @@ impl CpuTrainer {
                 (trainable, method::fresh_extras(c, &o.method))
             }
         };
-        Ok(CpuTrainer::resume(model, trainable, extra_states, o, b, t))
+        Ok(CpuTrainer::resume(model, trainable, extra_states, o, t, rows))
     }
 
     /// A run from a given state (a fresh one, or one read from state.bin).
@@ -234,8 +241,8 @@ impl CpuTrainer {
         trainable: Trainable,
         extra_states: Vec<DenseState>,
         o: &TrainOptions,
-        b: usize,
         t: usize,
+        rows: usize,
     ) -> CpuTrainer {
         let adapter_base = match trainable.adapters() {
             Some(_) => matrices(&model.config).map(|(_, l, w)| model.weights.layers[l].linear(w).to_vec()).collect(),
@@ -243,8 +250,8 @@ impl CpuTrainer {
         };
         let dora_norms = merge_adapters(&trainable, &adapter_base, &mut model);
         model.ensure_rope(t);
-        let grads = Grads::new(&trainable, &model.config, o);
-        let acts = Activations::new(&model.config, b, t);
+        let grads = Grads::new(&trainable, &model.config, o, rows);
+        let acts = Activations::with(&model.config, 1, rows, Head::Gradient, o.recompute);
         CpuTrainer { model, trainable, adapter_base, dora_norms, extra_states, grads, acts, opts: o.clone() }
     }
 
@@ -390,7 +397,8 @@ impl Trainer for CpuTrainer {
                 stats.total += r.total;
             }
         }
-        self.grads = Grads::new(&self.trainable, &self.model.config, &self.opts);
+        let dw = std::mem::take(&mut self.grads.dw);
+        self.grads = Grads { dw, ..Grads::new(&self.trainable, &self.model.config, &self.opts, 0) };
         Ok(stats)
     }
 
@@ -438,12 +446,17 @@ impl StateSource for CpuTrainer {
     }
 }
 
-/// Mean loss over the validation batches, weighted by their loss tokens.
+/// Mean loss over the validation batches, weighted by their loss tokens
+/// (the losses only: no logits kept, no gradient made).
 pub fn eval_loss(model: &Model, acts: &mut Activations, batches: &[Batch]) -> Result<f32> {
-    let mut parts = Vec::with_capacity(batches.len());
-    for b in batches {
-        acts.set_shape(&model.config, b.b, b.t);
-        parts.push((model.forward(acts, &b.tokens, Some(&b.targets))?, b.n_loss));
-    }
-    Ok(data::mean_loss(parts))
+    let head = std::mem::replace(&mut acts.head, Head::Loss);
+    let parts: Result<Vec<(f32, usize)>> = batches
+        .iter()
+        .map(|b| {
+            acts.set_shape(&model.config, b.b, b.t);
+            Ok((model.forward(acts, &b.tokens, Some(&b.targets))?, b.n_loss))
+        })
+        .collect();
+    acts.head = head;
+    Ok(data::mean_loss(parts?))
 }

@@ -23,7 +23,7 @@ use crate::answer::{self, Rule};
 use crate::data::{self, Example, Purpose, Template};
 use crate::decode::{self, DecodeOptions, Strategy};
 use crate::generate::CpuSource;
-use crate::model::{Activations, Model};
+use crate::model::{Activations, Head, Model};
 use crate::tokenizer::Tokenizer;
 
 /// One data set of a suite: its name in the tables and its file.
@@ -389,7 +389,7 @@ fn target_loss(
     let c = model.config.clone();
     let longest = tokenized.iter().map(|t| t.ids.len()).max().unwrap_or(1);
     model.ensure_rope(longest);
-    let mut acts = Activations::new(&c, o.batch_size.min(tokenized.len()), longest);
+    let mut acts = Activations::with(&c, o.batch_size.min(tokenized.len()), longest, Head::Loss, false);
     let mut parts = Vec::new();
     for chunk in tokenized.chunks(o.batch_size) {
         let refs: Vec<_> = chunk.iter().collect();

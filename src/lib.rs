@@ -33,6 +33,7 @@ pub mod formats;
 pub mod generate;
 pub mod init;
 pub mod limits;
+pub mod lm_head;
 pub mod lora;
 pub mod method;
 pub mod model;

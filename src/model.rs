@@ -419,6 +419,7 @@ impl Weights {
 
 use crate::cpu::{self, AttnDims, RopeTable};
 use crate::data::Segment;
+use crate::lm_head::{self, HeadInput, Logits};
 
 /// A Llama ready to run: its shape, its weights and its RoPE table.
 pub struct Model {
@@ -427,13 +428,26 @@ pub struct Model {
     pub rope: RopeTable,
 }
 
-/// What the forward pass of one block keeps for the backward pass.
-/// N = B*T rows. The RMSNorm outputs and silu(gate) * up are not kept: the
-/// backward pass recomputes them from what is here (a few elementwise passes)
-/// instead of storing 2C + F more floats per row and layer, a third of the
-/// total.
+/// What the forward pass leaves of the LM head besides each position's
+/// loss (lm_head.rs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Head {
+    /// Every (N, V) logit, in `Activations::logits` (generation, tests).
+    Logits,
+    /// Nothing more: the logits exist a chunk of rows at a time (evaluation).
+    Loss,
+    /// The gradient of the loss with respect to the head's input, for the
+    /// backward pass to come (training): the (N, V) logits never exist.
+    Gradient,
+}
+
+/// What the forward pass of one block keeps for the backward pass besides
+/// the block's input (`Activations::resid`). N = B*T rows. The RMSNorm
+/// outputs and silu(gate) * up are not kept: the backward pass recomputes
+/// them from what is here (a few elementwise passes) instead of storing
+/// 2C + F more floats per row and layer, a third of the total.
+#[derive(Default)]
 struct LayerActs {
-    x_in: Vec<f32>,  // (N, C) residual stream entering the block
     rstd1: Vec<f32>, // (N)
     q: Vec<f32>,     // (N, NH*HS) after RoPE
     k: Vec<f32>,     // (N, KVH*HS) after RoPE
@@ -446,150 +460,180 @@ struct LayerActs {
     up: Vec<f32>,    // (N, F)
 }
 
-/// Gradient buffers for the backward pass, reused layer after layer.
+impl LayerActs {
+    /// Every buffer with its floats per row.
+    fn buffers(&mut self, c: &Config) -> [(&mut Vec<f32>, usize); 10] {
+        let (d, q, kv, f) = (c.dim, c.q_dim(), c.kv_dim(), c.ffn_dim);
+        [
+            (&mut self.rstd1, 1),
+            (&mut self.q, q),
+            (&mut self.k, kv),
+            (&mut self.v, kv),
+            (&mut self.att, q),
+            (&mut self.lse, c.n_heads),
+            (&mut self.x_mid, d),
+            (&mut self.rstd2, 1),
+            (&mut self.gate, f),
+            (&mut self.up, f),
+        ]
+    }
+
+    fn all(&self) -> [&Vec<f32>; 10] {
+        [&self.rstd1, &self.q, &self.k, &self.v, &self.att, &self.lse, &self.x_mid, &self.rstd2, &self.gate, &self.up]
+    }
+}
+
+/// Gradient buffers for the backward pass, reused layer after layer (the
+/// MLP's (N, F) gradients live in `h` and the layer's `up`: mlp_backward).
+#[derive(Default)]
 struct Scratch {
     dres: Vec<f32>,  // (N, C) gradient of the residual stream
-    dxn: Vec<f32>,   // (N, C) gradient of a norm output
+    dxn: Vec<f32>,   // (N, C) gradient of a norm output (first: of the head's input)
     dq: Vec<f32>,    // (N, NH*HS)
     dk: Vec<f32>,    // (N, KVH*HS)
     dv: Vec<f32>,    // (N, KVH*HS)
     datt: Vec<f32>,  // (N, NH*HS)
     delta: Vec<f32>, // (N, NH)
     rstd: Vec<f32>,  // (N) rstd of a recomputed RMSNorm
-    dgate: Vec<f32>, // (N, F)
-    dup: Vec<f32>,   // (N, F)
-    dh: Vec<f32>,    // (N, F)
 }
 
-/// Every buffer of a forward and backward pass for batches up to (B, T),
-/// allocated once and reused from step to step.
+impl Scratch {
+    /// Every buffer with its floats per row.
+    fn buffers(&mut self, c: &Config) -> [(&mut Vec<f32>, usize); 8] {
+        let (d, q, kv) = (c.dim, c.q_dim(), c.kv_dim());
+        [
+            (&mut self.dres, d),
+            (&mut self.dxn, d),
+            (&mut self.dq, q),
+            (&mut self.dk, kv),
+            (&mut self.dv, kv),
+            (&mut self.datt, q),
+            (&mut self.delta, c.n_heads),
+            (&mut self.rstd, 1),
+        ]
+    }
+
+    fn all(&self) -> [&Vec<f32>; 8] {
+        [&self.dres, &self.dxn, &self.dq, &self.dk, &self.dv, &self.datt, &self.delta, &self.rstd]
+    }
+}
+
+/// v holds exactly len values (new ones `fill`): it grows to what is asked
+/// and no further (Vec's doubling would reserve pages never used), and
+/// never shrinks, so a smaller batch after a larger one does not allocate.
+fn fit<T: Clone>(v: &mut Vec<T>, len: usize, fill: T) {
+    if len > v.capacity() {
+        v.reserve_exact(len - v.len());
+    }
+    v.resize(len, fill);
+}
+
+/// Every buffer of a forward and backward pass, reused from step to step.
 pub struct Activations {
     pub b: usize,
     pub t: usize,
+    /// What the forward pass leaves of the LM head.
+    pub head: Head,
+    /// Rows per chunk of logits (lm_head::ROWS; tests make it small).
+    pub head_rows: usize,
+    /// Keep only each block's input through the forward pass, and compute
+    /// the rest again block by block in the backward pass (--recompute).
+    recompute: bool,
     tokens: Vec<u32>,  // (N)
     targets: Vec<i32>, // (N), negative = no loss here
+    /// L+1 x (N, C): the residual stream entering each block, then after the last.
+    resid: Vec<Vec<f32>>,
+    /// What each block keeps (L of them; one with `recompute`, refilled
+    /// block by block in the backward pass).
     layers: Vec<LayerActs>,
-    tmp: Vec<f32>,     // (N, C) a block's output before the residual add
-    xn: Vec<f32>,      // (N, C) the current RMSNorm output (forward and backward)
-    h: Vec<f32>,       // (N, F) the current silu(gate) * up (forward and backward)
-    x_final: Vec<f32>, // (N, C) residual stream after the last block
-    xf: Vec<f32>,      // (N, C) final RMSNorm output
-    rstd_f: Vec<f32>,  // (N)
-    /// (N, V) logits after forward; dlogits after backward.
+    tmp: Vec<f32>,    // (N, C) a block's output before the residual add
+    xn: Vec<f32>,     // (N, C) the current RMSNorm output (forward and backward)
+    h: Vec<f32>,      // (N, F) the current silu(gate) * up (forward and backward)
+    xf: Vec<f32>,     // (N, C) final RMSNorm output
+    rstd_f: Vec<f32>, // (N)
+    /// (N, V) logits with Head::Logits (dlogits after backward); else (R, V), one chunk's.
     pub logits: Vec<f32>,
     losses: Vec<f32>, // (N)
+    /// From the first backward pass on, or the first forward pass with Head::Gradient.
     scratch: Option<Scratch>,
     /// A packed batch's segments (data::Segment); empty: whole rows.
     pub segments: Vec<Segment>,
 }
 
 impl Activations {
+    /// Buffers for batches of (B, T) that keep every block's activations
+    /// and all (N, V) logits (what generation and the tests read).
     pub fn new(c: &Config, b: usize, t: usize) -> Activations {
-        let n = b * t;
-        let z = |len: usize| vec![0.0f32; len];
-        let (d, q, kv, f) = (c.dim, c.q_dim(), c.kv_dim(), c.ffn_dim);
-        Activations {
-            b,
-            t,
-            tokens: vec![0; n],
-            targets: vec![-1; n],
-            layers: (0..c.n_layers)
-                .map(|_| LayerActs {
-                    x_in: z(n * d),
-                    rstd1: z(n),
-                    q: z(n * q),
-                    k: z(n * kv),
-                    v: z(n * kv),
-                    att: z(n * q),
-                    lse: z(n * c.n_heads),
-                    x_mid: z(n * d),
-                    rstd2: z(n),
-                    gate: z(n * f),
-                    up: z(n * f),
-                })
-                .collect(),
-            tmp: z(n * d),
-            xn: z(n * d),
-            h: z(n * f),
-            x_final: z(n * d),
-            xf: z(n * d),
-            rstd_f: z(n),
-            logits: z(n * c.vocab_size),
-            losses: z(n),
-            scratch: None,
-            segments: Vec::new(),
-        }
+        Activations::with(c, b, t, Head::Logits, false)
     }
 
-    /// Re-shapes every buffer for a batch of (B, T). Buffers keep their
-    /// capacity, so after the largest batch has been seen no step allocates.
-    /// Bytes held by the buffers (their capacity: what the largest batch so far needed).
+    /// Buffers for batches of (B, T) (they grow for larger ones) with the
+    /// given head output, keeping every block's activations or only each
+    /// block's input (`recompute`).
+    pub fn with(c: &Config, b: usize, t: usize, head: Head, recompute: bool) -> Activations {
+        let mut a = Activations {
+            b: 0,
+            t: 0,
+            head,
+            head_rows: lm_head::ROWS,
+            recompute,
+            tokens: Vec::new(),
+            targets: Vec::new(),
+            resid: (0..=c.n_layers).map(|_| Vec::new()).collect(),
+            layers: (0..if recompute { 1 } else { c.n_layers }).map(|_| LayerActs::default()).collect(),
+            tmp: Vec::new(),
+            xn: Vec::new(),
+            h: Vec::new(),
+            xf: Vec::new(),
+            rstd_f: Vec::new(),
+            logits: Vec::new(),
+            losses: Vec::new(),
+            // made now for training, so that it too is sized once
+            scratch: (head == Head::Gradient).then(Scratch::default),
+            segments: Vec::new(),
+        };
+        a.set_shape(c, b, t);
+        a
+    }
+
+    /// Bytes the buffers hold: their capacity, which `set_shape` keeps at
+    /// what the largest batch so far needed, every byte of it written.
     pub fn bytes(&self) -> usize {
         let f = |v: &Vec<f32>| v.capacity() * 4;
-        let layer = |a: &LayerActs| {
-            [&a.x_in, &a.rstd1, &a.q, &a.k, &a.v, &a.att, &a.lse, &a.x_mid, &a.rstd2, &a.gate, &a.up]
-                .iter()
-                .map(|v| f(v))
-                .sum::<usize>()
-        };
-        let s = self.scratch.as_ref().map_or(0, |s| {
-            [&s.dres, &s.dxn, &s.dq, &s.dk, &s.dv, &s.datt, &s.delta, &s.rstd, &s.dgate, &s.dup, &s.dh]
-                .iter()
-                .map(|v| f(v))
-                .sum()
-        });
-        let top = [&self.tmp, &self.xn, &self.h, &self.x_final, &self.xf, &self.rstd_f, &self.logits, &self.losses];
-        self.layers.iter().map(layer).sum::<usize>()
-            + top.iter().map(|v| f(v)).sum::<usize>()
-            + s
+        let layers: usize = self.layers.iter().flat_map(LayerActs::all).map(f).sum();
+        let scratch: usize = self.scratch.iter().flat_map(Scratch::all).map(f).sum();
+        let top = [&self.tmp, &self.xn, &self.h, &self.xf, &self.rstd_f, &self.logits, &self.losses];
+        layers
+            + scratch
+            + self.resid.iter().map(f).sum::<usize>()
+            + top.into_iter().map(f).sum::<usize>()
             + 4 * (self.tokens.capacity() + self.targets.capacity())
     }
 
+    /// Re-shapes every buffer for a batch of (B, T). Buffers grow to what
+    /// the batch needs and keep their capacity, so after the largest batch
+    /// has been seen no step allocates.
     pub fn set_shape(&mut self, c: &Config, b: usize, t: usize) {
         self.segments.clear();
-        if (b, t) == (self.b, self.t) {
-            return;
-        }
+        (self.b, self.t) = (b, t);
         let n = b * t;
-        let (d, q, kv, f) = (c.dim, c.q_dim(), c.kv_dim(), c.ffn_dim);
-        let fit = |v: &mut Vec<f32>, len: usize| v.resize(len, 0.0);
-        self.b = b;
-        self.t = t;
-        self.tokens.resize(n, 0);
-        self.targets.resize(n, -1);
+        let (d, f) = (c.dim, c.ffn_dim);
+        fit(&mut self.tokens, n, 0);
+        fit(&mut self.targets, n, -1);
+        for x in self.resid.iter_mut() {
+            fit(x, n * d, 0.0);
+        }
         for a in self.layers.iter_mut() {
-            for (v, w) in [(&mut a.x_in, d), (&mut a.x_mid, d)] {
-                fit(v, n * w);
-            }
-            for (v, w) in [(&mut a.q, q), (&mut a.att, q), (&mut a.k, kv), (&mut a.v, kv)] {
-                fit(v, n * w);
-            }
-            for v in [&mut a.gate, &mut a.up] {
-                fit(v, n * f);
-            }
-            fit(&mut a.rstd1, n);
-            fit(&mut a.rstd2, n);
-            fit(&mut a.lse, n * c.n_heads);
+            a.buffers(c).into_iter().for_each(|(v, w)| fit(v, n * w, 0.0));
         }
-        for v in [&mut self.tmp, &mut self.xn, &mut self.x_final, &mut self.xf] {
-            fit(v, n * d);
-        }
-        fit(&mut self.h, n * f);
-        fit(&mut self.rstd_f, n);
-        fit(&mut self.losses, n);
-        fit(&mut self.logits, n * c.vocab_size);
+        let top = [(&mut self.tmp, d), (&mut self.xn, d), (&mut self.h, f), (&mut self.xf, d)];
+        top.into_iter().for_each(|(v, w)| fit(v, n * w, 0.0));
+        fit(&mut self.rstd_f, n, 0.0);
+        fit(&mut self.losses, n, 0.0);
+        let head_rows = if self.head == Head::Logits { n } else { n.min(self.head_rows) };
+        fit(&mut self.logits, head_rows * c.vocab_size, 0.0);
         if let Some(s) = self.scratch.as_mut() {
-            for (v, w) in [(&mut s.dres, d), (&mut s.dxn, d), (&mut s.dq, q), (&mut s.datt, q)] {
-                fit(v, n * w);
-            }
-            for v in [&mut s.dk, &mut s.dv] {
-                fit(v, n * kv);
-            }
-            for v in [&mut s.dgate, &mut s.dup, &mut s.dh] {
-                fit(v, n * f);
-            }
-            fit(&mut s.delta, n * c.n_heads);
-            fit(&mut s.rstd, n);
+            s.buffers(c).into_iter().for_each(|(v, w)| fit(v, n * w, 0.0));
         }
     }
 
@@ -598,22 +642,14 @@ impl Activations {
         &self.losses
     }
 
-    fn scratch(&mut self, c: &Config) -> &mut Scratch {
-        let n = self.b * self.t;
-        let z = |len: usize| vec![0.0f32; len];
-        self.scratch.get_or_insert_with(|| Scratch {
-            dres: z(n * c.dim),
-            dxn: z(n * c.dim),
-            dq: z(n * c.q_dim()),
-            dk: z(n * c.kv_dim()),
-            dv: z(n * c.kv_dim()),
-            datt: z(n * c.q_dim()),
-            delta: z(n * c.n_heads),
-            rstd: z(n),
-            dgate: z(n * c.ffn_dim),
-            dup: z(n * c.ffn_dim),
-            dh: z(n * c.ffn_dim),
-        })
+    /// Allocates the gradient buffers for the current shape, if not yet there.
+    fn scratch(&mut self, c: &Config) {
+        if self.scratch.is_none() {
+            let mut s = Scratch::default();
+            let n = self.b * self.t;
+            s.buffers(c).into_iter().for_each(|(v, w)| fit(v, n * w, 0.0));
+            self.scratch = Some(s);
+        }
     }
 }
 
@@ -669,14 +705,15 @@ impl Model {
     }
 
     /// The forward pass over tokens (B, T). With targets (B, T) (negative =
-    /// ignored) it returns the mean cross-entropy; the logits (B, T, V) are
-    /// left in `acts.logits` either way. A token id outside the vocabulary is
-    /// an error (as on the GPU), found before any work.
+    /// ignored) it returns the mean cross-entropy; per `acts.head` the
+    /// logits (B, T, V) are left in `acts.logits`, or the gradient of the
+    /// loss with respect to the head's input is made for `backward`. A token
+    /// id outside the vocabulary is an error (as on the GPU), found before
+    /// any work.
     pub fn forward(&self, acts: &mut Activations, tokens: &[u32], targets: Option<&[i32]>) -> Result<f32> {
         let c = &self.config;
         let (b, t) = (acts.b, acts.t);
-        let n = b * t;
-        assert_eq!(tokens.len(), n, "forward: tokens must be (B, T)");
+        assert_eq!(tokens.len(), b * t, "forward: tokens must be (B, T)");
         // positions restart in each segment of a packed batch
         let longest = acts.segments.iter().map(|sg| sg.len).max().unwrap_or(t);
         assert!(self.rope.max_pos() >= longest, "forward: call ensure_rope first");
@@ -686,7 +723,6 @@ impl Model {
         if let Some(&bad) = tokens.iter().find(|&&id| id as usize >= c.vocab_size) {
             bail!("token id {bad} is out of range (vocabulary of {})", c.vocab_size);
         }
-        let (d, qd, kvd, f) = (c.dim, c.q_dim(), c.kv_dim(), c.ffn_dim);
         let dims = AttnDims { b, tq: t, tk: t, tcap: t, nh: c.n_heads, kvh: c.n_kv_heads, hs: c.head_dim };
         acts.tokens.copy_from_slice(tokens);
         match targets {
@@ -694,72 +730,132 @@ impl Model {
             None => acts.targets.fill(-1),
         }
 
-        cpu::embedding_forward(&mut acts.layers[0].x_in, tokens, &self.weights.embed, d);
+        cpu::embedding_forward(&mut acts.resid[0], tokens, &self.weights.embed, c.dim);
         for l in 0..c.n_layers {
-            let w = &self.weights.layers[l];
-            let (done, rest) = acts.layers.split_at_mut(l + 1);
-            let a = &mut done[l];
-            // Attention block: x_mid = x_in + o(attention(rope(q), rope(k), v)).
-            let xn = &mut acts.xn;
-            cpu::rmsnorm_forward(xn, &mut a.rstd1, &a.x_in, &w.attn_norm, d, c.norm_eps);
-            cpu::matmul_forward(&mut a.q, xn, &w.wq, n, d, qd);
-            cpu::matmul_forward(&mut a.k, xn, &w.wk, n, d, kvd);
-            cpu::matmul_forward(&mut a.v, xn, &w.wv, n, d, kvd);
-            self.rope_attention_forward(a, &acts.segments, dims);
-            cpu::matmul_forward(&mut acts.tmp, &a.att, &w.wo, n, qd, d);
-            a.x_mid.copy_from_slice(&a.x_in);
-            cpu::residual_forward(&mut a.x_mid, &acts.tmp);
-            // MLP block: x_out = x_mid + down(silu(gate(x)) * up(x)).
-            cpu::rmsnorm_forward(xn, &mut a.rstd2, &a.x_mid, &w.mlp_norm, d, c.norm_eps);
-            cpu::matmul_forward(&mut a.gate, xn, &w.w_gate, n, d, f);
-            cpu::matmul_forward(&mut a.up, xn, &w.w_up, n, d, f);
-            cpu::swiglu_forward(&mut acts.h, &a.gate, &a.up);
-            cpu::matmul_forward(&mut acts.tmp, &acts.h, &w.w_down, n, f, d);
-            let x_out = match rest.first_mut() {
-                Some(next) => &mut next.x_in,
-                None => &mut acts.x_final,
-            };
-            x_out.copy_from_slice(&a.x_mid);
-            cpu::residual_forward(x_out, &acts.tmp);
+            self.block_forward(l, acts, dims);
         }
-        cpu::rmsnorm_forward(&mut acts.xf, &mut acts.rstd_f, &acts.x_final, &self.weights.norm, d, c.norm_eps);
-        cpu::matmul_forward(&mut acts.logits, &acts.xf, self.weights.head(), n, d, c.vocab_size);
-        Ok(cpu::crossentropy_forward(&mut acts.losses, &acts.logits, &acts.targets, c.vocab_size))
+        let x_final = &acts.resid[c.n_layers];
+        cpu::rmsnorm_forward(&mut acts.xf, &mut acts.rstd_f, x_final, &self.weights.norm, c.dim, c.norm_eps);
+        Ok(self.head_forward(acts))
+    }
+
+    /// Block l: resid[l] -> resid[l+1], keeping what its backward pass needs.
+    fn block_forward(&self, l: usize, acts: &mut Activations, dims: AttnDims) {
+        let c = &self.config;
+        let n = dims.b * dims.tq;
+        let slot = if acts.recompute { 0 } else { l };
+        let Activations { resid, layers, tmp, xn, h, segments, .. } = acts;
+        let (done, rest) = resid.split_at_mut(l + 1);
+        let a = &mut layers[slot];
+        self.block_keep(l, a, &done[l], tmp, xn, segments, dims);
+        // x_out = x_mid + down(silu(gate) * up)
+        cpu::swiglu_forward(h, &a.gate, &a.up);
+        cpu::matmul_forward(tmp, h, &self.weights.layers[l].w_down, n, c.ffn_dim, c.dim);
+        rest[0].copy_from_slice(&a.x_mid);
+        cpu::residual_forward(&mut rest[0], tmp);
+    }
+
+    /// What block l keeps for its backward pass, from its input x_in (N, C):
+    /// the attention block through x_mid = x_in + o(attention(rope(q),
+    /// rope(k), v)), then the MLP's gate and up projections of norm(x_mid).
+    /// The forward pass runs it, and with --recompute the backward pass runs
+    /// it again on the kept input: the same ops on the same values, so the
+    /// same bits.
+    #[allow(clippy::too_many_arguments)]
+    fn block_keep(
+        &self,
+        l: usize,
+        a: &mut LayerActs,
+        x_in: &[f32],
+        tmp: &mut [f32],
+        xn: &mut [f32],
+        segments: &[Segment],
+        dims: AttnDims,
+    ) {
+        let c = &self.config;
+        let (n, d, qd, kvd, f) = (dims.b * dims.tq, c.dim, c.q_dim(), c.kv_dim(), c.ffn_dim);
+        let w = &self.weights.layers[l];
+        cpu::rmsnorm_forward(xn, &mut a.rstd1, x_in, &w.attn_norm, d, c.norm_eps);
+        cpu::matmul_forward(&mut a.q, xn, &w.wq, n, d, qd);
+        cpu::matmul_forward(&mut a.k, xn, &w.wk, n, d, kvd);
+        cpu::matmul_forward(&mut a.v, xn, &w.wv, n, d, kvd);
+        self.rope_attention_forward(a, segments, dims);
+        cpu::matmul_forward(tmp, &a.att, &w.wo, n, qd, d);
+        a.x_mid.copy_from_slice(x_in);
+        cpu::residual_forward(&mut a.x_mid, tmp);
+        cpu::rmsnorm_forward(xn, &mut a.rstd2, &a.x_mid, &w.mlp_norm, d, c.norm_eps);
+        cpu::matmul_forward(&mut a.gate, xn, &w.w_gate, n, d, f);
+        cpu::matmul_forward(&mut a.up, xn, &w.w_up, n, d, f);
+    }
+
+    /// The LM head and the loss (lm_head.rs), a chunk of rows at a time:
+    /// the mean loss, and per acts.head the logits kept, or dxf made for the
+    /// backward pass (in the scratch's dxn).
+    fn head_forward(&self, acts: &mut Activations) -> f32 {
+        let c = &self.config;
+        if acts.head == Head::Gradient {
+            acts.scratch(c);
+        }
+        let Activations { xf, targets, logits, losses, scratch, head, head_rows, .. } = acts;
+        let x = HeadInput { xf, w: self.weights.head(), targets, c: c.dim, v: c.vocab_size };
+        let mut out = Logits { buf: logits, keep: *head == Head::Logits, rows: *head_rows };
+        let dxf = match head {
+            Head::Gradient => scratch.as_mut().map(|s| &mut s.dxn[..]),
+            _ => None,
+        };
+        lm_head::forward(x, &mut out, losses, dxf)
     }
 
     /// The backward pass of the mean loss of the last `forward` call. Weight
-    /// gradients go to `sink`; acts.logits is overwritten with dlogits.
+    /// gradients go to `sink`. With --recompute each block's activations
+    /// are computed again from its kept input just before its backward pass.
     pub fn backward(&self, acts: &mut Activations, sink: &mut dyn GradSink) {
         let c = &self.config;
         let (b, t) = (acts.b, acts.t);
         let n = b * t;
-        let (d, v) = (c.dim, c.vocab_size);
+        let d = c.dim;
         let dims = AttnDims { b, tq: t, tk: t, tcap: t, nh: c.n_heads, kvh: c.n_kv_heads, hs: c.head_dim };
         acts.scratch(c);
-        let Activations { layers, x_final, xf, rstd_f, logits, targets, tokens, scratch, xn, h, segments, .. } = acts;
+        self.head_backward(acts, sink);
+        let Activations { layers, resid, rstd_f, tokens, scratch, tmp, xn, h, segments, recompute, .. } = acts;
         let s = scratch.as_mut().expect("scratch allocated above");
-
-        // Loss and LM head: dlogits (N, V), then dxf = dlogits @ W_head. A
-        // tied head is the embedding, whose gradient then has both parts.
-        cpu::crossentropy_backward_inplace(logits, targets, v);
-        let head = if c.tied_embeddings { Param::Embed } else { Param::LmHead };
-        if sink.wants(head) {
-            sink.linear(head, logits, xf, n, d, v);
-        }
-        s.dxn.fill(0.0);
-        cpu::matmul_backward_input(&mut s.dxn, logits, self.weights.head(), n, d, v);
         s.dres.fill(0.0);
         let dnorm = if sink.wants(Param::Norm) { Some(sink.dense(Param::Norm)) } else { None };
-        cpu::rmsnorm_backward(&mut s.dres, dnorm, &s.dxn, x_final, &self.weights.norm, rstd_f, d);
+        cpu::rmsnorm_backward(&mut s.dres, dnorm, &s.dxn, &resid[c.n_layers], &self.weights.norm, rstd_f, d);
 
         for l in (0..c.n_layers).rev() {
-            let a = &layers[l];
+            let slot = if *recompute { 0 } else { l };
+            if *recompute {
+                self.block_keep(l, &mut layers[0], &resid[l], tmp, xn, segments, dims);
+            }
+            let a = &mut layers[slot];
             self.mlp_backward(l, a, s, xn, h, sink, n);
-            self.attention_block_backward(l, a, s, xn, sink, dims, segments);
+            self.attention_block_backward(l, a, &resid[l], s, xn, sink, dims, segments);
         }
         if sink.wants(Param::Embed) {
             cpu::embedding_backward(sink.dense(Param::Embed), &s.dres, tokens, d);
         }
+    }
+
+    /// The LM head's part of the backward pass: dxf (into the scratch's
+    /// dxn) unless the forward pass made it (Head::Gradient), and the head's
+    /// weight gradient when the sink wants it. A tied head is the embedding,
+    /// whose gradient then has both parts.
+    fn head_backward(&self, acts: &mut Activations, sink: &mut dyn GradSink) {
+        let c = &self.config;
+        let head = if c.tied_embeddings { Param::Embed } else { Param::LmHead };
+        let (want_dxf, want_dw) = (acts.head != Head::Gradient, sink.wants(head));
+        if !want_dxf && !want_dw {
+            return;
+        }
+        let Activations { xf, targets, logits, scratch, head: mode, head_rows, .. } = acts;
+        let x = HeadInput { xf, w: self.weights.head(), targets, c: c.dim, v: c.vocab_size };
+        let mut out = Logits { buf: logits, keep: *mode == Head::Logits, rows: *head_rows };
+        let s = scratch.as_mut().expect("allocated by backward");
+        let dxf = if want_dxf { Some(&mut s.dxn[..]) } else { None };
+        let mut add = |dl: &[f32], xr: &[f32], m: usize| sink.linear(head, dl, xr, m, c.dim, c.vocab_size);
+        let dw: Option<lm_head::WeightGrad> = if want_dw { Some(&mut add) } else { None };
+        lm_head::backward(x, &mut out, dxf, dw);
     }
 
     /// RoPE (positions from 0) and causal attention of one layer's q, k, v
@@ -835,12 +931,14 @@ impl Model {
 
     /// The MLP block's backward pass of layer l: s.dres holds d(x_out) and
     /// becomes d(x_mid). The block's normed input `xn` and SwiGLU output `h`
-    /// are recomputed first (the forward pass did not keep them).
+    /// are recomputed first (the forward pass did not keep them); once the
+    /// down projection's weight gradient has used h, h holds dh and then
+    /// dgate, and a.up becomes dup (the layer's activations are spent).
     #[allow(clippy::too_many_arguments)]
     fn mlp_backward(
         &self,
         l: usize,
-        a: &LayerActs,
+        a: &mut LayerActs,
         s: &mut Scratch,
         xn: &mut [f32],
         h: &mut [f32],
@@ -856,20 +954,20 @@ impl Model {
         if sink.wants(lin(Linear::Down)) {
             sink.linear(lin(Linear::Down), &s.dres, h, n, f, d);
         }
-        s.dh.fill(0.0);
-        cpu::matmul_backward_input(&mut s.dh, &s.dres, &w.w_down, n, f, d);
-        s.dgate.fill(0.0);
-        s.dup.fill(0.0);
-        cpu::swiglu_backward(&mut s.dgate, &mut s.dup, &s.dh, &a.gate, &a.up);
+        let dh = h;
+        dh.fill(0.0);
+        cpu::matmul_backward_input(dh, &s.dres, &w.w_down, n, f, d);
+        cpu::swiglu_backward_inplace(dh, &mut a.up, &a.gate);
+        let (dgate, dup) = (&*dh, &a.up);
         if sink.wants(lin(Linear::Gate)) {
-            sink.linear(lin(Linear::Gate), &s.dgate, xn, n, d, f);
+            sink.linear(lin(Linear::Gate), dgate, xn, n, d, f);
         }
         if sink.wants(lin(Linear::Up)) {
-            sink.linear(lin(Linear::Up), &s.dup, xn, n, d, f);
+            sink.linear(lin(Linear::Up), dup, xn, n, d, f);
         }
         s.dxn.fill(0.0);
-        cpu::matmul_backward_input(&mut s.dxn, &s.dgate, &w.w_gate, n, d, f);
-        cpu::matmul_backward_input(&mut s.dxn, &s.dup, &w.w_up, n, d, f);
+        cpu::matmul_backward_input(&mut s.dxn, dgate, &w.w_gate, n, d, f);
+        cpu::matmul_backward_input(&mut s.dxn, dup, &w.w_up, n, d, f);
         let dw = if sink.wants(Param::MlpNorm(l)) { Some(sink.dense(Param::MlpNorm(l))) } else { None };
         cpu::rmsnorm_backward(&mut s.dres, dw, &s.dxn, &a.x_mid, &w.mlp_norm, &a.rstd2, d);
     }
@@ -881,6 +979,7 @@ impl Model {
         &self,
         l: usize,
         a: &LayerActs,
+        x_in: &[f32],
         s: &mut Scratch,
         xn: &mut [f32],
         sink: &mut dyn GradSink,
@@ -900,7 +999,7 @@ impl Model {
         s.dk.fill(0.0);
         s.dv.fill(0.0);
         self.rope_attention_backward(s, a, segments, dims);
-        cpu::rmsnorm_forward(xn, &mut s.rstd, &a.x_in, &w.attn_norm, d, c.norm_eps);
+        cpu::rmsnorm_forward(xn, &mut s.rstd, x_in, &w.attn_norm, d, c.norm_eps);
         for (which, dy, width) in [(Linear::Q, &s.dq, qd), (Linear::K, &s.dk, kvd), (Linear::V, &s.dv, kvd)] {
             if sink.wants(lin(which)) {
                 sink.linear(lin(which), dy, xn, n, d, width);
@@ -911,7 +1010,7 @@ impl Model {
         cpu::matmul_backward_input(&mut s.dxn, &s.dk, &w.wk, n, d, kvd);
         cpu::matmul_backward_input(&mut s.dxn, &s.dv, &w.wv, n, d, kvd);
         let dw = if sink.wants(Param::AttnNorm(l)) { Some(sink.dense(Param::AttnNorm(l))) } else { None };
-        cpu::rmsnorm_backward(&mut s.dres, dw, &s.dxn, &a.x_in, &w.attn_norm, &a.rstd1, d);
+        cpu::rmsnorm_backward(&mut s.dres, dw, &s.dxn, x_in, &w.attn_norm, &a.rstd1, d);
     }
 }
 

@@ -272,8 +272,8 @@ pub struct TrainOptions {
     #[arg(long)]
     pub skip_bad: bool,
     /// Keep only each layer's input in the forward pass and recompute the
-    /// layer's activations in the backward pass: less memory for long
-    /// sequences, about one more forward pass of time (--device cuda).
+    /// layer's activations in the backward pass: less memory, about one
+    /// more forward pass of time (both devices; the same gradients).
     #[arg(long)]
     #[serde(default)]
     pub recompute: bool,

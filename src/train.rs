@@ -52,7 +52,10 @@ pub fn train(o: &TrainOptions, resume: Option<&Path>, device: Device) -> Result<
     let gpu = if device == Device::Cuda { Some(crate::cuda::open_for_training()?) } else { None };
     let mut tr: Box<dyn Trainer + '_> = match &gpu {
         Some(g) => Box::new(crate::cuda::trainer::GpuTrainer::start(g, p.model, o, o.batch_size, p.longest, p.saved)?),
-        None => Box::new(CpuTrainer::start(p.model, o, o.batch_size, p.longest, p.saved)?),
+        None => {
+            let rows = p.data.max_rows(o, p.step);
+            Box::new(CpuTrainer::start(p.model, o, p.longest, rows, p.saved)?)
+        }
     };
     let linear_total = method::linear_values(&c);
     eprintln!(
@@ -108,8 +111,6 @@ fn prepare(o: &TrainOptions, resume: Option<&Path>, device: Device) -> Result<Pr
     let c = ck.config.clone();
     if device == Device::Cuda {
         crate::cuda::trainer::check_supported(&c)?;
-    } else if o.recompute {
-        bail!("--recompute is implemented for --device cuda only (the CPU keeps every layer's activations)");
     } else {
         eprintln!("device: cpu ({} threads)", rayon::current_num_threads());
     }
@@ -208,6 +209,40 @@ fn load_data(o: &TrainOptions, tok: &Tokenizer, pack: bool) -> Result<Data> {
     Ok(Data { ds, val, pad, per_epoch, packed, total_steps })
 }
 
+impl Data {
+    /// Micro-batch m of the run (counted over the whole run), in the epoch
+    /// order the seed fixes; `order` caches an epoch and its order.
+    fn micro_batch(&self, o: &TrainOptions, m: u64, order: &mut (usize, Vec<usize>)) -> Batch {
+        if let Some((epochs, starts)) = &self.packed {
+            // the last step of a run may ask past the end: wrap around
+            let m = m % starts.last().copied().unwrap_or(1).max(1);
+            let e = starts.partition_point(|&s| s <= m) - 1;
+            return pack::make_packed_batch(&self.ds.train, &epochs[e][(m - starts[e]) as usize], self.pad);
+        }
+        let epoch = (m / self.per_epoch) as usize;
+        if epoch != order.0 {
+            *order = (epoch, self.ds.epoch_order(epoch, o.seed));
+        }
+        self.ds.train_batch(&order.1, (m % self.per_epoch) as usize, o.batch_size, self.pad)
+    }
+
+    /// The most positions (B*T) of any micro-batch from optimizer step
+    /// `step` to the end of the run, or of a validation batch: what the
+    /// CPU's activations are sized for, once, at the start (not the batch
+    /// size times the longest example, which packed batches never reach;
+    /// buffers grown step by step would leave their old blocks behind as
+    /// allocator slack).
+    fn max_rows(&self, o: &TrainOptions, step: u64) -> usize {
+        let (accum, mut order) = (o.grad_accum as u64, (usize::MAX, Vec::new()));
+        let mut most = self.val.iter().map(|b| b.b * b.t).max().unwrap_or(0);
+        for m in step * accum..self.total_steps * accum {
+            let b = self.micro_batch(o, m, &mut order);
+            most = most.max(b.b * b.t);
+        }
+        most
+    }
+}
+
 /// Every epoch's packing (pack.rs), in the seed's orders, and a line on it.
 fn pack_epochs(o: &TrainOptions, ds: &Dataset) -> (Vec<Vec<PackedBatch>>, Vec<u64>) {
     let lens: Vec<usize> = ds.train.iter().map(|e| e.ids.len()).collect();
@@ -268,9 +303,8 @@ struct Run<'o> {
     tokens_done: usize,
     last_loss: f32,
     last_val: Option<f32>,
-    /// The shuffled order of the epoch `order_epoch`.
-    order: Vec<usize>,
-    order_epoch: usize,
+    /// An epoch and its shuffled order (`Data::micro_batch`'s cache).
+    order: (usize, Vec<usize>),
 }
 
 impl<'o> Run<'o> {
@@ -287,7 +321,7 @@ impl<'o> Run<'o> {
                 .filter(|r| r["step"].as_u64().is_some_and(|s| s <= step))
                 .collect();
         }
-        let (last_loss, last_val, order_epoch) = (f32::NAN, None, usize::MAX);
+        let (last_loss, last_val) = (f32::NAN, None);
         let started = Instant::now();
         Run {
             o,
@@ -301,32 +335,15 @@ impl<'o> Run<'o> {
             tokens_done: 0,
             last_loss,
             last_val,
-            order: Vec::new(),
-            order_epoch,
+            order: (usize::MAX, Vec::new()),
         }
     }
 
     /// This step's micro-batches, in the epoch order the seed fixes.
     fn batches(&mut self) -> Vec<Batch> {
-        let (o, d) = (self.o, &self.data);
-        let mut batches = Vec::with_capacity(o.grad_accum);
-        for micro in 0..o.grad_accum as u64 {
-            let m = self.step * o.grad_accum as u64 + micro;
-            if let Some((epochs, starts)) = &d.packed {
-                // the last step of a run may ask past the end: wrap around
-                let m = m % starts.last().copied().unwrap_or(1).max(1);
-                let e = starts.partition_point(|&s| s <= m) - 1;
-                batches.push(pack::make_packed_batch(&d.ds.train, &epochs[e][(m - starts[e]) as usize], d.pad));
-                continue;
-            }
-            let epoch = (m / d.per_epoch) as usize;
-            if epoch != self.order_epoch {
-                self.order = d.ds.epoch_order(epoch, o.seed);
-                self.order_epoch = epoch;
-            }
-            batches.push(d.ds.train_batch(&self.order, (m % d.per_epoch) as usize, o.batch_size, d.pad));
-        }
-        batches
+        let accum = self.o.grad_accum as u64;
+        let first = self.step * accum;
+        (first..first + accum).map(|m| self.data.micro_batch(self.o, m, &mut self.order)).collect()
     }
 
     fn done(&self) -> bool {

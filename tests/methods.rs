@@ -92,7 +92,7 @@ fn dora_loss_and_gradients_equal_peft() {
     }
     let o = options(Method::Dora, r, alpha);
     let saved = (Trainable::Dora { adapters, states, magnitudes }, Vec::new());
-    let mut tr = CpuTrainer::start(model, &o, batch.b, batch.t, Some(saved)).unwrap();
+    let mut tr = CpuTrainer::start(model, &o, batch.t, batch.b * batch.t, Some(saved)).unwrap();
     let loss = tr.gradients(&batch).unwrap();
     let want = meta["loss"].as_f64().unwrap() as f32;
     eprintln!("DoRA loss {loss} vs PEFT {want}");
@@ -140,7 +140,7 @@ fn pissa_init_and_first_step_equal_peft() {
     // PEFT runs its SVD in f32; lift in f64
     assert!(worst < 1e-4, "PiSSA residuals off by {worst:.2e}");
 
-    let mut tr = CpuTrainer::start(model, &o, batch.b, batch.t, None).unwrap();
+    let mut tr = CpuTrainer::start(model, &o, batch.t, batch.b * batch.t, None).unwrap();
     for (_, l, w) in matrices(&c) {
         let e = common::rel_err(&tr.tensor(Param::Linear(l, w)).unwrap(), base.layers[l].linear(w));
         assert!(e < 1e-6, "layer {l} {w:?}: residual + s B A differs from W by {e:.2e}");
@@ -302,7 +302,7 @@ fn s2ft_gradients_are_the_dense_gradient_restricted() {
     let mut dense = FullGrads::new(&c);
     model.backward(&mut acts, &mut dense);
     let o = TrainOptions { method: s2ft_options(true), ..TrainOptions::default() };
-    let mut tr = CpuTrainer::start(model, &o, batch.b, batch.t, None).unwrap();
+    let mut tr = CpuTrainer::start(model, &o, batch.t, batch.b * batch.t, None).unwrap();
     tr.gradients(&batch).unwrap();
     let Trainable::Sparse { states } = tr.trainable() else { panic!("S2FT is a sparse state") };
     let mut worst = 0.0f64;

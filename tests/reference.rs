@@ -5,14 +5,17 @@
 //! dumped, for a fixed batch with ignored positions, the logits, the loss and
 //! the gradient of every parameter. Here each directory goes through
 //! `lift convert`, and lift's forward and backward passes must reproduce the
-//! dump. A finite-difference check then tests the backward pass against the
-//! forward pass alone, independently of PyTorch.
+//! dump, in every layout of its activations (all logits kept; the LM head a
+//! few rows at a time with its input's gradient made in the forward pass, as
+//! training runs it; that with --recompute). A finite-difference check then
+//! tests the backward pass against the forward pass alone, independently of
+//! PyTorch.
 
 mod common;
 
 use lift::formats::checkpoint::Checkpoint;
 use lift::formats::safetensors::SafeTensors;
-use lift::model::{Activations, FullGrads, Model, Param};
+use lift::model::{Activations, FullGrads, Head, Model, Param};
 use serde_json::Value;
 
 /// Errors are relative to the largest magnitude of each reference tensor.
@@ -58,35 +61,81 @@ fn load_case(name: &str) -> Case {
     }
 }
 
+/// The activation layouts of a batch of (B, T): every logit kept (what
+/// generation reads); the LM head 3 rows at a time, its input's gradient
+/// made in the forward pass (as training runs it, in chunks that do not
+/// divide N); and that keeping only each block's input (--recompute).
+fn layouts(case: &Case) -> Vec<(&'static str, Activations)> {
+    let c = &case.model.config;
+    let chunked = |recompute| {
+        let mut a = Activations::with(c, case.b, case.t, Head::Gradient, recompute);
+        a.head_rows = 3;
+        a.set_shape(c, case.b, case.t);
+        a
+    };
+    vec![
+        ("logits kept", Activations::new(c, case.b, case.t)),
+        ("chunked", chunked(false)),
+        ("recompute", chunked(true)),
+    ]
+}
+
+/// Loss and every parameter gradient of one forward and backward pass.
+fn loss_and_grads(case: &Case, acts: &mut Activations) -> (f32, FullGrads) {
+    let loss = case.model.forward(acts, &case.tokens, Some(&case.targets)).unwrap();
+    let mut grads = FullGrads::new(&case.model.config);
+    case.model.backward(acts, &mut grads);
+    (loss, grads)
+}
+
 fn check_against_pytorch(name: &str) {
     let mut case = load_case(name);
     case.model.ensure_rope(case.t);
-    let mut acts = Activations::new(&case.model.config, case.b, case.t);
-    let loss = case.model.forward(&mut acts, &case.tokens, Some(&case.targets)).unwrap();
-
-    let logits_err = common::rel_err(&acts.logits, &case.refs.tensor_f32("logits").unwrap());
-    let loss_err = ((loss - case.loss) / case.loss).abs() as f64;
-    println!("{name}: loss {loss:.7} vs PyTorch {:.7}, rel err {loss_err:.2e}", case.loss);
-    println!("{name}: logits max rel err {logits_err:.2e}");
-    assert!(logits_err < TOL, "logits differ from PyTorch: {logits_err:.2e}");
-    assert!(loss_err < TOL, "loss differs from PyTorch: {loss_err:.2e}");
-
-    let mut grads = FullGrads::new(&case.model.config);
-    case.model.backward(&mut acts, &mut grads);
-    let mut worst = (0.0f64, String::new());
-    let mut failures = Vec::new();
-    for p in Param::all(&case.model.config) {
-        let want = case.refs.tensor_f32(&format!("grad.{}", p.name())).unwrap();
-        let err = common::rel_err(grads.grads.get(p), &want);
-        if err > worst.0 {
-            worst = (err, p.name());
+    for (layout, mut acts) in layouts(&case) {
+        let loss = case.model.forward(&mut acts, &case.tokens, Some(&case.targets)).unwrap();
+        let loss_err = ((loss - case.loss) / case.loss).abs() as f64;
+        println!("{name}, {layout}: loss {loss:.7} vs PyTorch {:.7}, rel err {loss_err:.2e}", case.loss);
+        assert!(loss_err < TOL, "{layout}: loss differs from PyTorch: {loss_err:.2e}");
+        if acts.head == Head::Logits {
+            let logits_err = common::rel_err(&acts.logits, &case.refs.tensor_f32("logits").unwrap());
+            println!("{name}: logits max rel err {logits_err:.2e}");
+            assert!(logits_err < TOL, "logits differ from PyTorch: {logits_err:.2e}");
         }
-        if err >= TOL {
-            failures.push(format!("{} {err:.2e}", p.name()));
+
+        let mut grads = FullGrads::new(&case.model.config);
+        case.model.backward(&mut acts, &mut grads);
+        let mut worst = (0.0f64, String::new());
+        let mut failures = Vec::new();
+        for p in Param::all(&case.model.config) {
+            let want = case.refs.tensor_f32(&format!("grad.{}", p.name())).unwrap();
+            let err = common::rel_err(grads.grads.get(p), &want);
+            if err > worst.0 {
+                worst = (err, p.name());
+            }
+            if err >= TOL {
+                failures.push(format!("{} {err:.2e}", p.name()));
+            }
+        }
+        println!("{name}, {layout}: gradients max rel err {:.2e} ({})", worst.0, worst.1);
+        assert!(failures.is_empty(), "{layout}: gradients differ from PyTorch: {failures:?}");
+    }
+}
+
+/// --recompute runs each block's forward ops again on its kept input, so
+/// the loss and every gradient are those without it, bit for bit.
+#[test]
+fn recompute_gives_the_same_bits() {
+    for name in ["tiny_gqa", "tiny_tied"] {
+        let mut case = load_case(name);
+        case.model.ensure_rope(case.t);
+        let mut runs = layouts(&case).into_iter().skip(1).map(|(_, mut a)| loss_and_grads(&case, &mut a));
+        let ((loss, kept), (loss_r, recomputed)) = (runs.next().unwrap(), runs.next().unwrap());
+        assert_eq!(loss.to_bits(), loss_r.to_bits(), "{name}: loss");
+        for p in Param::all(&case.model.config) {
+            let same = kept.grads.get(p).iter().zip(recomputed.grads.get(p)).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{name}: the gradient of {} differs with --recompute", p.name());
         }
     }
-    println!("{name}: gradients max rel err {:.2e} ({})", worst.0, worst.1);
-    assert!(failures.is_empty(), "gradients differ from PyTorch: {failures:?}");
 }
 
 #[test]

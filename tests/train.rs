@@ -520,6 +520,18 @@ fn full_changes_the_linear_weights_and_nothing_else() {
     assert_frozen_untouched(&c, &base, &trained, &[]);
 }
 
+/// --recompute keeps only each block's input and computes the rest again in
+/// the backward pass: the same ops on the same values, so the same model,
+/// bit for bit (norms trained too, so that their gradients count).
+#[test]
+fn recompute_trains_the_same_model_bit_for_bit() {
+    let (kept, again) = (common::scratch("train-kept"), common::scratch("train-recompute"));
+    train(&kept, &["--max-steps", "3", "--train-norms"]);
+    train(&again, &["--max-steps", "3", "--train-norms", "--recompute"]);
+    let bytes = |d: &Path| std::fs::read(d.join("model.bin")).unwrap();
+    assert!(bytes(&kept) == bytes(&again), "model.bin differs with --recompute");
+}
+
 #[test]
 fn lora_merged_update_has_rank_at_most_the_adapter_rank() {
     let out = common::scratch("train-lora");

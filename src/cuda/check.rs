@@ -707,7 +707,7 @@ fn method_step(g: &Gpu, t: &mut Table, m: Method, seed: u64) -> Result<()> {
     let batch =
         crate::data::Batch { b, t: tt, tokens: tokens.clone(), targets: targets.clone(), n_loss, segments: Vec::new() };
 
-    let mut cpu = crate::cpu_trainer::CpuTrainer::start(Model::new(c.clone(), w.clone()), &o, b, tt, None)?;
+    let mut cpu = crate::cpu_trainer::CpuTrainer::start(Model::new(c.clone(), w.clone()), &o, tt, b * tt, None)?;
     let closs = cpu.gradients(&batch)?;
     let mut gpu = GpuTrainer::start(g, Model::new(c.clone(), w), &o, b, tt, None)?;
     if let (crate::method::Trainable::Sparse { states }, Ok(gm)) = (cpu.trainable(), gpu.masks()) {
