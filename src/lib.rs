@@ -12,6 +12,7 @@
 //!   select       principal weights: the rank-r approximation and top-k
 //!   trainer      the Trainer trait; cpu_trainer and cuda::trainer implement it
 //!   model, cpu   what a Llama is, and how each op is computed on the CPU
+//!   lm_head      the LM head and the loss, a chunk of rows at a time
 //!   optim, lora  sparse and dense AdamW; the LoRA adapter
 //!   formats      model.bin, state.bin, GGUF, safetensors, tokenizer files
 //!   data         the prompt template, loss mask and batches

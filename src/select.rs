@@ -115,38 +115,37 @@ fn dot_f64(a: &[f64], b: &[f64]) -> f64 {
 /// sweep over G (upper triangle) so that each G entry is loaded once per four
 /// multiply-adds. Fixed-size row ranges are summed separately in parallel and
 /// their partial G added in order: the result does not depend on the number
-/// of threads.
+/// of threads. The partials are one buffer made by the calling thread: made
+/// inside the tasks (q*q f64 each, 2.6 MB at q = 576, six of them for a
+/// 576 x 1536 weight), they were freed into the worker threads' allocator
+/// arenas, which kept them resident as slack through the training peak.
 fn gram_of_columns<T: Copy + Into<f64> + Sync>(y: &[T], rows: usize, q: usize) -> Vec<f64> {
     const BLOCK: usize = 4;
     const ROWS_PER_TASK: usize = 256;
-    let partials: Vec<Vec<f64>> = y[..rows * q]
-        .par_chunks(ROWS_PER_TASK * q)
-        .map(|part| {
-            let mut g = vec![0.0f64; q * q];
-            let mut blk = vec![0.0f64; BLOCK * q]; // four rows, zero-padded
-            for rows4 in part.chunks(BLOCK * q) {
-                blk.fill(0.0);
-                for (d, &s) in blk.iter_mut().zip(rows4) {
-                    *d = s.into();
-                }
-                let (y0, rest) = blk.split_at(q);
-                let (y1, rest) = rest.split_at(q);
-                let (y2, y3) = rest.split_at(q);
-                for a in 0..q {
-                    let (c0, c1, c2, c3) = (y0[a], y1[a], y2[a], y3[a]);
-                    let ga = &mut g[a * q + a..(a + 1) * q];
-                    for (t, gab) in ga.iter_mut().enumerate() {
-                        let b = a + t;
-                        *gab += c0 * y0[b] + c1 * y1[b] + c2 * y2[b] + c3 * y3[b];
-                    }
+    let mut partials = vec![0.0f64; rows.div_ceil(ROWS_PER_TASK) * q * q];
+    partials.par_chunks_mut((q * q).max(1)).zip(y[..rows * q].par_chunks(ROWS_PER_TASK * q)).for_each(|(g, part)| {
+        let mut blk = vec![0.0f64; BLOCK * q]; // four rows, zero-padded
+        for rows4 in part.chunks(BLOCK * q) {
+            blk.fill(0.0);
+            for (d, &s) in blk.iter_mut().zip(rows4) {
+                *d = s.into();
+            }
+            let (y0, rest) = blk.split_at(q);
+            let (y1, rest) = rest.split_at(q);
+            let (y2, y3) = rest.split_at(q);
+            for a in 0..q {
+                let (c0, c1, c2, c3) = (y0[a], y1[a], y2[a], y3[a]);
+                let ga = &mut g[a * q + a..(a + 1) * q];
+                for (t, gab) in ga.iter_mut().enumerate() {
+                    let b = a + t;
+                    *gab += c0 * y0[b] + c1 * y1[b] + c2 * y2[b] + c3 * y3[b];
                 }
             }
-            g
-        })
-        .collect();
+        }
+    });
     let mut g = vec![0.0f64; q * q];
-    for part in partials {
-        g.iter_mut().zip(&part).for_each(|(x, y)| *x += y);
+    for part in partials.chunks((q * q).max(1)) {
+        g.iter_mut().zip(part).for_each(|(x, y)| *x += y);
     }
     for a in 0..q {
         for b in 0..a {

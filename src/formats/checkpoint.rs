@@ -81,6 +81,15 @@ struct Header {
     metadata: BTreeMap<String, String>,
 }
 
+/// Header as written: the same fields, borrowed.
+#[derive(Serialize)]
+struct HeaderOut<'a> {
+    config: &'a Config,
+    tokenizer: &'a Tokenizer,
+    tensors: &'a [TensorEntry],
+    metadata: &'a BTreeMap<String, String>,
+}
+
 /// An open model.bin: header parsed and validated, data memory-mapped.
 pub struct Checkpoint {
     pub path: PathBuf,
@@ -308,9 +317,9 @@ pub fn write_model_bin<'s>(
         entries.push(TensorEntry { name: name.clone(), dtype, shape: shape.clone(), offset, nbytes });
         offset = end.next_multiple_of(ALIGN as u64);
     }
-    let header =
-        Header { config: config.clone(), tokenizer: tokenizer.clone(), tensors: entries, metadata: metadata.clone() };
-    let json = serde_json::to_vec(&header)?;
+    // Borrowed, not a cloned Header: SmolLM2's tokenizer is ~100K strings.
+    let header = HeaderOut { config, tokenizer, tensors: &entries, metadata };
+    let json_len = json_size(&header)?;
     remove_stale_temps(path);
     let tmp = tmp_path(path);
     let result = (|| -> Result<(), WriteError> {
@@ -322,11 +331,11 @@ pub fn write_model_bin<'s>(
         out.write_all(MAGIC)?;
         out.write_all(&VERSION.to_le_bytes())?;
         out.write_all(&0u32.to_le_bytes())?;
-        out.write_all(&(json.len() as u64).to_le_bytes())?;
-        out.write_all(&json)?;
-        let mut pos = PREAMBLE + json.len();
+        out.write_all(&(json_len as u64).to_le_bytes())?;
+        serde_json::to_writer(&mut out, &header).map_err(std::io::Error::from)?;
+        let mut pos = PREAMBLE + json_len;
         pad_to(&mut out, &mut pos)?;
-        for t in &header.tensors {
+        for t in &entries {
             let values = fetch(&t.name).map_err(WriteError::Source)?;
             if values.len() as u64 * dtype.size() as u64 != t.nbytes {
                 let e = anyhow!(
@@ -352,6 +361,23 @@ pub fn write_model_bin<'s>(
             WriteError::Output(e) => e.context(format!("{pd}: write failed")),
         }
     })
+}
+
+/// The bytes of a value's JSON, counted without keeping them.
+fn json_size(value: &impl Serialize) -> Result<usize> {
+    struct Count(usize);
+    impl Write for Count {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0 += b.len();
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut n = Count(0);
+    serde_json::to_writer(&mut n, value)?;
+    Ok(n.0)
 }
 
 /// Writes values little-endian in `dtype`, converted a block at a time (a
