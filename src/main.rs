@@ -134,8 +134,9 @@ struct EvalArgs {
     /// Longer examples are truncated for the loss.
     #[arg(long, default_value_t = 2048)]
     max_seq_len: usize,
-    /// Prompt template: alpaca (lift's) or reference (the LIFT release's
-    /// evaluation prompt for generation, its training format for the loss).
+    /// Prompt template: alpaca (lift's), reference (the LIFT release's
+    /// evaluation prompt for generation, its training format for the loss)
+    /// or plain (the instruction as it is: plain text).
     #[arg(long, value_enum, default_value_t = Template::Alpaca)]
     template: Template,
     /// How answers are read: lift's rules or the LIFT release's (see the README).
