@@ -166,11 +166,14 @@ def lift(args, log):
     with open(log, "a") as f:
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
-        p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=f, text=True)
+        # Its own session: a Ctrl-C reaches this script only, which passes
+        # it on once (a second one would make lift quit without saving).
+        p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=f, text=True, start_new_session=True)
         try:
             out, _ = p.communicate()
         except KeyboardInterrupt:
-            p.wait()  # lift got the same SIGINT and saves its state
+            p.send_signal(signal.SIGINT)  # lift saves its state and exits
+            p.wait()
             raise Stop()
     if p.returncode == 130 or p.returncode == -signal.SIGINT:
         raise Stop()
@@ -201,7 +204,10 @@ def train(plan, label, lr, seed, rundir):
     if (rundir / "state.bin").exists():
         args += ["--resume", rundir]
     lift(args, rundir / "train.log")
-    return json.loads(summary.read_text())
+    result = json.loads(summary.read_text())
+    if result["interrupted"]:
+        raise Stop()
+    return result
 
 
 def val_loss(plan, rundir):
