@@ -168,7 +168,7 @@ def lift(args, log):
         f.flush()
         # Its own session: a Ctrl-C reaches this script only, which passes
         # it on once (a second one would make lift quit without saving).
-        p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=f, text=True, start_new_session=True)
+        p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=f, text=True, start_new_session=True, preexec_fn=default_sigint)
         try:
             out, _ = p.communicate()
         except KeyboardInterrupt:
@@ -181,6 +181,20 @@ def lift(args, log):
         tail = Path(log).read_text().strip().splitlines()[-1:]
         raise RuntimeError(f"lift {args[0] if args else ''} failed (exit {p.returncode}): {' '.join(tail)} (log: {log})")
     return out
+
+
+def default_sigint():
+    """In the child: SIGINT does what it does by default (a shell that
+    starts a job in the background makes it ignored, and children inherit
+    that); lift train installs its own handler over it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def stop_on_signals():
+    """Ctrl-C, `kill -INT` and `kill` (TERM) all stop the plan cleanly,
+    even when the shell started this script with SIGINT ignored."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 def threads_args(plan):
@@ -433,6 +447,7 @@ def main():
     ap.add_argument("--only-method", help="run only this method's runs")
     ap.add_argument("--report-only", action="store_true", help="write the report from the finished runs; train nothing")
     a = ap.parse_args()
+    stop_on_signals()
     try:
         plan = load_plan(a.plan, a.results)
         if a.only_method is not None and a.only_method not in plan["methods"]:
