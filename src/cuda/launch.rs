@@ -903,25 +903,14 @@ pub fn gather_rows(g: &Gpu, out: &mut Buf<Bf16>, x: &Buf<Bf16>, rows: &Buf<u32>,
 pub const TOPK_MAX: usize = 16;
 
 /// decode.cu logits_topk: per row of logits (R, V) f32, the k best (value,
-/// id), best first, ties to the lower id, into top_val, top_id (R, k), and
-/// the log-sum-exp into lse (R).
-#[allow(clippy::too_many_arguments)]
-pub fn logits_topk(
-    g: &Gpu,
-    top_val: &mut Buf<f32>,
-    top_id: &mut Buf<u32>,
-    lse: &mut Buf<f32>,
-    logits: &Buf<f32>,
-    r: usize,
-    v: usize,
-    k: usize,
-) -> Result<()> {
+/// id), best first, ties to the lower id, and the log-sum-exp, all into one
+/// u32 buffer so that one copy brings them to the host: ids (R, k) at 0, the
+/// values' f32 bits (R, k) at R*k, the lse bits (R) at 2*R*k.
+pub fn logits_topk(g: &Gpu, out: &mut Buf<u32>, logits: &Buf<f32>, r: usize, v: usize, k: usize) -> Result<()> {
     assert!((1..=TOPK_MAX).contains(&k) && k <= v, "logits_topk: k = {k} must be in 1..={TOPK_MAX} and at most V");
     need(logits, r * v, "logits_topk logits");
-    need(top_val, r * k, "logits_topk top_val");
-    need(top_id, r * k, "logits_topk top_id");
-    need(lse, r, "logits_topk lse");
-    let args =
-        [Ptr(top_val.ptr()), Ptr(top_id.ptr()), Ptr(lse.ptr()), Ptr(logits.ptr()), I32(i32_of(v)), I32(i32_of(k))];
+    need(out, r * (2 * k + 1), "logits_topk out");
+    let (ids, vals, lse) = (out.ptr(), out.at(r * k), out.at(2 * r * k));
+    let args = [Ptr(vals), Ptr(ids), Ptr(lse), Ptr(logits.ptr()), I32(i32_of(v)), I32(i32_of(k))];
     g.launch("logits_topk", (r as u32, 1, 1), 256, &args)
 }
