@@ -271,6 +271,18 @@ impl<'a> GpuSource<'a> {
     }
 }
 
+/// out (n, OC) at address `out` = inp (n, IC) @ W^T, bf16 in and out, f32
+/// accumulation (GpuModel::linear_forward without adapters).
+fn linear_at(g: &Gpu, out: u64, inp: &Buf<Bf16>, w: &Buf<Bf16>, n: usize, ic: usize, oc: usize) -> Result<()> {
+    g.gemm(false, true, n, oc, ic, 1.0, inp.ptr(), w.ptr(), 0.0, out, Dt::Bf16, Dt::Bf16)
+}
+
+/// linear_at into the start of a buffer.
+fn linear(g: &Gpu, out: &Buf<Bf16>, inp: &Buf<Bf16>, w: &Buf<Bf16>, n: usize, ic: usize, oc: usize) -> Result<()> {
+    assert!(out.len() >= n * oc && inp.len() >= n * ic && w.len() >= oc * ic, "linear: buffers smaller than the shape");
+    linear_at(g, out.ptr(), inp, w, n, ic, oc)
+}
+
 /// Which pass the layers run: the padded prompts (B, T), or one token for
 /// each of R rows whose new keys go to slots base..base+R.
 #[derive(Clone, Copy)]
@@ -284,80 +296,92 @@ impl GpuSource<'_> {
     /// without the activations a backward pass would keep), writing each
     /// layer's keys and values into the cache; the output is in acts.x.
     fn layers(&mut self, n: usize, pass: Pass) -> Result<()> {
-        let (g, m) = (self.g, self.model);
-        let c = &m.config;
-        let (d, qd, kvd, f, eps) = (c.dim, c.q_dim(), c.kv_dim(), c.ffn_dim, c.norm_eps);
-        let Acts { x, x_mid, xn, rstd, q, att, lse, tmp, gate, up, h } = &mut self.acts;
-        let lin = |out: u64, inp: &Buf<Bf16>, w: &Buf<Bf16>, ic: usize, oc: usize| {
-            g.gemm(false, true, n, oc, ic, 1.0, inp.ptr(), w.ptr(), 0.0, out, Dt::Bf16, Dt::Bf16)
-        };
-        launch::embedding_forward(g, x, &self.tokens, &m.embed, n, d)?;
-        for (l, w) in m.layers.iter().enumerate() {
-            // Attention block: x_mid = x + o(attention(rope(q), rope(k), v)),
-            // k and v written into the cache at the pass's slots.
-            launch::rmsnorm_forward(g, xn, rstd, x, &w.attn_norm, n, d, eps)?;
-            let at = match pass {
-                Pass::Prefill { .. } => 0,
-                Pass::Step { base, .. } => base * kvd,
-            };
-            g.timed("gemm fwd", || {
-                lin(q.ptr(), xn, &w.wq, d, qd)?;
-                lin(self.k[l].at(at), xn, &w.wk, d, kvd)?;
-                lin(self.v[l].at(at), xn, &w.wv, d, kvd)
-            })?;
-            match pass {
-                Pass::Prefill { b, t } => {
-                    launch::rope_rotate(g, q, &m.rope, n, t, c.n_heads, c.head_dim, 0, 1.0)?;
-                    launch::rope_rotate(g, &mut self.k[l], &m.rope, n, t, c.n_kv_heads, c.head_dim, 0, 1.0)?;
-                    let dims = Attn { b, t, nh: c.n_heads, kvh: c.n_kv_heads, hs: c.head_dim };
-                    g.timed("attention prefill", || {
-                        launch::attention_forward(g, att, lse, q, &self.k[l], &self.v[l], dims)
-                    })?;
-                }
-                Pass::Step { r, base, max_len } => {
-                    let top = max_len - 1;
-                    launch::rope_rotate_at(g, q, 0, &m.rope, &self.pos, top, r, c.n_heads, c.head_dim)?;
-                    launch::rope_rotate_at(g, &self.k[l], at, &m.rope, &self.pos, top, r, c.n_kv_heads, c.head_dim)?;
-                    let dims = DecodeAttn {
-                        r,
-                        nh: c.n_heads,
-                        kvh: c.n_kv_heads,
-                        hs: c.head_dim,
-                        slots: base + r,
-                        stride: self.plan.stride(),
-                        max_len,
-                    };
-                    let splits = launch::decode_splits(&dims, TARGET_BLOCKS);
-                    g.timed("attention decode", || {
-                        launch::decode_attention(
-                            g,
-                            att,
-                            &mut self.o_part,
-                            &mut self.lse_part,
-                            q,
-                            &self.k[l],
-                            &self.v[l],
-                            &self.table,
-                            &self.pos,
-                            dims,
-                            splits,
-                        )
-                    })?;
-                }
-            }
-            g.timed("gemm fwd", || lin(tmp.ptr(), att, &w.wo, qd, d))?;
-            launch::residual_forward(g, x_mid, x, tmp, n * d)?;
-            // MLP block: x = x_mid + down(silu(gate(xn)) * up(xn)).
-            launch::rmsnorm_forward(g, xn, rstd, x_mid, &w.mlp_norm, n, d, eps)?;
-            g.timed("gemm fwd", || {
-                lin(gate.ptr(), xn, &w.w_gate, d, f)?;
-                lin(up.ptr(), xn, &w.w_up, d, f)
-            })?;
-            launch::swiglu_forward(g, h, gate, up, n * f)?;
-            g.timed("gemm fwd", || lin(tmp.ptr(), h, &w.w_down, f, d))?;
-            launch::residual_forward(g, x, x_mid, tmp, n * d)?;
+        let m = self.model;
+        launch::embedding_forward(self.g, &mut self.acts.x, &self.tokens, &m.embed, n, m.config.dim)?;
+        for l in 0..m.config.n_layers {
+            self.attention_block(l, n, pass)?;
+            self.mlp_block(l, n)?;
         }
         Ok(())
+    }
+
+    /// x_mid = x + o(attention(rope(q), rope(k), v)) of layer l, with k and
+    /// v written into the cache at the pass's slots.
+    fn attention_block(&mut self, l: usize, n: usize, pass: Pass) -> Result<()> {
+        let (g, m) = (self.g, self.model);
+        let (c, w) = (&m.config, &m.layers[l]);
+        let (d, qd, kvd) = (c.dim, c.q_dim(), c.kv_dim());
+        let a = &mut self.acts;
+        launch::rmsnorm_forward(g, &mut a.xn, &mut a.rstd, &a.x, &w.attn_norm, n, d, c.norm_eps)?;
+        let at = match pass {
+            Pass::Prefill { .. } => 0,
+            Pass::Step { base, .. } => base * kvd,
+        };
+        assert!(at + n * kvd <= self.k[l].len(), "attention_block: cache slots past the pool");
+        let a = &self.acts;
+        g.timed("gemm fwd", || {
+            linear_at(g, a.q.ptr(), &a.xn, &w.wq, n, d, qd)?;
+            linear_at(g, self.k[l].at(at), &a.xn, &w.wk, n, d, kvd)?;
+            linear_at(g, self.v[l].at(at), &a.xn, &w.wv, n, d, kvd)
+        })?;
+        match pass {
+            Pass::Prefill { b, t } => self.prefill_attention(l, b, t)?,
+            Pass::Step { r, base, max_len } => self.step_attention(l, r, base, max_len)?,
+        }
+        let a = &mut self.acts;
+        g.timed("gemm fwd", || linear(g, &a.tmp, &a.att, &w.wo, n, qd, d))?;
+        launch::residual_forward(g, &mut a.x_mid, &a.x, &a.tmp, n * d)
+    }
+
+    /// The prefill's attention of layer l: q and the cache's first B*T slots
+    /// (the padded prompts) rotated at t, then causal attention over them
+    /// with the training kernels (attention.cu or attention_tc.cu).
+    fn prefill_attention(&mut self, l: usize, b: usize, t: usize) -> Result<()> {
+        let (g, m) = (self.g, self.model);
+        let c = &m.config;
+        let (n, a) = (b * t, &mut self.acts);
+        launch::rope_rotate(g, &mut a.q, &m.rope, n, t, c.n_heads, c.head_dim, 0, 1.0)?;
+        launch::rope_rotate(g, &mut self.k[l], &m.rope, n, t, c.n_kv_heads, c.head_dim, 0, 1.0)?;
+        let dims = Attn { b, t, nh: c.n_heads, kvh: c.n_kv_heads, hs: c.head_dim };
+        g.timed("attention prefill", || {
+            launch::attention_forward(g, &mut a.att, &mut a.lse, &a.q, &self.k[l], &self.v[l], dims)
+        })
+    }
+
+    /// A step's attention of layer l: q and the new keys (slots base..base+R)
+    /// rotated at each row's position, then one query per row over its slots
+    /// (decode_attention.cu, split over the cache length).
+    fn step_attention(&mut self, l: usize, r: usize, base: usize, max_len: usize) -> Result<()> {
+        let (g, m) = (self.g, self.model);
+        let c = &m.config;
+        let (top, at) = (max_len - 1, base * c.kv_dim());
+        let a = &mut self.acts;
+        launch::rope_rotate_at(g, &a.q, 0, &m.rope, &self.pos, top, r, c.n_heads, c.head_dim)?;
+        launch::rope_rotate_at(g, &self.k[l], at, &m.rope, &self.pos, top, r, c.n_kv_heads, c.head_dim)?;
+        let (nh, kvh, hs, stride) = (c.n_heads, c.n_kv_heads, c.head_dim, self.plan.stride());
+        let dims = DecodeAttn { r, nh, kvh, hs, slots: base + r, stride, max_len };
+        let splits = launch::decode_splits(&dims, TARGET_BLOCKS);
+        let (k, v, table, pos) = (&self.k[l], &self.v[l], &self.table, &self.pos);
+        g.timed("attention decode", || {
+            let (op, lp) = (&mut self.o_part, &mut self.lse_part);
+            launch::decode_attention(g, &mut a.att, op, lp, &a.q, k, v, table, pos, dims, splits)
+        })
+    }
+
+    /// x = x_mid + down(silu(gate(xn)) * up(xn)) of layer l, xn = rmsnorm(x_mid).
+    fn mlp_block(&mut self, l: usize, n: usize) -> Result<()> {
+        let (g, m) = (self.g, self.model);
+        let (c, w) = (&m.config, &m.layers[l]);
+        let (d, f) = (c.dim, c.ffn_dim);
+        let a = &mut self.acts;
+        launch::rmsnorm_forward(g, &mut a.xn, &mut a.rstd, &a.x_mid, &w.mlp_norm, n, d, c.norm_eps)?;
+        g.timed("gemm fwd", || {
+            linear(g, &a.gate, &a.xn, &w.w_gate, n, d, f)?;
+            linear(g, &a.up, &a.xn, &w.w_up, n, d, f)
+        })?;
+        launch::swiglu_forward(g, &mut a.h, &a.gate, &a.up, n * f)?;
+        g.timed("gemm fwd", || linear(g, &a.tmp, &a.h, &w.w_down, n, f, d))?;
+        launch::residual_forward(g, &mut a.x, &a.x_mid, &a.tmp, n * d)
     }
 
     /// The final norm and the LM head (f32 logits, f32 accumulation) on R
