@@ -957,9 +957,9 @@ fn rope_at(g: &Gpu, t: &mut Table, rng: &mut Rng) -> Result<()> {
     let rope = RopeDev { cos: g.upload(&table.cos)?, sin: g.upload(&table.sin)?, half: table.half };
     let pos: Vec<usize> = vec![0, 1, 4999, 37, 2048, 3, 777];
     let x = randv(rng, n * h * hs, 1.0);
-    let xb = upb(g, &x)?;
+    let mut xb = upb(g, &x)?;
     let pb = g.upload(&pos.iter().map(|&p| p as u32).collect::<Vec<u32>>())?;
-    launch::rope_rotate_at(g, &xb, 0, &rope, &pb, 4999, n, h, hs)?;
+    launch::rope_rotate_at(g, &mut xb, 0, &rope, &pb, 4999, n, h, hs)?;
     let mut want = x.clone();
     cpu::rope_forward_at(&mut want, &table, &pos, h, hs);
     t.add(

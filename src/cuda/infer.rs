@@ -356,8 +356,8 @@ impl GpuSource<'_> {
         let c = &m.config;
         let (top, at) = (max_len - 1, base * c.kv_dim());
         let a = &mut self.acts;
-        launch::rope_rotate_at(g, &a.q, 0, &m.rope, &self.pos, top, r, c.n_heads, c.head_dim)?;
-        launch::rope_rotate_at(g, &self.k[l], at, &m.rope, &self.pos, top, r, c.n_kv_heads, c.head_dim)?;
+        launch::rope_rotate_at(g, &mut a.q, 0, &m.rope, &self.pos, top, r, c.n_heads, c.head_dim)?;
+        launch::rope_rotate_at(g, &mut self.k[l], at, &m.rope, &self.pos, top, r, c.n_kv_heads, c.head_dim)?;
         let (nh, kvh, hs, stride) = (c.n_heads, c.n_kv_heads, c.head_dim, self.plan.stride());
         let dims = DecodeAttn { r, nh, kvh, hs, slots: base + r, stride, max_len };
         let splits = launch::decode_splits(&dims, TARGET_BLOCKS);

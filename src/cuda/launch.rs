@@ -744,7 +744,7 @@ pub fn select_write(
 #[allow(clippy::too_many_arguments)]
 pub fn rope_rotate_at(
     g: &Gpu,
-    x: &Buf<Bf16>,
+    x: &mut Buf<Bf16>,
     x_off: usize,
     rope: &RopeDev,
     pos: &Buf<u32>,
