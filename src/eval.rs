@@ -353,15 +353,12 @@ fn evaluate_gpu(
     let (g, _) = crate::cuda::open_with_attention(Attention::Auto)?;
     let c = &model.config;
     let beams = match o.strategy {
-        Strategy::Beam { num_beams, .. } => num_beams,
+        Strategy::Beam { num_beams, .. } if o.generate => num_beams,
         _ => 1,
     };
-    let shape = infer::EvalShape {
-        loss_len: longest.target,
-        prompt_len: longest.prompt.max(1),
-        max_new: o.max_new_tokens.max(1),
-        beams,
-    };
+    // (--no-generate: a token of cache per prompt, the smallest plan)
+    let max_new = if o.generate { o.max_new_tokens.max(1) } else { 1 };
+    let shape = infer::EvalShape { loss_len: longest.target, prompt_len: longest.prompt.max(1), max_new, beams };
     let batch = infer::fit_batch(c, g.mem_info().0, o.batch_size, longest.examples.max(1), shape)?;
     let mut gm = GpuModel::upload(&g, model, longest.target.max(1))?;
     gm.ensure_rope(&g, shape.plan(batch).stride())?;

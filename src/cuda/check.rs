@@ -1118,7 +1118,8 @@ fn smollm2_decoding(g: &Gpu, t: &mut Table, path: &std::path::Path) -> Result<()
     let gl = src.prefill(&prompts, Want::Full)?;
     let cl = CpuSource::new(&model).prefill(&prompts, Want::Full)?;
     if let (Scores::Full(a), Scores::Full(b)) = (&gl, &cl) {
-        t.add("SmolLM2 prefill logits, GPU vs CPU (8 prompts)".into(), rel_err(a, b), 3e-2);
+        // (the CPU's weights are the checkpoint's f32, not rounded to bf16)
+        t.add("SmolLM2 prefill logits, GPU (bf16) vs CPU (f32), 8 prompts".into(), rel_err(a, b), 5e-2);
     }
 
     src.full_logits = false;
