@@ -45,6 +45,15 @@ import report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
+
+def file_sha(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+# The binary that ran: a plan run in pieces may span commits, and results.json
+# records both the commit and this.
+LIFT_SHA = file_sha(ROOT / "lift") if (ROOT / "lift").exists() else None
+
 # The methods a plan may name: lift's --method, and "base" (no training).
 LIFT_METHODS = {"lift", "full", "lora", "dora", "pissa", "s2ft", "magnitude", "random"}
 
@@ -145,10 +154,6 @@ def write_json(path, value):
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(value, indent=1) + "\n")
     tmp.replace(path)
-
-
-def file_sha(path):
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------
@@ -276,6 +281,7 @@ def finish_run(plan, label, lr, seed, rundir, summary, chosen):
         "train": summary,
         "evals": evaluate(plan, rundir / "model.bin" if summary else plan["model"], rundir),
         "commit": git_commit(),
+        "lift_sha256": LIFT_SHA,
         "protocol": protocol(plan, label),
     }
     write_json(rundir / "results.json", result)
@@ -309,6 +315,7 @@ def drop_weights(plan, rundir):
 
 
 def git_commit():
+    """HEAD when the run finished (the binary may be older: see LIFT_SHA)."""
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     except OSError:
