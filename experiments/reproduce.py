@@ -362,6 +362,8 @@ def choose_lr(plan, label, progress):
         if not done.exists():
             progress.say(f"train {label} lr {lr:g} seed {seed} (grid)")
             train(plan, label, lr, seed, rundir)
+            losses[lr] = val_loss(plan, rundir)
+            progress.done += 1
         losses[lr] = val_loss(plan, rundir)
     best = min(m["lr_grid"], key=lambda lr: (losses[lr], lr))
     for lr in m["lr_grid"]:
