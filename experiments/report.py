@@ -25,12 +25,17 @@ PEFT = ["lora", "dora", "pissa", "s2ft"]
 
 
 def load_runs(results):
-    """{label: [results.json of each finished seed]} (a grid's losers have
-    no results.json, only the chosen learning rate's run has)."""
+    """{label: [results.json of each finished seed]} at the learning rate
+    the grid chose (a grid's losers have no results.json; a run at another
+    learning rate, left from an earlier grid, is not counted)."""
     runs = {}
     for f in sorted((results / "runs").glob("*/*/results.json")):
         r = json.loads(f.read_text())
         runs.setdefault(r["label"], []).append(r)
+    for label, rs in runs.items():
+        chosen = [r["lr"] for r in rs if r.get("lr_choice")]
+        if chosen:
+            runs[label] = [r for r in rs if r["lr"] == chosen[0]]
     return runs
 
 
@@ -178,7 +183,8 @@ def lr_table(plan, table):
         c = table[label]["lr_choice"]
         if c:
             losses = ", ".join(f"{lr}: {v:.4f}" for lr, v in c["val_loss"].items())
-            lines.append(f"| {label} | {', '.join(f'{x:g}' for x in c['grid'])} | {losses} | {c['chosen']:g} |")
+            edge = " (the grid's edge)" if c["chosen"] in (min(c["grid"]), max(c["grid"])) else ""
+            lines.append(f"| {label} | {', '.join(f'{x:g}' for x in c['grid'])} | {losses} | {c['chosen']:g}{edge} |")
     return "\n".join(lines)
 
 
