@@ -95,7 +95,8 @@ fn fake_run(results: &Path, label: &str, seed: u64, lr: f64, math: &[(&str, f64)
     std::fs::create_dir_all(&dir).unwrap();
     let sets: Vec<Value> = math.iter().map(|(n, a)| json!({"name": n, "accuracy": a, "loss": 1.0})).collect();
     let avg = math.iter().map(|(_, a)| a).sum::<f64>() / math.len() as f64;
-    let train = json!({"optimizer_state_bytes": 1 << 20, "trainable_values": 1000, "wall_s": 60.0, "peak_rss_bytes": 1 << 30});
+    let train =
+        json!({"optimizer_state_bytes": 1 << 20, "trainable_values": 1000, "wall_s": 60.0, "peak_rss_bytes": 1 << 30});
     let r = json!({
         "label": label, "method": label, "lr": lr, "seed": seed, "commit": "test",
         "lr_choice": if seed == 0 { json!({"grid": [lr], "val_loss": {format!("{lr}"): 0.5}, "chosen": lr}) } else { Value::Null },
