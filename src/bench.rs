@@ -78,8 +78,8 @@ pub struct BenchArgs {
     pub recompute: bool,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Time generation instead of training (CPU): --batch prompts decoded as
-    /// one batch, prefill and decode tokens/s (see `bench_generate`).
+    /// Time generation instead of training (CPU or CUDA): --batch prompts
+    /// decoded as one batch, prefill and decode tokens/s (see `bench_generate`).
     #[arg(long, conflicts_with_all = ["mask_only", "forward_only"])]
     pub generate: bool,
     /// --generate: beams per prompt (1 = greedy).
@@ -88,6 +88,10 @@ pub struct BenchArgs {
     /// --generate: new tokens per prompt at most (EOS ends a row earlier).
     #[arg(long, default_value_t = 64)]
     pub max_new_tokens: usize,
+    /// --generate: never stop at EOS, so every row runs --max-new-tokens
+    /// (for timings against a reference that does the same).
+    #[arg(long)]
+    pub ignore_eos: bool,
     /// A data set (LLM-Adapters JSON). With --generate: the prompts of its
     /// first --batch examples (the alpaca template) instead of random ids of
     /// length --seq. Otherwise: one training pass over its first --limit
@@ -491,7 +495,11 @@ fn bench_data(a: &BenchArgs, path: &std::path::Path) -> Result<serde_json::Value
 /// reference can run the same prompts and compare the outputs.
 fn bench_generate(a: &BenchArgs, c: &Config) -> Result<serde_json::Value> {
     use crate::decode::{self, DecodeOptions, Strategy};
-    let (model, tok) = bench_model(a, c)?;
+    let gpu = crate::cuda::resolve(a.device) == Device::Cuda;
+    if gpu {
+        crate::cuda::gpu::probe()?;
+    }
+    let (model, tok) = bench_model(a, c, gpu)?;
     let prompts = match (&a.data, &tok) {
         (Some(path), Some(tok)) => data_prompts(path, tok, a.batch)?,
         (Some(_), None) => bail!("--data needs --checkpoint (its tokenizer encodes the prompts)"),
@@ -505,20 +513,33 @@ fn bench_generate(a: &BenchArgs, c: &Config) -> Result<serde_json::Value> {
         1 => Strategy::Greedy,
         n => Strategy::Beam { num_beams: n, length_penalty: 1.0 },
     };
-    let eos = tok.as_ref().and_then(|t| t.eos_id());
+    let eos = if a.ignore_eos { None } else { tok.as_ref().and_then(|t| t.eos_id()) };
     let o = DecodeOptions { strategy, max_new_tokens: a.max_new_tokens, eos };
-    let mut source = crate::generate::CpuSource::new(&model);
-    let (mut runs, mut ids) = (Vec::new(), Vec::new());
-    for i in 0..a.warmup + a.steps.max(1) {
-        let t0 = Instant::now();
-        let out = decode::decode(&mut source, &prompts, &o)?;
-        let ms = t0.elapsed().as_secs_f64() * 1e3;
-        eprintln!("generate {}: {ms:.0} ms, {} new tokens", i + 1, out.ids.iter().map(Vec::len).sum::<usize>());
-        if i >= a.warmup {
-            runs.push((ms, out.stats));
+    let timed = |source: &mut dyn decode::LogitSource| -> Result<GenRuns> {
+        let (mut runs, mut ids) = (Vec::new(), Vec::new());
+        for i in 0..a.warmup + a.steps.max(1) {
+            let t0 = Instant::now();
+            let out = decode::decode(source, &prompts, &o)?;
+            let ms = t0.elapsed().as_secs_f64() * 1e3;
+            eprintln!("generate {}: {ms:.0} ms, {} new tokens", i + 1, out.ids.iter().map(Vec::len).sum::<usize>());
+            if i >= a.warmup {
+                runs.push((ms, out.stats));
+            }
+            ids = out.ids;
         }
-        ids = out.ids;
-    }
+        Ok((runs, ids))
+    };
+    let (runs, ids, device, mem) = if gpu {
+        let (g, gm, plan) = gpu_generation_model(a, c, model.as_ref(), &prompts)?;
+        let mut source = crate::cuda::infer::GpuSource::new(&g, &gm, plan)?;
+        let (runs, ids) = timed(&mut source)?;
+        (runs, ids, g.name.clone(), crate::cuda::gpu::mem_peak() as u64)
+    } else {
+        let model = model.as_ref().expect("the CPU has a host model");
+        let mut source = crate::generate::CpuSource::new(model);
+        let (runs, ids) = timed(&mut source)?;
+        (runs, ids, format!("cpu ({} threads)", rayon::current_num_threads()), peak_rss_bytes().unwrap_or(0))
+    };
     let med = |f: &dyn Fn(&(f64, decode::DecodeStats)) -> f64| median(runs.iter().map(f).collect());
     let s = runs[0].1;
     Ok(serde_json::json!({
@@ -531,20 +552,51 @@ fn bench_generate(a: &BenchArgs, c: &Config) -> Result<serde_json::Value> {
         "decode_rows": s.step_rows,
         "decode_tokens_per_s": med(&|r| r.1.step_rows as f64 / r.1.step_s),
         "generated_tokens": ids.iter().map(Vec::len).sum::<usize>(),
-        "batch": a.batch, "num_beams": a.num_beams, "max_new_tokens": a.max_new_tokens,
-        "device": format!("cpu ({} threads)", rayon::current_num_threads()),
+        "batch": a.batch, "num_beams": a.num_beams, "max_new_tokens": a.max_new_tokens, "seq": a.seq,
+        "config": a.config, "device": device, "peak_mem_bytes": mem,
         "prompt_ids": prompts, "new_ids": ids, "impl": "lift",
     }))
 }
 
-/// The checkpoint's model and tokenizer, or a random model of --config.
-fn bench_model(a: &BenchArgs, c: &Config) -> Result<(Model, Option<crate::tokenizer::Tokenizer>)> {
+/// Timed decodes (milliseconds and stats) and the last one's new tokens.
+type GenRuns = (Vec<(f64, crate::decode::DecodeStats)>, Vec<Vec<u32>>);
+
+/// The GPU, the benchmark's model on it (the checkpoint's, or random weights
+/// made on the device), and the decoding plan for these prompts.
+fn gpu_generation_model(
+    a: &BenchArgs,
+    c: &Config,
+    model: Option<&Model>,
+    prompts: &[Vec<u32>],
+) -> Result<(crate::cuda::gpu::Gpu, crate::cuda::model::GpuModel, crate::cuda::infer::Plan)> {
+    use crate::cuda::{infer, model::GpuModel};
+    let (g, _) = crate::cuda::open_with_attention(a.attention)?;
+    let shape = infer::EvalShape {
+        loss_len: 0,
+        prompt_len: prompts.iter().map(Vec::len).max().unwrap_or(1),
+        max_new: a.max_new_tokens.max(1),
+        beams: a.num_beams,
+    };
+    infer::fit_batch(c, g.mem_info().0, Some(a.batch), a.batch, shape)?;
+    let plan = shape.plan(a.batch);
+    let mut gm = match model {
+        Some(m) => GpuModel::upload(&g, m, plan.stride())?,
+        None => GpuModel::random(&g, c, a.seed, plan.stride())?,
+    };
+    gm.ensure_rope(&g, plan.stride())?;
+    Ok((g, gm, plan))
+}
+
+/// The checkpoint's model and tokenizer, or a random model of --config
+/// (None for the GPU, which makes its random weights on the device).
+fn bench_model(a: &BenchArgs, c: &Config, gpu: bool) -> Result<(Option<Model>, Option<crate::tokenizer::Tokenizer>)> {
     Ok(match &a.checkpoint {
         Some(p) => {
             let ck = crate::formats::checkpoint::Checkpoint::open(p)?;
-            (Model::new(c.clone(), ck.load_weights()?), Some(ck.tokenizer))
+            (Some(Model::new(c.clone(), ck.load_weights()?)), Some(ck.tokenizer))
         }
-        None => (Model::new(c.clone(), crate::init::random_weights(c, a.seed)), None),
+        None if gpu => (None, None),
+        None => (Some(Model::new(c.clone(), crate::init::random_weights(c, a.seed))), None),
     })
 }
 

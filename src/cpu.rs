@@ -507,6 +507,52 @@ pub fn attention_forward(
     scatter_heads(out, lse, &heads, b, tq, nh, hs);
 }
 
+/// The attention of a decoding step: one new query per row over the keys
+/// and values that row has seen. q is (R, NH, HS); k and v are a cache of
+/// slots (S, KVH, HS), after RoPE; slots[r] lists the slots row r sees, in
+/// position order, its own new key last (rows may share slots: beams of one
+/// prompt). out (R, NH, HS) = softmax(q_h k^T / sqrt(HS)) v over those slots,
+/// per head h, which reads kv head h / (NH / KVH).
+///
+/// The GPU twin, kernels/decode_attention.cu, computes the same softmax in
+/// pieces: it splits each row's slots into ranges, takes the softmax of each
+/// range with its log-sum-exp, and merges the pieces by their lse.
+#[allow(clippy::too_many_arguments)]
+pub fn decode_attention(
+    out: &mut [f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    slots: &[Vec<u32>],
+    nh: usize,
+    kvh: usize,
+    hs: usize,
+) {
+    let (group, kvd) = (nh / kvh, kvh * hs);
+    let scale = 1.0 / (hs as f32).sqrt();
+    out.par_chunks_mut(nh * hs).zip(q.par_chunks(nh * hs)).zip(slots.par_iter()).for_each(|((out, qr), slots)| {
+        let mut p = vec![0.0f32; slots.len()];
+        for h in 0..nh {
+            let off = (h / group) * hs;
+            let qh = &qr[h * hs..(h + 1) * hs];
+            for (pj, &s) in p.iter_mut().zip(slots) {
+                *pj = dot(qh, &k[s as usize * kvd + off..][..hs]) * scale;
+            }
+            let max = p.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            let mut sum = 0.0f32;
+            p.iter_mut().for_each(|x| {
+                *x = (*x - max).exp();
+                sum += *x;
+            });
+            let oh = &mut out[h * hs..(h + 1) * hs];
+            oh.fill(0.0);
+            for (&pj, &s) in p.iter().zip(slots) {
+                axpy(oh, pj / sum, &v[s as usize * kvd + off..][..hs]);
+            }
+        }
+    });
+}
+
 /// Row of raw scores -> probabilities: entries lo..hi are scaled, shifted by
 /// their maximum and exponentiated, the rest zeroed; returns the row's
 /// log-sum-exp of the scaled scores.

@@ -257,6 +257,16 @@ pub enum Template {
     /// for training and the loss, its evaluation prompt (`i_prompt`) for
     /// generation; see `reference_train_prompt` and `reference_eval_prompt`.
     Reference,
+    /// No wrapper: the instruction (and the input after it, on a new line)
+    /// is the prompt as it is, and the output follows it directly. For
+    /// plain text, e.g. the loss of a continuation of general prose.
+    Plain,
+}
+
+/// The prompt of `--template plain`: the instruction, and the input on the
+/// next line when there is one, nothing added.
+pub fn plain_prompt(ex: &Example) -> String {
+    if ex.input.is_empty() { ex.instruction.clone() } else { format!("{}\n{}", ex.instruction, ex.input) }
 }
 
 /// The training prompt of the LIFT release (`src/utils/data_utils.py`,
@@ -304,6 +314,7 @@ impl Template {
         match self {
             Template::Alpaca => ex.prompt(),
             Template::Reference => reference_train_prompt(ex),
+            Template::Plain => plain_prompt(ex),
         }
     }
 
@@ -312,13 +323,14 @@ impl Template {
         match self {
             Template::Alpaca => ex.prompt(),
             Template::Reference => reference_eval_prompt(ex),
+            Template::Plain => plain_prompt(ex),
         }
     }
 
     /// One example as training ids with its loss mask.
     ///
-    /// alpaca: `tokenize_example` (prompt and target encoded apart, EOS id
-    /// appended). reference, as the release's `preprocess`: the target is
+    /// alpaca and plain: `tokenize_example` (prompt and target encoded
+    /// apart, EOS id appended). reference, as the release's `preprocess`: the target is
     /// `output + " " + EOS text` (any "</s>" in the output removed),
     /// prompt and target are encoded as one text, and the prompt's share is
     /// the length of the prompt encoded alone (so a BPE merge across the
@@ -327,6 +339,10 @@ impl Template {
     pub fn tokenize(self, ex: &Example, t: &Tokenization) -> TokenizedExample {
         match self {
             Template::Alpaca => tokenize_example(ex, t.encode, t.bos, t.eos, t.max_seq_len),
+            Template::Plain => {
+                let target = ex.target.as_deref().unwrap_or("");
+                tokenize_pair(&plain_prompt(ex), target, t.encode, t.bos, t.eos, t.max_seq_len)
+            }
             Template::Reference => {
                 let prompt = reference_train_prompt(ex);
                 let output = ex.target.as_deref().unwrap_or("").replace("</s>", "");

@@ -9,8 +9,11 @@
 //!
 //! The loop never sees a model. It talks to a `LogitSource`, which holds one
 //! KV cache per row and can run every row one token further or rearrange the
-//! rows. The CPU model is one (`generate::CpuSource`); a GPU model implements
-//! the same three calls over its own cache and reuses all of this file.
+//! rows. The CPU model is one (`generate::CpuSource`); the GPU model
+//! (`cuda::infer::GpuSource`) implements the same three calls over its own
+//! cache and reuses all of this file. Each call says how much of the
+//! distribution the search reads (`Want`): the GPU then sends back only the
+//! argmax, or the top k with the log-sum-exp, not a (rows, vocabulary) array.
 
 use std::time::Instant;
 
@@ -21,14 +24,72 @@ use crate::rng::Rng;
 /// What a search needs from a model.
 pub trait LogitSource {
     fn vocab_size(&self) -> usize;
-    /// Forgets every row and starts one row per prompt; returns the logits
-    /// (P, V) of the token after each prompt.
-    fn prefill(&mut self, prompts: &[Vec<u32>]) -> Result<Vec<f32>>;
-    /// Appends tokens[r] to row r; returns the logits (R, V) of the token after.
-    fn step(&mut self, tokens: &[u32]) -> Result<Vec<f32>>;
+    /// Forgets every row and starts one row per prompt; returns the scores
+    /// (P rows) of the token after each prompt, at least what `want` asks.
+    fn prefill(&mut self, prompts: &[Vec<u32>], want: Want) -> Result<Scores>;
+    /// Appends tokens[r] to row r; returns the scores (R rows) of the token after.
+    fn step(&mut self, tokens: &[u32], want: Want) -> Result<Scores>;
     /// Rearranges the rows: new row i continues old row src[i]. A row may be
     /// repeated (beams that share a parent) or left out (finished).
-    fn select(&mut self, src: &[usize]);
+    fn select(&mut self, src: &[usize]) -> Result<()>;
+}
+
+/// How much of each row's next-token distribution a search reads. A source
+/// may always give the full logits (the CPU does); one on another device
+/// reduces them there, so that only these few numbers cross per step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Want {
+    /// The most likely token (greedy).
+    Argmax,
+    /// The k most likely tokens and their log-probabilities (beam search, k = 2N).
+    Top(usize),
+    /// Every logit (sampling).
+    Full,
+}
+
+/// The scores of R rows over the vocabulary (V).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Scores {
+    /// The logits (R, V).
+    Full(Vec<f32>),
+    /// Per row the k best logits and their ids (R, k), best first with ties
+    /// to the lower id, and each row's log-sum-exp (R).
+    Top { k: usize, logits: Vec<f32>, ids: Vec<u32>, lse: Vec<f32> },
+}
+
+impl Scores {
+    /// Row r's logits (V); only full scores have them.
+    pub fn row(&self, r: usize, v: usize) -> &[f32] {
+        match self {
+            Scores::Full(l) => &l[r * v..(r + 1) * v],
+            Scores::Top { .. } => panic!("Scores::row: the source gave only the top tokens"),
+        }
+    }
+
+    /// Row r's most likely token, ties to the lower id (torch.argmax).
+    pub fn argmax(&self, r: usize, v: usize) -> u32 {
+        match self {
+            Scores::Full(_) => argmax(self.row(r, v)),
+            Scores::Top { k, ids, .. } => ids[r * k],
+        }
+    }
+
+    /// Row r's k most likely tokens, best first (ties to the lower id), as
+    /// (log-probability, id): logit - logsumexp(row), the same f32 operation
+    /// from full logits and from a device's top k.
+    pub fn top_logp(&self, r: usize, k: usize, v: usize) -> Vec<(f32, u32)> {
+        match self {
+            Scores::Full(_) => {
+                let row = self.row(r, v);
+                let lse = crate::cpu::logsumexp(row);
+                top_k_ids(row, k).into_iter().map(|t| (row[t as usize] - lse, t)).collect()
+            }
+            Scores::Top { k: kk, logits, ids, lse } => {
+                assert!(k <= *kk, "top_logp: {k} tokens asked of a top {kk}");
+                (r * kk..r * kk + k).map(|i| (logits[i] - lse[r], ids[i])).collect()
+            }
+        }
+    }
 }
 
 /// How the next token is chosen.
@@ -140,14 +201,15 @@ pub fn decode(m: &mut dyn LogitSource, prompts: &[Vec<u32>], o: &DecodeOptions) 
             Box::new(BeamSearch::new(prompts.len(), *num_beams, *length_penalty, o, v))
         }
     };
+    let want = search.want();
     let t0 = Instant::now();
-    let mut logits = m.prefill(prompts)?;
+    let mut scores = m.prefill(prompts, want)?;
     stats.prefill_tokens = prompts.iter().map(Vec::len).sum();
     stats.prefill_s = t0.elapsed().as_secs_f64();
     let t0 = Instant::now();
-    while let Some(next) = search.advance(&logits) {
-        m.select(&next.src);
-        logits = m.step(&next.tokens)?;
+    while let Some(next) = search.advance(&scores) {
+        m.select(&next.src)?;
+        scores = m.step(&next.tokens, want)?;
         stats.steps += 1;
         stats.step_rows += next.tokens.len();
     }
@@ -163,9 +225,11 @@ struct Next {
 
 /// One strategy's state between steps.
 trait Search {
-    /// Given the logits (R, V) of the live rows, chooses the next rows, or
+    /// What the search reads of each row's scores.
+    fn want(&self) -> Want;
+    /// Given the scores of the live rows (R), chooses the next rows, or
     /// None when the search is over.
-    fn advance(&mut self, logits: &[f32]) -> Option<Next>;
+    fn advance(&mut self, scores: &Scores) -> Option<Next>;
     /// The new tokens of each prompt.
     fn finish(self: Box<Self>) -> Vec<Vec<u32>>;
 }
@@ -198,14 +262,20 @@ impl PerRow {
 }
 
 impl Search for PerRow {
-    fn advance(&mut self, logits: &[f32]) -> Option<Next> {
+    fn want(&self) -> Want {
+        match self.pick {
+            Pick::Greedy => Want::Argmax,
+            Pick::Sample(..) => Want::Full,
+        }
+    }
+
+    fn advance(&mut self, scores: &Scores) -> Option<Next> {
         let mut next = Next { src: Vec::new(), tokens: Vec::new() };
         let mut live = Vec::new();
         for (r, &p) in self.live.iter().enumerate() {
-            let row = &logits[r * self.v..(r + 1) * self.v];
             let id = match &mut self.pick {
-                Pick::Greedy => argmax(row),
-                Pick::Sample(s, rngs) => sample(row, s, &mut rngs[p], &mut self.scratch),
+                Pick::Greedy => scores.argmax(r, self.v),
+                Pick::Sample(s, rngs) => sample(scores.row(r, self.v), s, &mut rngs[p], &mut self.scratch),
             };
             self.out[p].push(id);
             if Some(id) != self.eos && self.out[p].len() < self.max_new {
@@ -384,11 +454,11 @@ impl BeamSearch {
         logp / (len as f64).powf(self.length_penalty as f64) as f32
     }
 
-    /// Steps 1-4 for one item whose rows are `logits` (its running beams, V
-    /// each); returns the next running beams as candidates.
-    fn advance_item(&mut self, it: usize, logits: &[f32]) -> Vec<Cand> {
+    /// Steps 1-4 for one item whose running beams are rows row0.. of
+    /// `scores`; returns the next running beams as candidates.
+    fn advance_item(&mut self, it: usize, scores: &Scores, row0: usize) -> Vec<Cand> {
         let n = self.num_beams;
-        let cands = top_candidates(logits, &self.items[it].running, 2 * n, self.v);
+        let cands = top_candidates(scores, row0, &self.items[it].running, 2 * n, self.v);
         let len = self.generated + 1;
         let last = len == self.max_new;
         let mut next = Vec::with_capacity(n);
@@ -420,13 +490,17 @@ impl BeamSearch {
 }
 
 impl Search for BeamSearch {
-    fn advance(&mut self, logits: &[f32]) -> Option<Next> {
+    fn want(&self) -> Want {
+        Want::Top(2 * self.num_beams)
+    }
+
+    fn advance(&mut self, scores: &Scores) -> Option<Next> {
         let mut next = Next { src: Vec::new(), tokens: Vec::new() };
         let mut live = Vec::new();
         let mut row0 = 0;
         for it in std::mem::take(&mut self.live) {
             let rows = self.items[it].running.len();
-            let chosen = self.advance_item(it, &logits[row0 * self.v..(row0 + rows) * self.v]);
+            let chosen = self.advance_item(it, scores, row0);
             let item = &mut self.items[it];
             if item.open && !chosen.is_empty() {
                 let old = std::mem::take(&mut item.running);
@@ -455,18 +529,16 @@ impl Search for BeamSearch {
     }
 }
 
-/// The best k continuations of the beams, best first: log_softmax(row) +
-/// the beam's sum, over all beams and tokens; ties go to the lower
-/// (beam, token), the order of transformers' flattened top-k.
-fn top_candidates(logits: &[f32], beams: &[Hyp], k: usize, v: usize) -> Vec<Cand> {
+/// The best k continuations of the beams (rows row0.. of `scores`), best
+/// first: log_softmax(row) + the beam's sum, over all beams and tokens; ties
+/// go to the lower (beam, token), the order of transformers' flattened top-k.
+fn top_candidates(scores: &Scores, row0: usize, beams: &[Hyp], k: usize, v: usize) -> Vec<Cand> {
     let mut all = Vec::with_capacity(beams.len() * k);
     for (b, hyp) in beams.iter().enumerate() {
-        let row = &logits[b * v..(b + 1) * v];
-        let lse = crate::cpu::logsumexp(row);
-        // Within a row the order of log-probabilities is the order of logits.
-        for token in top_k_ids(row, k) {
-            let logp = (row[token as usize] - lse) + hyp.logp;
-            all.push(Cand { logp, beam: b, token });
+        // Within a row the order of log-probabilities is the order of logits,
+        // so a row's best k hold every candidate the beams can keep.
+        for (logp, token) in scores.top_logp(row0 + b, k, v) {
+            all.push(Cand { logp: logp + hyp.logp, beam: b, token });
         }
     }
     all.sort_by(|a, b| b.logp.total_cmp(&a.logp).then((a.beam, a.token).cmp(&(b.beam, b.token))));

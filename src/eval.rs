@@ -20,10 +20,15 @@ use anyhow::{Context, Result, anyhow, bail};
 use serde::Serialize;
 
 use crate::answer::{self, Rule};
+use crate::cuda::gpu::{Attention, Gpu};
+use crate::cuda::infer::{self, GpuSource};
+use crate::cuda::model::{GpuActs, GpuModel};
 use crate::data::{self, Example, Purpose, Template};
-use crate::decode::{self, DecodeOptions, Strategy};
+use crate::data::{Batch, TokenizedExample};
+use crate::decode::{self, DecodeOptions, LogitSource, Strategy};
 use crate::generate::CpuSource;
 use crate::model::{Activations, Head, Model};
+use crate::options::Device;
 use crate::tokenizer::Tokenizer;
 
 /// One data set of a suite: its name in the tables and its file.
@@ -43,12 +48,15 @@ pub struct EvalOptions {
     pub generate: bool,
     pub strategy: Strategy,
     pub max_new_tokens: usize,
-    pub batch_size: usize,
+    /// Prompts per batch; None: 16 on the CPU, chosen from free memory on the GPU.
+    pub batch_size: Option<usize>,
     pub max_seq_len: usize,
     pub skip_bad: bool,
     pub template: Template,
     pub rule: Rule,
     pub quiet: bool,
+    /// Cpu or Cuda (`cuda::resolve` has turned Auto into one of them).
+    pub device: Device,
 }
 
 /// The results of one set.
@@ -227,27 +235,161 @@ fn set_name(p: &Path) -> String {
 // ----------------------------------------------------------------------------
 // Evaluation
 
-/// One set's examples, loaded before any work so that a bad file fails first.
+/// One set's examples, loaded and tokenized before any work so that a bad
+/// file fails first and the GPU's buffers can be sized for the longest.
 struct Loaded {
     set: EvalSet,
     examples: Vec<Example>,
+    /// The examples with a target, on the training template (for the loss).
+    targets: Vec<TokenizedExample>,
+    /// The evaluation prompts of the examples with an answer, by index.
+    prompts: Vec<(usize, Vec<u32>)>,
 }
 
-/// Loss and accuracy of `model` on every set of `o`.
+/// Where evaluate runs: the teacher-forced loss of batches and a
+/// LogitSource for generation, from the CPU model or the GPU's.
+trait Engine {
+    /// The mean target loss of each batch (at most (B, longest)).
+    fn losses(&mut self, batches: &[Batch], longest: usize) -> Result<Vec<f32>>;
+    fn source(&mut self) -> &mut dyn LogitSource;
+}
+
+struct CpuEngine<'a> {
+    model: &'a Model,
+    source: CpuSource<'a>,
+}
+
+impl Engine for CpuEngine<'_> {
+    fn losses(&mut self, batches: &[Batch], longest: usize) -> Result<Vec<f32>> {
+        let c = &self.model.config;
+        let b = batches.iter().map(|b| b.b).max().unwrap_or(1);
+        let mut acts = Activations::with(c, b, longest, Head::Loss, false);
+        let mut out = Vec::new();
+        for batch in batches {
+            acts.set_shape(c, batch.b, batch.t);
+            out.push(self.model.forward(&mut acts, &batch.tokens, Some(&batch.targets))?);
+        }
+        Ok(out)
+    }
+    fn source(&mut self) -> &mut dyn LogitSource {
+        &mut self.source
+    }
+}
+
+/// The GPU model: GpuModel::forward for the loss (with recomputation, so
+/// one layer's activations), GpuSource for generation; every buffer made
+/// once for the whole suite.
+struct GpuEngine<'a> {
+    g: &'a Gpu,
+    model: &'a GpuModel,
+    acts: GpuActs,
+    source: GpuSource<'a>,
+}
+
+impl Engine for GpuEngine<'_> {
+    fn losses(&mut self, batches: &[Batch], _longest: usize) -> Result<Vec<f32>> {
+        let mut out = Vec::new();
+        for batch in batches {
+            self.acts.set_shape(batch.b, batch.t)?;
+            out.push(self.model.forward(self.g, &mut self.acts, &batch.tokens, Some(&batch.targets))?);
+        }
+        Ok(out)
+    }
+    fn source(&mut self) -> &mut dyn LogitSource {
+        &mut self.source
+    }
+}
+
+/// Loss and accuracy of `model` on every set of `o`, on o.device.
 pub fn evaluate(model: &mut Model, tok: &Tokenizer, o: &EvalOptions) -> Result<SuiteResult> {
-    if o.batch_size == 0 {
+    if o.batch_size == Some(0) {
         bail!("--batch-size must be at least 1");
     }
     let eos = tok.eos_id().ok_or_else(|| anyhow!("the tokenizer has no EOS token"))?;
     let decoding = DecodeOptions { strategy: o.strategy.clone(), max_new_tokens: o.max_new_tokens, eos: Some(eos) };
     decoding.validate()?;
-    let loaded = load_sets(o)?;
+    let loaded = load_sets(o, tok)?;
     let outs = prediction_paths(o, &loaded)?;
-    let mut progress = Progress::new(&loaded, o);
+    let longest = Longest::of(&loaded);
+    if o.device == Device::Cuda {
+        return evaluate_gpu(model, tok, o, &decoding, &loaded, &outs, longest);
+    }
+    let batch = o.batch_size.unwrap_or(16);
+    model.ensure_rope(longest.target.max(1));
+    let mut engine = CpuEngine { model, source: CpuSource::new(model) };
+    run_sets(&mut engine, tok, o, batch, &decoding, &loaded, &outs)
+}
+
+/// The longest target example and prompt of the suite, and its largest set.
+#[derive(Clone, Copy)]
+struct Longest {
+    target: usize,
+    prompt: usize,
+    examples: usize,
+}
+
+impl Longest {
+    fn of(sets: &[Loaded]) -> Longest {
+        let max = |f: &dyn Fn(&Loaded) -> usize| sets.iter().map(f).max().unwrap_or(0);
+        Longest {
+            target: max(&|l| l.targets.iter().map(|t| t.ids.len()).max().unwrap_or(0)),
+            prompt: max(&|l| l.prompts.iter().map(|p| p.1.len()).max().unwrap_or(0)),
+            examples: max(&|l| l.examples.len()),
+        }
+    }
+}
+
+/// evaluate on the GPU: the memory plan (every buffer of the suite, the
+/// batch chosen from free memory unless given) is checked before any work.
+fn evaluate_gpu(
+    model: &Model,
+    tok: &Tokenizer,
+    o: &EvalOptions,
+    decoding: &DecodeOptions,
+    loaded: &[Loaded],
+    outs: &[Option<PathBuf>],
+    longest: Longest,
+) -> Result<SuiteResult> {
+    let (g, _) = crate::cuda::open_with_attention(Attention::Auto)?;
+    let c = &model.config;
+    let beams = match o.strategy {
+        Strategy::Beam { num_beams, .. } if o.generate => num_beams,
+        _ => 1,
+    };
+    // (--no-generate: a token of cache per prompt, the smallest plan)
+    let max_new = if o.generate { o.max_new_tokens.max(1) } else { 1 };
+    let shape = infer::EvalShape { loss_len: longest.target, prompt_len: longest.prompt.max(1), max_new, beams };
+    let batch = infer::fit_batch(c, g.mem_info().0, o.batch_size, longest.examples.max(1), shape)?;
+    let mut gm = GpuModel::upload(&g, model, longest.target.max(1))?;
+    gm.ensure_rope(&g, shape.plan(batch).stride())?;
+    let acts = GpuActs::new(&g, c, batch, longest.target.max(1), 0, false, true)?;
+    let source = GpuSource::new(&g, &gm, shape.plan(batch))?;
+    if !o.quiet {
+        eprintln!(
+            "eval on {}: batch {batch}, {:.2} GiB of device memory",
+            g.name,
+            crate::cuda::gpu::mem_live() as f64 / (1u64 << 30) as f64
+        );
+    }
+    let mut engine = GpuEngine { g: &g, model: &gm, acts, source };
+    run_sets(&mut engine, tok, o, batch, decoding, loaded, outs)
+}
+
+/// Every set in turn on `engine`, then the suite's averages.
+fn run_sets(
+    engine: &mut dyn Engine,
+    tok: &Tokenizer,
+    o: &EvalOptions,
+    batch: usize,
+    decoding: &DecodeOptions,
+    loaded: &[Loaded],
+    outs: &[Option<PathBuf>],
+) -> Result<SuiteResult> {
+    let mut progress = Progress::new(loaded, o);
     let mut sets = Vec::new();
-    for (l, out) in loaded.iter().zip(&outs) {
+    for (l, out) in loaded.iter().zip(outs) {
         progress.set = l.set.name.clone();
-        sets.push(evaluate_set(model, tok, l, o, &decoding, out.as_deref(), &mut progress)?);
+        sets.push(evaluate_set(engine, tok, l, o, batch, decoding, out.as_deref(), &mut progress)?);
     }
     progress.end();
     Ok(suite_result(sets))
@@ -255,7 +397,7 @@ pub fn evaluate(model: &mut Model, tok: &Tokenizer, o: &EvalOptions) -> Result<S
 
 /// Every set's examples (the first --limit), with a note for a set that
 /// has no gold answers.
-fn load_sets(o: &EvalOptions) -> Result<Vec<Loaded>> {
+fn load_sets(o: &EvalOptions, tok: &Tokenizer) -> Result<Vec<Loaded>> {
     let mut out = Vec::new();
     for set in &o.sets {
         let loaded = data::load(&set.path, Purpose::Eval, o.skip_bad)?;
@@ -277,9 +419,43 @@ fn load_sets(o: &EvalOptions) -> Result<Vec<Loaded>> {
         if !answers && o.generate {
             eprintln!("note: {}: no example has an `answer`: loss only", set.path.display());
         }
-        out.push(Loaded { set: set.clone(), examples });
+        let (targets, prompts) = tokenize_set(&examples, tok, o)?;
+        out.push(Loaded { set: set.clone(), examples, targets, prompts });
     }
     Ok(out)
+}
+
+/// A set's target examples on the training template (those with loss
+/// tokens), and the evaluation prompts of the examples with an answer.
+#[allow(clippy::type_complexity)]
+fn tokenize_set(
+    examples: &[Example],
+    tok: &Tokenizer,
+    o: &EvalOptions,
+) -> Result<(Vec<TokenizedExample>, Vec<(usize, Vec<u32>)>)> {
+    let eos = tok.eos_id().ok_or_else(|| anyhow!("the tokenizer has no EOS token"))?;
+    let bos = if tok.add_bos() { tok.bos_id() } else { None };
+    let encode = |s: &str| tok.encode(s);
+    let t = data::Tokenization {
+        encode: &encode,
+        bos,
+        eos,
+        eos_text: tok.token_str(eos).unwrap_or_default().to_string(),
+        max_seq_len: o.max_seq_len,
+    };
+    let targets = examples
+        .iter()
+        .filter(|e| e.target.is_some())
+        .map(|e| o.template.tokenize(e, &t))
+        .filter(|t| t.loss_tokens() > 0)
+        .collect();
+    let prompts = if o.generate {
+        let with_answer = examples.iter().enumerate().filter(|(_, e)| e.answer.is_some());
+        with_answer.map(|(i, e)| (i, o.template.prompt_ids(e, &encode, bos))).collect()
+    } else {
+        Vec::new()
+    };
+    Ok((targets, prompts))
 }
 
 /// Where each set's predictions go, created now so that an unwritable path
@@ -305,20 +481,25 @@ fn prediction_paths(o: &EvalOptions, sets: &[Loaded]) -> Result<Vec<Option<PathB
     Ok(paths)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn evaluate_set(
-    model: &mut Model,
+    engine: &mut dyn Engine,
     tok: &Tokenizer,
     l: &Loaded,
     o: &EvalOptions,
+    batch: usize,
     decoding: &DecodeOptions,
     out: Option<&Path>,
     progress: &mut Progress,
 ) -> Result<SetResult> {
     let t0 = Instant::now();
-    let (loss, loss_tokens) = target_loss(model, tok, &l.examples, o)?;
+    let (loss, loss_tokens) = target_loss(engine, &l.targets, batch, tok)?;
     progress.loss_done(l.examples.len(), t0.elapsed().as_secs_f64());
-    let answers =
-        if o.generate { generate_answers(model, tok, &l.examples, o, decoding, progress)? } else { Answers::default() };
+    let answers = if o.generate {
+        generate_answers(engine.source(), tok, l, o, batch, decoding, progress)?
+    } else {
+        Answers::default()
+    };
     if let Some(path) = out {
         write_predictions(path, &l.examples, &answers.rows, o.rule)?;
     }
@@ -363,40 +544,20 @@ fn suite_result(sets: Vec<SetResult>) -> SuiteResult {
 /// The teacher-forced loss over the examples with a target, in batches:
 /// the mean per target token, and how many target tokens there were.
 fn target_loss(
-    model: &mut Model,
+    engine: &mut dyn Engine,
+    tokenized: &[TokenizedExample],
+    batch: usize,
     tok: &Tokenizer,
-    examples: &[Example],
-    o: &EvalOptions,
 ) -> Result<(Option<f32>, usize)> {
-    let eos = tok.eos_id().ok_or_else(|| anyhow!("the tokenizer has no EOS token"))?;
-    let encode = |s: &str| tok.encode(s);
-    let t = data::Tokenization {
-        encode: &encode,
-        bos: if tok.add_bos() { tok.bos_id() } else { None },
-        eos,
-        eos_text: tok.token_str(eos).unwrap_or_default().to_string(),
-        max_seq_len: o.max_seq_len,
-    };
-    let tokenized: Vec<_> = examples
-        .iter()
-        .filter(|e| e.target.is_some())
-        .map(|e| o.template.tokenize(e, &t))
-        .filter(|t| t.loss_tokens() > 0)
-        .collect();
     if tokenized.is_empty() {
         return Ok((None, 0));
     }
-    let c = model.config.clone();
+    let eos = tok.eos_id().ok_or_else(|| anyhow!("the tokenizer has no EOS token"))?;
     let longest = tokenized.iter().map(|t| t.ids.len()).max().unwrap_or(1);
-    model.ensure_rope(longest);
-    let mut acts = Activations::with(&c, o.batch_size.min(tokenized.len()), longest, Head::Loss, false);
-    let mut parts = Vec::new();
-    for chunk in tokenized.chunks(o.batch_size) {
-        let refs: Vec<_> = chunk.iter().collect();
-        let batch = data::make_batch(&refs, eos);
-        acts.set_shape(&c, batch.b, batch.t);
-        parts.push((model.forward(&mut acts, &batch.tokens, Some(&batch.targets))?, batch.n_loss));
-    }
+    let batches: Vec<Batch> =
+        tokenized.chunks(batch).map(|chunk| data::make_batch(&chunk.iter().collect::<Vec<_>>(), eos)).collect();
+    let losses = engine.losses(&batches, longest)?;
+    let parts: Vec<(f32, usize)> = losses.into_iter().zip(&batches).map(|(l, b)| (l, b.n_loss)).collect();
     let loss_tokens = parts.iter().map(|p| p.1).sum();
     Ok((Some(data::mean_loss(parts)), loss_tokens))
 }
@@ -419,29 +580,22 @@ struct Answers {
 }
 
 /// Answers to the examples with an `answer`, in example order, generated
-/// `batch_size` prompts at a time.
+/// `batch` prompts at a time.
 fn generate_answers(
-    model: &Model,
+    source: &mut dyn LogitSource,
     tok: &Tokenizer,
-    examples: &[Example],
+    l: &Loaded,
     o: &EvalOptions,
+    batch: usize,
     decoding: &DecodeOptions,
     progress: &mut Progress,
 ) -> Result<Answers> {
-    let bos = if tok.add_bos() { tok.bos_id() } else { None };
-    let encode = |s: &str| tok.encode(s);
-    let todo: Vec<(usize, Vec<u32>)> = examples
-        .iter()
-        .enumerate()
-        .filter(|(_, e)| e.answer.is_some())
-        .map(|(i, e)| (i, o.template.prompt_ids(e, &encode, bos)))
-        .collect();
-    let mut source = CpuSource::new(model);
+    let examples = &l.examples;
     let mut a = Answers::default();
-    for chunk in todo.chunks(o.batch_size) {
+    for chunk in l.prompts.chunks(batch) {
         let t0 = Instant::now();
         let prompts: Vec<Vec<u32>> = chunk.iter().map(|(_, p)| p.clone()).collect();
-        let out = decode::decode(&mut source, &prompts, decoding)?;
+        let out = decode::decode(source, &prompts, decoding)?;
         for ((i, _), ids) in chunk.iter().zip(out.ids) {
             let ids: Vec<u32> = ids.into_iter().filter(|&id| Some(id) != decoding.eos).collect();
             a.tokens += ids.len();

@@ -13,12 +13,10 @@
 //! Face's left padding with an attention mask gives (position ids from the
 //! mask's cumulative sum): a batch decodes exactly as its prompts would alone.
 
-use anyhow::{Result, bail};
-use rayon::prelude::*;
-
 use crate::cpu::{self, AttnDims, RopeTable};
-use crate::decode::{self, DecodeOptions, Decoded, LogitSource};
+use crate::decode::{self, DecodeOptions, Decoded, LogitSource, Scores, Want};
 use crate::model::{Config, Model};
+use anyhow::{Result, bail};
 
 pub use crate::decode::argmax;
 
@@ -182,8 +180,9 @@ impl LogitSource for CpuSource<'_> {
     }
 
     /// The prompts packed end to end (N = their total length); each one's
-    /// attention sees only its own tokens, causally.
-    fn prefill(&mut self, prompts: &[Vec<u32>]) -> Result<Vec<f32>> {
+    /// attention sees only its own tokens, causally. The CPU gives full
+    /// logits whatever the search wants (they are in memory already).
+    fn prefill(&mut self, prompts: &[Vec<u32>], _want: Want) -> Result<Scores> {
         let tokens: Vec<u32> = prompts.concat();
         self.check_ids(&tokens)?;
         self.rows.clear();
@@ -201,10 +200,10 @@ impl LogitSource for CpuSource<'_> {
             end += len;
         }
         let lasts: Vec<usize> = lens.iter().scan(0, |e, len| Some(std::mem::replace(e, *e + len) + len - 1)).collect();
-        Ok(self.head(&x, lasts.into_iter()))
+        Ok(Scores::Full(self.head(&x, lasts.into_iter())))
     }
 
-    fn step(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+    fn step(&mut self, tokens: &[u32], _want: Want) -> Result<Scores> {
         assert_eq!(tokens.len(), self.rows.len(), "step: one token per row");
         self.check_ids(tokens)?;
         let pos: Vec<usize> = self.rows.iter().map(Vec::len).collect();
@@ -218,12 +217,12 @@ impl LogitSource for CpuSource<'_> {
         let attend = |cache: &SlotCache, l, q: &[f32], att: &mut [f32]| slot_attention(&c, cache, l, &rows, q, att);
         let x = self.layers(tokens, &pos, &attend);
         self.rows = rows;
-        Ok(self.head(&x, 0..tokens.len()))
+        Ok(Scores::Full(self.head(&x, 0..tokens.len())))
     }
 
-    fn select(&mut self, src: &[usize]) {
+    fn select(&mut self, src: &[usize]) -> Result<()> {
         if src.len() == self.rows.len() && src.iter().enumerate().all(|(i, &s)| i == s) {
-            return;
+            return Ok(());
         }
         self.rows = src.iter().map(|&s| self.rows[s].clone()).collect();
         // Slots of dropped rows are garbage; a pass over the rows' lists
@@ -232,6 +231,7 @@ impl LogitSource for CpuSource<'_> {
             self.cache.collect_garbage(&mut self.rows);
             self.gc_at = (2 * self.cache.len).max(GC_MIN);
         }
+        Ok(())
     }
 }
 
@@ -254,31 +254,7 @@ fn prompt_attention(c: &Config, cache: &SlotCache, l: usize, lens: &[usize], q: 
 
 /// One query per row, over the slots the row lists (the new one last).
 fn slot_attention(c: &Config, cache: &SlotCache, l: usize, rows: &[Vec<u32>], q: &[f32], att: &mut [f32]) {
-    let (nh, hs, kvd) = (c.n_heads, c.head_dim, c.kv_dim());
-    let group = nh / c.n_kv_heads;
-    let scale = 1.0 / (hs as f32).sqrt();
-    let (k, v) = (&cache.k[l], &cache.v[l]);
-    att.par_chunks_mut(nh * hs).zip(q.par_chunks(nh * hs)).zip(rows.par_iter()).for_each(|((out, qr), slots)| {
-        let mut p = vec![0.0f32; slots.len()];
-        for h in 0..nh {
-            let off = (h / group) * hs;
-            let qh = &qr[h * hs..(h + 1) * hs];
-            for (pj, &s) in p.iter_mut().zip(slots) {
-                *pj = cpu::dot(qh, &k[s as usize * kvd + off..][..hs]) * scale;
-            }
-            let max = p.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-            let mut sum = 0.0f32;
-            p.iter_mut().for_each(|x| {
-                *x = (*x - max).exp();
-                sum += *x;
-            });
-            let oh = &mut out[h * hs..(h + 1) * hs];
-            oh.fill(0.0);
-            for (&pj, &s) in p.iter().zip(slots) {
-                cpu::axpy(oh, pj / sum, &v[s as usize * kvd + off..][..hs]);
-            }
-        }
-    });
+    cpu::decode_attention(att, q, &cache.k[l], &cache.v[l], rows, c.n_heads, c.n_kv_heads, c.head_dim);
 }
 
 /// Decodes `prompts` with the CPU model (one batch).

@@ -128,14 +128,16 @@ struct EvalArgs {
     max_new_tokens: usize,
     #[command(flatten)]
     decoding: DecodeArgs,
-    /// Prompts per batch (loss and generation; beams multiply the rows).
-    #[arg(long, default_value_t = 16)]
-    batch_size: usize,
+    /// Prompts per batch (loss and generation; beams multiply the rows)
+    /// [default: 16 on the CPU; on the GPU the largest that fits in its free memory].
+    #[arg(long)]
+    batch_size: Option<usize>,
     /// Longer examples are truncated for the loss.
     #[arg(long, default_value_t = 2048)]
     max_seq_len: usize,
-    /// Prompt template: alpaca (lift's) or reference (the LIFT release's
-    /// evaluation prompt for generation, its training format for the loss).
+    /// Prompt template: alpaca (lift's), reference (the LIFT release's
+    /// evaluation prompt for generation, its training format for the loss)
+    /// or plain (the instruction as it is: plain text).
     #[arg(long, value_enum, default_value_t = Template::Alpaca)]
     template: Template,
     /// How answers are read: lift's rules or the LIFT release's (see the README).
@@ -144,6 +146,10 @@ struct EvalArgs {
     /// Skip examples with no usable prompt instead of stopping.
     #[arg(long)]
     skip_bad: bool,
+    /// Where to run: cuda (bf16 weights, f32 accumulation), cpu, or auto
+    /// (cuda when a GPU and the CUDA libraries are found, else cpu).
+    #[arg(long, value_enum, default_value = "auto")]
+    device: Device,
 }
 
 #[derive(Args)]
@@ -205,6 +211,9 @@ struct GenerateArgs {
     /// Print {"ids": [...], "text": "..."} with only the new tokens (one line per prompt).
     #[arg(long)]
     json: bool,
+    /// Where to run: cuda, cpu, or auto (cuda when a GPU and the CUDA libraries are found).
+    #[arg(long, value_enum, default_value = "auto")]
+    device: Device,
 }
 
 /// How tokens are chosen (`lift generate` and `lift eval`): greedy unless
@@ -357,6 +366,10 @@ fn eval(a: EvalArgs) -> Result<()> {
     for n in &notes {
         eprintln!("note: {n}");
     }
+    let device = lift::cuda::resolve(a.device);
+    if device == Device::Cuda {
+        lift::cuda::gpu::probe()?;
+    }
     let (ck, mut model) = load_model(&a.checkpoint)?;
     if ck.tokenizer.eos_id().is_none() {
         bail!("{}: the tokenizer has no EOS token (lift eval ends every target with it)", a.checkpoint.display());
@@ -374,6 +387,7 @@ fn eval(a: EvalArgs) -> Result<()> {
         template: a.template,
         rule: a.answer_rule,
         quiet: a.json,
+        device,
     };
     let r = lift::eval::evaluate(&mut model, &ck.tokenizer, &o)?;
     if a.json {
@@ -447,6 +461,10 @@ fn load_model(path: &Path) -> Result<(Checkpoint, Model)> {
 
 fn generate(a: GenerateArgs) -> Result<()> {
     let strategy = a.decoding.strategy()?;
+    let device = lift::cuda::resolve(a.device);
+    if device == Device::Cuda {
+        lift::cuda::gpu::probe()?;
+    }
     let (ck, model) = load_model(&a.checkpoint)?;
     let tok = &ck.tokenizer;
     let prompts: Vec<Vec<u32>> = if a.prompt_ids.is_empty() {
@@ -463,11 +481,19 @@ fn generate(a: GenerateArgs) -> Result<()> {
         if let Some(&bad) = p.iter().find(|&&id| id as usize >= vocab) {
             bail!("token id {bad} is out of range (vocab {vocab})");
         }
-        check_memory(&model.config, p.len(), a.max_new_tokens)?;
+        if device == Device::Cpu {
+            check_memory(&model.config, p.len(), a.max_new_tokens)?;
+        }
     }
     let o = DecodeOptions { strategy, max_new_tokens: a.max_new_tokens, eos: tok.eos_id() };
     let t0 = Instant::now();
-    let out = lift::generate::generate(&model, &prompts, &o)?;
+    let out = match device {
+        Device::Cuda => {
+            let (g, _) = lift::cuda::open_with_attention(lift::cuda::gpu::Attention::Auto)?;
+            lift::cuda::infer::generate(&g, &model, &prompts, &o)?
+        }
+        _ => lift::generate::generate(&model, &prompts, &o)?,
+    };
     let secs = t0.elapsed().as_secs_f64();
     for ids in &out.ids {
         let text = tok.decode(ids)?;

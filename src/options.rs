@@ -277,8 +277,9 @@ pub struct TrainOptions {
     #[arg(long)]
     #[serde(default)]
     pub recompute: bool,
-    /// Prompt template: alpaca (lift's) or reference (the LIFT release's
-    /// training prompt and target format; see the README).
+    /// Prompt template: alpaca (lift's), reference (the LIFT release's
+    /// training prompt and target format; see the README) or plain (no
+    /// wrapper).
     #[arg(long, value_enum, default_value_t = Template::Alpaca)]
     #[serde(default)]
     pub template: Template,

@@ -46,6 +46,7 @@ pub static STOP: AtomicBool = AtomicBool::new(false);
 /// `lift train`: the run `o` describes (continuing the one saved in
 /// `resume`), on `device` (Cpu or Cuda, resolved).
 pub fn train(o: &TrainOptions, resume: Option<&Path>, device: Device) -> Result<TrainSummary> {
+    let started = Instant::now();
     let p = prepare(o, resume, device)?;
     let c = p.model.config.clone();
     // The GPU, when asked for, outlives the trainer that borrows it.
@@ -69,7 +70,30 @@ pub fn train(o: &TrainOptions, resume: Option<&Path>, device: Device) -> Result<
     let interrupted = train_loop(&mut run, &mut *tr)?;
     let device_name = gpu.as_ref().map(|g| g.name.clone());
     finish(&run, &*tr, &p.tok, p.save_dtype, interrupted, device_name)?;
-    Ok(TrainSummary { steps: run.step, final_train_loss: run.last_loss, final_val_loss: run.last_val, interrupted })
+    let summary =
+        TrainSummary { steps: run.step, final_train_loss: run.last_loss, final_val_loss: run.last_val, interrupted };
+    write_summary(o, &summary, &*tr, started.elapsed().as_secs_f64())?;
+    Ok(summary)
+}
+
+/// summary.json in the output directory: what a sweep (or a person) reads
+/// back about the run without parsing its log. `wall_s` is this process's
+/// part of the run (a resumed run counts from its resumption).
+fn write_summary(o: &TrainOptions, s: &TrainSummary, tr: &dyn Trainer, wall_s: f64) -> Result<()> {
+    let v = json!({
+        "method": format!("{:?}", o.method.kind).to_lowercase(),
+        "steps": s.steps,
+        "interrupted": s.interrupted,
+        "final_train_loss": s.final_train_loss,
+        "final_val_loss": s.final_val_loss,
+        "trainable_values": tr.trainable_count(),
+        "optimizer_state_bytes": tr.state_bytes(),
+        "gradient_bytes": tr.grad_bytes(),
+        "peak_rss_bytes": peak_rss_bytes(),
+        "wall_s": wall_s,
+    });
+    let path = o.out.join("summary.json");
+    std::fs::write(&path, format!("{v:#}\n")).with_context(|| format!("cannot write {}", path.display()))
 }
 
 // ----------------------------------------------------------------------------

@@ -9,7 +9,7 @@
 
 mod common;
 
-use lift::decode::{self, DecodeOptions, LogitSource, Sampling, Strategy};
+use lift::decode::{self, DecodeOptions, LogitSource, Sampling, Scores, Strategy, Want};
 use lift::formats::checkpoint::Checkpoint;
 use lift::model::Model;
 use serde_json::Value;
@@ -137,7 +137,8 @@ struct Checked<'a> {
 }
 
 impl Checked<'_> {
-    fn check(&mut self, logits: &[f32]) {
+    fn check(&mut self, scores: &Scores) {
+        let Scores::Full(logits) = scores else { panic!("the CPU source gives full logits") };
         let v = self.model.config.vocab_size;
         for (r, seq) in self.seqs.iter().enumerate() {
             let mut acts = lift::model::Activations::new(&self.model.config, 1, seq.len());
@@ -152,25 +153,26 @@ impl LogitSource for Checked<'_> {
     fn vocab_size(&self) -> usize {
         self.inner.vocab_size()
     }
-    fn prefill(&mut self, prompts: &[Vec<u32>]) -> anyhow::Result<Vec<f32>> {
+    fn prefill(&mut self, prompts: &[Vec<u32>], want: Want) -> anyhow::Result<Scores> {
         self.seqs = prompts.to_vec();
-        let logits = self.inner.prefill(prompts)?;
-        self.check(&logits);
-        Ok(logits)
+        let scores = self.inner.prefill(prompts, want)?;
+        self.check(&scores);
+        Ok(scores)
     }
-    fn step(&mut self, tokens: &[u32]) -> anyhow::Result<Vec<f32>> {
+    fn step(&mut self, tokens: &[u32], want: Want) -> anyhow::Result<Scores> {
         self.seqs.iter_mut().zip(tokens).for_each(|(s, &t)| s.push(t));
         let before = self.inner.cached_positions();
-        let logits = self.inner.step(tokens)?;
+        let scores = self.inner.step(tokens, want)?;
         self.shrank |= self.inner.cached_positions() < before;
-        self.check(&logits);
-        Ok(logits)
+        self.check(&scores);
+        Ok(scores)
     }
-    fn select(&mut self, src: &[usize]) {
+    fn select(&mut self, src: &[usize]) -> anyhow::Result<()> {
         self.seqs = src.iter().map(|&s| self.seqs[s].clone()).collect();
         let before = self.inner.cached_positions();
-        self.inner.select(src);
+        self.inner.select(src)?;
         self.shrank |= self.inner.cached_positions() < before;
+        Ok(())
     }
 }
 
@@ -212,26 +214,30 @@ fn the_cpu_source_gives_the_logits_of_the_forward_pass() {
 // A toy model: the next-token logits depend only on the last token.
 
 /// Logits table[last token] (V each); the prompt's last token starts.
+/// With `reduce`, the source answers as a GPU does: only the top k of each
+/// row (by a sort, not by the search's own code) and its log-sum-exp.
 struct Markov {
     table: Vec<Vec<f32>>,
     rows: Vec<u32>,
+    reduce: bool,
 }
 
 impl LogitSource for Markov {
     fn vocab_size(&self) -> usize {
         self.table.len()
     }
-    fn prefill(&mut self, prompts: &[Vec<u32>]) -> anyhow::Result<Vec<f32>> {
+    fn prefill(&mut self, prompts: &[Vec<u32>], want: Want) -> anyhow::Result<Scores> {
         self.rows = prompts.iter().map(|p| *p.last().unwrap()).collect();
-        Ok(self.logits())
+        Ok(self.scores(want))
     }
-    fn step(&mut self, tokens: &[u32]) -> anyhow::Result<Vec<f32>> {
+    fn step(&mut self, tokens: &[u32], want: Want) -> anyhow::Result<Scores> {
         assert_eq!(tokens.len(), self.rows.len());
         self.rows = tokens.to_vec();
-        Ok(self.logits())
+        Ok(self.scores(want))
     }
-    fn select(&mut self, src: &[usize]) {
+    fn select(&mut self, src: &[usize]) -> anyhow::Result<()> {
         self.rows = src.iter().map(|&s| self.rows[s]).collect();
+        Ok(())
     }
 }
 
@@ -239,10 +245,28 @@ impl Markov {
     fn new(v: usize, seed: u64) -> Markov {
         let mut rng = lift::rng::Rng::new(seed);
         let table = (0..v).map(|_| (0..v).map(|_| 3.0 * rng.normal()).collect()).collect();
-        Markov { table, rows: Vec::new() }
+        Markov { table, rows: Vec::new(), reduce: false }
     }
     fn logits(&self) -> Vec<f32> {
         self.rows.iter().flat_map(|&t| self.table[t as usize].clone()).collect()
+    }
+    fn scores(&self, want: Want) -> Scores {
+        let k = match want {
+            Want::Full => return Scores::Full(self.logits()),
+            _ if !self.reduce => return Scores::Full(self.logits()),
+            Want::Argmax => 1,
+            Want::Top(k) => k.min(self.table.len()),
+        };
+        let (mut logits, mut ids, mut lse) = (Vec::new(), Vec::new(), Vec::new());
+        for &t in &self.rows {
+            let row = &self.table[t as usize];
+            let mut order: Vec<u32> = (0..row.len() as u32).collect();
+            order.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]).then(a.cmp(&b)));
+            ids.extend_from_slice(&order[..k]);
+            logits.extend(order[..k].iter().map(|&i| row[i as usize]));
+            lse.push(lift::cpu::logsumexp(row));
+        }
+        Scores::Top { k, logits, ids, lse }
     }
     /// log-softmax of row t, in f64.
     fn logp(&self, t: u32) -> Vec<f64> {
@@ -250,6 +274,33 @@ impl Markov {
         let max = row.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
         let lse = max + row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
         row.iter().map(|&x| x as f64 - lse).collect()
+    }
+}
+
+/// A source that sends only each row's top k and log-sum-exp (as the GPU's
+/// does) gives the search exactly what full logits give: the same tokens
+/// for greedy and for beam search (penalties 1, 2, -1; a few prompts; ties
+/// in the logits, which decide by the lower id).
+#[test]
+fn top_k_scores_decode_as_full_logits_do() {
+    let mut m = Markov::new(40, 9);
+    for row in m.table.iter_mut() {
+        row.iter_mut().for_each(|x| *x = (*x * 2.0).round() / 2.0); // ties
+    }
+    let prompts: Vec<Vec<u32>> = (0..5).map(|i| vec![1, 3 * i + 2]).collect();
+    let strategies = [
+        Strategy::Greedy,
+        Strategy::Beam { num_beams: 3, length_penalty: 1.0 },
+        Strategy::Beam { num_beams: 4, length_penalty: 2.0 },
+        Strategy::Beam { num_beams: 2, length_penalty: -1.0 },
+    ];
+    for strategy in strategies {
+        let o = DecodeOptions { strategy: strategy.clone(), max_new_tokens: 12, eos: Some(7) };
+        m.reduce = false;
+        let full = decode::decode(&mut m, &prompts, &o).unwrap().ids;
+        m.reduce = true;
+        let top = decode::decode(&mut m, &prompts, &o).unwrap().ids;
+        assert_eq!(full, top, "{strategy:?}: top-k scores decode differently from full logits");
     }
 }
 

@@ -185,6 +185,25 @@ fn the_reference_template_is_the_release_s_strings() {
     assert_eq!(tok.n_prompt, 1 + prompt.len());
 }
 
+/// `--template plain`: the instruction (and the input on its own line) is
+/// the prompt with nothing around it; the output follows it, then the EOS.
+#[test]
+fn the_plain_template_adds_nothing() {
+    let bytes = |t: &str| t.bytes().map(u32::from).collect::<Vec<u32>>();
+    let t = Tokenization { encode: &bytes, bos: Some(1000), eos: 1001, eos_text: "</s>".into(), max_seq_len: 4096 };
+    let e = example("The quick brown fox", "", " jumps over the dog.");
+    assert_eq!(Template::Plain.train_prompt(&e), "The quick brown fox");
+    assert_eq!(Template::Plain.eval_prompt(&e), "The quick brown fox");
+    let tok = Template::Plain.tokenize(&e, &t);
+    let mut want = vec![1000];
+    want.extend(bytes("The quick brown fox"));
+    want.extend(bytes(" jumps over the dog."));
+    want.push(1001);
+    assert_eq!(tok.ids, want);
+    assert_eq!(tok.n_prompt, 1 + "The quick brown fox".len(), "the loss starts at the output");
+    assert_eq!(Template::Plain.eval_prompt(&example("Add them.", "2 and 3", "5")), "Add them.\n2 and 3");
+}
+
 /// `lift eval --template reference --no-generate`: each set's loss is the
 /// mean over its target tokens of -log p, computed here per example from the
 /// release's training string and the model's logits.

@@ -35,7 +35,9 @@ struct Case {
 
 fn load_case(name: &str) -> Case {
     let dir = common::root().join("tests/reference").join(name);
-    let bin = common::scratch(&format!("reference-{name}")).join("model.bin");
+    // One directory per test: two tests load the same case at once.
+    let test = std::thread::current().name().unwrap_or("main").replace("::", "-");
+    let bin = common::scratch(&format!("reference-{name}-{test}")).join("model.bin");
     common::convert(&dir, &bin);
     let ck = Checkpoint::open(&bin).unwrap();
     let model = Model::new(ck.config.clone(), ck.load_weights().unwrap());

@@ -14,11 +14,14 @@ use anyhow::{Result, bail};
 use super::attention::{down, randv, rel_err, upb};
 use super::gpu::Attention;
 use super::gpu::{Bf16, Buf, Dt, Gpu};
-use super::launch::{self, Attn, RopeDev};
+use super::infer::{GpuSource, Plan};
+use super::launch::{self, Attn, DecodeAttn, RopeDev};
 use super::model::GpuModel;
 use super::select::{Job, SelectScratch};
 use super::trainer::GpuTrainer;
 use crate::cpu::{self, AttnDims, RopeTable};
+use crate::decode::{self, DecodeOptions, LogitSource, Scores, Strategy, Want};
+use crate::generate::CpuSource;
 use crate::model::{Activations, GradSink, Model, Param, matrix, matrix_id};
 use crate::optim::{AdamW, DenseState, SparseState};
 use crate::options::{Method, MethodOptions, Schedule, Svd, TrainOptions};
@@ -30,6 +33,14 @@ pub struct CheckArgs {
     /// Seed of the random inputs.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// SmolLM2-135M-Instruct's model.bin for the greedy and beam rows of
+    /// generation [default: models/smollm2-135m-instruct.bin if present,
+    /// else those rows are skipped with a note; given and missing, they fail].
+    #[arg(long)]
+    pub smollm2: Option<std::path::PathBuf>,
+    /// Only the generation rows (decode attention, top-k, GpuSource, SmolLM2).
+    #[arg(long)]
+    pub only_decode: bool,
 }
 
 struct Table {
@@ -76,6 +87,12 @@ pub fn run(a: &CheckArgs) -> Result<()> {
     let mut t = Table { rows: Vec::new() };
     let mut rng = Rng::new(a.seed);
 
+    // `--only-decode`: the generation rows alone (the GPU script's first stage).
+    if a.only_decode {
+        decoding(&g, &mut t, &mut rng, a)?;
+        return summary(&g, &t, t0);
+    }
+
     gemms(&g, &mut t, &mut rng)?;
     embedding(&g, &mut t, &mut rng)?;
     rmsnorm(&g, &mut t, &mut rng)?;
@@ -95,7 +112,13 @@ pub fn run(a: &CheckArgs) -> Result<()> {
     // The tensor-core attention last: a fault there would end the run
     // (a CUDA error poisons the context), so everything else is in by then.
     attention_tc(&g, &mut t, &mut rng)?;
+    // Generation after them, for the same reason (its kernels are the newest).
+    decoding(&g, &mut t, &mut rng, a)?;
+    summary(&g, &t, t0)
+}
 
+/// The PASS/FAIL count; an error if any row failed.
+fn summary(g: &Gpu, t: &Table, t0: std::time::Instant) -> Result<()> {
     let failed = t.rows.iter().filter(|r| !r.3).count();
     eprintln!(
         "gpu-check: {} checks, {} passed, {} failed ({:.1}s, {})",
@@ -848,4 +871,307 @@ fn whole_step(g: &Gpu, t: &mut Table, seed: u64) -> Result<()> {
     }
     t.add("LIFT step: unselected entries changed".into(), changed_outside as f64, 0.0);
     Ok(())
+}
+
+// ----------------------------------------------------------------------------
+// Generation: decode attention, the device's top k, GpuSource against the
+// CPU's, and SmolLM2's greedy and beam decodes
+
+/// Every generation row; an error in one family becomes a failed row.
+fn decoding(g: &Gpu, t: &mut Table, rng: &mut Rng, a: &CheckArgs) -> Result<()> {
+    decode_attention(g, t, rng)?;
+    rope_at(g, t, rng)?;
+    topk(g, t, rng)?;
+    if let Err(e) = source_vs_cpu(g, t, a.seed) {
+        t.add(format!("GpuSource vs CpuSource: {e}"), f64::NAN, 0.0);
+    }
+    let default = std::path::PathBuf::from("models/smollm2-135m-instruct.bin");
+    let path = match &a.smollm2 {
+        Some(p) => Some(p.clone()),
+        None if default.is_file() => Some(default),
+        None => None,
+    };
+    match path {
+        Some(p) => {
+            if let Err(e) = smollm2_decoding(g, t, &p) {
+                t.add(format!("SmolLM2 ({}): {e}", p.display()), f64::NAN, 0.0);
+            }
+        }
+        None => eprintln!("note: no models/smollm2-135m-instruct.bin: the SmolLM2 greedy and beam rows are skipped"),
+    }
+    Ok(())
+}
+
+/// The decode-attention kernels against cpu::decode_attention over the same
+/// cache: a pool of slots the rows share in shuffled order (as beams do),
+/// cache lengths 1, around and not a multiple of the tile, and above 4096;
+/// with the production split rule, one split, and a split per tile.
+fn decode_attention(g: &Gpu, t: &mut Table, rng: &mut Rng) -> Result<()> {
+    let cases: [(&[usize], usize, usize, usize); 6] = [
+        (&[1], 2, 1, 64),
+        (&[37, 1, 70, 33], 4, 2, 64),
+        (&[5, 129, 300], 9, 3, 64),
+        (&[50, 64, 19], 6, 2, 80),
+        (&[4100], 4, 1, 64),
+        (&[4133, 200, 1, 4097], 8, 2, 128),
+    ];
+    for (lens, nh, kvh, hs) in cases {
+        let (r, max_len) = (lens.len(), *lens.iter().max().unwrap_or(&1));
+        let (stride, slots) = (max_len + 3, max_len * r / 2 + max_len + 7);
+        let q = randv(rng, r * nh * hs, 1.0);
+        let (k, v) = (randv(rng, slots * kvh * hs, 1.0), randv(rng, slots * kvh * hs, 1.0));
+        let mut rows: Vec<Vec<u32>> = Vec::new();
+        let mut table = vec![0u32; r * stride];
+        for (i, &len) in lens.iter().enumerate() {
+            let mut all: Vec<u32> = (0..slots as u32).collect();
+            rng.shuffle(&mut all);
+            all.truncate(len);
+            table[i * stride..i * stride + len].copy_from_slice(&all);
+            rows.push(all);
+        }
+        let pos: Vec<u32> = lens.iter().map(|&l| l as u32 - 1).collect();
+        let mut want = vec![0.0; r * nh * hs];
+        cpu::decode_attention(&mut want, &q, &k, &v, &rows, nh, kvh, hs);
+        let d = DecodeAttn { r, nh, kvh, hs, slots, stride, max_len };
+        let (qb, kb, vb) = (upb(g, &q)?, upb(g, &k)?, upb(g, &v)?);
+        let (tb, pb) = (g.upload(&table)?, g.upload(&pos)?);
+        let tiles = max_len.div_ceil(launch::DECODE_TILE);
+        let rule = launch::decode_splits(&d, 4 * 132);
+        for (n_splits, chunk) in [rule, (1, tiles * launch::DECODE_TILE), (tiles, launch::DECODE_TILE)] {
+            let mut out = g.upload(&vec![0xffffu16; r * nh * hs])?;
+            let (mut op, mut lp) = (g.zeros::<f32>(r * nh * n_splits * hs)?, g.zeros::<f32>(r * nh * n_splits)?);
+            launch::decode_attention(g, &mut out, &mut op, &mut lp, &qb, &kb, &vb, &tb, &pb, d, (n_splits, chunk))?;
+            let name =
+                format!("decode_attention (R={r}, lens {lens:?}, NH={nh}, KVH={kvh}, HS={hs}) {n_splits} splits");
+            t.add(name, rel_err(&down(g, &out, r * nh * hs)?, &want), TOL);
+        }
+    }
+    Ok(())
+}
+
+/// rope_rotate_at against cpu::rope_forward_at, rows at scattered positions.
+fn rope_at(g: &Gpu, t: &mut Table, rng: &mut Rng) -> Result<()> {
+    let c = crate::init::named_config("llama-3.2-1b")?;
+    let (n, h, hs) = (7, 3, 64);
+    let table = RopeTable::new(&c.rope_inv_freq(), 5000);
+    let rope = RopeDev { cos: g.upload(&table.cos)?, sin: g.upload(&table.sin)?, half: table.half };
+    let pos: Vec<usize> = vec![0, 1, 4999, 37, 2048, 3, 777];
+    let x = randv(rng, n * h * hs, 1.0);
+    let mut xb = upb(g, &x)?;
+    let pb = g.upload(&pos.iter().map(|&p| p as u32).collect::<Vec<u32>>())?;
+    launch::rope_rotate_at(g, &mut xb, 0, &rope, &pb, 4999, n, h, hs)?;
+    let mut want = x.clone();
+    cpu::rope_forward_at(&mut want, &table, &pos, h, hs);
+    t.add(
+        format!("rope_rotate_at (N={n}, H={h}, HS={hs}, positions up to 4999)"),
+        rel_err(&down(g, &xb, x.len())?, &want),
+        TOL,
+    );
+    Ok(())
+}
+
+/// logits_topk against Scores::top_logp on the host from the same logits:
+/// the ids exactly (ties included), the log-probabilities to f32 rounding.
+fn topk(g: &Gpu, t: &mut Table, rng: &mut Rng) -> Result<()> {
+    for (r, v, k, levels) in [(3, 1000, 1, 0), (5, 49152, 8, 0), (2, 128256, 16, 0), (4, 49152, 16, 6)] {
+        let mut logits = vec![0.0f32; r * v];
+        rng.fill_normal(&mut logits);
+        logits.iter_mut().for_each(|x| *x = if levels > 0 { (*x * levels as f32).round() } else { *x * 4.0 });
+        let lb = g.upload(&logits)?;
+        let mut out = g.zeros::<u32>(r * (2 * k + 1))?;
+        launch::logits_topk(g, &mut out, &lb, r, v, k)?;
+        let o = g.download(&out, r * (2 * k + 1))?;
+        let f = |b: &[u32]| b.iter().map(|&x| f32::from_bits(x)).collect::<Vec<f32>>();
+        let dev = Scores::Top { k, ids: o[..r * k].to_vec(), logits: f(&o[r * k..2 * r * k]), lse: f(&o[2 * r * k..]) };
+        let host = Scores::Full(logits);
+        let (mut wrong, mut a, mut b) = (0usize, Vec::new(), Vec::new());
+        for row in 0..r {
+            let (x, y) = (dev.top_logp(row, k, v), host.top_logp(row, k, v));
+            wrong += x.iter().zip(&y).filter(|(p, q)| p.1 != q.1).count();
+            a.extend(x.iter().map(|p| p.0));
+            b.extend(y.iter().map(|p| p.0));
+        }
+        let name = format!("logits_topk (R={r}, V={v}, k={k}, ties={})", levels > 0);
+        t.add(format!("{name}: ids differing from the host's"), wrong as f64, 0.0);
+        t.add(format!("{name}: log-probabilities"), rel_err(&a, &b), 1e-5);
+    }
+    Ok(())
+}
+
+/// One call of a LogitSource, as a recorder saw it.
+#[derive(Clone, Debug)]
+enum Call {
+    Prefill(Vec<Vec<u32>>),
+    Step(Vec<u32>),
+    Select(Vec<usize>),
+}
+
+/// A LogitSource that records every call and the full logits it returned.
+struct Recorder<'s> {
+    inner: &'s mut dyn LogitSource,
+    calls: Vec<Call>,
+    logits: Vec<Vec<f32>>,
+}
+
+impl LogitSource for Recorder<'_> {
+    fn vocab_size(&self) -> usize {
+        self.inner.vocab_size()
+    }
+    fn prefill(&mut self, prompts: &[Vec<u32>], want: Want) -> Result<Scores> {
+        self.calls.push(Call::Prefill(prompts.to_vec()));
+        let s = self.inner.prefill(prompts, Want::Full)?;
+        self.keep(s, want)
+    }
+    fn step(&mut self, tokens: &[u32], want: Want) -> Result<Scores> {
+        self.calls.push(Call::Step(tokens.to_vec()));
+        let s = self.inner.step(tokens, Want::Full)?;
+        self.keep(s, want)
+    }
+    fn select(&mut self, src: &[usize]) -> Result<()> {
+        self.calls.push(Call::Select(src.to_vec()));
+        self.inner.select(src)
+    }
+}
+
+impl Recorder<'_> {
+    fn keep(&mut self, s: Scores, _want: Want) -> Result<Scores> {
+        let Scores::Full(l) = &s else { bail!("the recorded source gave no full logits") };
+        self.logits.push(l.clone());
+        Ok(s)
+    }
+}
+
+/// GpuSource against CpuSource on the same calls: a beam search (8 prompts
+/// of different lengths, 4 beams, 40 new tokens) on the CPU model of the
+/// random `small` config is recorded, then every call is replayed on the
+/// GPU source (prefill, steps, reorderings); the logits of each call are
+/// compared. So the padded prefill, the cache writes, RoPE at each row's
+/// position, decode attention through the slot table and the table's
+/// reordering are checked together against the CPU's packed slot cache.
+fn source_vs_cpu(g: &Gpu, t: &mut Table, seed: u64) -> Result<()> {
+    let c = crate::init::named_config("small")?;
+    let mut w = crate::init::random_weights(&c, seed ^ 31);
+    for p in Param::all(&c) {
+        w.get_mut(p).iter_mut().for_each(|x| *x = bf(*x));
+    }
+    let model = Model::new(c.clone(), w);
+    let mut rng = Rng::new(seed ^ 32);
+    let prompts: Vec<Vec<u32>> =
+        (0..8).map(|i| (0..3 + 11 * i).map(|_| rng.below(c.vocab_size) as u32).collect()).collect();
+    let o =
+        DecodeOptions { strategy: Strategy::Beam { num_beams: 4, length_penalty: 1.0 }, max_new_tokens: 40, eos: None };
+    let mut cpu_src = CpuSource::new(&model);
+    let mut rec = Recorder { inner: &mut cpu_src, calls: Vec::new(), logits: Vec::new() };
+    decode::decode(&mut rec, &prompts, &o)?;
+    let (calls, want) = (rec.calls, rec.logits);
+    let plan = Plan { batch: 8, prompt_len: 80, max_new: 40, beams: 4 };
+    let mut gm = GpuModel::upload(g, &model, plan.stride())?;
+    gm.ensure_rope(g, plan.stride())?;
+    let mut src = GpuSource::new(g, &gm, plan)?;
+    let (mut got, mut steps) = (Vec::new(), 0);
+    for call in &calls {
+        let s = match call {
+            Call::Prefill(p) => Some(src.prefill(p, Want::Full)?),
+            Call::Step(tk) => Some(src.step(tk, Want::Full)?),
+            Call::Select(s) => {
+                src.select(s)?;
+                None
+            }
+        };
+        if let Some(Scores::Full(l)) = s {
+            got.push(l);
+            steps += 1;
+        }
+    }
+    let worst = got.iter().zip(&want).map(|(a, b)| rel_err(a, b)).fold(0.0f64, f64::max);
+    t.add(format!("GpuSource vs CpuSource logits, worst of {steps} calls (small, 8 prompts, 4 beams)"), worst, 3e-2);
+    Ok(())
+}
+
+/// The SmolLM2 rows, on the first 8 prompts of data/math_test.json (alpaca
+/// template), 48 new tokens:
+/// - greedy on the GPU (argmax on the device) against greedy on the CPU
+///   (each prompt alone): equal for the first 32 tokens, or diverging only
+///   where the CPU's logits of the two tokens are within 4 bf16 ulps of its
+///   top logit (each divergence printed with its gap);
+/// - beam search (4 beams) on the GPU with the candidates from the device's
+///   top k against the same search on the host from the GPU's full logits:
+///   the same tokens.
+fn smollm2_decoding(g: &Gpu, t: &mut Table, path: &std::path::Path) -> Result<()> {
+    let ck = crate::formats::checkpoint::Checkpoint::open(path)?;
+    let model = Model::new(ck.config.clone(), ck.load_weights()?);
+    let tok = &ck.tokenizer;
+    let examples = crate::data::load(std::path::Path::new("data/math_test.json"), crate::data::Purpose::Eval, false)?;
+    let bos = if tok.add_bos() { tok.bos_id() } else { None };
+    let encode = |s: &str| tok.encode(s);
+    let prompts: Vec<Vec<u32>> =
+        examples.examples[..8].iter().map(|e| crate::data::Template::Alpaca.prompt_ids(e, &encode, bos)).collect();
+    let (max_new, eos) = (48, tok.eos_id());
+    let plan =
+        Plan { batch: prompts.len(), prompt_len: prompts.iter().map(Vec::len).max().unwrap_or(1), max_new, beams: 4 };
+    let mut gm = GpuModel::upload(g, &model, plan.stride())?;
+    gm.ensure_rope(g, plan.stride())?;
+    let mut src = GpuSource::new(g, &gm, plan)?;
+
+    // The prefill's logits against the CPU's.
+    src.full_logits = true;
+    let gl = src.prefill(&prompts, Want::Full)?;
+    let cl = CpuSource::new(&model).prefill(&prompts, Want::Full)?;
+    if let (Scores::Full(a), Scores::Full(b)) = (&gl, &cl) {
+        // (the CPU's weights are the checkpoint's f32, not rounded to bf16)
+        t.add("SmolLM2 prefill logits, GPU (bf16) vs CPU (f32), 8 prompts".into(), rel_err(a, b), 5e-2);
+    }
+
+    src.full_logits = false;
+    let unexplained = greedy_vs_cpu(&mut src, &model, &prompts, DecodeOptions::greedy(max_new, eos))?;
+    let name = "SmolLM2 greedy GPU vs CPU: prompts diverging before token 32 beyond bf16 rounding";
+    t.add(name.into(), unexplained as f64, 0.0);
+
+    let beam =
+        DecodeOptions { strategy: Strategy::Beam { num_beams: 4, length_penalty: 1.0 }, max_new_tokens: max_new, eos };
+    let on_device = decode::decode(&mut src, &prompts, &beam)?.ids;
+    src.full_logits = true;
+    let on_host = decode::decode(&mut src, &prompts, &beam)?.ids;
+    let differ = on_device.iter().zip(&on_host).filter(|(a, b)| a != b).count();
+    t.add(
+        "SmolLM2 beam search (4 beams): device top-k vs host search on the same logits, prompts differing".into(),
+        differ as f64,
+        0.0,
+    );
+    Ok(())
+}
+
+/// Greedy on the GPU source (all prompts as one batch) against the CPU
+/// (each prompt alone, its logits recorded): the number of prompts whose
+/// tokens differ before token 32 where the CPU's logits of its token and the
+/// GPU's are more than 4 bf16 ulps of the top logit apart. Prints each prompt.
+fn greedy_vs_cpu(src: &mut GpuSource, model: &Model, prompts: &[Vec<u32>], greedy: DecodeOptions) -> Result<usize> {
+    let gpu = decode::decode(src, prompts, &greedy)?.ids;
+    let mut unexplained = 0;
+    for (i, p) in prompts.iter().enumerate() {
+        let mut cpu_src = CpuSource::new(model);
+        let mut rec = Recorder { inner: &mut cpu_src, calls: Vec::new(), logits: Vec::new() };
+        let cpu = decode::decode(&mut rec, std::slice::from_ref(p), &greedy)?.ids.remove(0);
+        let same = cpu.iter().zip(&gpu[i]).take_while(|(a, b)| a == b).count();
+        let n = cpu.len().min(gpu[i].len());
+        if same >= n.min(32) {
+            eprintln!("  prompt {i}: GPU and CPU greedy agree on {same} of {n} tokens");
+            continue;
+        }
+        let row = &rec.logits[same];
+        let (c_tok, g_tok) = (cpu[same] as usize, gpu[i][same] as usize);
+        let gap = row[c_tok] - row[g_tok];
+        let ulp = 2f32.powi(row[c_tok].abs().max(1e-30).log2().floor() as i32 - 7);
+        let ok = gap <= 4.0 * ulp;
+        unexplained += !ok as usize;
+        eprintln!(
+            "  prompt {i}: diverges at token {same}: CPU {c_tok} (logit {:.4}), GPU {g_tok} (CPU logit {:.4}), \
+             gap {gap:.4} = {:.1} bf16 ulps: {}",
+            row[c_tok],
+            row[g_tok],
+            gap / ulp,
+            if ok { "within bf16 rounding" } else { "NOT within bf16 rounding" }
+        );
+    }
+    Ok(unexplained)
 }

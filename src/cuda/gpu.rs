@@ -57,6 +57,25 @@ pub fn missing_libraries() -> Vec<&'static str> {
     missing
 }
 
+/// Checks that the CUDA libraries load and the driver sees a GPU, without
+/// opening it: the one-line error names what is missing. Commands call it
+/// before any work (`lift eval --device cuda` before loading the model).
+pub fn probe() -> Result<()> {
+    let missing = missing_libraries();
+    if !missing.is_empty() {
+        bail!(
+            "--device cuda: cannot load {} (put the CUDA 13 libraries on LD_LIBRARY_PATH; see the README)",
+            missing.join(", ")
+        );
+    }
+    let count =
+        CudaContext::device_count().map_err(|e| anyhow!("--device cuda: the CUDA driver found no GPU ({e})"))?;
+    if count < 1 {
+        bail!("--device cuda: the CUDA driver found no GPU");
+    }
+    Ok(())
+}
+
 /// Whether a usable GPU is present (for `--device auto`).
 pub fn gpu_available() -> bool {
     // SAFETY: as in `missing_libraries`.
@@ -185,18 +204,7 @@ impl Gpu {
     /// kernel with NVRTC for the GPU's compute capability (once per run) and
     /// loads them. Any missing piece is an error naming it.
     pub fn new() -> Result<Gpu> {
-        let missing = missing_libraries();
-        if !missing.is_empty() {
-            bail!(
-                "--device cuda: cannot load {} (put the CUDA 13 libraries on LD_LIBRARY_PATH; see the README)",
-                missing.join(", ")
-            );
-        }
-        let count =
-            CudaContext::device_count().map_err(|e| anyhow!("--device cuda: the CUDA driver found no GPU ({e})"))?;
-        if count < 1 {
-            bail!("--device cuda: the CUDA driver found no GPU");
-        }
+        probe()?;
         let ctx = CudaContext::new(0).map_err(|e| anyhow!("--device cuda: cannot open GPU 0: {e}"))?;
         // One stream carries all work in order, so cudarc's per-buffer event
         // tracking (for multi-stream use) is pure overhead here.

@@ -37,7 +37,7 @@ pub const FILES: &[KernelFile] = &[
     KernelFile {
         name: "rope.cu",
         source: include_str!("../../kernels/rope.cu"),
-        functions: &["rope_rotate"],
+        functions: &["rope_rotate", "rope_rotate_at"],
         mma: false,
     },
     KernelFile {
@@ -58,6 +58,18 @@ pub const FILES: &[KernelFile] = &[
             "attention_backward_dkdv_tc128",
         ],
         mma: true,
+    },
+    KernelFile {
+        name: "decode_attention.cu",
+        source: include_str!("../../kernels/decode_attention.cu"),
+        functions: &["decode_attention_partial", "decode_attention_merge"],
+        mma: false,
+    },
+    KernelFile {
+        name: "decode.cu",
+        source: include_str!("../../kernels/decode.cu"),
+        functions: &["kv_table_append", "kv_table_select", "gather_rows", "logits_topk"],
+        mma: false,
     },
     KernelFile {
         name: "swiglu.cu",

@@ -734,3 +734,183 @@ pub fn select_write(
         ],
     )
 }
+
+// ----------------------------------------------------------------------------
+// Decoding (decode_attention.cu, decode.cu, rope.cu's rope_rotate_at)
+
+/// rope.cu rope_rotate_at: cpu::rope_forward_at, x (N, H, HS) from address
+/// `x` (a Buf of at least N*H*HS values from there: the caller's check) at
+/// positions pos (N).
+#[allow(clippy::too_many_arguments)]
+pub fn rope_rotate_at(
+    g: &Gpu,
+    x: &mut Buf<Bf16>,
+    x_off: usize,
+    rope: &RopeDev,
+    pos: &Buf<u32>,
+    max_pos: usize,
+    n_rows: usize,
+    h: usize,
+    hs: usize,
+) -> Result<()> {
+    need(x, x_off + n_rows * h * hs, "rope_rotate_at x");
+    need(pos, n_rows, "rope_rotate_at pos");
+    assert_eq!(hs / 2, rope.half, "rope: head size does not match the table");
+    assert!(max_pos < rope.max_pos(), "rope_rotate_at: positions past the table");
+    g.launch(
+        "rope_rotate_at",
+        (blocks(n_rows * h * hs / 2), 1, 1),
+        256,
+        &[
+            Ptr(x.at(x_off)),
+            Ptr(rope.cos.ptr()),
+            Ptr(rope.sin.ptr()),
+            Ptr(pos.ptr()),
+            I32(i32_of(n_rows)),
+            I32(i32_of(h)),
+            I32(i32_of(hs)),
+        ],
+    )
+}
+
+/// The shape of a decoding step's attention: R rows of one query each, over
+/// a cache of `slots` positions; the slot table has `stride` entries per
+/// row, of which row r uses pos[r] + 1 (at most `max_len`).
+#[derive(Clone, Copy, Debug)]
+pub struct DecodeAttn {
+    pub r: usize,
+    pub nh: usize,
+    pub kvh: usize,
+    pub hs: usize,
+    pub slots: usize,
+    pub stride: usize,
+    pub max_len: usize,
+}
+
+/// decode_attention_partial's positions per tile.
+pub const DECODE_TILE: usize = 32;
+
+/// The split of the cache length for a step: (number of splits, positions
+/// per split). Flash-decoding's rule: enough blocks to fill the GPU
+/// (`target_blocks`, a few per multiprocessor), none shorter than a tile.
+pub fn decode_splits(d: &DecodeAttn, target_blocks: usize) -> (usize, usize) {
+    let tiles = d.max_len.div_ceil(DECODE_TILE).max(1);
+    let want = target_blocks.div_ceil((d.r * d.nh).max(1)).clamp(1, tiles);
+    let chunk = tiles.div_ceil(want) * DECODE_TILE;
+    (d.max_len.div_ceil(chunk).max(1), chunk)
+}
+
+/// decode_attention.cu, both passes: out (R, NH, HS) = cpu::decode_attention
+/// of q (R, NH, HS) over the layer's cache k, v (slots, KVH, HS) through
+/// `table` (R, stride) and `pos` (R). o_part and lse_part are scratch of
+/// R*NH*n_splits*HS and R*NH*n_splits values. The host has checked every
+/// pos[r] < stride and every table entry the rows use < slots (it wrote them).
+#[allow(clippy::too_many_arguments)]
+pub fn decode_attention(
+    g: &Gpu,
+    out: &mut Buf<Bf16>,
+    o_part: &mut Buf<f32>,
+    lse_part: &mut Buf<f32>,
+    q: &Buf<Bf16>,
+    k: &Buf<Bf16>,
+    v: &Buf<Bf16>,
+    table: &Buf<u32>,
+    pos: &Buf<u32>,
+    d: DecodeAttn,
+    splits: (usize, usize),
+) -> Result<()> {
+    assert!(d.hs <= 128 && d.hs.is_multiple_of(2), "decode attention takes an even head size up to 128");
+    assert!(d.nh.is_multiple_of(d.kvh), "decode attention: NH must be a multiple of KVH");
+    assert!(d.max_len <= d.stride, "decode attention: rows longer than the slot table");
+    let (n_splits, chunk) = splits;
+    assert!(n_splits * chunk >= d.max_len, "decode attention: the splits do not cover the rows");
+    need(out, d.r * d.nh * d.hs, "decode_attention out");
+    need(q, d.r * d.nh * d.hs, "decode_attention q");
+    need(k, d.slots * d.kvh * d.hs, "decode_attention k");
+    need(v, d.slots * d.kvh * d.hs, "decode_attention v");
+    need(table, d.r * d.stride, "decode_attention table");
+    need(pos, d.r, "decode_attention pos");
+    need(o_part, d.r * d.nh * n_splits * d.hs, "decode_attention o_part");
+    need(lse_part, d.r * d.nh * n_splits, "decode_attention lse_part");
+    let (nh, kvh, hs) = (I32(i32_of(d.nh)), I32(i32_of(d.kvh)), I32(i32_of(d.hs)));
+    g.launch(
+        "decode_attention_partial",
+        (n_splits as u32, d.nh as u32, d.r as u32),
+        32,
+        &[
+            Ptr(o_part.ptr()),
+            Ptr(lse_part.ptr()),
+            Ptr(q.ptr()),
+            Ptr(k.ptr()),
+            Ptr(v.ptr()),
+            Ptr(table.ptr()),
+            Ptr(pos.ptr()),
+            I32(i32_of(d.stride)),
+            nh,
+            kvh,
+            hs,
+            I32(i32_of(n_splits)),
+            I32(i32_of(chunk)),
+        ],
+    )?;
+    g.launch(
+        "decode_attention_merge",
+        (d.nh as u32, d.r as u32, 1),
+        32,
+        &[Ptr(out.ptr()), Ptr(o_part.ptr()), Ptr(lse_part.ptr()), nh, hs, I32(i32_of(n_splits))],
+    )
+}
+
+/// decode.cu kv_table_append: table[r * stride + pos[r]] = base + r, r < R.
+pub fn kv_table_append(
+    g: &Gpu,
+    table: &mut Buf<u32>,
+    pos: &Buf<u32>,
+    base: u32,
+    stride: usize,
+    r: usize,
+) -> Result<()> {
+    need(table, r * stride, "kv_table_append table"); // pos[r] < stride: the host's check
+    need(pos, r, "kv_table_append pos");
+    let args = [Ptr(table.ptr()), Ptr(pos.ptr()), U32(base), I32(i32_of(stride)), I32(i32_of(r))];
+    g.launch("kv_table_append", (r.div_ceil(256) as u32, 1, 1), 256, &args)
+}
+
+/// decode.cu kv_table_select: dst row i = src row from[i], i < R (from[i] < src's rows: the host's check).
+pub fn kv_table_select(
+    g: &Gpu,
+    dst: &mut Buf<u32>,
+    src: &Buf<u32>,
+    from: &Buf<u32>,
+    stride: usize,
+    r: usize,
+) -> Result<()> {
+    need(dst, r * stride, "kv_table_select dst");
+    need(from, r, "kv_table_select from");
+    let args = [Ptr(dst.ptr()), Ptr(src.ptr()), Ptr(from.ptr()), I32(i32_of(stride)), I32(i32_of(r))];
+    g.launch("kv_table_select", (blocks(r * stride), 1, 1), 256, &args)
+}
+
+/// decode.cu gather_rows: out (N, C) row i = x row rows[i] (rows[i] < x's rows: the host's check).
+pub fn gather_rows(g: &Gpu, out: &mut Buf<Bf16>, x: &Buf<Bf16>, rows: &Buf<u32>, n: usize, c: usize) -> Result<()> {
+    need(out, n * c, "gather_rows out");
+    need(rows, n, "gather_rows rows");
+    let args = [Ptr(out.ptr()), Ptr(x.ptr()), Ptr(rows.ptr()), I32(i32_of(n)), I32(i32_of(c))];
+    g.launch("gather_rows", (blocks(n * c), 1, 1), 256, &args)
+}
+
+/// decode.cu logits_topk's largest k.
+pub const TOPK_MAX: usize = 16;
+
+/// decode.cu logits_topk: per row of logits (R, V) f32, the k best (value,
+/// id), best first, ties to the lower id, and the log-sum-exp, all into one
+/// u32 buffer so that one copy brings them to the host: ids (R, k) at 0, the
+/// values' f32 bits (R, k) at R*k, the lse bits (R) at 2*R*k.
+pub fn logits_topk(g: &Gpu, out: &mut Buf<u32>, logits: &Buf<f32>, r: usize, v: usize, k: usize) -> Result<()> {
+    assert!((1..=TOPK_MAX).contains(&k) && k <= v, "logits_topk: k = {k} must be in 1..={TOPK_MAX} and at most V");
+    need(logits, r * v, "logits_topk logits");
+    need(out, r * (2 * k + 1), "logits_topk out");
+    let (ids, vals, lse) = (out.ptr(), out.at(r * k), out.at(2 * r * k));
+    let args = [Ptr(vals), Ptr(ids), Ptr(lse), Ptr(logits.ptr()), I32(i32_of(v)), I32(i32_of(k))];
+    g.launch("logits_topk", (r as u32, 1, 1), 256, &args)
+}

@@ -23,6 +23,7 @@
 pub mod attention;
 pub mod check;
 pub mod gpu;
+pub mod infer;
 pub mod kernels;
 pub mod launch;
 pub mod model;

@@ -136,6 +136,24 @@ impl GpuModel {
         })
     }
 
+    /// Makes the RoPE table cover positions 0..max_t (generation runs past
+    /// the lengths the model was uploaded for).
+    pub fn ensure_rope(&mut self, g: &Gpu, max_t: usize) -> Result<()> {
+        if self.rope.max_pos() < max_t {
+            let table = crate::cpu::RopeTable::new(&self.config.rope_inv_freq(), max_t);
+            self.rope = RopeDev { cos: g.upload(&table.cos)?, sin: g.upload(&table.sin)?, half: table.half };
+        }
+        Ok(())
+    }
+
+    /// Bytes of the weights on the device (bf16), for memory plans.
+    pub fn weight_bytes(c: &Config) -> usize {
+        let (d, q, kv, f) = (c.dim, c.q_dim(), c.kv_dim(), c.ffn_dim);
+        let layer = 2 * d + 2 * q * d + 2 * kv * d + 3 * f * d;
+        let head = if c.tied_embeddings { 1 } else { 2 };
+        2 * (c.n_layers * layer + head * c.vocab_size * d + d)
+    }
+
     /// The matrix the LM head multiplies by: its own, or the embedding.
     pub fn head(&self) -> &Buf<Bf16> {
         self.lm_head.as_ref().unwrap_or(&self.embed)
@@ -317,6 +335,21 @@ impl GpuActs {
             },
             n_counted: 0,
         })
+    }
+
+    /// The bytes `new` allocates for the same arguments (for memory plans
+    /// made before any work: `lift eval --device cuda`).
+    pub fn bytes(c: &Config, b: usize, t: usize, lora_r: usize, dora: bool, recompute: bool) -> usize {
+        let n = b * t;
+        let (d, q, kv, f) = (c.dim, c.q_dim(), c.kv_dim(), c.ffn_dim);
+        let sets = if recompute { 1 } else { c.n_layers };
+        // bf16 and f32 values per set of layer activations, then the rest
+        let layer = 2 * (3 * n * d + 2 * n * q + 2 * n * kv + 3 * n * f + 7 * n * lora_r) + 4 * (2 * n + n * c.n_heads);
+        let top = 2 * ((c.n_layers + 3) * n * d + n * c.vocab_size) + 4 * 5 * n;
+        let scratch = 2 * (2 * n * d + 2 * n * q + 2 * n * kv + 3 * n * f + n * lora_r.max(1))
+            + 4 * n * c.n_heads
+            + 2 * if dora { n * d.max(q).max(f) } else { 1 };
+        sets * layer + top + scratch
     }
 
     /// Uses the buffers for a batch of (B, T); B*T must fit what they were made for.

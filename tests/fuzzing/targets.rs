@@ -464,12 +464,13 @@ fn data_file(w: &Work, _: &Seed, path: &Path) -> Result<()> {
         generate: true,
         strategy: lift::decode::Strategy::Greedy,
         max_new_tokens: 3,
-        batch_size: 2,
+        batch_size: Some(2),
         max_seq_len: 256,
         skip_bad: true,
         template: lift::data::Template::Alpaca,
         rule: lift::answer::Rule::Lift,
         quiet: true,
+        device: lift::options::Device::Cpu,
     };
     lift::eval::evaluate(&mut model, tok, &o)?;
     Ok(())

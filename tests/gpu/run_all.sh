@@ -3,9 +3,22 @@
 # release binary ./lift built on a CPU machine and carried over. Copies nothing
 # from the network. Every stage has its own time limit; all output goes to
 # $OUT/results.txt (or ./gpu-results.txt without $OUT). The whole script
-# stops within $BUDGET_S seconds (default 300): stages run in order of
+# stops within $BUDGET_S seconds (default 480): stages run in order of
 # importance, each is cut to the time left, and a failed stage does not stop
 # the ones after it.
+#   0. generation (issue 11), first:
+#      0a. lift gpu-check --only-decode (decode attention, top-k, GpuSource vs
+#          CpuSource; SmolLM2 greedy and beam rows when the model is here:
+#          models/smollm2-135m-instruct.bin, or converted from
+#          models/SmolLM2-135M-Instruct.Q4_1.gguf)
+#      0b. lift bench --generate --device cuda on a random SmolLM2-135M shape,
+#          prompts of 128 tokens, 128 new tokens, EOS ignored: greedy at
+#          batch 1, 16, 64 and 4 beams at batch 16; transformers generate()
+#          on the same weights and prompts (bf16, SDPA); a table and the
+#          batch-16 decode ratio (target >= 3)
+#      0c. with SmolLM2 and the math suite ($SUITE_DIR, default
+#          ../shared/datasets): lift eval --device cuda --suite math --limit 50
+#          against the CPU's accuracies committed in tests/gpu/eval_math_cpu.json
 #   1. lift gpu-check                          (every kernel + a LIFT step vs CPU)
 #   1b. the training loop on the GPU, small model (tests/gpu/train_checks.py):
 #      LoRA merged into model.bin (rank <= r updates); Ctrl-C + --resume vs an
@@ -26,7 +39,7 @@ mkdir -p "$OUTDIR" /tmp/liftgpu
 : > "$RES"
 log() { echo "$@" | tee -a "$RES"; }
 START=$(date +%s)
-BUDGET_S=${BUDGET_S:-300}
+BUDGET_S=${BUDGET_S:-480}
 run() { # run LIMIT_S NAME CMD...: time-limited, output appended to the results
     local limit=$1 name=$2; shift 2
     local left=$(( START + BUDGET_S - $(date +%s) - 10 ))
@@ -51,6 +64,74 @@ log "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
 BIN=./lift
 [ -x "$BIN" ] || BIN=./target/release/lift
 log "binary: $BIN"
+
+# 0. Generation on the GPU (issue 11), before everything else.
+SMOL=models/smollm2-135m-instruct.bin
+if [ ! -f "$SMOL" ] && [ -f models/SmolLM2-135M-Instruct.Q4_1.gguf ]; then
+    run 60 smollm2-convert "$BIN" convert models/SmolLM2-135M-Instruct.Q4_1.gguf -o /tmp/liftgpu/smollm2.bin
+    SMOL=/tmp/liftgpu/smollm2.bin
+fi
+if [ -f "$SMOL" ]; then
+    run 120 gpu-check-decode "$BIN" gpu-check --only-decode --smollm2 "$SMOL"
+else
+    log "note: no SmolLM2 model.bin or GGUF under models/: the SmolLM2 rows of gpu-check are skipped"
+    run 90 gpu-check-decode "$BIN" gpu-check --only-decode
+fi
+"$BIN" init --config smollm2-135m -o /tmp/liftgpu/smol-rand.bin >>"$RES" 2>&1
+"$BIN" export --checkpoint /tmp/liftgpu/smol-rand.bin --format hf -o /tmp/liftgpu/smol-rand-hf >>"$RES" 2>&1
+GEN=(--generate --device cuda --checkpoint /tmp/liftgpu/smol-rand.bin --seq 128 --max-new-tokens 128 --ignore-eos
+     --warmup 1 --steps 3)
+TG=(--model /tmp/liftgpu/smol-rand-hf --device cuda --dtype bfloat16 --attn sdpa --ignore-eos --prefill
+    --max-new-tokens 128 --warmup 1 --steps 2)
+for cfg in "1 1" "16 1" "64 1" "16 4"; do
+    set -- $cfg; b=$1; beams=$2
+    # transformers runs the prompts of lift's JSON line (its last line of output)
+    if run 60 "gen-lift-b$b-beams$beams" "$BIN" bench "${GEN[@]}" --batch "$b" --num-beams "$beams"; then
+        grep '^{' "$RES" | tail -n 1 > /tmp/liftgpu/gen-b$b-beams$beams.json
+        run 90 "gen-torch-b$b-beams$beams" python3 tests/bench/torch_generate.py "${TG[@]}" \
+            --prompts /tmp/liftgpu/gen-b$b-beams$beams.json --num-beams "$beams"
+    fi
+done
+python3 - "$RES" <<'PY' | tee -a "$RES"
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{") and '"decode_tokens_per_s"' in l]
+print("=== generation: random SmolLM2-135M shape, 128-token prompts, 128 new tokens (decode tok/s counts every beam)")
+print(f"{'batch':>5} {'beams':>5} {'lift prefill tok/s':>19} {'lift decode tok/s':>18} {'torch prefill':>14} {'torch decode':>13} {'decode ratio':>13} {'same tokens':>12}")
+for b, beams in [(1, 1), (16, 1), (64, 1), (16, 4)]:
+    pick = lambda impl: next((r for r in rows if r.get("impl") == impl and r.get("batch") == b and r.get("num_beams") == beams), None)
+    l, t = pick("lift"), pick("pytorch")
+    if not l:
+        print(f"{b:5d} {beams:5d}  (no lift row)"); continue
+    td = t["decode_tokens_per_s"] if t else float("nan")
+    tp = t["prefill_tokens_per_s"] if t else float("nan")
+    same = sum(x == y for x, y in zip(l["new_ids"], t["new_ids"])) if t else 0
+    print(f"{b:5d} {beams:5d} {l['prefill_tokens_per_s']:19.0f} {l['decode_tokens_per_s']:18.0f} {tp:14.0f} {td:13.0f} {l['decode_tokens_per_s'] / td:13.2f} {same:>5d}/{b:<6d}")
+    if (b, beams) == (16, 1):
+        r = l["decode_tokens_per_s"] / td
+        print(f"batch 16 greedy decode: lift/transformers {r:.2f} (target >= 3): {'PASS' if r >= 3 else 'FAIL'}")
+PY
+SUITE_DIR=${SUITE_DIR:-../shared/datasets}
+if [ -f "$SMOL" ] && [ -d "$SUITE_DIR/math" ]; then
+    run 120 eval-math-gpu "$BIN" eval --device cuda --checkpoint "$SMOL" --suite math --suite-dir "$SUITE_DIR" \
+        --limit 50 --json
+    python3 - "$RES" tests/gpu/eval_math_cpu.json <<'PY' | tee -a "$RES"
+import json, sys
+gpu = next((json.loads(l) for l in reversed(open(sys.argv[1]).readlines()) if l.startswith('{"accuracy"')), None)
+cpu = json.load(open(sys.argv[2]))
+if gpu is None:
+    print("eval-math-gpu: no result"); sys.exit()
+worst = 0.0
+for s in gpu["sets"]:
+    c = cpu["accuracy"].get(s["name"])
+    d = None if c is None else 100 * (s["accuracy"] - c)
+    worst = max(worst, abs(d)) if d is not None else worst
+    print(f"{s['name']:12s} gpu {100 * s['accuracy']:5.1f}%  cpu {'-' if c is None else f'{100 * c:5.1f}%'}  "
+          f"difference {'-' if d is None else f'{d:+.1f}'}  ({s['tokens_per_s']:.0f} generated tokens/s)")
+print(f"eval --suite math --limit 50, GPU vs CPU: worst difference {worst:.1f} points (target <= 1): {'PASS' if worst <= 1 else 'FAIL'}")
+PY
+else
+    log "note: eval-math-gpu skipped (needs SmolLM2 and $SUITE_DIR/math)"
+fi
 
 # 4a. The CPU half of the loss-curve comparison runs in the background,
 # niced, while the GPU stages go on (the machine has 16 cores).
