@@ -82,7 +82,8 @@ struct Grads {
 impl Grads {
     /// Accumulators for the method's trainable values, and for a sparse
     /// method the sampled product's scratch for batches of up to `rows`
-    /// positions (at most cpu::SAMPLED_ROWS of them at a time), made once.
+    /// positions, made once (grown later, the old block would stay behind
+    /// as allocator slack).
     fn new(trainable: &Trainable, c: &Config, o: &TrainOptions, rows: usize) -> Grads {
         let linear = match trainable {
             Trainable::Sparse { states } => states.iter().map(|s| vec![0.0; s.k()]).collect(),
@@ -96,10 +97,7 @@ impl Grads {
         let extra =
             extra_params(c, &o.method).into_iter().map(|p| (p, vec![0.0; p.shape(c).iter().product()])).collect();
         let widest = Linear::ALL.iter().map(|w| w.shape(c).0 + w.shape(c).1).max().unwrap_or(0);
-        let dw = match trainable {
-            Trainable::Sparse { .. } => vec![0.0; rows.min(cpu::SAMPLED_ROWS) * widest],
-            _ => Vec::new(),
-        };
+        let dw = if matches!(trainable, Trainable::Sparse { .. }) { vec![0.0; rows * widest] } else { Vec::new() };
         Grads { linear, extra, dw }
     }
 
@@ -161,12 +159,11 @@ impl GradSink for CpuMethodSink<'_> {
                 if states[id].k() == 0 {
                     return; // S2FT trains some matrices not at all
                 }
-                let rows = n.min(cpu::SAMPLED_ROWS);
-                let need = rows * (oc + ic);
+                let need = n * (oc + ic);
                 if self.grads.dw.len() < need {
                     self.grads.dw.resize(need, 0.0);
                 }
-                let (dout_t, inp_t) = self.grads.dw[..need].split_at_mut(rows * oc);
+                let (dout_t, inp_t) = self.grads.dw[..need].split_at_mut(n * oc);
                 cpu::matmul_backward_weight_sampled(acc, &states[id].indices, dout, inp, n, ic, oc, dout_t, inp_t);
             }
             Trainable::Full { .. } => cpu::matmul_backward_weight(acc, dout, inp, n, ic, oc),
