@@ -288,10 +288,17 @@ def finish_run(plan, label, lr, seed, rundir, summary, chosen):
     drop_weights(plan, rundir)
 
 
-def protocol(plan, label):
+def protocol(plan, label, grid=None):
     """A digest of everything a run's numbers depend on besides its lr and
-    seed: a finished run from an edited plan is not silently reused."""
-    m = plan["methods"][label]
+    seed: a finished run from an edited plan is not silently reused. The
+    lr grid is not part of it (a run's numbers depend on its own lr), so a
+    grid can be extended and its finished runs kept. `grid` gives the
+    digest of runs made before that rule (it then included the grid)."""
+    m = dict(plan["methods"][label])
+    if grid is None:
+        m.pop("lr_grid", None)
+    else:
+        m["lr_grid"] = grid
     keys = ["model", "evals"] if m.get("method", label) == "base" else ["model", "evals", "train_data", "train_examples", "val_examples", "split_seed", "train_flags"]
     what = {k: plan.get(k) for k in keys} | {"method": m}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
@@ -302,7 +309,12 @@ def finished(plan, label, rundir):
     f = rundir / "results.json"
     if not f.exists():
         return False
-    if json.loads(f.read_text()).get("protocol") != protocol(plan, label):
+    r = json.loads(f.read_text())
+    ok = r.get("protocol") == protocol(plan, label)
+    if not ok:  # made before the grid left the digest: its own grid, or the plan's
+        grids = [(r.get("lr_choice") or {}).get("grid"), plan["methods"][label].get("lr_grid")]
+        ok = any(g is not None and r.get("protocol") == protocol(plan, label, g) for g in grids)
+    if not ok:
         raise PlanError(f"{rundir} comes from another version of the plan (its flags or sizes differ); delete it to rerun it")
     return True
 
@@ -373,13 +385,26 @@ def choose_lr(plan, label, progress):
 
 
 def chosen_lr(plan, label):
-    """The learning rate the grid chose, from the first seed's results."""
-    seed = plan["seeds"][0]
-    for lr in plan["methods"][label]["lr_grid"]:
-        rundir = run_dir(plan, label, lr, seed)
-        if finished(plan, label, rundir):
-            return json.loads((rundir / "results.json").read_text())["lr"]
-    return None
+    """The learning rate the grid chose: the lowest validation loss over
+    every lr of the grid (the smaller on a tie), once each has its val.json
+    and the chosen one its results. None while any of that is missing (a
+    grid extended by the plan is then trained further)."""
+    seed, grid = plan["seeds"][0], plan["methods"][label]["lr_grid"]
+    if not all((run_dir(plan, label, lr, seed) / "val.json").exists() for lr in grid):
+        return None
+    best = min(grid, key=lambda lr: (val_loss(plan, run_dir(plan, label, lr, seed)), lr))
+    return best if finished(plan, label, run_dir(plan, label, best, seed)) else None
+
+
+def supersede(plan, label, best):
+    """Earlier choices of an extended grid: their results.json is renamed
+    (results-superseded.json), so the report and the later seeds see only
+    the new choice; a still-chosen run gets the extended grid's record."""
+    seed, grid = plan["seeds"][0], plan["methods"][label]["lr_grid"]
+    for lr in grid:
+        f = run_dir(plan, label, lr, seed) / "results.json"
+        if lr != best and f.exists():
+            f.rename(f.with_name("results-superseded.json"))
 
 
 def do_step(plan, what, label, seed, progress):
@@ -395,6 +420,12 @@ def do_step(plan, what, label, seed, progress):
             return
         lr, losses = choose_lr(plan, label, progress)
         chosen = {"grid": plan["methods"][label]["lr_grid"], "val_loss": losses, "chosen": lr}
+        supersede(plan, label, lr)
+        f = run_dir(plan, label, lr, seed) / "results.json"
+        if f.exists():  # chosen before the grid was extended, and still chosen
+            r = json.loads(f.read_text())
+            write_json(f, r | {"lr_choice": chosen, "protocol": protocol(plan, label)})
+            return
     else:
         lr = chosen_lr(plan, label)
         if lr is None:
