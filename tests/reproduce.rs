@@ -152,3 +152,62 @@ fn the_report_s_mean_and_sd_are_those_of_the_seeds() {
     assert!(md.contains("| lift | 0.0001 | 3 |"), "{md}");
     assert!(dir.join("gain_vs_retention.svg").exists() && dir.join("accuracy_per_set.svg").exists());
 }
+
+/// Extending a method's lr grid keeps its finished runs (made when the
+/// digest still held the grid), trains only the new value, and a winning
+/// new value supersedes the old choice; an edited training flag is still
+/// refused. The driver's functions are called on fake run directories.
+#[test]
+fn an_extended_grid_keeps_old_runs_and_supersedes_the_old_choice() {
+    let dir = tmp("extended_grid");
+    let script = r#"
+import json, sys
+from pathlib import Path
+sys.path.insert(0, "experiments")
+import reproduce as R
+plan = json.loads(Path("experiments/plans/cpu.json").read_text())
+plan["results"] = Path(sys.argv[1])
+old = [0.0001, 0.0003, 0.001]
+plan["methods"]["lift"]["lr_grid"] = old
+out = {}
+for lr, v in zip(old, [0.83, 0.70, 0.585]):
+    d = R.run_dir(plan, "lift", lr, 0)
+    d.mkdir(parents=True)
+    (d / "val.json").write_text(json.dumps({"loss": v}))
+d1 = R.run_dir(plan, "lift", 0.001, 0)
+legacy = R.protocol(plan, "lift", old)
+(d1 / "results.json").write_text(json.dumps({"lr": 0.001, "seed": 0, "lr_choice": {"grid": old}, "protocol": legacy}))
+out["old"] = R.chosen_lr(plan, "lift")
+plan["methods"]["lift"]["lr_grid"] = old + [0.003]
+out["extended"] = R.chosen_lr(plan, "lift")
+d3 = R.run_dir(plan, "lift", 0.003, 0)
+d3.mkdir(parents=True)
+(d3 / "val.json").write_text(json.dumps({"loss": 0.55}))
+out["unfinished"] = R.chosen_lr(plan, "lift")
+R.supersede(plan, "lift", 0.003)
+out["old_files"] = sorted(p.name for p in d1.iterdir())
+(d3 / "results.json").write_text(json.dumps({"lr": 0.003, "seed": 0, "protocol": R.protocol(plan, "lift")}))
+out["new"] = R.chosen_lr(plan, "lift")
+plan["train_flags"] = plan["train_flags"] + ["--lr-warmup", "9"]
+try:
+    R.finished(plan, "lift", d3)
+    out["edited"] = "accepted"
+except R.PlanError:
+    out["edited"] = "refused"
+print(json.dumps(out))
+"#;
+    let out = Command::new(python())
+        .current_dir(root())
+        .args(["-c", script])
+        .arg(dir.join("results"))
+        .output()
+        .expect("python3 runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let got: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(got["old"], json!(0.001), "the old grid's choice: {got}");
+    assert_eq!(got["extended"], Value::Null, "3e-3 not trained yet: no choice: {got}");
+    assert_eq!(got["unfinished"], Value::Null, "3e-3 wins but has no results yet: {got}");
+    assert_eq!(got["old_files"], json!(["results-superseded.json", "val.json"]), "{got}");
+    assert_eq!(got["new"], json!(0.003), "{got}");
+    assert_eq!(got["edited"], json!("refused"), "{got}");
+}
