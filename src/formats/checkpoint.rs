@@ -383,7 +383,7 @@ fn json_size(value: &impl Serialize) -> Result<usize> {
 /// Writes values little-endian in `dtype`, converted a block at a time (a
 /// whole-tensor byte copy would be 108 MiB for SmolLM2's embedding); returns
 /// the bytes written.
-fn write_values(out: &mut impl Write, values: &[f32], dtype: DType) -> std::io::Result<usize> {
+pub(crate) fn write_values(out: &mut impl Write, values: &[f32], dtype: DType) -> std::io::Result<usize> {
     let mut bytes = Vec::with_capacity(1 << 18);
     for block in values.chunks(1 << 16) {
         bytes.clear();

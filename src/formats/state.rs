@@ -30,7 +30,7 @@ use std::path::Path;
 use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::formats::checkpoint;
+use crate::formats::checkpoint::{self, DType};
 use crate::limits::{plain, shorten};
 use crate::lora::Adapter;
 use crate::method::{Magnitude, Trainable, extra_params};
@@ -105,11 +105,9 @@ impl Writer {
     fn len(&mut self, n: usize) -> Result<()> {
         self.bytes(&(n as u64).to_le_bytes())
     }
-    /// A block at a time: no byte copy of a whole tensor.
+    /// A block at a time, as model.bin's writer: no byte copy of a whole tensor.
     fn f32s(&mut self, xs: &[f32]) -> Result<()> {
-        for block in xs.chunks(1 << 16) {
-            self.bytes(&block.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>())?;
-        }
+        checkpoint::write_values(&mut self.w, xs, DType::F32)?;
         Ok(())
     }
     fn dense(&mut self, s: &DenseState) -> Result<()> {
