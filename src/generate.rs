@@ -15,6 +15,7 @@
 
 use crate::cpu::{self, AttnDims, RopeTable};
 use crate::decode::{self, DecodeOptions, Decoded, LogitSource, Scores, Want};
+use crate::matvec;
 use crate::model::{Config, Model};
 use anyhow::{Result, bail};
 
@@ -132,20 +133,20 @@ impl<'a> CpuSource<'a> {
         cpu::embedding_forward(&mut x, tokens, &w.embed, d);
         for (l, lw) in w.layers.iter().enumerate() {
             cpu::rmsnorm_forward(&mut xn, &mut rstd, &x, &lw.attn_norm, d, c.norm_eps);
-            cpu::matmul_forward(&mut q, &xn, &lw.wq, n, d, qd);
-            cpu::matmul_forward(&mut k, &xn, &lw.wk, n, d, kvd);
-            cpu::matmul_forward(&mut v, &xn, &lw.wv, n, d, kvd);
+            matvec::forward(&mut q, &xn, &lw.wq, n, d, qd);
+            matvec::forward(&mut k, &xn, &lw.wk, n, d, kvd);
+            matvec::forward(&mut v, &xn, &lw.wv, n, d, kvd);
             cpu::rope_forward_at(&mut q, &self.rope, pos, c.n_heads, c.head_dim);
             cpu::rope_forward_at(&mut k, &self.rope, pos, c.n_kv_heads, c.head_dim);
             self.cache.put(l, &k, &v);
             attend(&self.cache, l, &q, &mut att);
-            cpu::matmul_forward(&mut tmp, &att, &lw.wo, n, qd, d);
+            matvec::forward(&mut tmp, &att, &lw.wo, n, qd, d);
             cpu::residual_forward(&mut x, &tmp);
             cpu::rmsnorm_forward(&mut xn, &mut rstd, &x, &lw.mlp_norm, d, c.norm_eps);
-            cpu::matmul_forward(&mut gate, &xn, &lw.w_gate, n, d, f);
-            cpu::matmul_forward(&mut up, &xn, &lw.w_up, n, d, f);
+            matvec::forward(&mut gate, &xn, &lw.w_gate, n, d, f);
+            matvec::forward(&mut up, &xn, &lw.w_up, n, d, f);
             cpu::swiglu_forward(&mut h, &gate, &up);
-            cpu::matmul_forward(&mut tmp, &h, &lw.w_down, n, f, d);
+            matvec::forward(&mut tmp, &h, &lw.w_down, n, f, d);
             cpu::residual_forward(&mut x, &tmp);
         }
         self.cache.commit(n);
@@ -161,7 +162,7 @@ impl<'a> CpuSource<'a> {
         let (mut xn, mut rstd) = (vec![0.0; b * d], vec![0.0; b]);
         cpu::rmsnorm_forward(&mut xn, &mut rstd, &last, &self.model.weights.norm, d, c.norm_eps);
         let mut logits = vec![0.0; b * c.vocab_size];
-        cpu::matmul_forward(&mut logits, &xn, self.model.weights.head(), b, d, c.vocab_size);
+        matvec::forward(&mut logits, &xn, self.model.weights.head(), b, d, c.vocab_size);
         logits
     }
 

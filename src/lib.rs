@@ -36,6 +36,7 @@ pub mod init;
 pub mod limits;
 pub mod lm_head;
 pub mod lora;
+pub mod matvec;
 pub mod method;
 pub mod model;
 pub mod optim;

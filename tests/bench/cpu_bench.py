@@ -131,6 +131,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="one round, and no scaling or mask tables")
     ap.add_argument("--real-limit", type=int, default=256, help="examples of math_train_3k in the real-data row")
     ap.add_argument("--generation-only", action="store_true", help="only the generation table")
+    ap.add_argument("--real-data-only", action="store_true", help="only the real-data table")
     ap.add_argument("--gen-batch", type=int, default=16, help="prompts per generation batch")
     ap.add_argument("--gen-tokens", type=int, default=128, help="new tokens per prompt at most")
     a = ap.parse_args()
@@ -140,6 +141,9 @@ def main():
     rounds = 1 if a.quick else a.rounds
     if a.generation_only:
         generation(a, rounds)
+        return
+    if a.real_data_only:
+        real_data(a)
         return
     shape = ["--config", "smollm2-135m", "--seq", "256", "--batch", "1",
              "--steps", str(a.steps), "--warmup", "1"]
