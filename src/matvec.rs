@@ -304,7 +304,9 @@ mod tests {
             }
         }
         for (name, kernel) in kernels {
-            for (n, ic, oc) in [(1, 16, 1), (2, 576, 576), (3, 29, 7), (5, 37, 130), (7, 40, 9), (17, 1536, 67), (64, 64, 200)] {
+            for (n, ic, oc) in
+                [(1, 16, 1), (2, 576, 576), (3, 29, 7), (5, 37, 130), (7, 40, 9), (17, 1536, 67), (64, 64, 200)]
+            {
                 let (x, w) = (pseudo(n * ic, 1), pseudo(oc * ic, 2));
                 let mut got = vec![f32::NAN; n * oc];
                 // SAFETY: the kernel's CPU features were detected above.
