@@ -773,9 +773,7 @@ pub fn crossentropy_backward_rows(logits: &mut [f32], targets: &[i32], v: usize,
             return;
         }
         let l = logsumexp(row);
-        for x in row.iter_mut() {
-            *x = (*x - l).exp() * inv;
-        }
+        softmax_scaled(row, l, inv);
         row[tgt as usize] -= inv;
     });
 }
@@ -783,28 +781,107 @@ pub fn crossentropy_backward_rows(logits: &mut [f32], targets: &[i32], v: usize,
 // ----------------------------------------------------------------------------
 // Small helpers
 
+/// row = e^(row - lse) * scale: softmax probabilities given the row's
+/// log-sum-exp, scaled; vectorized like `logsumexp`.
+fn softmax_scaled(row: &mut [f32], lse: f32, scale: f32) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F.
+            return unsafe { softmax_scaled_avx512(row, lse, scale) };
+        }
+    }
+    softmax_scaled_lanes(row, lse, scale)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn softmax_scaled_avx512(row: &mut [f32], lse: f32, scale: f32) {
+    softmax_scaled_lanes(row, lse, scale)
+}
+
+#[inline(always)]
+fn softmax_scaled_lanes(row: &mut [f32], lse: f32, scale: f32) {
+    for x in row.iter_mut() {
+        *x = exp_poly(*x - lse) * scale;
+    }
+}
+
 /// log(sum(exp(x))), shifted by the maximum so it cannot overflow. Over a
 /// 128K vocabulary one running f32 sum would lose ~1e-5 (and, as a single
 /// dependency chain, run at a fraction of the speed), so blocks of 256 are
-/// summed in eight f32 lanes and the block sums added in f64.
+/// summed in sixteen f32 lanes and the block sums added in f64; compiled for
+/// the widest vectors this CPU has.
 pub fn logsumexp(x: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F.
+            return unsafe { logsumexp_avx512(x) };
+        }
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2.
+            return unsafe { logsumexp_avx2(x) };
+        }
+    }
+    logsumexp_lanes(x)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn logsumexp_avx512(x: &[f32]) -> f32 {
+    logsumexp_lanes(x)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn logsumexp_avx2(x: &[f32]) -> f32 {
+    logsumexp_lanes(x)
+}
+
+/// logsumexp over 16 lanes of f32 partial sums per block of 256, the blocks
+/// summed in f64; the exponentials by `exp_poly`, so the loop vectorizes.
+#[inline(always)]
+fn logsumexp_lanes(x: &[f32]) -> f32 {
     let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
     if max == f32::NEG_INFINITY {
         return max;
     }
     let mut total = 0.0f64;
     for block in x.chunks(256) {
-        let mut lanes = [0.0f32; 8];
-        let chunks = block.chunks_exact(8);
-        let rest: f32 = chunks.remainder().iter().map(|&v| (v - max).exp()).sum();
+        let mut lanes = [0.0f32; 16];
+        let chunks = block.chunks_exact(16);
+        let rest: f32 = chunks.remainder().iter().map(|&v| exp_poly(v - max)).sum();
         for c in chunks {
-            for l in 0..8 {
-                lanes[l] += (c[l] - max).exp();
+            for l in 0..16 {
+                lanes[l] += exp_poly(c[l] - max);
             }
         }
         total += lanes.iter().map(|&v| v as f64).sum::<f64>() + rest as f64;
     }
     (max as f64 + total.ln()) as f32
+}
+
+/// e^x in f32 by arithmetic alone, so that a loop over it vectorizes (libm's
+/// expf is a call per element): x = n ln 2 + r with |r| <= ln 2 / 2, e^r by
+/// Cephes' degree-7 polynomial, 2^n put into the exponent bits. Within 2e-7
+/// relative of the exact value for x in [-87.3, 88]; 0 below (e^-inf = 0),
+/// e^88 above; NaN stays NaN.
+#[inline(always)]
+pub fn exp_poly(x: f32) -> f32 {
+    const LO: f32 = -87.33654;
+    let xc = x.clamp(LO, 88.0);
+    let t = xc * std::f32::consts::LOG2_E + 0.5;
+    let trunc = t as i32 as f32;
+    let n = if trunc > t { trunc - 1.0 } else { trunc }; // floor(t)
+    let r = xc - n * 0.693_359_4 - n * -2.121_944_4e-4;
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+        + 1.666_666_5e-1)
+        * r
+        + 5.000_000_1e-1;
+    let y = p * r * r + r + 1.0;
+    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    if x < LO { 0.0 } else { y * scale }
 }
 
 #[inline]
@@ -893,6 +970,35 @@ mod tests {
             let got = dot(&a, &b);
             assert!((got as f64 - want).abs() < 1e-5 * (n as f64).max(1.0), "n {n}: {got} vs {want}");
             assert_eq!(got.to_bits(), dot_lanes(&a, &b).to_bits(), "n {n}");
+        }
+    }
+
+    /// exp_poly against f64's exp over the whole range a softmax feeds it,
+    /// and its edges; logsumexp and the cross-entropy gradient's softmax
+    /// against f64 on a vocabulary-sized row.
+    #[test]
+    fn exp_poly_and_logsumexp_match_f64() {
+        let mut worst = 0.0f64;
+        for i in 0..=200_000 {
+            let x = -87.0 + 175.0 * i as f32 / 200_000.0;
+            let (got, want) = (exp_poly(x) as f64, (x as f64).exp());
+            worst = worst.max((got - want).abs() / want);
+        }
+        assert!(worst < 3e-7, "exp_poly: worst relative error {worst:e}");
+        assert_eq!(exp_poly(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_poly(-100.0), 0.0);
+        assert_eq!(exp_poly(0.0), 1.0);
+        assert!(exp_poly(f32::NAN).is_nan());
+        let row: Vec<f32> = pseudo(49_157, 9).iter().map(|v| v * 12.0).collect();
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+        let want = max + row.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
+        let got = logsumexp(&row) as f64;
+        assert!((got - want).abs() < 2e-6 * want.abs().max(1.0), "logsumexp {got} vs {want}");
+        let mut p = row.clone();
+        softmax_scaled(&mut p, got as f32, 0.5);
+        for (&q, &v) in p.iter().zip(&row) {
+            let w = 0.5 * (v as f64 - want).exp();
+            assert!((q as f64 - w).abs() <= 1e-6 * w + 1e-12, "softmax {q} vs {w}");
         }
     }
 
