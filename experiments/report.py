@@ -109,6 +109,8 @@ def compare(a, b, higher_is_better=True):
     if a is None or b is None:
         return "not measured"
     diff = a[0] - b[0] if higher_is_better else b[0] - a[0]
+    if abs(diff) <= 1e-9 * max(abs(a[0]), abs(b[0]), 1.0):
+        diff = 0.0  # the same counts, averaged in another order
     if a[1] is None or b[1] is None:
         return ("better" if diff > 0 else "worse" if diff < 0 else "equal") + " (one seed: no error bar)"
     se = math.sqrt(a[1] ** 2 / a[2] + b[1] ** 2 / b[2])
