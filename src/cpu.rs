@@ -517,29 +517,119 @@ pub fn decode_attention(
     kvh: usize,
     hs: usize,
 ) {
-    let (group, kvd) = (nh / kvh, kvh * hs);
+    out.par_chunks_mut(nh * hs)
+        .zip(q.par_chunks(nh * hs))
+        .zip(slots.par_iter())
+        .for_each(|((out, qr), slots)| decode_attention_row(out, qr, k, v, slots, nh, kvh, hs));
+}
+
+/// One row of `decode_attention`, compiled for the widest vectors this CPU
+/// has; with AVX-512 and HS a multiple of 16 the scores come from
+/// `x86::scores_avx512`, elsewhere from `scores`.
+#[allow(clippy::too_many_arguments)]
+fn decode_attention_row(
+    out: &mut [f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    slots: &[u32],
+    nh: usize,
+    kvh: usize,
+    hs: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if hs.is_multiple_of(16) && hs <= 256 && std::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F.
+            return unsafe { decode_attention_row_avx512(out, q, k, v, slots, nh, kvh, hs) };
+        }
+    }
+    decode_attention_heads(out, q, k, v, slots, nh, kvh, hs, scores)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+fn decode_attention_row_avx512(
+    out: &mut [f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    s: &[u32],
+    nh: usize,
+    kvh: usize,
+    hs: usize,
+) {
+    let kernel = |p: &mut [f32], q: &[f32], k: &[f32], s: &[u32], d: ScoreDims| {
+        // SAFETY: AVX-512F is enabled here, HS % 16 == 0 was checked.
+        unsafe { x86::scores_avx512(p, q, k, s, d) }
+    };
+    decode_attention_heads(out, q, k, v, s, nh, kvh, hs, kernel)
+}
+
+/// The layout `scores` reads: kv head `off / hs` of rows of KVD floats,
+/// GROUP query heads of HS, one score per (head, slot) times `scale`.
+#[derive(Clone, Copy)]
+struct ScoreDims {
+    group: usize,
+    hs: usize,
+    kvd: usize,
+    off: usize,
+    scale: f32,
+}
+
+/// p (GROUP, N) = scale * q_h . key(slots[j]) for the GROUP query heads q
+/// (GROUP, HS) that share one kv head.
+fn scores(p: &mut [f32], q: &[f32], k: &[f32], slots: &[u32], d: ScoreDims) {
+    let n = slots.len();
+    for (j, &s) in slots.iter().enumerate() {
+        let key = &k[s as usize * d.kvd + d.off..][..d.hs];
+        for h in 0..d.group {
+            p[h * n + j] = dot(&q[h * d.hs..(h + 1) * d.hs], key) * d.scale;
+        }
+    }
+}
+
+/// out (NH, HS) for one query q (NH, HS) over `slots`. The heads that share a
+/// kv head go together, so each cached key and value is read from memory
+/// once per kv head rather than once per query head.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn decode_attention_heads(
+    out: &mut [f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    slots: &[u32],
+    nh: usize,
+    kvh: usize,
+    hs: usize,
+    scores: impl Fn(&mut [f32], &[f32], &[f32], &[u32], ScoreDims),
+) {
+    let (group, kvd, n) = (nh / kvh, kvh * hs, slots.len());
     let scale = 1.0 / (hs as f32).sqrt();
-    out.par_chunks_mut(nh * hs).zip(q.par_chunks(nh * hs)).zip(slots.par_iter()).for_each(|((out, qr), slots)| {
-        let mut p = vec![0.0f32; slots.len()];
-        for h in 0..nh {
-            let off = (h / group) * hs;
-            let qh = &qr[h * hs..(h + 1) * hs];
-            for (pj, &s) in p.iter_mut().zip(slots) {
-                *pj = dot(qh, &k[s as usize * kvd + off..][..hs]) * scale;
-            }
-            let max = p.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-            let mut sum = 0.0f32;
-            p.iter_mut().for_each(|x| {
+    let mut p = vec![0.0f32; group * n]; // (GROUP, N) scores, then probabilities
+    let mut sum = vec![0.0f32; group];
+    for g in 0..kvh {
+        let qg = &q[g * group * hs..(g + 1) * group * hs];
+        scores(&mut p, qg, k, slots, ScoreDims { group, hs, kvd, off: g * hs, scale });
+        for (ph, sum) in p.chunks_exact_mut(n).zip(sum.iter_mut()) {
+            let max = ph.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            *sum = 0.0;
+            ph.iter_mut().for_each(|x| {
                 *x = (*x - max).exp();
-                sum += *x;
+                *sum += *x;
             });
-            let oh = &mut out[h * hs..(h + 1) * hs];
-            oh.fill(0.0);
-            for (&pj, &s) in p.iter().zip(slots) {
-                axpy(oh, pj / sum, &v[s as usize * kvd + off..][..hs]);
+        }
+        let og = &mut out[g * group * hs..(g + 1) * group * hs];
+        og.fill(0.0);
+        for (j, &s) in slots.iter().enumerate() {
+            let val = &v[s as usize * kvd + g * hs..][..hs];
+            for (h, oh) in og.chunks_exact_mut(hs).enumerate() {
+                axpy(oh, p[h * n + j] / sum[h], val);
             }
         }
-    });
+    }
 }
 
 /// Row of raw scores -> probabilities: entries lo..hi are scaled, shifted by
@@ -948,6 +1038,51 @@ pub fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
     }
 }
 
+/// Vector kernels for the decode steps' attention.
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::ScoreDims;
+    use std::arch::x86_64::*;
+
+    /// Slots ahead whose keys are fetched while this one is scored.
+    const PREFETCH: usize = 8;
+
+    /// `super::scores` with 16-lane vectors: each key (HS / 16 vectors,
+    /// HS <= 256) is loaded once and scored against every head of the group
+    /// by fused multiply-adds, then summed across its lanes.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F; d.hs % 16 == 0 and d.hs <= 256.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn scores_avx512(p: &mut [f32], q: &[f32], k: &[f32], slots: &[u32], d: ScoreDims) {
+        let (n, nv) = (slots.len(), d.hs / 16);
+        assert!(d.hs.is_multiple_of(16) && nv <= 16 && q.len() >= d.group * d.hs && p.len() >= d.group * n);
+        let mut key = [_mm512_setzero_ps(); 16];
+        for (j, &s) in slots.iter().enumerate() {
+            let row = &k[s as usize * d.kvd + d.off..][..d.hs];
+            if let Some(&ahead) = slots.get(j + PREFETCH) {
+                let at = k.as_ptr().wrapping_add(ahead as usize * d.kvd + d.off);
+                for c in (0..d.hs).step_by(16) {
+                    _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(c) as *const i8);
+                }
+            }
+            for (c, kv) in key[..nv].iter_mut().enumerate() {
+                // SAFETY: row holds HS = 16 * nv floats.
+                *kv = unsafe { _mm512_loadu_ps(row.as_ptr().add(16 * c)) };
+            }
+            for h in 0..d.group {
+                let qh = &q[h * d.hs..(h + 1) * d.hs];
+                let mut acc = _mm512_setzero_ps();
+                for (c, kv) in key[..nv].iter().enumerate() {
+                    // SAFETY: qh holds HS floats.
+                    acc = _mm512_fmadd_ps(unsafe { _mm512_loadu_ps(qh.as_ptr().add(16 * c)) }, *kv, acc);
+                }
+                p[h * n + j] = _mm512_reduce_add_ps(acc) * d.scale;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1078,6 +1213,66 @@ mod tests {
         for (a, b) in grads(false).iter().zip(grads(true).iter()) {
             for (x, y) in a.iter().zip(b) {
                 assert!((x - y).abs() < 1e-5, "{x} vs {y}");
+            }
+        }
+    }
+
+    /// Softmax attention of one query per row over the row's slots, in f64:
+    /// the reference for `decode_attention`. out (R, NH, HS).
+    fn decode_attention_f64(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        rows: &[Vec<u32>],
+        nh: usize,
+        kvh: usize,
+        hs: usize,
+    ) -> Vec<f64> {
+        let (group, kvd) = (nh / kvh, kvh * hs);
+        let mut out = vec![0.0f64; rows.len() * nh * hs];
+        for (r, slots) in rows.iter().enumerate() {
+            for h in 0..nh {
+                let (qh, off) = (&q[(r * nh + h) * hs..][..hs], (h / group) * hs);
+                let s: Vec<f64> = slots
+                    .iter()
+                    .map(|&j| (0..hs).map(|i| qh[i] as f64 * k[j as usize * kvd + off + i] as f64).sum::<f64>())
+                    .map(|x| x / (hs as f64).sqrt())
+                    .collect();
+                let max = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = s.iter().map(|x| (x - max).exp()).collect();
+                let sum: f64 = e.iter().sum();
+                for (&j, p) in slots.iter().zip(&e) {
+                    for i in 0..hs {
+                        out[(r * nh + h) * hs + i] += p / sum * v[j as usize * kvd + off + i] as f64;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Decode attention, through the vector kernel where this CPU has one and
+    /// through the portable scores always, against f64: rows that share
+    /// slots (beams), slots out of pool order, HS that the 16-lane kernel
+    /// takes (64, 128) and one it leaves to the portable loop (24).
+    #[test]
+    fn decode_attention_matches_f64() {
+        for (nh, kvh, hs) in [(9, 3, 64), (4, 4, 128), (6, 2, 24)] {
+            let slots = 40;
+            let (q, k, v) = (pseudo(3 * nh * hs, 1), pseudo(slots * kvh * hs, 2), pseudo(slots * kvh * hs, 3));
+            let rows: Vec<Vec<u32>> = vec![(0..17).collect(), (0..17).chain([30, 5, 39]).collect(), vec![7]];
+            let want = decode_attention_f64(&q, &k, &v, &rows, nh, kvh, hs);
+            let mut got = vec![f32::NAN; want.len()];
+            decode_attention(&mut got, &q, &k, &v, &rows, nh, kvh, hs);
+            let mut portable = vec![f32::NAN; want.len()];
+            for (r, slots) in rows.iter().enumerate() {
+                let (o, qr) = (&mut portable[r * nh * hs..][..nh * hs], &q[r * nh * hs..][..nh * hs]);
+                decode_attention_heads(o, qr, &k, &v, slots, nh, kvh, hs, scores);
+            }
+            for (i, e) in want.iter().enumerate() {
+                for (name, x) in [("decode_attention", got[i]), ("portable scores", portable[i])] {
+                    assert!((x as f64 - e).abs() < 1e-5, "{name} NH {nh} KVH {kvh} HS {hs}, entry {i}: {x} vs {e}");
+                }
             }
         }
     }
