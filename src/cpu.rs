@@ -1140,16 +1140,24 @@ mod tests {
     /// plain triple loop, on shapes that are not multiples of any block size.
     #[test]
     fn sampled_weight_gradient_matches_naive_product() {
-        let (n, ic, oc) = (37, 29, 41);
-        let (dout, inp) = (pseudo(n * oc, 1), pseudo(n * ic, 2));
-        let indices: Vec<u32> = (0..(oc * ic) as u32).filter(|i| i % 7 == 3 || i % 11 == 0).collect();
-        let mut got = vec![0.5f32; indices.len()];
-        let (mut s1, mut s2) = (vec![0.0; oc * n], vec![0.0; ic * n]);
-        matmul_backward_weight_sampled(&mut got, &indices, &dout, &inp, n, ic, oc, &mut s1, &mut s2);
-        for (g, &flat) in got.iter().zip(&indices) {
-            let (i, j) = (flat as usize / ic, flat as usize % ic);
-            let want: f64 = 0.5 + (0..n).map(|r| dout[r * oc + i] as f64 * inp[r * ic + j] as f64).sum::<f64>();
-            assert!((*g as f64 - want).abs() < 1e-4, "entry ({i}, {j}): {g} vs {want}");
+        // Shapes on no block size; a mask that leaves rows 40..90 empty and
+        // spans several of the parallel chunks; an empty mask.
+        let masks: [(usize, usize, usize, fn(u32) -> bool); 3] = [
+            (37, 29, 41, |i| i % 7 == 3 || i % 11 == 0),
+            (19, 150, 100, |i| (i % 13 == 1 || i % 5 == 0) && !(40 * 150..90 * 150).contains(&i)),
+            (5, 70, 40, |_| false),
+        ];
+        for (n, ic, oc, keep) in masks {
+            let (dout, inp) = (pseudo(n * oc, 1), pseudo(n * ic, 2));
+            let indices: Vec<u32> = (0..(oc * ic) as u32).filter(|&i| keep(i)).collect();
+            let mut got = vec![0.5f32; indices.len()];
+            let (mut s1, mut s2) = (vec![0.0; oc * n], vec![0.0; ic * n]);
+            matmul_backward_weight_sampled(&mut got, &indices, &dout, &inp, n, ic, oc, &mut s1, &mut s2);
+            for (g, &flat) in got.iter().zip(&indices) {
+                let (i, j) = (flat as usize / ic, flat as usize % ic);
+                let want: f64 = 0.5 + (0..n).map(|r| dout[r * oc + i] as f64 * inp[r * ic + j] as f64).sum::<f64>();
+                assert!((*g as f64 - want).abs() < 1e-4, "{n}x{ic}x{oc} entry ({i}, {j}): {g} vs {want}");
+            }
         }
     }
 
