@@ -1142,7 +1142,8 @@ mod tests {
     fn sampled_weight_gradient_matches_naive_product() {
         // Shapes on no block size; a mask that leaves rows 40..90 empty and
         // spans several of the parallel chunks; an empty mask.
-        let masks: [(usize, usize, usize, fn(u32) -> bool); 3] = [
+        type Case = (usize, usize, usize, fn(u32) -> bool); // N, IC, OC, which entries
+        let masks: [Case; 3] = [
             (37, 29, 41, |i| i % 7 == 3 || i % 11 == 0),
             (19, 150, 100, |i| (i % 13 == 1 || i % 5 == 0) && !(40 * 150..90 * 150).contains(&i)),
             (5, 70, 40, |_| false),
