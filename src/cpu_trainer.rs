@@ -153,19 +153,7 @@ impl GradSink for CpuMethodSink<'_> {
         let id = matrix_id(l, w);
         let acc = &mut self.grads.linear[id];
         match self.trainable {
-            Trainable::Sparse { states } => {
-                // Only the k selected entries of dW are computed (a sampled
-                // product); the dense (OC, IC) gradient never exists.
-                if states[id].k() == 0 {
-                    return; // S2FT trains some matrices not at all
-                }
-                let need = n * (oc + ic);
-                if self.grads.dw.len() < need {
-                    self.grads.dw.resize(need, 0.0);
-                }
-                let (dout_t, inp_t) = self.grads.dw[..need].split_at_mut(n * oc);
-                cpu::matmul_backward_weight_sampled(acc, &states[id].indices, dout, inp, n, ic, oc, dout_t, inp_t);
-            }
+            Trainable::Sparse { .. } => self.linears(&[(p, dout, oc)], inp, n, ic),
             Trainable::Full { .. } => cpu::matmul_backward_weight(acc, dout, inp, n, ic, oc),
             Trainable::Lora { adapters, .. } => {
                 let ad = &adapters[id];
@@ -179,6 +167,37 @@ impl GradSink for CpuMethodSink<'_> {
                 let (m, norm, base) = (&magnitudes[id].m, &self.norms[id], &self.base[id]);
                 dora::backward(ad, m, norm, base, da, db, dm, dout, inp, n, &mut self.grads.dw);
             }
+        }
+    }
+
+    /// For a sparse method: only the k selected entries of each dW (a
+    /// sampled product; the dense (OC, IC) gradient never exists), with the
+    /// shared input transposed once.
+    fn linears(&mut self, outs: &[(Param, &[f32], usize)], inp: &[f32], n: usize, ic: usize) {
+        let Trainable::Sparse { states } = self.trainable else {
+            for &(p, dout, oc) in outs {
+                self.linear(p, dout, inp, n, ic, oc);
+            }
+            return;
+        };
+        let id = |p| match p {
+            Param::Linear(l, w) => matrix_id(l, w),
+            _ => unreachable!("only linear weights are sparse"),
+        };
+        // S2FT trains some matrices not at all.
+        let live = || outs.iter().filter(|&&(p, _, _)| states[id(p)].k() > 0);
+        let Some(widest) = live().map(|&(_, _, oc)| oc).max() else { return };
+        let need = n * (ic + widest);
+        if self.grads.dw.len() < need {
+            self.grads.dw.resize(need, 0.0);
+        }
+        let (inp_t, dout_t) = self.grads.dw[..need].split_at_mut(n * ic);
+        cpu::transpose(inp_t, inp, n, ic);
+        for &(p, dout, oc) in live() {
+            let dout_t = &mut dout_t[..n * oc];
+            cpu::transpose(dout_t, dout, n, oc);
+            let t = cpu::Transposed { dout_t, inp_t, n, ic };
+            cpu::sampled_from_transposed(&mut self.grads.linear[id(p)], &states[id(p)].indices, t);
         }
     }
 

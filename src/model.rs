@@ -663,6 +663,15 @@ pub trait GradSink {
     /// dW(p) (OC, IC) += dout^T @ inp, with dout (N, OC) and inp (N, IC):
     /// a linear weight, or the LM head.
     fn linear(&mut self, p: Param, dout: &[f32], inp: &[f32], n: usize, ic: usize, oc: usize);
+    /// `linear` for each wanted (p, dout, OC) of weights that read the same
+    /// input (q, k, v; gate, up): a sink may prepare inp once for all.
+    fn linears(&mut self, outs: &[(Param, &[f32], usize)], inp: &[f32], n: usize, ic: usize) {
+        for &(p, dout, oc) in outs {
+            if self.wants(p) {
+                self.linear(p, dout, inp, n, ic, oc);
+            }
+        }
+    }
     /// The accumulation buffer of a norm weight or the embedding.
     fn dense(&mut self, p: Param) -> &mut [f32];
 }
@@ -959,12 +968,7 @@ impl Model {
         cpu::matmul_backward_input(dh, &s.dres, &w.w_down, n, f, d);
         cpu::swiglu_backward_inplace(dh, &mut a.up, &a.gate);
         let (dgate, dup) = (&*dh, &a.up);
-        if sink.wants(lin(Linear::Gate)) {
-            sink.linear(lin(Linear::Gate), dgate, xn, n, d, f);
-        }
-        if sink.wants(lin(Linear::Up)) {
-            sink.linear(lin(Linear::Up), dup, xn, n, d, f);
-        }
+        sink.linears(&[(lin(Linear::Gate), dgate, f), (lin(Linear::Up), dup, f)], xn, n, d);
         s.dxn.fill(0.0);
         cpu::matmul_backward_input(&mut s.dxn, dgate, &w.w_gate, n, d, f);
         cpu::matmul_backward_input(&mut s.dxn, dup, &w.w_up, n, d, f);
@@ -1000,11 +1004,12 @@ impl Model {
         s.dv.fill(0.0);
         self.rope_attention_backward(s, a, segments, dims);
         cpu::rmsnorm_forward(xn, &mut s.rstd, x_in, &w.attn_norm, d, c.norm_eps);
-        for (which, dy, width) in [(Linear::Q, &s.dq, qd), (Linear::K, &s.dk, kvd), (Linear::V, &s.dv, kvd)] {
-            if sink.wants(lin(which)) {
-                sink.linear(lin(which), dy, xn, n, d, width);
-            }
-        }
+        sink.linears(
+            &[(lin(Linear::Q), &s.dq, qd), (lin(Linear::K), &s.dk, kvd), (lin(Linear::V), &s.dv, kvd)],
+            xn,
+            n,
+            d,
+        );
         s.dxn.fill(0.0);
         cpu::matmul_backward_input(&mut s.dxn, &s.dq, &w.wq, n, d, qd);
         cpu::matmul_backward_input(&mut s.dxn, &s.dk, &w.wk, n, d, kvd);
