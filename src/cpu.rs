@@ -106,7 +106,9 @@ pub fn matmul_backward_weight(dweight: &mut [f32], dout: &[f32], inp: &[f32], n:
 /// This is LIFT's sampled dense-dense product: at 5% density it does 5% of
 /// the dense dW GEMM's arithmetic, and no (OC, IC) buffer is ever formed.
 /// `dout_t` (OC*N) and `inp_t` (IC*N) are scratch for the transposes, which
-/// make each of the k dot products read two contiguous rows.
+/// make each of the k dot products read two contiguous rows. (The trainer's
+/// sink transposes itself and calls `sampled_from_transposed`, so that the
+/// weights that read one input share its transpose.)
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_backward_weight_sampled(
     dsel: &mut [f32],
@@ -176,6 +178,9 @@ fn sampled_dots_portable(g: &mut [f32], idx: &[u32], t: Transposed, cols: std::o
 /// task; on AVX-512 in 16 x 16 register tiles (`x86::transpose_tile`).
 pub fn transpose(out: &mut [f32], inp: &[f32], r: usize, c: usize) {
     const TILE: usize = 16;
+    if r == 0 || c == 0 {
+        return;
+    }
     out[..c * r].par_chunks_mut(TILE * r).enumerate().for_each(|(cb, rows)| {
         let (c0, w) = (cb * TILE, (c - cb * TILE).min(TILE));
         let mut done = 0; // rows of inp already transposed by the vector kernel
@@ -1374,7 +1379,7 @@ mod tests {
     /// off multiples of 16.
     #[test]
     fn transpose_matches_definition() {
-        for (r, c) in [(45, 70), (16, 16), (33, 48), (7, 5), (100, 17)] {
+        for (r, c) in [(45, 70), (16, 16), (33, 48), (7, 5), (100, 17), (0, 20), (20, 0)] {
             let x = pseudo(r * c, 3);
             let mut t = vec![0.0; r * c];
             transpose(&mut t, &x, r, c);

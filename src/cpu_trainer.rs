@@ -176,7 +176,9 @@ impl GradSink for CpuMethodSink<'_> {
     fn linears(&mut self, outs: &[(Param, &[f32], usize)], inp: &[f32], n: usize, ic: usize) {
         let Trainable::Sparse { states } = self.trainable else {
             for &(p, dout, oc) in outs {
-                self.linear(p, dout, inp, n, ic, oc);
+                if self.wants(p) {
+                    self.linear(p, dout, inp, n, ic, oc);
+                }
             }
             return;
         };
