@@ -206,12 +206,22 @@ def threads_args(plan):
     return ["--threads", plan["threads"]] if plan.get("threads") else []
 
 
+def trained(rundir):
+    """A run's training is done when its summary says so and its model.bin is
+    still there (the weights are not committed: a fresh clone that has a
+    finished run's summary but not its evaluations trains it again)."""
+    summary = rundir / "summary.json"
+    if not summary.exists() or not (rundir / "model.bin").exists():
+        return False
+    return not json.loads(summary.read_text())["interrupted"]
+
+
 def train(plan, label, lr, seed, rundir):
     """Trains one run (or continues it from its state.bin); returns its
     summary.json."""
     m = plan["methods"][label]
     summary = rundir / "summary.json"
-    if summary.exists() and not json.loads(summary.read_text())["interrupted"]:
+    if trained(rundir):
         return json.loads(summary.read_text())
     rundir.mkdir(parents=True, exist_ok=True)
     d = plan["results"] / "data"
@@ -435,7 +445,7 @@ def do_step(plan, what, label, seed, progress):
     rundir = run_dir(plan, label, lr, seed)
     if finished(plan, label, rundir):
         return
-    if not (rundir / "summary.json").exists() or json.loads((rundir / "summary.json").read_text())["interrupted"]:
+    if not trained(rundir):
         progress.say(f"train {label} lr {lr:g} seed {seed}")
     summary = train(plan, label, lr, seed, rundir)
     progress.say(f"evaluate {label} lr {lr:g} seed {seed}")

@@ -211,3 +211,36 @@ print(json.dumps(out))
     assert_eq!(got["new"], json!(0.003), "{got}");
     assert_eq!(got["edited"], json!("refused"), "{got}");
 }
+
+/// A run whose summary says training finished but whose model.bin is gone
+/// (a fresh clone: weights are not committed) is trained again, not
+/// evaluated from a missing file; an interrupted summary is never done.
+#[test]
+fn a_finished_summary_without_its_weights_is_trained_again() {
+    let dir = tmp("weights_gone");
+    let script = r#"
+import json, sys
+from pathlib import Path
+sys.path.insert(0, "experiments")
+import reproduce as R
+d = Path(sys.argv[1])
+d.mkdir(parents=True, exist_ok=True)
+out = {"empty": R.trained(d)}
+(d / "summary.json").write_text(json.dumps({"interrupted": False}))
+out["no_weights"] = R.trained(d)
+(d / "model.bin").write_bytes(b"x")
+out["both"] = R.trained(d)
+(d / "summary.json").write_text(json.dumps({"interrupted": True}))
+out["interrupted"] = R.trained(d)
+print(json.dumps(out))
+"#;
+    let out = Command::new(python())
+        .current_dir(root())
+        .args(["-c", script])
+        .arg(dir.join("run"))
+        .output()
+        .expect("python3 runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let got: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(got, json!({"empty": false, "no_weights": false, "both": true, "interrupted": false}));
+}
