@@ -38,6 +38,14 @@ fn run_plan(dir: &Path, plan: &Value) -> (i32, String) {
     (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
+/// Runs a Python snippet that imports the driver, with `arg` as sys.argv[1];
+/// the JSON it prints.
+fn run_script(script: &str, arg: &Path) -> Value {
+    let out = Command::new(python()).current_dir(root()).args(["-c", script]).arg(arg).output().expect("python3 runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 /// The committed quick plan, as the base of the bad ones, with every file
 /// it names replaced by one that exists everywhere (Cargo.toml): each test
 /// breaks one thing, and only that thing may be reported.
@@ -196,14 +204,7 @@ except R.PlanError:
     out["edited"] = "refused"
 print(json.dumps(out))
 "#;
-    let out = Command::new(python())
-        .current_dir(root())
-        .args(["-c", script])
-        .arg(dir.join("results"))
-        .output()
-        .expect("python3 runs");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let got: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let got = run_script(script, &dir.join("results"));
     assert_eq!(got["old"], json!(0.001), "the old grid's choice: {got}");
     assert_eq!(got["extended"], Value::Null, "3e-3 not trained yet: no choice: {got}");
     assert_eq!(got["unfinished"], Value::Null, "3e-3 wins but has no results yet: {got}");
@@ -234,13 +235,6 @@ out["both"] = R.trained(d)
 out["interrupted"] = R.trained(d)
 print(json.dumps(out))
 "#;
-    let out = Command::new(python())
-        .current_dir(root())
-        .args(["-c", script])
-        .arg(dir.join("run"))
-        .output()
-        .expect("python3 runs");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let got: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let got = run_script(script, &dir.join("run"));
     assert_eq!(got, json!({"empty": false, "no_weights": false, "both": true, "interrupted": false}));
 }
