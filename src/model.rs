@@ -553,6 +553,8 @@ pub struct Activations {
     rstd_f: Vec<f32>, // (N)
     /// (N, V) logits with Head::Logits (dlogits after backward); else (R, V), one chunk's.
     pub logits: Vec<f32>,
+    /// One chunk's rows with a target, gathered for the head (not with Head::Logits).
+    gathered: lm_head::Gathered,
     losses: Vec<f32>, // (N)
     /// From the first backward pass on, or the first forward pass with Head::Gradient.
     scratch: Option<Scratch>,
@@ -587,6 +589,7 @@ impl Activations {
             xf: Vec::new(),
             rstd_f: Vec::new(),
             logits: Vec::new(),
+            gathered: lm_head::Gathered::default(),
             losses: Vec::new(),
             // made now for training, so that it too is sized once
             scratch: (head == Head::Gradient).then(Scratch::default),
@@ -607,6 +610,7 @@ impl Activations {
             + scratch
             + self.resid.iter().map(f).sum::<usize>()
             + top.into_iter().map(f).sum::<usize>()
+            + self.gathered.bytes()
             + 4 * (self.tokens.capacity() + self.targets.capacity())
     }
 
@@ -632,6 +636,9 @@ impl Activations {
         fit(&mut self.losses, n, 0.0);
         let head_rows = if self.head == Head::Logits { n } else { n.min(self.head_rows) };
         fit(&mut self.logits, head_rows * c.vocab_size, 0.0);
+        if self.head != Head::Logits {
+            self.gathered.fit(head_rows, d);
+        }
         if let Some(s) = self.scratch.as_mut() {
             s.buffers(c).into_iter().for_each(|(v, w)| fit(v, n * w, 0.0));
         }
@@ -805,9 +812,9 @@ impl Model {
         if acts.head == Head::Gradient {
             acts.scratch(c);
         }
-        let Activations { xf, targets, logits, losses, scratch, head, head_rows, .. } = acts;
+        let Activations { xf, targets, logits, gathered, losses, scratch, head, head_rows, .. } = acts;
         let x = HeadInput { xf, w: self.weights.head(), targets, c: c.dim, v: c.vocab_size };
-        let mut out = Logits { buf: logits, keep: *head == Head::Logits, rows: *head_rows };
+        let mut out = Logits { buf: logits, keep: *head == Head::Logits, rows: *head_rows, gathered };
         let dxf = match head {
             Head::Gradient => scratch.as_mut().map(|s| &mut s.dxn[..]),
             _ => None,
@@ -857,9 +864,9 @@ impl Model {
         if !want_dxf && !want_dw {
             return;
         }
-        let Activations { xf, targets, logits, scratch, head: mode, head_rows, .. } = acts;
+        let Activations { xf, targets, logits, gathered, scratch, head: mode, head_rows, .. } = acts;
         let x = HeadInput { xf, w: self.weights.head(), targets, c: c.dim, v: c.vocab_size };
-        let mut out = Logits { buf: logits, keep: *mode == Head::Logits, rows: *head_rows };
+        let mut out = Logits { buf: logits, keep: *mode == Head::Logits, rows: *head_rows, gathered };
         let s = scratch.as_mut().expect("allocated by backward");
         let dxf = if want_dxf { Some(&mut s.dxn[..]) } else { None };
         let mut add = |dl: &[f32], xr: &[f32], m: usize| sink.linear(head, dl, xr, m, c.dim, c.vocab_size);
