@@ -74,6 +74,14 @@ impl Gathered {
         m
     }
 
+    /// Gathers the rows of [r0, r1) that have a target and writes their
+    /// logits (m, V) to the front of buf; returns m.
+    fn logits(&mut self, x: &HeadInput, buf: &mut [f32], r0: usize, r1: usize) -> usize {
+        let m = self.gather(x, r0, r1);
+        logits_of(&mut buf[..m * x.v], &self.x[..m * x.c], x.w, m, x.c, x.v);
+        m
+    }
+
     /// The positions in [r0, r1) of the gathered rows, in order.
     fn positions<'t>(x: &HeadInput<'t>, r0: usize, r1: usize) -> impl Iterator<Item = usize> + 't {
         let t = x.targets;
@@ -170,16 +178,13 @@ pub fn forward(x: HeadInput, out: &mut Logits, losses: &mut [f32], mut dxf: Opti
     }
     let g = &mut *out.gathered;
     for (r0, r1) in target_chunks(x.targets, out.rows) {
-        let m = g.gather(&x, r0, r1);
+        let m = g.logits(&x, out.buf, r0, r1);
         let lg = &mut out.buf[..m * v];
-        logits_of(lg, &g.x[..m * c], x.w, m, c, v);
         cpu::crossentropy_losses(&mut g.losses[..m], lg, &g.targets[..m], v);
-        if dxf.is_some() {
-            cpu::crossentropy_backward_rows(lg, &g.targets[..m], v, inv);
-            dx_of(&mut g.dx[..m * c], lg, x.w, m, c, v);
-        }
         g.scatter_losses(&x, r0, r1, losses);
         if let Some(dxf) = dxf.as_deref_mut() {
+            cpu::crossentropy_backward_rows(lg, &g.targets[..m], v, inv);
+            dx_of(&mut g.dx[..m * c], lg, x.w, m, c, v);
             g.scatter_dx(&x, r0, r1, dxf);
         }
     }
@@ -210,9 +215,8 @@ pub fn backward(x: HeadInput, out: &mut Logits, mut dxf: Option<&mut [f32]>, mut
     }
     let g = &mut *out.gathered;
     for (r0, r1) in target_chunks(x.targets, out.rows) {
-        let m = g.gather(&x, r0, r1);
+        let m = g.logits(&x, out.buf, r0, r1);
         let lg = &mut out.buf[..m * v];
-        logits_of(lg, &g.x[..m * c], x.w, m, c, v);
         cpu::crossentropy_backward_rows(lg, &g.targets[..m], v, inv);
         if let Some(dw) = dw.as_deref_mut() {
             dw(lg, &g.x[..m * c], m);
