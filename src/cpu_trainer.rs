@@ -475,6 +475,7 @@ pub fn eval_loss(model: &Model, acts: &mut Activations, batches: &[Batch]) -> Re
         .iter()
         .map(|b| {
             acts.set_shape(&model.config, b.b, b.t);
+            acts.segments.clone_from(&b.segments);
             Ok((model.forward(acts, &b.tokens, Some(&b.targets))?, b.n_loss))
         })
         .collect();

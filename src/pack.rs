@@ -57,37 +57,24 @@ pub fn pack_epoch(lens: &[usize], order: &[usize], max_len: usize, budget: usize
     batches
 }
 
-/// The tensors of a packed batch: tokens and targets (B, T) with T the
-/// longest row (the rest of each row is `pad_id`, ignored), and the
-/// segments, one per example, in row order.
-pub fn make_packed_batch(examples: &[TokenizedExample], packed: &PackedBatch, pad_id: u32) -> Batch {
-    let b = packed.rows.len();
-    let t = packed.rows.iter().map(|r| r.iter().map(|&i| examples[i].ids.len()).sum::<usize>()).max().unwrap_or(0);
-    let mut tokens = vec![pad_id; b * t];
-    let mut targets = vec![IGNORE; b * t];
-    let mut segments = Vec::new();
-    let mut n_loss = 0;
-    for (row, list) in packed.rows.iter().enumerate() {
-        let mut start = 0;
-        for &i in list {
-            let ex = &examples[i];
-            let at = row * t + start;
-            tokens[at..at + ex.ids.len()].copy_from_slice(&ex.ids);
-            n_loss += crate::data::write_targets(&mut targets[at..at + ex.ids.len()], ex);
-            segments.push(Segment { row, start, len: ex.ids.len() });
-            start += ex.ids.len();
-        }
+/// The tensors of a packed batch: tokens and targets (1, N), the batch's
+/// rows laid end to end, and the segments, one per example, in row order.
+/// Attention and positions follow the segments, not the rows, so on the CPU
+/// a row's end needs no padding: every one of the N positions is a real
+/// token (a (B, T) layout padded to the longest row left 19% of
+/// data/math.json's positions empty). The rows stay the packing's unit:
+/// what a kernel that attends within fixed-length rows would take.
+/// `pad_id` is unused here and kept for the padded layout's signature.
+pub fn make_packed_batch(examples: &[TokenizedExample], packed: &PackedBatch, _pad_id: u32) -> Batch {
+    let n: usize = packed.rows.iter().flatten().map(|&i| examples[i].ids.len()).sum();
+    let (mut tokens, mut targets) = (Vec::with_capacity(n), vec![IGNORE; n]);
+    let (mut segments, mut n_loss) = (Vec::new(), 0);
+    for &i in packed.rows.iter().flatten() {
+        let ex = &examples[i];
+        let start = tokens.len();
+        tokens.extend_from_slice(&ex.ids);
+        n_loss += crate::data::write_targets(&mut targets[start..start + ex.ids.len()], ex);
+        segments.push(Segment { row: 0, start, len: ex.ids.len() });
     }
-    Batch { b, t, tokens, targets, n_loss, segments }
-}
-
-/// Tokens, target tokens and padded positions of an epoch's packing.
-pub fn fill(lens: &[usize], batches: &[PackedBatch]) -> (usize, usize) {
-    let (mut real, mut cells) = (0, 0);
-    for p in batches {
-        let rows: Vec<usize> = p.rows.iter().map(|r| r.iter().map(|&i| lens[i]).sum()).collect();
-        real += rows.iter().sum::<usize>();
-        cells += rows.len() * rows.iter().max().copied().unwrap_or(0);
-    }
-    (real, cells)
+    Batch { b: 1, t: n, tokens, targets, n_loss, segments }
 }

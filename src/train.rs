@@ -215,7 +215,15 @@ fn load_data(o: &TrainOptions, tok: &Tokenizer, pack: bool) -> Result<Data> {
         bail!("{}: no training examples left", o.data.display());
     }
     let pad = eos;
-    let val = ds.val_batches(o.batch_size, pad);
+    let val = if pack {
+        // the validation loss is token-weighted, so packing leaves it as it is
+        let lens: Vec<usize> = ds.val.iter().map(|e| e.ids.len()).collect();
+        let order: Vec<usize> = (0..lens.len()).collect();
+        let packed = pack::pack_epoch(&lens, &order, o.max_seq_len, batch_budget(o, &ds));
+        packed.iter().map(|p| pack::make_packed_batch(&ds.val, p, pad)).collect()
+    } else {
+        ds.val_batches(o.batch_size, pad)
+    };
     let per_epoch = ds.batches_per_epoch(o.batch_size) as u64;
     let packed = if pack { Some(pack_epochs(o, &ds)) } else { None };
     let micro = match &packed {
@@ -267,24 +275,27 @@ impl Data {
     }
 }
 
+/// Tokens per packed batch: --batch-tokens, or --batch-size times the mean
+/// training example's length.
+fn batch_budget(o: &TrainOptions, ds: &Dataset) -> usize {
+    let tokens: usize = ds.train.iter().map(|e| e.ids.len()).sum();
+    o.batch_tokens.unwrap_or(o.batch_size * tokens.div_ceil(ds.train.len().max(1))).max(1)
+}
+
 /// Every epoch's packing (pack.rs), in the seed's orders, and a line on it.
 fn pack_epochs(o: &TrainOptions, ds: &Dataset) -> (Vec<Vec<PackedBatch>>, Vec<u64>) {
     let lens: Vec<usize> = ds.train.iter().map(|e| e.ids.len()).collect();
-    let mean = lens.iter().sum::<usize>().div_ceil(lens.len().max(1));
-    let budget = o.batch_tokens.unwrap_or(o.batch_size * mean).max(1);
+    let budget = batch_budget(o, ds);
     let (mut epochs, mut starts) = (Vec::with_capacity(o.epochs), vec![0u64]);
-    let (mut real, mut cells) = (0, 0);
     for epoch in 0..o.epochs {
         let batches = pack::pack_epoch(&lens, &ds.epoch_order(epoch, o.seed), o.max_seq_len, budget);
-        let (r, c) = pack::fill(&lens, &batches);
-        (real, cells) = (real + r, cells + c);
         starts.push(starts.last().unwrap_or(&0) + batches.len() as u64);
         epochs.push(batches);
     }
     let n = epochs.first().map_or(0, Vec::len);
     eprintln!(
-        "packed batches: --batch-tokens {budget}, {n} batches per epoch, {:.1}% of their positions real tokens (--no-pack pads instead)",
-        100.0 * real as f64 / cells.max(1) as f64
+        "packed batches: --batch-tokens {budget}, {n} batches per epoch, {:.0} tokens each on average, no padding (--no-pack pads instead)",
+        lens.iter().sum::<usize>() as f64 / n.max(1) as f64
     );
     (epochs, starts)
 }

@@ -58,7 +58,10 @@ fn a_packed_batch_equals_its_examples_one_at_a_time() {
     let batches = pack::pack_epoch(&lens, &order, 48, 1000);
     assert_eq!(batches.len(), 1);
     let packed = pack::make_packed_batch(&exs, &batches[0], 0);
-    assert!(packed.b >= 2 && packed.segments.len() == exs.len(), "{} rows", packed.b);
+    assert!(batches[0].rows.len() >= 2, "the packing fills {} rows", batches[0].rows.len());
+    // the rows end to end, no padding: every position is an example's token
+    let total: usize = lens.iter().sum();
+    assert_eq!((packed.b, packed.t, packed.segments.len()), (1, total, exs.len()));
     let (loss, grads) = loss_and_grads(&model, &packed);
 
     let (mut sum_loss, mut n) = (0.0f64, 0usize);
@@ -93,6 +96,37 @@ fn a_packed_batch_equals_its_examples_one_at_a_time() {
     );
     assert!(loss_err < 1e-6, "loss {loss} vs {want_loss}");
     assert!(worst.0 < 1e-5, "gradient of {} off by {:.2e}", worst.1, worst.0);
+}
+
+/// The validation loss as the training loop computes it (cpu_trainer::
+/// eval_loss, which must hand each batch's segments to the model) over
+/// packed batches equals the one over batches padded to their longest
+/// example: the token-weighted mean over the same targets. Run after a
+/// padded pass, so that nothing is left over from an earlier batch.
+#[test]
+fn the_validation_loss_of_packed_batches_is_the_padded_one() {
+    let dir = common::root().join("tests/reference/tiny_gqa");
+    let bin = common::scratch("packing-val-tiny-gqa").join("model.bin");
+    common::convert(&dir, &bin);
+    let ck = Checkpoint::open(&bin).unwrap();
+    let mut model = Model::new(ck.config.clone(), ck.load_weights().unwrap());
+    model.ensure_rope(48);
+    let c = model.config.clone();
+    let exs = examples(&[(23, 5), (9, 2), (31, 12), (14, 0), (7, 3), (19, 8), (40, 10), (12, 4)], c.vocab_size);
+    let padded: Vec<data::Batch> =
+        exs.chunks(3).map(|ch| data::make_batch(&ch.iter().collect::<Vec<_>>(), 0)).collect();
+    let lens: Vec<usize> = exs.iter().map(|e| e.ids.len()).collect();
+    let order: Vec<usize> = (0..exs.len()).collect();
+    let packed: Vec<data::Batch> =
+        pack::pack_epoch(&lens, &order, 48, 70).iter().map(|p| pack::make_packed_batch(&exs, p, 0)).collect();
+    // batches of one row, some longer than RoPE's table: positions must follow the examples
+    assert!(packed.len() >= 2 && packed.iter().all(|b| b.b == 1) && packed.iter().any(|b| b.t > 48));
+    let mut acts = Activations::new(&c, 1, 1);
+    let want = lift::cpu_trainer::eval_loss(&model, &mut acts, &padded).unwrap();
+    let got = lift::cpu_trainer::eval_loss(&model, &mut acts, &packed).unwrap();
+    let err = ((got - want) / want).abs();
+    eprintln!("validation loss packed {got} vs padded {want} (rel {err:.1e})");
+    assert!(err < 1e-6, "packed {got} vs padded {want}");
 }
 
 /// First fit in the epoch's order, no row over the length limit, batches
