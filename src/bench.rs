@@ -462,7 +462,7 @@ fn bench_data(a: &BenchArgs, path: &std::path::Path) -> Result<serde_json::Value
         let order: Vec<usize> = (0..examples.len()).collect();
         let budget = a.batch * lens.iter().sum::<usize>().div_ceil(lens.len().max(1));
         let packed = crate::pack::pack_epoch(&lens, &order, a.seq, budget);
-        packed.iter().map(|p| crate::pack::make_packed_batch(&examples, p, eos)).collect()
+        packed.iter().map(|p| crate::pack::make_packed_batch(&examples, p)).collect()
     };
     let longest = lens.iter().copied().max().unwrap_or(1);
     let o = a.options();

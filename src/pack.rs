@@ -16,7 +16,8 @@
 //! batch's rows, a new row when none has room. The
 //! packing is a function of the order, so every epoch's is known at the
 //! start (the step count and the schedule follow from it) and a resumed
-//! run packs the same.
+//! run packs the same. The batch's tensors then lay its rows end to end
+//! (`make_packed_batch`): one row of N positions, every one a real token.
 
 use crate::data::{Batch, IGNORE, Segment, TokenizedExample};
 
@@ -64,8 +65,7 @@ pub fn pack_epoch(lens: &[usize], order: &[usize], max_len: usize, budget: usize
 /// token (a (B, T) layout padded to the longest row left 19% of
 /// data/math.json's positions empty). The rows stay the packing's unit:
 /// what a kernel that attends within fixed-length rows would take.
-/// `pad_id` is unused here and kept for the padded layout's signature.
-pub fn make_packed_batch(examples: &[TokenizedExample], packed: &PackedBatch, _pad_id: u32) -> Batch {
+pub fn make_packed_batch(examples: &[TokenizedExample], packed: &PackedBatch) -> Batch {
     let n: usize = packed.rows.iter().flatten().map(|&i| examples[i].ids.len()).sum();
     let (mut tokens, mut targets) = (Vec::with_capacity(n), vec![IGNORE; n]);
     let (mut segments, mut n_loss) = (Vec::new(), 0);

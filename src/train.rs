@@ -220,7 +220,7 @@ fn load_data(o: &TrainOptions, tok: &Tokenizer, pack: bool) -> Result<Data> {
         let lens: Vec<usize> = ds.val.iter().map(|e| e.ids.len()).collect();
         let order: Vec<usize> = (0..lens.len()).collect();
         let packed = pack::pack_epoch(&lens, &order, o.max_seq_len, batch_budget(o, &ds));
-        packed.iter().map(|p| pack::make_packed_batch(&ds.val, p, pad)).collect()
+        packed.iter().map(|p| pack::make_packed_batch(&ds.val, p)).collect()
     } else {
         ds.val_batches(o.batch_size, pad)
     };
@@ -249,7 +249,7 @@ impl Data {
             // the last step of a run may ask past the end: wrap around
             let m = m % starts.last().copied().unwrap_or(1).max(1);
             let e = starts.partition_point(|&s| s <= m) - 1;
-            return pack::make_packed_batch(&self.ds.train, &epochs[e][(m - starts[e]) as usize], self.pad);
+            return pack::make_packed_batch(&self.ds.train, &epochs[e][(m - starts[e]) as usize]);
         }
         let epoch = (m / self.per_epoch) as usize;
         if epoch != order.0 {

@@ -57,7 +57,7 @@ fn a_packed_batch_equals_its_examples_one_at_a_time() {
     let order: Vec<usize> = (0..exs.len()).collect();
     let batches = pack::pack_epoch(&lens, &order, 48, 1000);
     assert_eq!(batches.len(), 1);
-    let packed = pack::make_packed_batch(&exs, &batches[0], 0);
+    let packed = pack::make_packed_batch(&exs, &batches[0]);
     assert!(batches[0].rows.len() >= 2, "the packing fills {} rows", batches[0].rows.len());
     // the rows end to end, no padding: every position is an example's token
     let total: usize = lens.iter().sum();
@@ -118,7 +118,7 @@ fn the_validation_loss_of_packed_batches_is_the_padded_one() {
     let lens: Vec<usize> = exs.iter().map(|e| e.ids.len()).collect();
     let order: Vec<usize> = (0..exs.len()).collect();
     let packed: Vec<data::Batch> =
-        pack::pack_epoch(&lens, &order, 48, 70).iter().map(|p| pack::make_packed_batch(&exs, p, 0)).collect();
+        pack::pack_epoch(&lens, &order, 48, 70).iter().map(|p| pack::make_packed_batch(&exs, p)).collect();
     // batches of one row, some longer than RoPE's table: positions must follow the examples
     assert!(packed.len() >= 2 && packed.iter().all(|b| b.b == 1) && packed.iter().any(|b| b.t > 48));
     let mut acts = Activations::new(&c, 1, 1);
