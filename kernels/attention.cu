@@ -5,6 +5,11 @@
 //
 // Layouts as in cpu.rs: q and out are (B, T, NH, HS); k and v (B, T, KVH, HS);
 // lse and delta (B, T, NH) in f32; query head h reads kv head h / (NH / KVH).
+// A packed batch (pack.rs) gives seg0 (B, T): for each position, the position
+// in its row where its example starts (common.cuh's seg_start; null: whole
+// rows). Query t then attends to keys seg0[t] ..= t only, which is
+// cpu::attention_forward run on each example alone (model.rs); tiles wholly
+// outside a query's example are skipped.
 //
 // Work split inside a block (8 warps, 4 rows each): when scoring, lane j of
 // a warp takes key (or query) j of the staged tile, so one dot product is one
@@ -50,7 +55,8 @@ __device__ __forceinline__ void stage_rows(bf16* dst, const bf16* x, int b, int 
 // out (B, T, NH, HS) = softmax(q k^T / sqrt(HS) + causal mask) v; lse (B, T, NH).
 // grid (ceil(T / TILE), NH, B), block 256.
 extern "C" __global__ void __launch_bounds__(256) attention_forward(bf16* out, float* lse, const bf16* q, const bf16* k,
-                                                                     const bf16* v, int T, int NH, int KVH, int hs) {
+                                                                     const bf16* v, const int* seg0, int T, int NH,
+                                                                     int KVH, int hs) {
     __shared__ __align__(16) bf16 qs[TILE * LD];
     __shared__ __align__(16) bf16 ks[TILE * LD];
     __shared__ __align__(16) bf16 vs[TILE * LD];
@@ -68,20 +74,22 @@ extern "C" __global__ void __launch_bounds__(256) attention_forward(bf16* out, f
 #pragma unroll
         for (int e = 0; e < EPL; e++) o[r][e] = 0.0f;
     }
-    int last = min(t0 + TILE, T) - 1; // the last query of this block sees keys 0..=last
-    for (int j0 = 0; j0 <= last; j0 += TILE) {
+    int last = min(t0 + TILE, T) - 1; // the last query of this block sees keys up to last
+    // (the first sees keys from seg_start(t0) on, the earliest of the block)
+    for (int j0 = seg_start(seg0, b, t0, T) / TILE * TILE; j0 <= last; j0 += TILE) {
         __syncthreads(); // the previous tile is consumed
         stage_rows(ks, k, b, j0, kvh, T, KVH, hs);
         stage_rows(vs, v, b, j0, kvh, T, KVH, hs);
         __syncthreads();
 #pragma unroll
         for (int r = 0; r < ROWS_PER_WARP; r++) {
-            int qr = warp * ROWS_PER_WARP + r, t = t0 + qr;
-            if (t >= T || j0 > t) continue; // uniform across the warp
+            int qr = warp * ROWS_PER_WARP + r, t = t0 + qr, first = seg_start(seg0, b, t, T);
+            if (t >= T || j0 > t || j0 + TILE <= first) continue; // uniform across the warp
             int j = j0 + lane;
-            float s = j <= t ? dot_row(qs + qr * LD, ks + lane * LD, hs) * scale : NEG_INF;
-            float m_new = fmaxf(m[r], warp_max(s)); // finite: key j0 <= t is always seen
-            float p = j <= t ? __expf(s - m_new) : 0.0f;
+            bool seen = j >= first && j <= t;
+            float s = seen ? dot_row(qs + qr * LD, ks + lane * LD, hs) * scale : NEG_INF;
+            float m_new = fmaxf(m[r], warp_max(s)); // finite: key max(j0, first) <= t is seen
+            float p = seen ? __expf(s - m_new) : 0.0f;
             float corr = __expf(m[r] - m_new); // 0 on the first tile (m = -inf)
             l[r] = l[r] * corr + warp_sum(p);
             int nk = min(TILE, t - j0 + 1);
@@ -129,7 +137,8 @@ extern "C" __global__ void attention_delta(float* delta, const bf16* dout, const
 // from lse. grid (ceil(T / TILE), NH, B), block 256.
 extern "C" __global__ void __launch_bounds__(256) attention_backward_dq(bf16* dq, const bf16* dout, const float* lse,
                                                                          const float* delta, const bf16* q, const bf16* k,
-                                                                         const bf16* v, int T, int NH, int KVH, int hs) {
+                                                                         const bf16* v, const int* seg0, int T, int NH,
+                                                                         int KVH, int hs) {
     __shared__ __align__(16) bf16 qs[TILE * LD];
     __shared__ __align__(16) bf16 dos[TILE * LD];
     __shared__ __align__(16) bf16 ks[TILE * LD];
@@ -152,18 +161,18 @@ extern "C" __global__ void __launch_bounds__(256) attention_backward_dq(bf16* dq
         for (int e = 0; e < EPL; e++) acc[r][e] = 0.0f;
     }
     int last = min(t0 + TILE, T) - 1;
-    for (int j0 = 0; j0 <= last; j0 += TILE) {
+    for (int j0 = seg_start(seg0, b, t0, T) / TILE * TILE; j0 <= last; j0 += TILE) {
         __syncthreads();
         stage_rows(ks, k, b, j0, kvh, T, KVH, hs);
         stage_rows(vs, v, b, j0, kvh, T, KVH, hs);
         __syncthreads();
 #pragma unroll
         for (int r = 0; r < ROWS_PER_WARP; r++) {
-            int qr = warp * ROWS_PER_WARP + r, t = t0 + qr;
-            if (t >= T || j0 > t) continue;
+            int qr = warp * ROWS_PER_WARP + r, t = t0 + qr, first = seg_start(seg0, b, t, T);
+            if (t >= T || j0 > t || j0 + TILE <= first) continue;
             int j = j0 + lane;
             float ds = 0.0f;
-            if (j <= t) {
+            if (j >= first && j <= t) {
                 float p = __expf(dot_row(qs + qr * LD, ks + lane * LD, hs) * scale - lse_r[r]);
                 ds = p * (dot_row(dos + qr * LD, vs + lane * LD, hs) - dl_r[r]);
             }
@@ -199,12 +208,14 @@ extern "C" __global__ void __launch_bounds__(256) attention_backward_dq(bf16* dq
 extern "C" __global__ void __launch_bounds__(256) attention_backward_dkdv(bf16* dk, bf16* dv, const bf16* dout,
                                                                            const float* lse, const float* delta,
                                                                            const bf16* q, const bf16* k, const bf16* v,
-                                                                           int T, int NH, int KVH, int hs) {
+                                                                           const int* seg0, int T, int NH, int KVH,
+                                                                           int hs) {
     __shared__ __align__(16) bf16 ks[TILE * LD];
     __shared__ __align__(16) bf16 vs[TILE * LD];
     __shared__ __align__(16) bf16 qs[TILE * LD];
     __shared__ __align__(16) bf16 dos[TILE * LD];
     __shared__ float lses[TILE], dels[TILE];
+    __shared__ int segs[TILE]; // the queries' segment starts
     int j0 = blockIdx.x * TILE, kvh = blockIdx.y, b = blockIdx.z;
     int group = NH / KVH;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -218,8 +229,11 @@ extern "C" __global__ void __launch_bounds__(256) attention_backward_dkdv(bf16* 
 #pragma unroll
         for (int e = 0; e < EPL; e++) adk[r][e] = adv[r][e] = 0.0f;
 
+    // Queries before j0 see none of these keys, nor do those whose segment
+    // starts after the block's last key (seg0 only grows along a row).
+    int j_last = min(j0 + TILE, T) - 1;
     for (int h = kvh * group; h < (kvh + 1) * group; h++) {
-        for (int t0 = j0; t0 < T; t0 += TILE) {
+        for (int t0 = j0; t0 < T && seg_start(seg0, b, t0, T) <= j_last; t0 += TILE) {
             __syncthreads();
             stage_rows(qs, q, b, t0, h, T, NH, hs);
             stage_rows(dos, dout, b, t0, h, T, NH, hs);
@@ -228,6 +242,7 @@ extern "C" __global__ void __launch_bounds__(256) attention_backward_dkdv(bf16* 
                 i64 row = (i64)(b * T + min(t, T - 1)) * NH + h;
                 lses[threadIdx.x] = lse[row];
                 dels[threadIdx.x] = delta[row];
+                segs[threadIdx.x] = seg_start(seg0, b, t, T);
             }
             __syncthreads();
 #pragma unroll
@@ -236,7 +251,7 @@ extern "C" __global__ void __launch_bounds__(256) attention_backward_dkdv(bf16* 
                 if (j >= T) continue;
                 int t = t0 + lane; // this lane's query
                 float p = 0.0f, ds = 0.0f;
-                if (t < T && t >= j) {
+                if (t < T && t >= j && segs[lane] <= j) {
                     p = __expf(dot_row(qs + lane * LD, ks + jr * LD, hs) * scale - lses[lane]);
                     ds = p * (dot_row(dos + lane * LD, vs + jr * LD, hs) - dels[lane]);
                 }

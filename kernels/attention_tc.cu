@@ -20,7 +20,12 @@
 // tensor cores' order, and exp is exp2 of pre-scaled values.
 //
 // Layouts as in attention.cu: q, out, dout, dq (B, T, NH, HS); k, v, dk, dv
-// (B, T, KVH, HS); lse, delta (B, T, NH) f32, lse in natural log.
+// (B, T, KVH, HS); lse, delta (B, T, NH) f32, lse in natural log. seg0
+// (B, T) as in attention.cu (packed batches: the position in its row where
+// each position's example starts; null: whole rows): the loops start at the
+// tile of the block's first segment start and stop past the last segment end
+// they can see, so a packed row costs what its examples would one by one
+// (plus the partly used tiles at their edges).
 //
 // Work split: 4 warps, each owning 16 rows of the block's 64 (query rows in
 // the forward and dq kernels, key rows in dk/dv). A thread holds rows g and
@@ -153,7 +158,7 @@ __device__ __forceinline__ void store_rows(bf16* y, const float (&acc)[HS / 8][4
 
 template <int HS>
 __device__ __forceinline__ void attention_forward_tc(bf16* out, float* lse, const bf16* q, const bf16* k,
-                                                     const bf16* v, int T, int NH, int KVH) {
+                                                     const bf16* v, const int* seg0, int T, int NH, int KVH) {
     const int BN = 64;
     __shared__ __align__(16) bf16 ks[BN * (HS + PAD)]; // the key tile (key, dim)
     __shared__ __align__(16) bf16 vt[HS * (BN + PAD)]; // the value tile transposed (dim, key)
@@ -161,6 +166,7 @@ __device__ __forceinline__ void attention_forward_tc(bf16* out, float* lse, cons
     int t0 = (gridDim.x - 1 - blockIdx.x) * TC_ROWS; // the blocks with the most keys start first
     int h = blockIdx.y, b = blockIdx.z, kvh = h / (NH / KVH);
     int ra = t0 + warp * 16 + g, rb = ra + 8; // this thread's two query rows
+    int sa = seg_start(seg0, b, ra, T), sb = seg_start(seg0, b, rb, T); // their first keys
     const float sl2 = LOG2E / sqrtf((float)HS); // the softmax scale, in log2 units
 
     u32 qa[HS / 16][4];
@@ -171,8 +177,9 @@ __device__ __forceinline__ void attention_forward_tc(bf16* out, float* lse, cons
     // running max (log2 units) and this thread's part of the running sum, rows a and b
     float ma = NEG_INF, mb = NEG_INF, la = 0.0f, lb = 0.0f;
 
-    int last = min(t0 + TC_ROWS, T) - 1; // the block's last query sees keys 0..=last
-    for (int j0 = 0; j0 <= last; j0 += BN) {
+    int last = min(t0 + TC_ROWS, T) - 1; // the block's last query sees keys up to last
+    // (its first query sees keys from seg_start(t0) on, the earliest of the block)
+    for (int j0 = seg_start(seg0, b, t0, T) / BN * BN; j0 <= last; j0 += BN) {
         __syncthreads(); // the previous tile is consumed
         stage_rows_tc<HS, BN>(ks, k, b, j0, kvh, T, KVH);
         stage_cols_tc<HS, BN>(vt, v, b, j0, kvh, T, KVH);
@@ -186,8 +193,8 @@ __device__ __forceinline__ void attention_forward_tc(bf16* out, float* lse, cons
 #pragma unroll
             for (int e = 0; e < 2; e++) {
                 int key = j0 + nt * 8 + 2 * t + e;
-                s[nt][e] = key <= ra && key < T ? s[nt][e] * sl2 : NEG_INF;
-                s[nt][2 + e] = key <= rb && key < T ? s[nt][2 + e] * sl2 : NEG_INF;
+                s[nt][e] = key >= sa && key <= ra && key < T ? s[nt][e] * sl2 : NEG_INF;
+                s[nt][2 + e] = key >= sb && key <= rb && key < T ? s[nt][2 + e] * sl2 : NEG_INF;
                 xa = fmaxf(xa, s[nt][e]);
                 xb = fmaxf(xb, s[nt][2 + e]);
             }
@@ -195,9 +202,12 @@ __device__ __forceinline__ void attention_forward_tc(bf16* out, float* lse, cons
         xa = fmaxf(xa, __shfl_xor_sync(0xffffffffu, xa, 2));
         xb = fmaxf(xb, __shfl_xor_sync(0xffffffffu, xb, 1));
         xb = fmaxf(xb, __shfl_xor_sync(0xffffffffu, xb, 2));
-        // Finite from the first tile on: key 0 is seen by every row.
+        // The new maxima are -inf while a row has seen no key yet (a packed
+        // row's tiles before its segment): subtract 0 then, so that exp2
+        // gives 0, not the NaN of -inf - -inf.
         float na = fmaxf(ma, xa), nb = fmaxf(mb, xb);
-        float ca = exp2f(ma - na), cb = exp2f(mb - nb); // 0 on the first tile
+        float ua = na == NEG_INF ? 0.0f : na, ub = nb == NEG_INF ? 0.0f : nb;
+        float ca = exp2f(ma - ua), cb = exp2f(mb - ub); // 0 on a row's first tile
         la *= ca;
         lb *= cb;
 #pragma unroll
@@ -209,10 +219,10 @@ __device__ __forceinline__ void attention_forward_tc(bf16* out, float* lse, cons
         }
 #pragma unroll
         for (int nt = 0; nt < BN / 8; nt++) {
-            s[nt][0] = exp2f(s[nt][0] - na); // masked: exp2(-inf) = 0
-            s[nt][1] = exp2f(s[nt][1] - na);
-            s[nt][2] = exp2f(s[nt][2] - nb);
-            s[nt][3] = exp2f(s[nt][3] - nb);
+            s[nt][0] = exp2f(s[nt][0] - ua); // masked: exp2(-inf) = 0
+            s[nt][1] = exp2f(s[nt][1] - ua);
+            s[nt][2] = exp2f(s[nt][2] - ub);
+            s[nt][3] = exp2f(s[nt][3] - ub);
             la += s[nt][0] + s[nt][1];
             lb += s[nt][2] + s[nt][3];
         }
@@ -239,16 +249,16 @@ __device__ __forceinline__ void attention_forward_tc(bf16* out, float* lse, cons
     }
 }
 
-extern "C" __global__ void __launch_bounds__(128) attention_forward_tc64(bf16* out, float* lse, const bf16* q,
-                                                                          const bf16* k, const bf16* v, int T, int NH,
-                                                                          int KVH) {
-    attention_forward_tc<64>(out, lse, q, k, v, T, NH, KVH);
+extern "C" __global__ void __launch_bounds__(128)
+    attention_forward_tc64(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v, const int* seg0, int T,
+        int NH, int KVH) {
+    attention_forward_tc<64>(out, lse, q, k, v, seg0, T, NH, KVH);
 }
 
-extern "C" __global__ void __launch_bounds__(128) attention_forward_tc128(bf16* out, float* lse, const bf16* q,
-                                                                           const bf16* k, const bf16* v, int T, int NH,
-                                                                           int KVH) {
-    attention_forward_tc<128>(out, lse, q, k, v, T, NH, KVH);
+extern "C" __global__ void __launch_bounds__(128)
+    attention_forward_tc128(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v, const int* seg0, int T,
+        int NH, int KVH) {
+    attention_forward_tc<128>(out, lse, q, k, v, seg0, T, NH, KVH);
 }
 
 // ----------------------------------------------------------------------------
@@ -261,7 +271,7 @@ extern "C" __global__ void __launch_bounds__(128) attention_forward_tc128(bf16* 
 template <int HS, int BN>
 __device__ __forceinline__ void attention_backward_dq_tc(bf16* dq, const bf16* dout, const float* lse,
                                                          const float* delta, const bf16* q, const bf16* k,
-                                                         const bf16* v, int T, int NH, int KVH) {
+                                                         const bf16* v, const int* seg0, int T, int NH, int KVH) {
     __shared__ __align__(16) bf16 ks[BN * (HS + PAD)]; // keys (key, dim), for S = Q K^T
     __shared__ __align__(16) bf16 kt[HS * (BN + PAD)]; // keys transposed (dim, key), for dQ = dS K
     __shared__ __align__(16) bf16 vs[BN * (HS + PAD)]; // values (key, dim), for dP = dO V^T
@@ -269,6 +279,7 @@ __device__ __forceinline__ void attention_backward_dq_tc(bf16* dq, const bf16* d
     int t0 = (gridDim.x - 1 - blockIdx.x) * TC_ROWS;
     int h = blockIdx.y, b = blockIdx.z, kvh = h / (NH / KVH);
     int ra = t0 + warp * 16 + g, rb = ra + 8;
+    int sa = seg_start(seg0, b, ra, T), sb = seg_start(seg0, b, rb, T);
     const float sl2 = LOG2E / sqrtf((float)HS);
 
     u32 qa[HS / 16][4], da[HS / 16][4];
@@ -284,7 +295,7 @@ __device__ __forceinline__ void attention_backward_dq_tc(bf16* dq, const bf16* d
     for (int dt = 0; dt < HS / 8; dt++) acc[dt][0] = acc[dt][1] = acc[dt][2] = acc[dt][3] = 0.0f;
 
     int last = min(t0 + TC_ROWS, T) - 1;
-    for (int j0 = 0; j0 <= last; j0 += BN) {
+    for (int j0 = seg_start(seg0, b, t0, T) / BN * BN; j0 <= last; j0 += BN) {
         __syncthreads();
         stage_rows_tc<HS, BN>(ks, k, b, j0, kvh, T, KVH);
         stage_cols_tc<HS, BN>(kt, k, b, j0, kvh, T, KVH);
@@ -298,8 +309,9 @@ __device__ __forceinline__ void attention_backward_dq_tc(bf16* dq, const bf16* d
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 int key = j0 + nt * 8 + 2 * t + (e & 1);
-                int row = e < 2 ? ra : rb;
-                float p = key <= row && key < T ? exp2f(s[nt][e] * sl2 - (e < 2 ? lse_a : lse_b)) : 0.0f;
+                int row = e < 2 ? ra : rb, first = e < 2 ? sa : sb;
+                bool seen = key >= first && key <= row && key < T;
+                float p = seen ? exp2f(s[nt][e] * sl2 - (e < 2 ? lse_a : lse_b)) : 0.0f;
                 s[nt][e] = p * (dp[nt][e] - (e < 2 ? del_a : del_b)); // dS
             }
         mma_p_x<HS, BN>(acc, s, kt); // dQ += dS K
@@ -307,18 +319,16 @@ __device__ __forceinline__ void attention_backward_dq_tc(bf16* dq, const bf16* d
     store_rows<HS>(dq, acc, 1.0f / sqrtf((float)HS), b, t0 + warp * 16, h, T, NH);
 }
 
-extern "C" __global__ void __launch_bounds__(128) attention_backward_dq_tc64(bf16* dq, const bf16* dout,
-                                                                              const float* lse, const float* delta,
-                                                                              const bf16* q, const bf16* k,
-                                                                              const bf16* v, int T, int NH, int KVH) {
-    attention_backward_dq_tc<64, 64>(dq, dout, lse, delta, q, k, v, T, NH, KVH);
+extern "C" __global__ void __launch_bounds__(128)
+    attention_backward_dq_tc64(bf16* dq, const bf16* dout, const float* lse, const float* delta, const bf16* q,
+        const bf16* k, const bf16* v, const int* seg0, int T, int NH, int KVH) {
+    attention_backward_dq_tc<64, 64>(dq, dout, lse, delta, q, k, v, seg0, T, NH, KVH);
 }
 
-extern "C" __global__ void __launch_bounds__(128) attention_backward_dq_tc128(bf16* dq, const bf16* dout,
-                                                                               const float* lse, const float* delta,
-                                                                               const bf16* q, const bf16* k,
-                                                                               const bf16* v, int T, int NH, int KVH) {
-    attention_backward_dq_tc<128, 32>(dq, dout, lse, delta, q, k, v, T, NH, KVH);
+extern "C" __global__ void __launch_bounds__(128)
+    attention_backward_dq_tc128(bf16* dq, const bf16* dout, const float* lse, const float* delta, const bf16* q,
+        const bf16* k, const bf16* v, const int* seg0, int T, int NH, int KVH) {
+    attention_backward_dq_tc<128, 32>(dq, dout, lse, delta, q, k, v, seg0, T, NH, KVH);
 }
 
 // ----------------------------------------------------------------------------
@@ -335,12 +345,14 @@ extern "C" __global__ void __launch_bounds__(128) attention_backward_dq_tc128(bf
 template <int HS, int BQ>
 __device__ __forceinline__ void attention_backward_dkdv_tc(bf16* dk, bf16* dv, const bf16* dout, const float* lse,
                                                            const float* delta, const bf16* q, const bf16* k,
-                                                           const bf16* v, int T, int NH, int KVH) {
+                                                           const bf16* v, const int* seg0, int T, int NH,
+                                                           int KVH) {
     __shared__ __align__(16) bf16 qs[BQ * (HS + PAD)];  // queries (query, dim), for S^T = K Q^T
     __shared__ __align__(16) bf16 qt[HS * (BQ + PAD)];  // queries transposed, for dK += dS^T Q
     __shared__ __align__(16) bf16 dos[BQ * (HS + PAD)]; // dout (query, dim), for dP^T = V dO^T
     __shared__ __align__(16) bf16 dot[HS * (BQ + PAD)]; // dout transposed, for dV += P^T dO
     __shared__ float lse_s[BQ], del_s[BQ];
+    __shared__ int seg_s[BQ]; // the queries' segment starts
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     int j0 = blockIdx.x * TC_ROWS, kvh = blockIdx.y, b = blockIdx.z, group = NH / KVH;
     int ka_ = j0 + warp * 16 + g, kb_ = ka_ + 8; // this thread's two keys
@@ -355,8 +367,11 @@ __device__ __forceinline__ void attention_backward_dkdv_tc(bf16* dk, bf16* dv, c
 #pragma unroll
         for (int e = 0; e < 4; e++) adk[dt][e] = adv[dt][e] = 0.0f;
 
+    // Queries before j0 see none of these keys, nor do those whose segment
+    // starts after the block's last key (seg0 only grows along a row).
+    int j_last = min(j0 + TC_ROWS, T) - 1;
     for (int h = kvh * group; h < (kvh + 1) * group; h++) {
-        for (int t0 = j0 / BQ * BQ; t0 < T; t0 += BQ) { // queries before j0 see none of these keys
+        for (int t0 = j0 / BQ * BQ; t0 < T && seg_start(seg0, b, t0, T) <= j_last; t0 += BQ) {
             __syncthreads();
             stage_rows_tc<HS, BQ>(qs, q, b, t0, h, T, NH);
             stage_cols_tc<HS, BQ>(qt, q, b, t0, h, T, NH);
@@ -366,6 +381,7 @@ __device__ __forceinline__ void attention_backward_dkdv_tc(bf16* dk, bf16* dv, c
                 int tq = t0 + i;
                 lse_s[i] = tq < T ? lse[(i64)(b * T + tq) * NH + h] * LOG2E : POS_INF;
                 del_s[i] = tq < T ? delta[(i64)(b * T + tq) * NH + h] : 0.0f;
+                seg_s[i] = seg_start(seg0, b, tq, T);
             }
             __syncthreads();
             float st[BQ / 8][4], dpt[BQ / 8][4];
@@ -377,7 +393,8 @@ __device__ __forceinline__ void attention_backward_dkdv_tc(bf16* dk, bf16* dv, c
                 for (int e = 0; e < 4; e++) {
                     int col = nt * 8 + 2 * t + (e & 1), tq = t0 + col;
                     int key = e < 2 ? ka_ : kb_;
-                    float p = tq >= key && tq < T && key < T ? exp2f(st[nt][e] * sl2 - lse_s[col]) : 0.0f;
+                    bool seen = tq >= key && tq < T && key < T && seg_s[col] <= key;
+                    float p = seen ? exp2f(st[nt][e] * sl2 - lse_s[col]) : 0.0f;
                     st[nt][e] = p;                         // P^T
                     dpt[nt][e] = p * (dpt[nt][e] - del_s[col]); // dS^T
                 }
@@ -389,16 +406,14 @@ __device__ __forceinline__ void attention_backward_dkdv_tc(bf16* dk, bf16* dv, c
     store_rows<HS>(dv, adv, 1.0f, b, j0 + warp * 16, kvh, T, KVH);
 }
 
-extern "C" __global__ void __launch_bounds__(128) attention_backward_dkdv_tc64(bf16* dk, bf16* dv, const bf16* dout,
-                                                                                const float* lse, const float* delta,
-                                                                                const bf16* q, const bf16* k,
-                                                                                const bf16* v, int T, int NH, int KVH) {
-    attention_backward_dkdv_tc<64, 64>(dk, dv, dout, lse, delta, q, k, v, T, NH, KVH);
+extern "C" __global__ void __launch_bounds__(128)
+    attention_backward_dkdv_tc64(bf16* dk, bf16* dv, const bf16* dout, const float* lse, const float* delta, const bf16* q,
+        const bf16* k, const bf16* v, const int* seg0, int T, int NH, int KVH) {
+    attention_backward_dkdv_tc<64, 64>(dk, dv, dout, lse, delta, q, k, v, seg0, T, NH, KVH);
 }
 
-extern "C" __global__ void __launch_bounds__(128) attention_backward_dkdv_tc128(bf16* dk, bf16* dv, const bf16* dout,
-                                                                                 const float* lse, const float* delta,
-                                                                                 const bf16* q, const bf16* k,
-                                                                                 const bf16* v, int T, int NH, int KVH) {
-    attention_backward_dkdv_tc<128, 16>(dk, dv, dout, lse, delta, q, k, v, T, NH, KVH);
+extern "C" __global__ void __launch_bounds__(128)
+    attention_backward_dkdv_tc128(bf16* dk, bf16* dv, const bf16* dout, const float* lse, const float* delta, const bf16* q,
+        const bf16* k, const bf16* v, const int* seg0, int T, int NH, int KVH) {
+    attention_backward_dkdv_tc<128, 16>(dk, dv, dout, lse, delta, q, k, v, seg0, T, NH, KVH);
 }

@@ -50,6 +50,13 @@ __device__ __forceinline__ u32x4 pack8(const float* f) {
     return u32x4{w[0], w[1], w[2], w[3]};
 }
 
+// The attention kernels' packed batches: seg0 (B, T) holds, for each
+// position, the position in its row where its example starts (attention.cu,
+// attention_tc.cu); null means whole rows. Rows past T read the last one's.
+__device__ __forceinline__ int seg_start(const int* seg0, int b, int t, int T) {
+    return seg0 ? seg0[(i64)b * T + min(t, T - 1)] : 0;
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;

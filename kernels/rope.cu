@@ -24,11 +24,13 @@ extern "C" __global__ void rope_rotate(bf16* x, const float* cos_t, const float*
     }
 }
 
-// Mirrors cpu::rope_forward_at: x (N, H, HS) rotated in place, row n by the
-// angles of its own position pos[n] (the decoding step, whose rows stand at
-// different positions). One thread per pair.
+// Mirrors cpu::rope_forward_at (sign = 1): x (N, H, HS) rotated in place,
+// row n by the angles of its own position pos[n] (the decoding step, whose
+// rows stand at different positions; a packed batch, whose examples each
+// start at position 0). sign = -1 rotates back (the packed backward pass,
+// cpu::rope_backward on each example). One thread per pair.
 extern "C" __global__ void rope_rotate_at(bf16* x, const float* cos_t, const float* sin_t, const u32* pos, int n_rows,
-                                          int h, int hs) {
+                                          int h, int hs, float sign) {
     int half = hs / 2;
     i64 total = (i64)n_rows * h * half;
     for (i64 idx = blockIdx.x * (i64)blockDim.x + threadIdx.x; idx < total; idx += (i64)gridDim.x * blockDim.x) {
@@ -36,7 +38,7 @@ extern "C" __global__ void rope_rotate_at(bf16* x, const float* cos_t, const flo
         i64 head = idx / half; // row * h + head index
         i64 p = pos[head / h];
         float c = cos_t[p * half + i];
-        float s = sin_t[p * half + i];
+        float s = sign * sin_t[p * half + i];
         bf16* a = x + head * hs;
         float x0 = bf2f(a[i]), x1 = bf2f(a[i + half]);
         a[i] = f2bf(x0 * c - x1 * s);

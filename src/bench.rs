@@ -194,7 +194,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     let json = match (crate::cuda::resolve(a.device), &a.data) {
         _ if a.generate => bench_generate(a, &c)?,
         (Device::Cuda, None) => bench_gpu(a, &c)?,
-        (_, Some(data)) => bench_data(a, data)?,
+        (_, Some(data)) => bench_data(a, data)?, // either device
         _ => bench_cpu(a, &c)?,
     };
     println!("{json}");
@@ -433,8 +433,9 @@ fn bench_cpu(a: &BenchArgs, c: &Config) -> Result<serde_json::Value> {
 }
 
 /// `--data`: one pass of LIFT training steps over real examples (the first
-/// --limit of the file, in its order), packed or padded, timed from the
-/// first step to the last (mask selection excluded, reported apart).
+/// --limit of the file, in its order), packed or padded, on either device,
+/// timed from the first step to the last (mask selection excluded, reported
+/// apart).
 fn bench_data(a: &BenchArgs, path: &std::path::Path) -> Result<serde_json::Value> {
     use crate::data::{self, Purpose};
     let Some(checkpoint) = &a.checkpoint else { bail!("--data trains a real model: give --checkpoint MODEL.bin") };
@@ -465,9 +466,18 @@ fn bench_data(a: &BenchArgs, path: &std::path::Path) -> Result<serde_json::Value
         packed.iter().map(|p| crate::pack::make_packed_batch(&examples, p)).collect()
     };
     let longest = lens.iter().copied().max().unwrap_or(1);
+    let rows = batches.iter().map(|b| b.b * b.t).max().unwrap_or(0);
     let o = a.options();
+    let gpu = match crate::cuda::resolve(a.device) {
+        Device::Cuda => Some(crate::cuda::open_with_attention(a.attention)?.0),
+        _ => None,
+    };
     let t0 = Instant::now();
-    let mut tr = CpuTrainer::start(model, &o, longest, batches.iter().map(|b| b.b * b.t).max().unwrap_or(0), None)?;
+    let mut tr: Box<dyn Trainer + '_> = match &gpu {
+        // activations for the most positions of any batch, RoPE for as many
+        Some(g) => Box::new(crate::cuda::trainer::GpuTrainer::start(g, model, &o, 1, rows.max(longest), None)?),
+        None => Box::new(CpuTrainer::start(model, &o, longest, rows, None)?),
+    };
     let mask_s = t0.elapsed().as_secs_f64();
     let t0 = Instant::now();
     for (i, b) in batches.iter().enumerate() {
@@ -482,8 +492,9 @@ fn bench_data(a: &BenchArgs, path: &std::path::Path) -> Result<serde_json::Value
         "tokens_per_s": lens.iter().sum::<usize>() as f64 / secs, "positions": positions,
         "real_tokens": lens.iter().sum::<usize>(), "steps": batches.len(), "seconds": secs, "mask_s": mask_s,
         "packed": !a.no_pack, "examples": examples.len(), "method": format!("{:?}", a.method.kind).to_lowercase(),
-        "peak_mem_bytes": peak_rss_bytes().unwrap_or(0),
-        "device": format!("cpu ({} threads)", rayon::current_num_threads()), "impl": "lift",
+        "peak_mem_bytes": match &gpu { Some(_) => crate::cuda::gpu::mem_peak() as u64, None => peak_rss_bytes().unwrap_or(0) },
+        "device": match &gpu { Some(g) => g.name.clone(), None => format!("cpu ({} threads)", rayon::current_num_threads()) },
+        "impl": "lift",
     }))
 }
 

@@ -51,12 +51,15 @@ pub fn train(o: &TrainOptions, resume: Option<&Path>, device: Device) -> Result<
     let c = p.model.config.clone();
     // The GPU, when asked for, outlives the trainer that borrows it.
     let gpu = if device == Device::Cuda { Some(crate::cuda::open_for_training()?) } else { None };
+    let rows = p.data.max_rows(o, p.step);
     let mut tr: Box<dyn Trainer + '_> = match &gpu {
-        Some(g) => Box::new(crate::cuda::trainer::GpuTrainer::start(g, p.model, o, o.batch_size, p.longest, p.saved)?),
-        None => {
-            let rows = p.data.max_rows(o, p.step);
-            Box::new(CpuTrainer::start(p.model, o, p.longest, rows, p.saved)?)
+        // (B, T) buffers: padded batches are at most (batch size, longest);
+        // a packed one is one row of up to `rows` positions
+        Some(g) => {
+            let (b, t) = if p.data.packed.is_some() { (1, rows.max(p.longest)) } else { (o.batch_size, p.longest) };
+            Box::new(crate::cuda::trainer::GpuTrainer::start(g, p.model, o, b, t, p.saved)?)
         }
+        None => Box::new(CpuTrainer::start(p.model, o, p.longest, rows, p.saved)?),
     };
     let linear_total = method::linear_values(&c);
     eprintln!(
@@ -144,14 +147,7 @@ fn prepare(o: &TrainOptions, resume: Option<&Path>, device: Device) -> Result<Pr
     // The weights are copied out; unmapping the file keeps its pages out of
     // this process's resident memory.
     drop(ck);
-    // Packed batches need the varlen attention kernels on a GPU, which do not exist yet.
-    let pack = !o.no_pack && device != Device::Cuda;
-    if !o.no_pack && device == Device::Cuda {
-        eprintln!(
-            "note: --device cuda trains on padded batches (packing needs varlen attention kernels, not written yet)"
-        );
-    }
-    let data = load_data(o, &tok, pack)?;
+    let data = load_data(o, &tok, !o.no_pack)?;
     method::check_budget(&c, &o.method)?;
     let longest = data.ds.train.iter().chain(&data.ds.val).map(|e| e.ids.len()).max().unwrap_or(1);
     let (saved, step, mask_round) = match resume {

@@ -151,3 +151,34 @@ fn packing_is_first_fit_within_the_limits() {
     }
     assert_eq!(batches, want);
 }
+
+/// What the GPU reads of a packed batch (cuda::model::packing_of): for each
+/// position, where its example starts in its row (the attention kernels
+/// attend from there to the position itself) and its place in the example
+/// (RoPE's). Written out by hand for a (2, 5) batch; a gap or an overlap,
+/// which would join two examples in the kernels, is refused.
+#[test]
+fn the_gpu_reads_each_positions_example_start_and_place() {
+    use lift::cuda::model::packing_of;
+    use lift::data::Segment;
+    let sg = |row, start, len| Segment { row, start, len };
+    let (seg0, pos) = packing_of(&[sg(0, 0, 2), sg(0, 2, 3), sg(1, 0, 1), sg(1, 1, 4)], 2, 5).unwrap();
+    assert_eq!(seg0, vec![0, 0, 2, 2, 2, 0, 1, 1, 1, 1]);
+    assert_eq!(pos, vec![0, 1, 0, 1, 2, 0, 0, 1, 2, 3]);
+    // make_packed_batch's (1, N) layout
+    let b = pack::make_packed_batch(
+        &examples(&[(3, 1), (4, 2), (2, 1)], 50),
+        &PackedBatch { rows: vec![vec![0, 1], vec![2]] },
+    );
+    let (seg0, pos) = packing_of(&b.segments, b.b, b.t).unwrap();
+    assert_eq!(seg0, vec![0, 0, 0, 3, 3, 3, 3, 7, 7]);
+    assert_eq!(pos, vec![0, 1, 2, 0, 1, 2, 3, 0, 1]);
+    for bad in [
+        vec![sg(0, 0, 2), sg(0, 3, 2), sg(1, 0, 5)], // a gap at (0, 2)
+        vec![sg(0, 0, 3), sg(0, 2, 3), sg(1, 0, 5)], // an overlap
+        vec![sg(0, 0, 5)],                           // row 1 left out
+        vec![sg(0, 0, 5), sg(1, 0, 6)],              // past the row
+    ] {
+        assert!(packing_of(&bad, 2, 5).is_err(), "{bad:?}");
+    }
+}

@@ -14,14 +14,24 @@ use crate::rng::Rng;
 
 /// The tensor-core attention kernels against the plain ones, on the GPU,
 /// on random inputs of both head sizes (forward and backward, T not a
-/// multiple of the tiles, GQA). Returns the worst relative difference over
+/// multiple of the tiles, GQA, whole rows and a packed batch). Returns the worst relative difference over
 /// every output (NaN if any output is not finite). A few milliseconds: run
 /// before the tensor-core kernels are trusted with a benchmark or training.
 pub fn self_check(g: &Gpu) -> Result<f64> {
     let before = g.attention();
     let mut rng = Rng::new(0x5e1f);
     let mut worst = 0.0f64;
-    for d in [Attn { b: 2, t: 150, nh: 4, kvh: 2, hs: 64 }, Attn { b: 1, t: 77, nh: 4, kvh: 1, hs: 128 }] {
+    // the packed batch: examples of 40, 1, 70 and 39 tokens in one row of 150
+    let packed: Vec<i32> = [(0, 40), (40, 1), (41, 70), (111, 39)]
+        .iter()
+        .flat_map(|&(start, len)| std::iter::repeat_n(start, len as usize))
+        .collect();
+    let seg0 = g.upload(&packed)?;
+    for (d, seg0) in [
+        (Attn { b: 2, t: 150, nh: 4, kvh: 2, hs: 64 }, None),
+        (Attn { b: 1, t: 77, nh: 4, kvh: 1, hs: 128 }, None),
+        (Attn { b: 1, t: 150, nh: 4, kvh: 2, hs: 64 }, Some(&seg0)),
+    ] {
         let (nq, nkv, nr) = (d.b * d.t * d.nh * d.hs, d.b * d.t * d.kvh * d.hs, d.b * d.t * d.nh);
         let (q, kk, v, dout) =
             (randv(&mut rng, nq, 1.0), randv(&mut rng, nkv, 1.0), randv(&mut rng, nkv, 1.0), randv(&mut rng, nq, 1.0));
@@ -31,13 +41,15 @@ pub fn self_check(g: &Gpu) -> Result<f64> {
             g.set_attention(a);
             let poison = |n: usize| g.upload(&vec![0xffffu16; n]);
             let (mut out, mut lse) = (poison(nq)?, g.upload(&vec![f32::NAN; nr])?);
-            launch::attention_forward(g, &mut out, &mut lse, &qb, &kb, &vb, d)?;
+            launch::attention_forward(g, &mut out, &mut lse, &qb, &kb, &vb, seg0, d)?;
             let (mut dq, mut dk, mut dv, mut delta) =
                 (g.zeros::<Bf16>(nq)?, g.zeros::<Bf16>(nkv)?, g.zeros::<Bf16>(nkv)?, g.zeros::<f32>(nr)?);
             if a == Attention::Tc {
                 (dq, dk, dv) = (poison(nq)?, poison(nkv)?, poison(nkv)?);
             }
-            launch::attention_backward(g, &mut dq, &mut dk, &mut dv, &mut delta, &db, &out, &lse, &qb, &kb, &vb, d)?;
+            launch::attention_backward(
+                g, &mut dq, &mut dk, &mut dv, &mut delta, &db, &out, &lse, &qb, &kb, &vb, seg0, d,
+            )?;
             results.push([
                 down(g, &out, nq)?,
                 g.download(&lse, nr)?,

@@ -16,10 +16,11 @@ use super::gpu::Attention;
 use super::gpu::{Bf16, Buf, Dt, Gpu};
 use super::infer::{GpuSource, Plan};
 use super::launch::{self, Attn, DecodeAttn, RopeDev};
-use super::model::GpuModel;
+use super::model::{GpuModel, packing_of};
 use super::select::{Job, SelectScratch};
 use super::trainer::GpuTrainer;
 use crate::cpu::{self, AttnDims, RopeTable};
+use crate::data::Segment;
 use crate::decode::{self, DecodeOptions, LogitSource, Scores, Strategy, Want};
 use crate::generate::CpuSource;
 use crate::model::{Activations, GradSink, Model, Param, matrix, matrix_id};
@@ -106,6 +107,7 @@ pub fn run(a: &CheckArgs) -> Result<()> {
     cholesky(&g, &mut t, &mut rng)?;
 
     whole_step(&g, &mut t, a.seed)?;
+    packed_step(&g, &mut t, a.seed)?;
     every_gradients(&g, &mut t, a.seed);
     every_method(&g, &mut t, a.seed);
 
@@ -234,8 +236,11 @@ fn rope(g: &Gpu, t: &mut Table, rng: &mut Rng) -> Result<()> {
 fn attention_plain(g: &Gpu, t: &mut Table, rng: &mut Rng) -> Result<()> {
     g.set_attention(Attention::Plain);
     for (b, tt, nh, kvh, hs) in [(1, 37, 4, 2, 32), (2, 70, 6, 2, 64), (1, 129, 2, 1, 128), (1, 50, 3, 3, 80)] {
-        check_attention(g, t, rng, Attn { b, t: tt, nh, kvh, hs }, "")?;
+        check_attention(g, t, rng, Attn { b, t: tt, nh, kvh, hs }, &[], "")?;
     }
+    // packed rows (pack.rs): examples of 1 token, across tiles, inside a tile
+    check_attention(g, t, rng, Attn { b: 1, t: 100, nh: 4, kvh: 2, hs: 64 }, &[33, 1, 30, 36], "")?;
+    check_attention(g, t, rng, Attn { b: 2, t: 45, nh: 3, kvh: 1, hs: 80 }, &[45, 5, 40], "")?;
     Ok(())
 }
 
@@ -478,30 +483,63 @@ fn attention_tc(g: &Gpu, t: &mut Table, rng: &mut Rng) -> Result<()> {
         (2, 100, 4, 4, 128),
         (1, 2048, 4, 1, 64),
     ] {
-        check_attention(g, t, rng, Attn { b, t: tt, nh, kvh, hs }, "_tc")?;
+        check_attention(g, t, rng, Attn { b, t: tt, nh, kvh, hs }, &[], "_tc")?;
     }
+    // packed rows, the second of training's shape (a packed step's one row)
+    check_attention(g, t, rng, Attn { b: 2, t: 130, nh: 2, kvh: 1, hs: 128 }, &[64, 66, 3, 100, 27], "_tc")?;
+    check_attention(g, t, rng, Attn { b: 1, t: 2048, nh: 4, kvh: 1, hs: 64 }, &[300, 1, 511, 700, 536], "_tc")?;
     Ok(())
+}
+
+/// Segments of the given lengths laid over (B, T) rows in order (empty:
+/// one per row), as pack.rs lays a packed batch's examples.
+fn segments_of(lens: &[usize], b: usize, t: usize) -> Vec<Segment> {
+    if lens.is_empty() {
+        return (0..b).map(|row| Segment { row, start: 0, len: t }).collect();
+    }
+    let mut at = 0;
+    lens.iter()
+        .map(|&len| {
+            let sg = Segment { row: at / t, start: at % t, len };
+            at += len;
+            sg
+        })
+        .collect()
 }
 
 /// attention_forward and attention_backward with the kernels selected on
 /// `g` against cpu::attention_forward / attention_backward on random inputs
-/// of shape `d`. The tensor-core kernels overwrite their outputs, so those
+/// of shape `d`, over whole rows or, packed, over examples of lengths
+/// `packed` laid end to end (the CPU then runs each example alone, as
+/// model.rs does). The tensor-core kernels overwrite their outputs, so those
 /// are poisoned (NaN) first and an unwritten element fails; the plain ones
 /// accumulate into zeros.
-fn check_attention(g: &Gpu, t: &mut Table, rng: &mut Rng, d: Attn, tag: &str) -> Result<()> {
+fn check_attention(g: &Gpu, t: &mut Table, rng: &mut Rng, d: Attn, packed: &[usize], tag: &str) -> Result<()> {
     let Attn { b, t: tt, nh, kvh, hs } = d;
-    let dims = AttnDims { b, tq: tt, tk: tt, tcap: tt, nh, kvh, hs };
     let (nq, nkv, nr) = (b * tt * nh * hs, b * tt * kvh * hs, b * tt * nh);
+    let segments = segments_of(packed, b, tt);
+    let seg0 = if packed.is_empty() { None } else { Some(g.upload(&packing_of(&segments, b, tt)?.0)?) };
+    // (start position, length) of each sequence the CPU attends over, and its dims
+    let seqs: Vec<(usize, AttnDims)> = segments
+        .iter()
+        .map(|sg| (sg.row * tt + sg.start, AttnDims { b: 1, tq: sg.len, tk: sg.len, tcap: sg.len, nh, kvh, hs }))
+        .collect();
+    let (qd, kvd) = (nh * hs, kvh * hs);
     let (q, kk, v) = (randv(rng, nq, 1.0), randv(rng, nkv, 1.0), randv(rng, nkv, 1.0));
     let (qb, kb, vb) = (upb(g, &q)?, upb(g, &kk)?, upb(g, &v)?);
     let overwrite = !launch::attention_accumulates(g, d);
     let out_buf =
         |n: usize| -> Result<Buf<Bf16>> { if overwrite { g.upload(&vec![0xffffu16; n]) } else { g.zeros::<Bf16>(n) } };
     let (mut out, mut lse) = (out_buf(nq)?, g.upload(&vec![f32::NAN; nr])?);
-    launch::attention_forward(g, &mut out, &mut lse, &qb, &kb, &vb, d)?;
+    launch::attention_forward(g, &mut out, &mut lse, &qb, &kb, &vb, seg0.as_ref(), d)?;
     let (mut r, mut rl) = (vec![0.0; nq], vec![0.0; nr]);
-    cpu::attention_forward(&mut r, &mut rl, &q, &kk, &v, dims, None);
-    let name = format!("(B={b}, T={tt}, NH={nh}, KVH={kvh}, HS={hs})");
+    for &(at, sd) in &seqs {
+        let (rq, rkv, rh) = (at * qd..(at + sd.tq) * qd, at * kvd..(at + sd.tq) * kvd, at * nh..(at + sd.tq) * nh);
+        let (kk, v) = (&kk[rkv.clone()], &v[rkv]);
+        cpu::attention_forward(&mut r[rq.clone()], &mut rl[rh], &q[rq], kk, v, sd, None);
+    }
+    let packed_tag = if packed.is_empty() { String::new() } else { format!(", {} packed", packed.len()) };
+    let name = format!("(B={b}, T={tt}, NH={nh}, KVH={kvh}, HS={hs}{packed_tag})");
     let gout = down(g, &out, nq)?;
     t.add(format!("attention_forward{tag} out {name}"), rel_err(&gout, &r), TOL);
     t.add(format!("attention_forward{tag} lse {name}"), rel_err(&g.download(&lse, nr)?, &rl), 1e-4);
@@ -519,11 +557,27 @@ fn check_attention(g: &Gpu, t: &mut Table, rng: &mut Rng, d: Attn, tag: &str) ->
         &qb,
         &kb,
         &vb,
+        seg0.as_ref(),
         d,
     )?;
     // the CPU backward gets the GPU's (bf16) forward output, as the GPU does
     let (mut rq, mut rk, mut rv, mut rd) = (vec![0.0; nq], vec![0.0; nkv], vec![0.0; nkv], vec![0.0; nr]);
-    cpu::attention_backward(&mut rq, &mut rk, &mut rv, &mut rd, &dout, &gout, &rl, &q, &kk, &v, dims);
+    for &(at, sd) in &seqs {
+        let (qr, kvr, hr) = (at * qd..(at + sd.tq) * qd, at * kvd..(at + sd.tq) * kvd, at * nh..(at + sd.tq) * nh);
+        cpu::attention_backward(
+            &mut rq[qr.clone()],
+            &mut rk[kvr.clone()],
+            &mut rv[kvr.clone()],
+            &mut rd[hr.clone()],
+            &dout[qr.clone()],
+            &gout[qr.clone()],
+            &rl[hr],
+            &q[qr],
+            &kk[kvr.clone()],
+            &v[kvr],
+            sd,
+        );
+    }
     // dq and dk are judged against the scale of the attention gradients (the
     // norm of dv): with one key (T = 1) the softmax has no gradient, the exact
     // dq and dk are zero and the CPU's are rounding noise, which a relative
@@ -644,7 +698,7 @@ fn every_gradient(g: &Gpu, t: &mut Table, config: &str, seed: u64) -> Result<()>
         o.recompute = recompute;
         let mut tr = GpuTrainer::new(g, GpuModel::upload(g, &model, tt)?, &o, b, tt)?;
         tr.zero_grads()?;
-        let (loss, _, _) = tr.micro_step(b, tt, &tokens, &targets)?;
+        let (loss, _, _) = tr.micro_step(b, tt, &tokens, &targets, &[])?;
         let linear = match &tr.state {
             super::trainer::GpuState::Full { states } => {
                 states.iter().map(|s| g.download(&s.grad, s.n)).collect::<Result<_>>()?
@@ -738,7 +792,7 @@ fn method_step(g: &Gpu, t: &mut Table, m: Method, seed: u64) -> Result<()> {
         t.add(format!("{m:?} step: masks equal the CPU's ({same} of {})", gm.len()), (gm.len() - same) as f64, 0.0);
     }
     gpu.zero_grads()?;
-    let (gloss, _, _) = gpu.micro_step(b, tt, &tokens, &targets)?;
+    let (gloss, _, _) = gpu.micro_step(b, tt, &tokens, &targets, &[])?;
     t.add(format!("{m:?} step: loss"), rel_err(&[gloss], &[closs]), 5e-3);
     let ggrads = gpu.linear_grads()?;
     let cgrads = cpu.linear_grads();
@@ -807,7 +861,7 @@ fn whole_step(g: &Gpu, t: &mut Table, seed: u64) -> Result<()> {
     let targets: Vec<i32> =
         (0..b * tt).map(|i| if i % 7 == 0 { -100 } else { rng.below(c.vocab_size) as i32 }).collect();
     tr.zero_grads()?;
-    let (gloss, _, _) = tr.micro_step(b, tt, &tokens, &targets)?;
+    let (gloss, _, _) = tr.micro_step(b, tt, &tokens, &targets, &[])?;
     let mut acts = Activations::new(&c, b, tt);
     let closs = model.forward(&mut acts, &tokens, Some(&targets))?;
     t.add("LIFT step: loss".into(), rel_err(&[gloss], &[closs]), 5e-3);
@@ -870,6 +924,49 @@ fn whole_step(g: &Gpu, t: &mut Table, seed: u64) -> Result<()> {
             a.iter().zip(bw).enumerate().filter(|(i, (x, y))| !sel.contains(&(*i as u32)) && **x != bf(**y)).count();
     }
     t.add("LIFT step: unselected entries changed".into(), changed_outside as f64, 0.0);
+    Ok(())
+}
+
+/// A LIFT micro-step on a packed batch (pack.rs's layout: examples of 61,
+/// 1, 17, 90 and 33 tokens end to end in one row, RoPE from 0 in each, no
+/// attention across them) against the CPU's on the same batch: the loss
+/// and every selected gradient, with the GPU's masks on both. (On the CPU
+/// the same batch read as one sequence has a loss only 0.4% away but
+/// gradients 115% away: the gradient row is the one that tells.)
+fn packed_step(g: &Gpu, t: &mut Table, seed: u64) -> Result<()> {
+    let c = crate::init::named_config("small")?;
+    let mut w = crate::init::random_weights(&c, seed);
+    for p in Param::all(&c) {
+        w.get_mut(p).iter_mut().for_each(|x| *x = bf(*x));
+    }
+    let lens = [61, 1, 17, 90, 33];
+    let n: usize = lens.iter().sum();
+    let segments = segments_of(&lens, 1, n);
+    let mut model = Model::new(c.clone(), w);
+    model.ensure_rope(n);
+    let opts = TrainOptions { batch_size: 1, max_seq_len: 128, ..check_options(seed) };
+    let mut tr = GpuTrainer::new(g, GpuModel::upload(g, &model, n)?, &opts, 1, n)?;
+    let masks = tr.masks()?;
+    let mut rng = Rng::new(seed ^ 11);
+    let tokens: Vec<u32> = (0..n).map(|_| rng.below(c.vocab_size) as u32).collect();
+    let targets: Vec<i32> = (0..n).map(|i| if i % 5 == 0 { -100 } else { rng.below(c.vocab_size) as i32 }).collect();
+    tr.zero_grads()?;
+    let (gloss, _, _) = tr.micro_step(1, n, &tokens, &targets, &segments)?;
+    let mut acts = Activations::new(&c, 1, n);
+    acts.segments = segments;
+    let closs = model.forward(&mut acts, &tokens, Some(&targets))?;
+    let name = format!("packed LIFT step ({} examples in one row of {n})", lens.len());
+    t.add(format!("{name}: loss"), rel_err(&[gloss], &[closs]), 5e-3);
+    let mut sink = MaskSink { masks: &masks, acc: masks.iter().map(|m| vec![0.0; m.len()]).collect() };
+    model.backward(&mut acts, &mut sink);
+    let ggrads: Vec<Vec<f32>> = match &tr.state {
+        super::trainer::GpuState::Sparse { states, .. } => {
+            states.iter().map(|s| g.download(&s.acc, s.k)).collect::<Result<_>>()?
+        }
+        _ => bail!("LIFT state expected"),
+    };
+    let flat = |v: &[Vec<f32>]| v.iter().flatten().copied().collect::<Vec<f32>>();
+    t.add(format!("{name}: selected gradients"), rel_err(&flat(&ggrads), &flat(&sink.acc)), 3e-2);
     Ok(())
 }
 
@@ -959,11 +1056,28 @@ fn rope_at(g: &Gpu, t: &mut Table, rng: &mut Rng) -> Result<()> {
     let x = randv(rng, n * h * hs, 1.0);
     let mut xb = upb(g, &x)?;
     let pb = g.upload(&pos.iter().map(|&p| p as u32).collect::<Vec<u32>>())?;
-    launch::rope_rotate_at(g, &mut xb, 0, &rope, &pb, 4999, n, h, hs)?;
+    launch::rope_rotate_at(g, &mut xb, 0, &rope, &pb, 4999, n, h, hs, 1.0)?;
     let mut want = x.clone();
     cpu::rope_forward_at(&mut want, &table, &pos, h, hs);
     t.add(
         format!("rope_rotate_at (N={n}, H={h}, HS={hs}, positions up to 4999)"),
+        rel_err(&down(g, &xb, x.len())?, &want),
+        TOL,
+    );
+    // sign -1 (a packed batch's backward): each row as cpu::rope_backward
+    // rotates a sequence's row at that position
+    let mut xb = upb(g, &x)?;
+    launch::rope_rotate_at(g, &mut xb, 0, &rope, &pb, 4999, n, h, hs, -1.0)?;
+    let mut want = x.clone();
+    for (row, &p) in pos.iter().enumerate() {
+        // a sequence of p + 1 rows whose last is this one, zeros before it
+        let mut seq = vec![0.0; (p + 1) * h * hs];
+        seq[p * h * hs..].copy_from_slice(&x[row * h * hs..(row + 1) * h * hs]);
+        cpu::rope_backward(&mut seq, &table, p + 1, h, hs);
+        want[row * h * hs..(row + 1) * h * hs].copy_from_slice(&seq[p * h * hs..]);
+    }
+    t.add(
+        format!("rope_rotate_at back (N={n}, H={h}, HS={hs}, positions up to 4999)"),
         rel_err(&down(g, &xb, x.len())?, &want),
         TOL,
     );

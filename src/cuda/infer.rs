@@ -344,7 +344,7 @@ impl GpuSource<'_> {
         launch::rope_rotate(g, &mut self.k[l], &m.rope, n, t, c.n_kv_heads, c.head_dim, 0, 1.0)?;
         let dims = Attn { b, t, nh: c.n_heads, kvh: c.n_kv_heads, hs: c.head_dim };
         g.timed("attention prefill", || {
-            launch::attention_forward(g, &mut a.att, &mut a.lse, &a.q, &self.k[l], &self.v[l], dims)
+            launch::attention_forward(g, &mut a.att, &mut a.lse, &a.q, &self.k[l], &self.v[l], None, dims)
         })
     }
 
@@ -356,8 +356,8 @@ impl GpuSource<'_> {
         let c = &m.config;
         let (top, at) = (max_len - 1, base * c.kv_dim());
         let a = &mut self.acts;
-        launch::rope_rotate_at(g, &mut a.q, 0, &m.rope, &self.pos, top, r, c.n_heads, c.head_dim)?;
-        launch::rope_rotate_at(g, &mut self.k[l], at, &m.rope, &self.pos, top, r, c.n_kv_heads, c.head_dim)?;
+        launch::rope_rotate_at(g, &mut a.q, 0, &m.rope, &self.pos, top, r, c.n_heads, c.head_dim, 1.0)?;
+        launch::rope_rotate_at(g, &mut self.k[l], at, &m.rope, &self.pos, top, r, c.n_kv_heads, c.head_dim, 1.0)?;
         let (nh, kvh, hs, stride) = (c.n_heads, c.n_kv_heads, c.head_dim, self.plan.stride());
         let dims = DecodeAttn { r, nh, kvh, hs, slots: base + r, stride, max_len };
         let splits = launch::decode_splits(&dims, TARGET_BLOCKS);

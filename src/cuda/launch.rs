@@ -221,6 +221,22 @@ fn aligned16<T>(bufs: &[&Buf<T>]) -> bool {
     bufs.iter().all(|b| b.ptr() % 16 == 0)
 }
 
+/// The kernels' seg0 argument: a packed batch's segment starts (B, T)
+/// (GpuPacking::seg0), or null for whole rows.
+fn seg0_arg(seg0: Option<&Buf<i32>>, d: &Attn) -> Arg {
+    match seg0 {
+        Some(s) => {
+            need(s, d.b * d.t, "attention seg0");
+            Ptr(s.ptr())
+        }
+        None => Ptr(0),
+    }
+}
+
+/// cpu::attention_forward over whole rows (seg0 None), or over each example
+/// of a packed batch on its own (seg0: where each position's example starts
+/// in its row, as model.rs's rope_attention_forward does segment by segment).
+#[allow(clippy::too_many_arguments)]
 pub fn attention_forward(
     g: &Gpu,
     out: &mut Buf<Bf16>,
@@ -228,6 +244,7 @@ pub fn attention_forward(
     q: &Buf<Bf16>,
     k: &Buf<Bf16>,
     v: &Buf<Bf16>,
+    seg0: Option<&Buf<i32>>,
     d: Attn,
 ) -> Result<()> {
     d.check();
@@ -237,7 +254,7 @@ pub fn attention_forward(
     need(v, d.kv_len(), "attention v");
     need(lse, d.b * d.t * d.nh, "attention lse");
     let dims = [I32(i32_of(d.t)), I32(i32_of(d.nh)), I32(i32_of(d.kvh))];
-    let mut a = vec![Ptr(out.ptr()), Ptr(lse.ptr()), Ptr(q.ptr()), Ptr(k.ptr()), Ptr(v.ptr())];
+    let mut a = vec![Ptr(out.ptr()), Ptr(lse.ptr()), Ptr(q.ptr()), Ptr(k.ptr()), Ptr(v.ptr()), seg0_arg(seg0, &d)];
     a.extend(dims.iter().copied());
     match tc_kernel(g, &d) {
         Some(hs) => {
@@ -253,9 +270,10 @@ pub fn attention_forward(
     }
 }
 
-/// cpu::attention_backward: delta, then dq (pass 1), then dk and dv (pass 2).
-/// The plain kernels add into dq, dk, dv, the tensor-core ones overwrite them
-/// (attention_accumulates).
+/// cpu::attention_backward: delta, then dq (pass 1), then dk and dv (pass 2),
+/// over whole rows or each example of a packed batch (seg0, as in
+/// attention_forward). The plain kernels add into dq, dk, dv, the
+/// tensor-core ones overwrite them (attention_accumulates).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
     g: &Gpu,
@@ -269,6 +287,7 @@ pub fn attention_backward(
     q: &Buf<Bf16>,
     k: &Buf<Bf16>,
     v: &Buf<Bf16>,
+    seg0: Option<&Buf<i32>>,
     d: Attn,
 ) -> Result<()> {
     d.check();
@@ -292,7 +311,7 @@ pub fn attention_backward(
     if tc.is_none() {
         dims.push(I32(i32_of(d.hs)));
     }
-    let inputs = [Ptr(lse.ptr()), Ptr(delta.ptr()), Ptr(q.ptr()), Ptr(k.ptr()), Ptr(v.ptr())];
+    let inputs = [Ptr(lse.ptr()), Ptr(delta.ptr()), Ptr(q.ptr()), Ptr(k.ptr()), Ptr(v.ptr()), seg0_arg(seg0, &d)];
     let mut a_dq = vec![Ptr(dq.ptr()), Ptr(dout.ptr())];
     a_dq.extend(inputs.iter().chain(&dims).copied());
     let mut a_dkdv = vec![Ptr(dk.ptr()), Ptr(dv.ptr()), Ptr(dout.ptr())];
@@ -740,7 +759,8 @@ pub fn select_write(
 
 /// rope.cu rope_rotate_at: cpu::rope_forward_at, x (N, H, HS) from address
 /// `x` (a Buf of at least N*H*HS values from there: the caller's check) at
-/// positions pos (N).
+/// positions pos (N), the largest `max_pos`; sign -1 rotates back (the
+/// backward pass of a packed batch).
 #[allow(clippy::too_many_arguments)]
 pub fn rope_rotate_at(
     g: &Gpu,
@@ -752,6 +772,7 @@ pub fn rope_rotate_at(
     n_rows: usize,
     h: usize,
     hs: usize,
+    sign: f32,
 ) -> Result<()> {
     need(x, x_off + n_rows * h * hs, "rope_rotate_at x");
     need(pos, n_rows, "rope_rotate_at pos");
@@ -769,6 +790,7 @@ pub fn rope_rotate_at(
             I32(i32_of(n_rows)),
             I32(i32_of(h)),
             I32(i32_of(hs)),
+            F32(sign),
         ],
     )
 }

@@ -12,12 +12,18 @@
 //! - with `recompute` (`--recompute`), the forward pass keeps only each
 //!   layer's input, and the backward pass runs each layer's forward again
 //!   just before its backward (one layer's activations live at a time).
+//!
+//! A packed batch (pack.rs: one row of examples end to end) goes through the
+//! same calls: `GpuActs::set_segments` writes where each position's example
+//! starts and its position in it, and RoPE and the attention kernels follow
+//! those (the CPU runs them example by example instead; same numbers).
 
 use anyhow::{Result, bail};
 use half::bf16;
 
 use super::gpu::{Bf16, Buf, Dt, Gpu};
 use super::launch::{self, Attn, RopeDev};
+use crate::data::Segment;
 use crate::model::{Config, Linear, Model, Param, Weights, matrix_id};
 
 /// bf16 bit patterns of f32 values (round to nearest even).
@@ -248,6 +254,35 @@ pub struct GpuScratch {
     pub dsc: Buf<Bf16>,   // (N, max(C, NH*HS, F)) DoRA: dout * c
 }
 
+/// A packed batch's layout on the device, for each of its N = B*T positions:
+/// where its example starts in its row (the attention kernels' seg0) and its
+/// position inside the example (RoPE's).
+pub struct GpuPacking {
+    pub seg0: Buf<i32>, // (N)
+    pub pos: Buf<u32>,  // (N)
+    /// The longest example of the batch (RoPE reaches position longest - 1).
+    pub longest: usize,
+}
+
+/// seg0 and pos (N = B*T each) of a packed batch's segments, which must
+/// cover every position of the (B, T) batch once, in order: the kernels
+/// attend from seg0 up to the position itself, so a gap would join two
+/// examples (pack.rs makes none).
+pub fn packing_of(segments: &[Segment], b: usize, t: usize) -> Result<(Vec<i32>, Vec<u32>)> {
+    let (mut seg0, mut pos) = (Vec::with_capacity(b * t), Vec::with_capacity(b * t));
+    for sg in segments {
+        if sg.len == 0 || sg.row * t + sg.start != seg0.len() || sg.start + sg.len > t {
+            bail!("packed batch: the examples must fill the ({b}, {t}) rows in order, without gaps");
+        }
+        seg0.extend(std::iter::repeat_n(sg.start as i32, sg.len));
+        pos.extend(0..sg.len as u32);
+    }
+    if seg0.len() != b * t {
+        bail!("packed batch: the examples fill {} of the ({b}, {t}) positions", seg0.len());
+    }
+    Ok((seg0, pos))
+}
+
 /// Every buffer of a forward and backward pass for batches up to (B, T).
 pub struct GpuActs {
     pub b: usize,
@@ -272,6 +307,10 @@ pub struct GpuActs {
     pub scratch: GpuScratch,
     /// Targets counted in the loss, from the last forward.
     pub n_counted: usize,
+    /// Made by the first packed batch (set_segments), for B*T = cap positions.
+    packing: Option<GpuPacking>,
+    /// Whether the current batch is packed (its layout is in `packing`).
+    packed: bool,
 }
 
 impl GpuActs {
@@ -334,6 +373,8 @@ impl GpuActs {
                 dsc: z(if dora { n * d.max(q).max(f) } else { 1 })?,
             },
             n_counted: 0,
+            packing: None,
+            packed: false,
         })
     }
 
@@ -359,7 +400,31 @@ impl GpuActs {
         }
         self.b = b;
         self.t = t;
+        self.packed = false;
         Ok(())
+    }
+
+    /// A packed batch's segments (data::Batch::segments), after set_shape:
+    /// RoPE and attention then work example by example. Empty: whole rows.
+    pub fn set_segments(&mut self, g: &Gpu, segments: &[Segment]) -> Result<()> {
+        self.packed = !segments.is_empty();
+        if !self.packed {
+            return Ok(());
+        }
+        let (seg0, pos) = packing_of(segments, self.b, self.t)?;
+        if self.packing.is_none() {
+            self.packing = Some(GpuPacking { seg0: g.zeros(self.cap)?, pos: g.zeros(self.cap)?, longest: 0 });
+        }
+        let p = self.packing.as_mut().expect("made above");
+        g.write(&mut p.seg0, 0, &seg0)?;
+        g.write(&mut p.pos, 0, &pos)?;
+        p.longest = segments.iter().map(|sg| sg.len).max().unwrap_or(0);
+        Ok(())
+    }
+
+    /// The current batch's packing, if it is packed.
+    pub fn packing(&self) -> Option<&GpuPacking> {
+        if self.packed { self.packing.as_ref() } else { None }
     }
 
     /// Which activation set layer l uses.
@@ -463,6 +528,7 @@ impl GpuModel {
         x_in: &Buf<Bf16>,
         x_out: Option<&mut Buf<Bf16>>,
         tmp: &Buf<Bf16>,
+        pk: Option<&GpuPacking>,
         b: usize,
         t: usize,
     ) -> Result<()> {
@@ -481,11 +547,11 @@ impl GpuModel {
             self.linear_forward(g, &a.k, &a.xn1, &w.wk, id(Linear::K), a.xa.get(1), n, d, kvd)?;
             self.linear_forward(g, &a.v, &a.xn1, &w.wv, id(Linear::V), a.xa.get(2), n, d, kvd)
         })?;
-        g.timed("rope", || {
-            launch::rope_rotate(g, &mut a.q, &self.rope, n, t, c.n_heads, c.head_dim, 0, 1.0)?;
-            launch::rope_rotate(g, &mut a.k, &self.rope, n, t, c.n_kv_heads, c.head_dim, 0, 1.0)
+        g.timed("rope", || self.rope_qk(g, &mut a.q, &mut a.k, pk, n, t, 1.0))?;
+        let seg0 = pk.map(|p| &p.seg0);
+        g.timed("attention fwd", || {
+            launch::attention_forward(g, &mut a.att, &mut a.lse, &a.q, &a.k, &a.v, seg0, dims)
         })?;
-        g.timed("attention fwd", || launch::attention_forward(g, &mut a.att, &mut a.lse, &a.q, &a.k, &a.v, dims))?;
         g.timed("gemm fwd", || self.linear_forward(g, tmp, &a.att, &w.wo, id(Linear::O), a.xa.get(3), n, qd, d))?;
         g.timed("residual", || launch::residual_forward(g, &mut a.x_mid, x_in, tmp, n * d))?;
         // MLP block: x_out = x_mid + down(silu(gate(x)) * up(x)).
@@ -506,6 +572,35 @@ impl GpuModel {
         Ok(())
     }
 
+    /// RoPE on q (N, NH*HS) and k (N, KVH*HS), sign 1 (forward) or -1 (the
+    /// backward pass's dq and dk): at positions 0..T of each row, or, packed,
+    /// at each position's place in its example.
+    #[allow(clippy::too_many_arguments)]
+    fn rope_qk(
+        &self,
+        g: &Gpu,
+        q: &mut Buf<Bf16>,
+        k: &mut Buf<Bf16>,
+        pk: Option<&GpuPacking>,
+        n: usize,
+        t: usize,
+        sign: f32,
+    ) -> Result<()> {
+        let c = &self.config;
+        let (nh, kvh, hs) = (c.n_heads, c.n_kv_heads, c.head_dim);
+        match pk {
+            None => {
+                launch::rope_rotate(g, q, &self.rope, n, t, nh, hs, 0, sign)?;
+                launch::rope_rotate(g, k, &self.rope, n, t, kvh, hs, 0, sign)
+            }
+            Some(p) => {
+                let top = p.longest.saturating_sub(1);
+                launch::rope_rotate_at(g, q, 0, &self.rope, &p.pos, top, n, nh, hs, sign)?;
+                launch::rope_rotate_at(g, k, 0, &self.rope, &p.pos, top, n, kvh, hs, sign)
+            }
+        }
+    }
+
     /// Model::forward on the GPU. Returns the mean cross-entropy over the
     /// counted targets (0 without targets); logits stay in `acts.logits`.
     pub fn forward(&self, g: &Gpu, acts: &mut GpuActs, tokens: &[u32], targets: Option<&[i32]>) -> Result<f32> {
@@ -513,7 +608,8 @@ impl GpuModel {
         let (b, t) = (acts.b, acts.t);
         let n = b * t;
         assert_eq!(tokens.len(), n, "forward: tokens must be (B, T)");
-        assert!(self.rope.max_pos() >= t, "forward: the RoPE table is too short");
+        let longest = acts.packing().map_or(t, |p| p.longest);
+        assert!(self.rope.max_pos() >= longest, "forward: the RoPE table is too short");
         if let Some(&bad) = tokens.iter().find(|&&id| id as usize >= c.vocab_size) {
             bail!("token id {bad} is out of range (vocab {})", c.vocab_size);
         }
@@ -527,10 +623,12 @@ impl GpuModel {
         g.write(&mut acts.targets, 0, &tg)?;
 
         g.timed("embedding", || launch::embedding_forward(g, &mut acts.x[0], &acts.tokens, &self.embed, n, d))?;
+        let pk = if acts.packed { acts.packing.as_ref() } else { None };
         for l in 0..c.n_layers {
             let slot = acts.slot(l);
             let (inputs, outputs) = acts.x.split_at_mut(l + 1);
-            self.block_forward(g, l, &mut acts.layers[slot], &inputs[l], Some(&mut outputs[0]), &acts.tmp, b, t)?;
+            let a = &mut acts.layers[slot];
+            self.block_forward(g, l, a, &inputs[l], Some(&mut outputs[0]), &acts.tmp, pk, b, t)?;
         }
         let x_final = &acts.x[c.n_layers];
         g.timed("rmsnorm", || {
@@ -580,7 +678,23 @@ impl GpuModel {
         let (d, v) = (c.dim, c.vocab_size);
         let dims = Attn { b, t, nh: c.n_heads, kvh: c.n_kv_heads, hs: c.head_dim };
         let recompute = acts.recompute;
-        let GpuActs { x, layers, xf, rstd_f, logits, tokens, targets, lse_ce, scratch: s, tmp, n_counted, .. } = acts;
+        let GpuActs {
+            x,
+            layers,
+            xf,
+            rstd_f,
+            logits,
+            tokens,
+            targets,
+            lse_ce,
+            scratch: s,
+            tmp,
+            n_counted,
+            packing,
+            packed,
+            ..
+        } = acts;
+        let pk = if *packed { packing.as_ref() } else { None };
         let inv = 1.0 / (*n_counted).max(1) as f32;
 
         // Loss and LM head: dlogits (N, V), then dxn = dlogits @ W_head;
@@ -607,11 +721,11 @@ impl GpuModel {
             let a = &mut layers[if recompute { 0 } else { l }];
             if recompute {
                 // This layer's activations again, from its kept input.
-                self.block_forward(g, l, a, x_in, None, tmp, b, t)?;
+                self.block_forward(g, l, a, x_in, None, tmp, pk, b, t)?;
             }
             let a = &*a;
             self.mlp_backward(g, l, a, s, sink, n)?;
-            self.attention_block_backward(g, l, a, x_in, s, sink, dims, zero_attn_grads)?;
+            self.attention_block_backward(g, l, a, x_in, s, sink, pk, dims, zero_attn_grads)?;
         }
         // s.dres is d(x[0]), the embedded tokens': scattered into the rows of dW_embed.
         if let Some(dw) = sink.dense(Param::Embed) {
@@ -669,6 +783,7 @@ impl GpuModel {
         x_in: &Buf<Bf16>,
         s: &mut GpuScratch,
         sink: &mut dyn GpuSink,
+        pk: Option<&GpuPacking>,
         dims: Attn,
         zero_grads: bool,
     ) -> Result<()> {
@@ -699,13 +814,11 @@ impl GpuModel {
                 &a.q,
                 &a.k,
                 &a.v,
+                pk.map(|p| &p.seg0),
                 dims,
             )
         })?;
-        g.timed("rope", || {
-            launch::rope_rotate(g, &mut s.dq, &self.rope, n, t, c.n_heads, c.head_dim, 0, -1.0)?;
-            launch::rope_rotate(g, &mut s.dk, &self.rope, n, t, c.n_kv_heads, c.head_dim, 0, -1.0)
-        })?;
+        g.timed("rope", || self.rope_qk(g, &mut s.dq, &mut s.dk, pk, n, t, -1.0))?;
         sink.linear(g, id(Linear::Q), &s.dq, &a.xn1, xa(0), n, d, qd)?;
         sink.linear(g, id(Linear::K), &s.dk, &a.xn1, xa(1), n, d, kvd)?;
         sink.linear(g, id(Linear::V), &s.dv, &a.xn1, xa(2), n, d, kvd)?;

@@ -29,7 +29,7 @@ use super::gpu::{Bf16, Buf, Dt, Gpu};
 use super::launch;
 use super::model::{GpuActs, GpuAdapter, GpuDora, GpuModel, GpuSink, to_bf16};
 use super::select::{Job, SelectScratch};
-use crate::data::{self, Batch};
+use crate::data::{self, Batch, Segment};
 use crate::formats::state::{Record, StateSource};
 use crate::lora::Adapter;
 use crate::method::{self, Magnitude, MaskPlan, MaskRule, Trainable, extra_params};
@@ -616,11 +616,20 @@ impl<'g> GpuTrainer<'g> {
         })
     }
 
-    /// Forward and backward of one micro-batch (tokens and targets (B, T)),
-    /// accumulating gradients. Returns (loss, forward ms, backward ms).
-    pub fn micro_step(&mut self, b: usize, t: usize, tokens: &[u32], targets: &[i32]) -> Result<(f32, f64, f64)> {
+    /// Forward and backward of one micro-batch (tokens and targets (B, T),
+    /// the segments of a packed one or none), accumulating gradients.
+    /// Returns (loss, forward ms, backward ms).
+    pub fn micro_step(
+        &mut self,
+        b: usize,
+        t: usize,
+        tokens: &[u32],
+        targets: &[i32],
+        segments: &[Segment],
+    ) -> Result<(f32, f64, f64)> {
         let g = self.g;
         self.acts.set_shape(b, t)?;
+        self.acts.set_segments(g, segments)?;
         let t0 = Instant::now();
         let loss = self.model.forward(g, &mut self.acts, tokens, Some(targets))?; // synchronizes (loss)
         let t1 = Instant::now();
@@ -829,11 +838,8 @@ impl Trainer for GpuTrainer<'_> {
         self.zero_grads()?;
         let mut st = StepStats::default();
         let mut loss_sum = 0.0f64;
-        if batches.iter().any(|b| !b.segments.is_empty()) {
-            bail!("packed batches need the varlen attention kernels, which the GPU does not have yet (use --no-pack)");
-        }
         for (micro, b) in batches.iter().enumerate() {
-            let (loss, f, bw) = self.micro_step(b.b, b.t, &b.tokens, &b.targets)?;
+            let (loss, f, bw) = self.micro_step(b.b, b.t, &b.tokens, &b.targets, &b.segments)?;
             if !loss.is_finite() {
                 bail!("loss is {loss} at step {t} (micro-batch {micro})");
             }
@@ -889,6 +895,7 @@ impl Trainer for GpuTrainer<'_> {
         let mut parts = Vec::with_capacity(batches.len());
         for b in batches {
             self.acts.set_shape(b.b, b.t)?;
+            self.acts.set_segments(self.g, &b.segments)?;
             parts.push((self.model.forward(self.g, &mut self.acts, &b.tokens, Some(&b.targets))?, b.n_loss));
         }
         Ok(data::mean_loss(parts))

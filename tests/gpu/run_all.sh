@@ -25,6 +25,10 @@
 #      uninterrupted run, and the same state resumed on the CPU; --recompute:
 #      peak memory of llama-3.2-1b seq 2048 with and without
 #   1c. DoRA, PiSSA, S2FT: 10 steps on the GPU and on the CPU, loss curves compared
+#   1d. packed batches (issue 12): 10 packed LIFT steps on the GPU and the CPU,
+#      loss curves compared; with SmolLM2 and math_train_3k, the real-data row
+#      (256 examples, batch 8: lift packed and --no-pack against PyTorch
+#      padding to the longest in each batch, on the same token ids)
 #   2. llama-3.2-1b, seq 2048, batch 1, LIFT: --profile with the tensor-core
 #      attention, then with the plain one; the PyTorch reference
 #   3. mask selection for every linear layer of llama-3-8b (filter rank 128),
@@ -185,6 +189,35 @@ for m in dora pissa s2ft; do
     run 60 "$m-cpu" "$BIN" train "${MB[@]}" --method $m --device cpu --threads 8 --out /tmp/liftgpu/$m-cpu
     run 20 "$m-compare" python3 "$CHECK" compare /tmp/liftgpu/$m-cpu /tmp/liftgpu/$m-gpu 2e-2 loss,lr,tokens
 done
+# 1d. Packed batches (pack.rs's one row of examples end to end, the varlen
+# attention kernels): the GPU's loss curve against the CPU's on the same batches.
+PK=("${SMALL[@]}" --method lift --max-steps 10 --val-size 8 --lr 1e-3 --warmup 0 --schedule constant
+    --eval-every 5 --save-every 0 --log-every 1 --svd randomized --filter-rank 16 --oversample 16 --power-iters 4)
+run 30 packed-gpu "$BIN" train "${PK[@]}" --device cuda --out /tmp/liftgpu/packed-gpu
+run 60 packed-cpu "$BIN" train "${PK[@]}" --device cpu --threads 8 --out /tmp/liftgpu/packed-cpu
+run 20 packed-compare python3 "$CHECK" compare /tmp/liftgpu/packed-cpu /tmp/liftgpu/packed-gpu 2e-2 loss,val_loss,lr,tokens
+MATH3K=$SUITE_DIR/math/math_train_3k.json
+if [ -f "$SMOL" ] && [ -f "$MATH3K" ]; then
+    RD=(--device cuda --checkpoint "$SMOL" --data "$MATH3K" --limit 256 --batch 8 --seq 512 --method lift)
+    run 60 real-lift-packed "$BIN" bench "${RD[@]}" --save-examples /tmp/liftgpu/real-examples.jsonl
+    run 60 real-lift-nopack "$BIN" bench "${RD[@]}" --no-pack
+    run 90 real-torch-padded python3 tests/bench/torch_lift.py --device cuda --config smollm2-135m --method lift \
+        --batch 8 --examples /tmp/liftgpu/real-examples.jsonl
+    python3 - "$RES" <<'PY' | tee -a "$RES"
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{") and '"target_tokens_per_s"' in l]
+pick = lambda impl, packed: next((r for r in reversed(rows) if r.get("impl", "lift") == impl and r.get("packed") == packed), None)
+torch = next((r for r in reversed(rows) if r.get("impl") not in (None, "lift")), None)
+print("=== real data on the GPU: LIFT, SmolLM2-135M, first 256 examples of math_train_3k, batch 8")
+for name, r in [("lift packed", pick("lift", True)), ("lift --no-pack", pick("lift", False)), ("pytorch padded", torch)]:
+    if r is None:
+        print(f"{name:16s} (no row)"); continue
+    ratio = r["examples_per_s"] / torch["examples_per_s"] if torch else float("nan")
+    print(f"{name:16s} {r['examples_per_s']:9.2f} ex/s {r['target_tokens_per_s']:10.0f} target tok/s {r['positions']:8d} positions  vs pytorch {ratio:.2f}")
+PY
+else
+    log "note: the real-data row on the GPU is skipped (needs SmolLM2 and $MATH3K)"
+fi
 # --recompute: llama-3.2-1b, seq 2048; peak memory and step time, with and without.
 RB=(--device cuda --config llama-3.2-1b --method lift --seq 2048 --batch 1 --steps 3 --warmup 1)
 run 40 bench-keep "$BIN" bench "${RB[@]}"

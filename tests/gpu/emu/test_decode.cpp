@@ -157,19 +157,26 @@ static void rope_at_case() {
             cs[(size_t)p * half + i] = std::cos(a), sn[(size_t)p * half + i] = std::sin(a);
         }
     std::vector<u32> pos = {0, 7, 299, 31, 100};
-    auto x = randb((size_t)N * H * HS, 1.0f), y = x;
-    emu::launch({2, 1, 1}, {64, 1, 1}, [&] { rope_rotate_at(y.data(), cs.data(), sn.data(), pos.data(), N, H, HS); });
-    double num = 0, den = 0;
-    for (int n = 0; n < N; n++)
-        for (int h = 0; h < H; h++)
-            for (int i = 0; i < half; i++) {
-                size_t a = ((size_t)n * H + h) * HS + i, b = a + half, t = (size_t)pos[n] * half + i;
-                double x0 = bf2f(x[a]), x1 = bf2f(x[b]);
-                double r0 = x0 * cs[t] - x1 * sn[t], r1 = x1 * cs[t] + x0 * sn[t];
-                num += std::pow(bf2f(y[a]) - r0, 2) + std::pow(bf2f(y[b]) - r1, 2);
-                den += r0 * r0 + r1 * r1;
-            }
-    row("rope_rotate_at (N=5, H=3, HS=64, positions 0..299)", std::sqrt(num / den), 1e-2);
+    // sign 1 rotates by each row's angle (forward), sign -1 by its opposite
+    // (backward: the packed batches' dq and dk)
+    for (float sign : {1.0f, -1.0f}) {
+        auto x = randb((size_t)N * H * HS, 1.0f), y = x;
+        emu::launch({2, 1, 1}, {64, 1, 1},
+                    [&] { rope_rotate_at(y.data(), cs.data(), sn.data(), pos.data(), N, H, HS, sign); });
+        double num = 0, den = 0;
+        for (int n = 0; n < N; n++)
+            for (int h = 0; h < H; h++)
+                for (int i = 0; i < half; i++) {
+                    size_t a = ((size_t)n * H + h) * HS + i, b = a + half, t = (size_t)pos[n] * half + i;
+                    double x0 = bf2f(x[a]), x1 = bf2f(x[b]), c = cs[t], s = sign * sn[t];
+                    double r0 = x0 * c - x1 * s, r1 = x1 * c + x0 * s;
+                    num += std::pow(bf2f(y[a]) - r0, 2) + std::pow(bf2f(y[b]) - r1, 2);
+                    den += r0 * r0 + r1 * r1;
+                }
+        char name[96];
+        snprintf(name, sizeof name, "rope_rotate_at (N=5, H=3, HS=64, positions 0..299, sign %+.0f)", sign);
+        row(name, std::sqrt(num / den), 1e-2);
+    }
 }
 
 static void table_cases() {
