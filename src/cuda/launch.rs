@@ -300,12 +300,15 @@ pub fn attention_backward(
     let rows_heads = d.b * d.t * d.nh;
     need(delta, rows_heads, "attention delta");
     need(lse, rows_heads, "attention lse");
-    g.launch(
-        "attention_delta",
-        ((rows_heads * 32).div_ceil(256) as u32, 1, 1),
-        256,
-        &[Ptr(delta.ptr()), Ptr(dout.ptr()), Ptr(out.ptr()), I64(rows_heads as i64), I32(i32_of(d.hs))],
-    )?;
+    // timed kernel by kernel (the profile's "attention bwd" rows)
+    g.timed("attention bwd delta", || {
+        g.launch(
+            "attention_delta",
+            ((rows_heads * 32).div_ceil(256) as u32, 1, 1),
+            256,
+            &[Ptr(delta.ptr()), Ptr(dout.ptr()), Ptr(out.ptr()), I64(rows_heads as i64), I32(i32_of(d.hs))],
+        )
+    })?;
     let mut dims = vec![I32(i32_of(d.t)), I32(i32_of(d.nh)), I32(i32_of(d.kvh))];
     let tc = tc_kernel(g, &d);
     if tc.is_none() {
@@ -328,13 +331,14 @@ pub fn attention_backward(
                 ("attention_backward_dq_tc128", "attention_backward_dkdv_tc128")
             };
             let blocks = d.t.div_ceil(TC_ROWS) as u32;
-            g.launch(n_dq, (blocks, d.nh as u32, d.b as u32), 128, &a_dq)?;
-            g.launch(n_dkdv, (blocks, d.kvh as u32, d.b as u32), 128, &a_dkdv)
+            g.timed("attention bwd dq", || g.launch(n_dq, (blocks, d.nh as u32, d.b as u32), 128, &a_dq))?;
+            g.timed("attention bwd dk dv", || g.launch(n_dkdv, (blocks, d.kvh as u32, d.b as u32), 128, &a_dkdv))
         }
         None => {
             let blocks = d.t.div_ceil(TILE) as u32;
-            g.launch("attention_backward_dq", (blocks, d.nh as u32, d.b as u32), 256, &a_dq)?;
-            g.launch("attention_backward_dkdv", (blocks, d.kvh as u32, d.b as u32), 256, &a_dkdv)
+            let (dq_grid, dkdv_grid) = ((blocks, d.nh as u32, d.b as u32), (blocks, d.kvh as u32, d.b as u32));
+            g.timed("attention bwd dq", || g.launch("attention_backward_dq", dq_grid, 256, &a_dq))?;
+            g.timed("attention bwd dk dv", || g.launch("attention_backward_dkdv", dkdv_grid, 256, &a_dkdv))
         }
     }
 }

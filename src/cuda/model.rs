@@ -801,23 +801,22 @@ impl GpuModel {
                 g.zero_range(&mut s.dv, 0, n * kvd)
             })?;
         }
-        g.timed("attention bwd", || {
-            launch::attention_backward(
-                g,
-                &mut s.dq,
-                &mut s.dk,
-                &mut s.dv,
-                &mut s.delta,
-                &s.datt,
-                &a.att,
-                &a.lse,
-                &a.q,
-                &a.k,
-                &a.v,
-                pk.map(|p| &p.seg0),
-                dims,
-            )
-        })?;
+        // (timed inside, kernel by kernel: "attention bwd delta", "... dq", "... dk dv")
+        launch::attention_backward(
+            g,
+            &mut s.dq,
+            &mut s.dk,
+            &mut s.dv,
+            &mut s.delta,
+            &s.datt,
+            &a.att,
+            &a.lse,
+            &a.q,
+            &a.k,
+            &a.v,
+            pk.map(|p| &p.seg0),
+            dims,
+        )?;
         g.timed("rope", || self.rope_qk(g, &mut s.dq, &mut s.dk, pk, n, t, -1.0))?;
         sink.linear(g, id(Linear::Q), &s.dq, &a.xn1, xa(0), n, d, qd)?;
         sink.linear(g, id(Linear::K), &s.dk, &a.xn1, xa(1), n, d, kvd)?;
