@@ -154,7 +154,9 @@ __device__ __forceinline__ void store_rows(bf16* y, const float (&acc)[HS / 8][4
 // ----------------------------------------------------------------------------
 // Forward. Mirrors cpu::attention_forward (training shapes, Tq = Tk = T), as
 // attention.cu's attention_forward does. Keys come in tiles of 64.
-// grid (ceil(T / 64), NH, B), block 128.
+// grid (NH, ceil(T / 64), B), block 128: every head's last query block (the
+// one with the most keys) is launched first, the first blocks last, so the
+// short blocks fill the tail of the launch.
 
 template <int HS>
 __device__ __forceinline__ void attention_forward_tc(bf16* out, float* lse, const bf16* q, const bf16* k,
@@ -163,8 +165,8 @@ __device__ __forceinline__ void attention_forward_tc(bf16* out, float* lse, cons
     __shared__ __align__(16) bf16 ks[BN * (HS + PAD)]; // the key tile (key, dim)
     __shared__ __align__(16) bf16 vt[HS * (BN + PAD)]; // the value tile transposed (dim, key)
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-    int t0 = (gridDim.x - 1 - blockIdx.x) * TC_ROWS; // the blocks with the most keys start first
-    int h = blockIdx.y, b = blockIdx.z, kvh = h / (NH / KVH);
+    int t0 = (gridDim.y - 1 - blockIdx.y) * TC_ROWS; // the blocks with the most keys start first
+    int h = blockIdx.x, b = blockIdx.z, kvh = h / (NH / KVH);
     int ra = t0 + warp * 16 + g, rb = ra + 8; // this thread's two query rows
     int sa = seg_start(seg0, b, ra, T), sb = seg_start(seg0, b, rb, T); // their first keys
     const float sl2 = LOG2E / sqrtf((float)HS); // the softmax scale, in log2 units
@@ -266,7 +268,8 @@ extern "C" __global__ void __launch_bounds__(128)
 // of cpu::attention_backward): dq_t = scale sum_j dS_tj k_j with
 // dS_tj = P_tj (dout_t . v_j - delta_t). Unlike the plain kernel, dq is
 // written, not accumulated. delta comes from attention.cu's attention_delta.
-// Keys in tiles of BN. grid (ceil(T / 64), NH, B), block 128.
+// Keys in tiles of BN. grid (NH, ceil(T / 64), B), block 128, the longest
+// blocks first (as the forward).
 
 template <int HS, int BN>
 __device__ __forceinline__ void attention_backward_dq_tc(bf16* dq, const bf16* dout, const float* lse,
@@ -276,8 +279,8 @@ __device__ __forceinline__ void attention_backward_dq_tc(bf16* dq, const bf16* d
     __shared__ __align__(16) bf16 kt[HS * (BN + PAD)]; // keys transposed (dim, key), for dQ = dS K
     __shared__ __align__(16) bf16 vs[BN * (HS + PAD)]; // values (key, dim), for dP = dO V^T
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-    int t0 = (gridDim.x - 1 - blockIdx.x) * TC_ROWS;
-    int h = blockIdx.y, b = blockIdx.z, kvh = h / (NH / KVH);
+    int t0 = (gridDim.y - 1 - blockIdx.y) * TC_ROWS;
+    int h = blockIdx.x, b = blockIdx.z, kvh = h / (NH / KVH);
     int ra = t0 + warp * 16 + g, rb = ra + 8;
     int sa = seg_start(seg0, b, ra, T), sb = seg_start(seg0, b, rb, T);
     const float sl2 = LOG2E / sqrtf((float)HS);
@@ -339,14 +342,41 @@ extern "C" __global__ void __launch_bounds__(128)
 // query head of its group, the query tiles of BQ rows at or after its keys,
 // computing the transposed products S^T = K Q^T and dP^T = V dO^T so that P^T
 // and dS^T come out as A fragments for dV += P^T dO and dK += dS^T Q. dk and
-// dv are written, not accumulated. grid (ceil(T / 64), KVH, B), block 128;
-// the first blocks have the most queries to walk.
+// dv are written, not accumulated.
+//
+// Two ways to split the work, the same sums:
+//   whole group (dk_part null): a block per (kv head, 64 keys) walks the
+//     queries of all the group's heads and writes dk, dv (bf16).
+//     grid (KVH, ceil(T / 64), B).
+//   per head (dk_part, dv_part (B, T, NH, HS) f32): a block per (query head,
+//     64 keys) walks that head's queries and writes its part of dk, dv;
+//     attention_dkdv_sum adds each group's parts. grid (NH, ceil(T / 64), B).
+// Per head has group-times the blocks, each with a group-th of the longest
+// walk (the whole-group blocks of the first keys walk every query of the
+// group: with 32 heads over 8 kv heads and T = 2048, 128 tiles against a
+// mean of 66), at the cost of writing and summing the parts. Either way the
+// blocks of the first keys, which have the most queries to walk, start first.
+
+// Writes the warp's 16 x HS block acc * scale to rows row0 .. of one head of
+// y (B, T, H, HS) in f32, skipping rows past T (the per-head parts of dk, dv).
+template <int HS>
+__device__ __forceinline__ void store_rows_f32(float* y, const float (&acc)[HS / 8][4], float scale, int b, int row0,
+                                               int head, int T, int H) {
+    int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    int ra = row0 + g, rb = ra + 8;
+#pragma unroll
+    for (int dt = 0; dt < HS / 8; dt++) {
+        int c = dt * 8 + 2 * t;
+        if (ra < T) *(float2*)(y + ((i64)(b * T + ra) * H + head) * HS + c) = {acc[dt][0] * scale, acc[dt][1] * scale};
+        if (rb < T) *(float2*)(y + ((i64)(b * T + rb) * H + head) * HS + c) = {acc[dt][2] * scale, acc[dt][3] * scale};
+    }
+}
 
 template <int HS, int BQ>
-__device__ __forceinline__ void attention_backward_dkdv_tc(bf16* dk, bf16* dv, const bf16* dout, const float* lse,
-                                                           const float* delta, const bf16* q, const bf16* k,
-                                                           const bf16* v, const int* seg0, int T, int NH,
-                                                           int KVH) {
+__device__ __forceinline__ void attention_backward_dkdv_tc(bf16* dk, bf16* dv, float* dk_part, float* dv_part,
+                                                           const bf16* dout, const float* lse, const float* delta,
+                                                           const bf16* q, const bf16* k, const bf16* v,
+                                                           const int* seg0, int T, int NH, int KVH) {
     __shared__ __align__(16) bf16 qs[BQ * (HS + PAD)];  // queries (query, dim), for S^T = K Q^T
     __shared__ __align__(16) bf16 qt[HS * (BQ + PAD)];  // queries transposed, for dK += dS^T Q
     __shared__ __align__(16) bf16 dos[BQ * (HS + PAD)]; // dout (query, dim), for dP^T = V dO^T
@@ -354,7 +384,11 @@ __device__ __forceinline__ void attention_backward_dkdv_tc(bf16* dk, bf16* dv, c
     __shared__ float lse_s[BQ], del_s[BQ];
     __shared__ int seg_s[BQ]; // the queries' segment starts
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-    int j0 = blockIdx.x * TC_ROWS, kvh = blockIdx.y, b = blockIdx.z, group = NH / KVH;
+    int j0 = blockIdx.y * TC_ROWS, b = blockIdx.z, group = NH / KVH;
+    bool per_head = dk_part != nullptr;
+    // the query heads this block walks: one, or the kv head's whole group
+    int h_first = per_head ? blockIdx.x : blockIdx.x * group, h_end = per_head ? h_first + 1 : h_first + group;
+    int kvh = h_first / group;
     int ka_ = j0 + warp * 16 + g, kb_ = ka_ + 8; // this thread's two keys
     const float sl2 = LOG2E / sqrtf((float)HS);
 
@@ -370,7 +404,7 @@ __device__ __forceinline__ void attention_backward_dkdv_tc(bf16* dk, bf16* dv, c
     // Queries before j0 see none of these keys, nor do those whose segment
     // starts after the block's last key (seg0 only grows along a row).
     int j_last = min(j0 + TC_ROWS, T) - 1;
-    for (int h = kvh * group; h < (kvh + 1) * group; h++) {
+    for (int h = h_first; h < h_end; h++) {
         for (int t0 = j0 / BQ * BQ; t0 < T && seg_start(seg0, b, t0, T) <= j_last; t0 += BQ) {
             __syncthreads();
             stage_rows_tc<HS, BQ>(qs, q, b, t0, h, T, NH);
@@ -402,18 +436,44 @@ __device__ __forceinline__ void attention_backward_dkdv_tc(bf16* dk, bf16* dv, c
             mma_p_x<HS, BQ>(adk, dpt, qt);  // dK += dS^T Q
         }
     }
-    store_rows<HS>(dk, adk, 1.0f / sqrtf((float)HS), b, j0 + warp * 16, kvh, T, KVH);
-    store_rows<HS>(dv, adv, 1.0f, b, j0 + warp * 16, kvh, T, KVH);
+    if (per_head) {
+        store_rows_f32<HS>(dk_part, adk, 1.0f / sqrtf((float)HS), b, j0 + warp * 16, h_first, T, NH);
+        store_rows_f32<HS>(dv_part, adv, 1.0f, b, j0 + warp * 16, h_first, T, NH);
+    } else {
+        store_rows<HS>(dk, adk, 1.0f / sqrtf((float)HS), b, j0 + warp * 16, kvh, T, KVH);
+        store_rows<HS>(dv, adv, 1.0f, b, j0 + warp * 16, kvh, T, KVH);
+    }
 }
 
 extern "C" __global__ void __launch_bounds__(128)
-    attention_backward_dkdv_tc64(bf16* dk, bf16* dv, const bf16* dout, const float* lse, const float* delta, const bf16* q,
-        const bf16* k, const bf16* v, const int* seg0, int T, int NH, int KVH) {
-    attention_backward_dkdv_tc<64, 64>(dk, dv, dout, lse, delta, q, k, v, seg0, T, NH, KVH);
+    attention_backward_dkdv_tc64(bf16* dk, bf16* dv, float* dk_part, float* dv_part, const bf16* dout, const float* lse,
+        const float* delta, const bf16* q, const bf16* k, const bf16* v, const int* seg0, int T, int NH, int KVH) {
+    attention_backward_dkdv_tc<64, 64>(dk, dv, dk_part, dv_part, dout, lse, delta, q, k, v, seg0, T, NH, KVH);
 }
 
 extern "C" __global__ void __launch_bounds__(128)
-    attention_backward_dkdv_tc128(bf16* dk, bf16* dv, const bf16* dout, const float* lse, const float* delta, const bf16* q,
-        const bf16* k, const bf16* v, const int* seg0, int T, int NH, int KVH) {
-    attention_backward_dkdv_tc<128, 16>(dk, dv, dout, lse, delta, q, k, v, seg0, T, NH, KVH);
+    attention_backward_dkdv_tc128(bf16* dk, bf16* dv, float* dk_part, float* dv_part, const bf16* dout, const float* lse,
+        const float* delta, const bf16* q, const bf16* k, const bf16* v, const int* seg0, int T, int NH, int KVH) {
+    attention_backward_dkdv_tc<128, 16>(dk, dv, dk_part, dv_part, dout, lse, delta, q, k, v, seg0, T, NH, KVH);
+}
+
+// dk, dv (B, T, KVH, HS) = the sums of the per-head parts (B, T, NH, HS) over
+// each kv head's group (attention_backward_dkdv_tc's per-head split), in
+// head order. One thread per output value, grid-stride.
+extern "C" __global__ void attention_dkdv_sum(bf16* dk, bf16* dv, const float* dk_part, const float* dv_part, i64 rows,
+                                              int NH, int KVH, int HS) {
+    int group = NH / KVH;
+    i64 total = rows * KVH * HS;
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < total; i += (i64)gridDim.x * blockDim.x) {
+        i64 row = i / ((i64)KVH * HS);
+        int kvh = (int)(i / HS % KVH), d = (int)(i % HS);
+        const float *pk = dk_part + (row * NH + kvh * group) * HS + d, *pv = dv_part + (row * NH + kvh * group) * HS + d;
+        float sk = 0.0f, sv = 0.0f;
+        for (int h = 0; h < group; h++) {
+            sk += pk[(i64)h * HS];
+            sv += pv[(i64)h * HS];
+        }
+        dk[i] = f2bf(sk);
+        dv[i] = f2bf(sv);
+    }
 }

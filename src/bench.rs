@@ -357,6 +357,7 @@ fn bench_gpu(a: &BenchArgs, c: &Config) -> Result<serde_json::Value> {
     };
     let mut json = report(a, c, t, tr.mask_s, gpu::mem_peak() as u64, &g.name, peak_flops(&g.name));
     json["attention"] = serde_json::json!(format!("{attention:?}").to_lowercase());
+    json["dkdv"] = serde_json::json!(if g.dkdv_per_head() { "per head" } else { "group" });
     if let Some(p) = profile {
         json["profile"] = p;
     }

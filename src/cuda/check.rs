@@ -488,6 +488,14 @@ fn attention_tc(g: &Gpu, t: &mut Table, rng: &mut Rng) -> Result<()> {
     // packed rows, the second of training's shape (a packed step's one row)
     check_attention(g, t, rng, Attn { b: 2, t: 130, nh: 2, kvh: 1, hs: 128 }, &[64, 66, 3, 100, 27], "_tc")?;
     check_attention(g, t, rng, Attn { b: 1, t: 2048, nh: 4, kvh: 1, hs: 64 }, &[300, 1, 511, 700, 536], "_tc")?;
+    // the dk/dv kernel's other split of a group's heads (per head is the
+    // default, LIFT_DKDV=group the other)
+    let per_head = g.dkdv_per_head();
+    g.set_dkdv_per_head(!per_head);
+    let tag = if per_head { "_tc group" } else { "_tc per head" };
+    check_attention(g, t, rng, Attn { b: 2, t: 70, nh: 6, kvh: 2, hs: 64 }, &[], tag)?;
+    check_attention(g, t, rng, Attn { b: 2, t: 130, nh: 4, kvh: 1, hs: 128 }, &[64, 66, 3, 100, 27], tag)?;
+    g.set_dkdv_per_head(per_head);
     Ok(())
 }
 

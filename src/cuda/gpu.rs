@@ -175,6 +175,13 @@ pub struct Gpu {
     attention: Cell<Attention>,
     /// `Some` while op timing is on (`lift bench --profile`).
     profile: RefCell<Option<Profiler>>,
+    /// Whether the tensor-core dk/dv kernel splits a kv head's group into
+    /// one block per query head (attention_tc.cu), the default, or walks
+    /// the whole group in one block (LIFT_DKDV=group; for comparisons).
+    dkdv_per_head: Cell<bool>,
+    /// The per-head parts of dk and dv for that split (f32), made on first
+    /// use and grown for larger shapes.
+    attention_parts: RefCell<Option<(Buf<f32>, Buf<f32>)>>,
 }
 
 /// Op timing with CUDA events: `Gpu::timed` records an event before and after
@@ -235,6 +242,7 @@ impl Gpu {
             Ok("plain") => Attention::Plain,
             _ => Attention::Tc,
         };
+        let dkdv_per_head = std::env::var("LIFT_DKDV").as_deref() != Ok("group");
         Ok(Gpu {
             ctx,
             stream,
@@ -245,7 +253,32 @@ impl Gpu {
             compile_s,
             attention: Cell::new(attention),
             profile: RefCell::new(None),
+            dkdv_per_head: Cell::new(dkdv_per_head),
+            attention_parts: RefCell::new(None),
         })
+    }
+
+    /// Whether the tensor-core dk/dv kernel runs one block per query head.
+    pub fn dkdv_per_head(&self) -> bool {
+        self.dkdv_per_head.get()
+    }
+
+    /// Sets how the tensor-core dk/dv kernel splits its work (gpu-check runs both).
+    pub fn set_dkdv_per_head(&self, per_head: bool) {
+        self.dkdv_per_head.set(per_head);
+    }
+
+    /// Device addresses of two f32 buffers of at least n values each, the
+    /// per-head parts of dk and dv: made on first use, remade larger when a
+    /// shape needs more, else reused (their contents are scratch).
+    pub fn attention_parts(&self, n: usize) -> Result<(u64, u64)> {
+        let mut parts = self.attention_parts.borrow_mut();
+        if parts.as_ref().is_none_or(|(k, _)| k.len() < n) {
+            *parts = None; // the old pair goes first
+            *parts = Some((self.zeros(n)?, self.zeros(n)?));
+        }
+        let (k, v) = parts.as_ref().expect("made above");
+        Ok((k.ptr(), v.ptr()))
     }
 
     /// The attention kernels in use (Tc or Plain).

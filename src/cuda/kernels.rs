@@ -56,6 +56,7 @@ pub const FILES: &[KernelFile] = &[
             "attention_backward_dq_tc128",
             "attention_backward_dkdv_tc64",
             "attention_backward_dkdv_tc128",
+            "attention_dkdv_sum",
         ],
         mma: true,
     },

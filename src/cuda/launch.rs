@@ -261,7 +261,8 @@ pub fn attention_forward(
             // 16-byte loads of rows of q, k, v
             assert!(aligned16(&[&*out, q, k, v]), "attention_forward_tc: buffers must be 16-byte aligned");
             let name = if hs == "64" { "attention_forward_tc64" } else { "attention_forward_tc128" };
-            g.launch(name, (d.t.div_ceil(TC_ROWS) as u32, d.nh as u32, d.b as u32), 128, &a)
+            // (heads, query blocks, B): the longest blocks first (attention_tc.cu)
+            g.launch(name, (d.nh as u32, d.t.div_ceil(TC_ROWS) as u32, d.b as u32), 128, &a)
         }
         None => {
             a.push(I32(i32_of(d.hs)));
@@ -317,8 +318,6 @@ pub fn attention_backward(
     let inputs = [Ptr(lse.ptr()), Ptr(delta.ptr()), Ptr(q.ptr()), Ptr(k.ptr()), Ptr(v.ptr()), seg0_arg(seg0, &d)];
     let mut a_dq = vec![Ptr(dq.ptr()), Ptr(dout.ptr())];
     a_dq.extend(inputs.iter().chain(&dims).copied());
-    let mut a_dkdv = vec![Ptr(dk.ptr()), Ptr(dv.ptr()), Ptr(dout.ptr())];
-    a_dkdv.extend(inputs.iter().chain(&dims).copied());
     match tc {
         Some(hs) => {
             assert!(
@@ -330,11 +329,37 @@ pub fn attention_backward(
             } else {
                 ("attention_backward_dq_tc128", "attention_backward_dkdv_tc128")
             };
-            let blocks = d.t.div_ceil(TC_ROWS) as u32;
-            g.timed("attention bwd dq", || g.launch(n_dq, (blocks, d.nh as u32, d.b as u32), 128, &a_dq))?;
-            g.timed("attention bwd dk dv", || g.launch(n_dkdv, (blocks, d.kvh as u32, d.b as u32), 128, &a_dkdv))
+            // (heads, query or key blocks, B): see attention_tc.cu for the order
+            let tiles = d.t.div_ceil(TC_ROWS) as u32;
+            g.timed("attention bwd dq", || g.launch(n_dq, (d.nh as u32, tiles, d.b as u32), 128, &a_dq))?;
+            if d.nh > d.kvh && g.dkdv_per_head() {
+                // a block per query head, its parts summed over each group
+                let (pk, pv) = g.attention_parts(d.q_len())?;
+                let mut a = vec![Ptr(dk.ptr()), Ptr(dv.ptr()), Ptr(pk), Ptr(pv), Ptr(dout.ptr())];
+                a.extend(inputs.iter().chain(&dims).copied());
+                g.timed("attention bwd dk dv", || g.launch(n_dkdv, (d.nh as u32, tiles, d.b as u32), 128, &a))?;
+                let sum = [
+                    Ptr(dk.ptr()),
+                    Ptr(dv.ptr()),
+                    Ptr(pk),
+                    Ptr(pv),
+                    I64((d.b * d.t) as i64),
+                    I32(i32_of(d.nh)),
+                    I32(i32_of(d.kvh)),
+                    I32(i32_of(d.hs)),
+                ];
+                g.timed("attention bwd dk dv sum", || {
+                    g.launch("attention_dkdv_sum", (blocks(d.kv_len()), 1, 1), 256, &sum)
+                })
+            } else {
+                let mut a = vec![Ptr(dk.ptr()), Ptr(dv.ptr()), Ptr(0), Ptr(0), Ptr(dout.ptr())];
+                a.extend(inputs.iter().chain(&dims).copied());
+                g.timed("attention bwd dk dv", || g.launch(n_dkdv, (d.kvh as u32, tiles, d.b as u32), 128, &a))
+            }
         }
         None => {
+            let mut a_dkdv = vec![Ptr(dk.ptr()), Ptr(dv.ptr()), Ptr(dout.ptr())];
+            a_dkdv.extend(inputs.iter().chain(&dims).copied());
             let blocks = d.t.div_ceil(TILE) as u32;
             let (dq_grid, dkdv_grid) = ((blocks, d.nh as u32, d.b as u32), (blocks, d.kvh as u32, d.b as u32));
             g.timed("attention bwd dq", || g.launch("attention_backward_dq", dq_grid, 256, &a_dq))?;

@@ -30,7 +30,8 @@
 #      (256 examples, batch 8: lift packed and --no-pack against PyTorch
 #      padding to the longest in each batch, on the same token ids)
 #   2. llama-3.2-1b, seq 2048, batch 1, LIFT: --profile with the tensor-core
-#      attention, then with the plain one; the PyTorch reference
+#      attention, then with the plain one, then tensor-core with the dk/dv
+#      kernel's whole-group split (LIFT_DKDV=group); the PyTorch reference
 #   3. mask selection for every linear layer of llama-3-8b (filter rank 128),
 #      on weights made on the GPU, --profile, sketch products in f32 and TF32
 #   4. 50-step LIFT run of a small model, GPU vs CPU loss curves
@@ -228,6 +229,9 @@ run 10 recompute-memory python3 "$CHECK" recompute "$RES"
 B=(--config llama-3.2-1b --seq 2048 --batch 1 --steps 5 --warmup 2)
 run 60 bench-lift "$BIN" bench --device cuda --method lift --attention tc --profile "${B[@]}"
 run 60 bench-lift-plain "$BIN" bench --device cuda --method lift --attention plain --profile "${B[@]}"
+# the tensor-core dk/dv kernel walking a kv head's whole group per block (the
+# split before 2026-12-08) against the default, a block per query head
+run 60 bench-lift-dkdv-group env LIFT_DKDV=group "$BIN" bench --device cuda --method lift --attention tc --profile "${B[@]}"
 run 100 bench-torch-lift python3 tests/bench/torch_lift.py --device cuda --method lift "${B[@]}"
 
 # 3. Mask selection of every linear layer of Llama-3-8B (224 matrices).
@@ -261,12 +265,18 @@ import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
 # (--recompute's rows are compared in stage 1b; the profiled run is the lift row here)
 b = {(r.get("impl"), r.get("method"), r.get("attention", "-")): r for r in rows
-     if r.get("config") == "llama-3.2-1b" and not r.get("recompute") and (r.get("method") != "lift" or r.get("impl") != "lift" or "profile" in r)}
+     if r.get("config") == "llama-3.2-1b" and not r.get("recompute") and r.get("dkdv") != "group"
+     and (r.get("method") != "lift" or r.get("impl") != "lift" or "profile" in r)}
+group = next((r for r in rows if r.get("config") == "llama-3.2-1b" and r.get("dkdv") == "group"), None)
 get = lambda impl, method, att=None: next((r for k, r in b.items() if k[0] == impl and k[1] == method and (att is None or k[2] == att)), None)
 lift, lift_plain, lora, torch = get("lift", "lift", "tc") or get("lift", "lift"), get("lift", "lift", "plain"), get("lift", "lora"), get("torch", "lift")
 print("=== summary")
 for k, r in sorted(b.items()):
     print(f"{k[0]:5s} {k[1]:5s} {k[2]:5s} {r['tokens_per_s']:9.0f} tok/s  step {r['step_ms']:8.1f} ms  (fwd {r['forward_ms']:.1f}, bwd {r['backward_ms']:.1f}, opt {r['optimizer_ms']:.1f})  peak {r['peak_mem_bytes']/2**30:6.2f} GiB  mfu {r['mfu']}")
+if lift and group and "profile" in lift and "profile" in group:
+    bwd = lambda r: sum(v for k, v in r["profile"].items() if k.startswith("attention bwd"))
+    print(f"attention bwd per step: {bwd(lift):.2f} ms (dk/dv per head) vs {bwd(group):.2f} ms (whole group), "
+          f"step {lift['step_ms']:.1f} vs {group['step_ms']:.1f} ms")
 if lift and torch:
     print(f"lift/torch tokens/s {lift['tokens_per_s']/torch['tokens_per_s']:.2f} (target >= 1.3); peak memory {lift['peak_mem_bytes']/torch['peak_mem_bytes']:.2f} (target <= 0.7)")
 if lift and lora:

@@ -30,6 +30,11 @@ struct dim3 {
     unsigned x = 1, y = 1, z = 1;
 };
 
+// CUDA's built-in vector type, as the kernels use it (8-byte stores).
+struct alignas(8) float2 {
+    float x, y;
+};
+
 inline thread_local dim3 threadIdx;
 inline dim3 blockIdx, blockDim, gridDim;
 

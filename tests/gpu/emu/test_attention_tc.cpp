@@ -115,7 +115,7 @@ int main() {
 
         // Kernels, outputs poisoned first.
         const bf16 POISON = 0xffff; // a NaN
-        std::vector<bf16> out(nq, POISON), dq(nq, POISON), dk(nkv, POISON), dv(nkv, POISON);
+        std::vector<bf16> out(nq, POISON), dq(nq, POISON), dk(nkv, POISON), dv(nkv, POISON), dk_head, dv_head;
         std::vector<float> lse(nr, NAN), flse(nr), fdelta(nr);
         for (size_t i = 0; i < nr; i++) {
             flse[i] = (float)rlse[i];
@@ -138,19 +138,33 @@ int main() {
                                         k.data(), v.data(), sp, T, NH, KVH, HS);
             });
         } else {
-            unsigned gx = (T + 63) / 64;
+            // grids (heads, blocks of 64 rows, B), as launch.rs gives them
+            unsigned gy = (T + 63) / 64;
             auto fwd = HS == 64 ? attention_forward_tc64 : attention_forward_tc128;
             auto bdq = HS == 64 ? attention_backward_dq_tc64 : attention_backward_dq_tc128;
             auto bdkdv = HS == 64 ? attention_backward_dkdv_tc64 : attention_backward_dkdv_tc128;
-            emu::launch({gx, (unsigned)NH, (unsigned)B}, {128, 1, 1},
+            emu::launch({(unsigned)NH, gy, (unsigned)B}, {128, 1, 1},
                         [&] { fwd(out.data(), lse.data(), q.data(), k.data(), v.data(), sp, T, NH, KVH); });
-            emu::launch({gx, (unsigned)NH, (unsigned)B}, {128, 1, 1}, [&] {
+            emu::launch({(unsigned)NH, gy, (unsigned)B}, {128, 1, 1}, [&] {
                 bdq(dq.data(), dout.data(), flse.data(), fdelta.data(), q.data(), k.data(), v.data(), sp, T, NH, KVH);
             });
-            emu::launch({gx, (unsigned)KVH, (unsigned)B}, {128, 1, 1}, [&] {
-                bdkdv(dk.data(), dv.data(), dout.data(), flse.data(), fdelta.data(), q.data(), k.data(), v.data(), sp,
-                      T, NH, KVH);
+            // dk, dv: the whole group in one block (here), then per head (below)
+            emu::launch({(unsigned)KVH, gy, (unsigned)B}, {128, 1, 1}, [&] {
+                bdkdv(dk.data(), dv.data(), nullptr, nullptr, dout.data(), flse.data(), fdelta.data(), q.data(),
+                      k.data(), v.data(), sp, T, NH, KVH);
             });
+            if (NH > KVH) {
+                std::vector<float> pk(nq, NAN), pv(nq, NAN);
+                dk_head.assign(nkv, POISON);
+                dv_head.assign(nkv, POISON);
+                emu::launch({(unsigned)NH, gy, (unsigned)B}, {128, 1, 1}, [&] {
+                    bdkdv(nullptr, nullptr, pk.data(), pv.data(), dout.data(), flse.data(), fdelta.data(), q.data(),
+                          k.data(), v.data(), sp, T, NH, KVH);
+                });
+                emu::launch({4, 1, 1}, {64, 1, 1}, [&] {
+                    attention_dkdv_sum(dk_head.data(), dv_head.data(), pk.data(), pv.data(), (i64)B * T, NH, KVH, HS);
+                });
+            }
         }
         auto tof = [](const std::vector<bf16>& x) {
             std::vector<float> r(x.size());
@@ -170,7 +184,12 @@ int main() {
             {"backward dk", rel(rdk, tof(dk)), 1e-2},
             {"backward dv", rel(rdv, tof(dv)), 1e-2},
         };
-        for (auto& r : rows) {
+        std::vector<Row> all(std::begin(rows), std::end(rows));
+        if (!dk_head.empty()) {
+            all.push_back({"dk per head", rel(rdk, tof(dk_head)), 1e-2});
+            all.push_back({"dv per head", rel(rdv, tof(dv_head)), 1e-2});
+        }
+        for (auto& r : all) {
             bool ok = std::isfinite(r.err) && r.err <= r.tol;
             failed += !ok;
             printf("attention %-12s %-52s %10.2e %8.1e  %s\n", r.what, name, r.err, r.tol, ok ? "PASS" : "FAIL");
