@@ -136,18 +136,22 @@ __device__ __forceinline__ void mma_p_x(float (&out)[HS / 8][4], const float (&p
     }
 }
 
+// Two consecutive values of an output row: bf16 (packed in one word) or f32.
+__device__ __forceinline__ void store2(bf16* p, float a, float b) { *(u32*)p = pack_bf16(a, b); }
+__device__ __forceinline__ void store2(float* p, float a, float b) { *(float2*)p = {a, b}; }
+
 // Writes the warp's 16 x HS block acc * scale (D fragments) to rows row0 ..
-// of one head of y (B, T, H, HS), skipping rows past T.
-template <int HS>
-__device__ __forceinline__ void store_rows(bf16* y, const float (&acc)[HS / 8][4], float scale, int b, int row0,
+// of one head of y (B, T, H, HS), bf16 or f32, skipping rows past T.
+template <int HS, typename T_OUT>
+__device__ __forceinline__ void store_rows(T_OUT* y, const float (&acc)[HS / 8][4], float scale, int b, int row0,
                                            int head, int T, int H) {
     int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     int ra = row0 + g, rb = ra + 8;
 #pragma unroll
     for (int dt = 0; dt < HS / 8; dt++) {
         int c = dt * 8 + 2 * t;
-        if (ra < T) *(u32*)(y + ((i64)(b * T + ra) * H + head) * HS + c) = pack_bf16(acc[dt][0] * scale, acc[dt][1] * scale);
-        if (rb < T) *(u32*)(y + ((i64)(b * T + rb) * H + head) * HS + c) = pack_bf16(acc[dt][2] * scale, acc[dt][3] * scale);
+        if (ra < T) store2(y + ((i64)(b * T + ra) * H + head) * HS + c, acc[dt][0] * scale, acc[dt][1] * scale);
+        if (rb < T) store2(y + ((i64)(b * T + rb) * H + head) * HS + c, acc[dt][2] * scale, acc[dt][3] * scale);
     }
 }
 
@@ -357,21 +361,6 @@ extern "C" __global__ void __launch_bounds__(128)
 // mean of 66), at the cost of writing and summing the parts. Either way the
 // blocks of the first keys, which have the most queries to walk, start first.
 
-// Writes the warp's 16 x HS block acc * scale to rows row0 .. of one head of
-// y (B, T, H, HS) in f32, skipping rows past T (the per-head parts of dk, dv).
-template <int HS>
-__device__ __forceinline__ void store_rows_f32(float* y, const float (&acc)[HS / 8][4], float scale, int b, int row0,
-                                               int head, int T, int H) {
-    int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    int ra = row0 + g, rb = ra + 8;
-#pragma unroll
-    for (int dt = 0; dt < HS / 8; dt++) {
-        int c = dt * 8 + 2 * t;
-        if (ra < T) *(float2*)(y + ((i64)(b * T + ra) * H + head) * HS + c) = {acc[dt][0] * scale, acc[dt][1] * scale};
-        if (rb < T) *(float2*)(y + ((i64)(b * T + rb) * H + head) * HS + c) = {acc[dt][2] * scale, acc[dt][3] * scale};
-    }
-}
-
 template <int HS, int BQ>
 __device__ __forceinline__ void attention_backward_dkdv_tc(bf16* dk, bf16* dv, float* dk_part, float* dv_part,
                                                            const bf16* dout, const float* lse, const float* delta,
@@ -437,8 +426,8 @@ __device__ __forceinline__ void attention_backward_dkdv_tc(bf16* dk, bf16* dv, f
         }
     }
     if (per_head) {
-        store_rows_f32<HS>(dk_part, adk, 1.0f / sqrtf((float)HS), b, j0 + warp * 16, h_first, T, NH);
-        store_rows_f32<HS>(dv_part, adv, 1.0f, b, j0 + warp * 16, h_first, T, NH);
+        store_rows<HS>(dk_part, adk, 1.0f / sqrtf((float)HS), b, j0 + warp * 16, h_first, T, NH);
+        store_rows<HS>(dv_part, adv, 1.0f, b, j0 + warp * 16, h_first, T, NH);
     } else {
         store_rows<HS>(dk, adk, 1.0f / sqrtf((float)HS), b, j0 + warp * 16, kvh, T, KVH);
         store_rows<HS>(dv, adv, 1.0f, b, j0 + warp * 16, kvh, T, KVH);

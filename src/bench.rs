@@ -97,7 +97,7 @@ pub struct BenchArgs {
     /// length --seq. Otherwise: one training pass over its first --limit
     /// examples with --checkpoint's weights and tokenizer, in file order,
     /// batches of --batch examples: examples/s and target tokens/s on real,
-    /// ragged lengths (CPU).
+    /// ragged lengths (either device).
     #[arg(long)]
     pub data: Option<std::path::PathBuf>,
     /// Examples taken from --data.

@@ -20,7 +20,7 @@ use super::model::{GpuModel, packing_of};
 use super::select::{Job, SelectScratch};
 use super::trainer::GpuTrainer;
 use crate::cpu::{self, AttnDims, RopeTable};
-use crate::data::Segment;
+use crate::data::{Batch, Segment};
 use crate::decode::{self, DecodeOptions, LogitSource, Scores, Strategy, Want};
 use crate::generate::CpuSource;
 use crate::model::{Activations, GradSink, Model, Param, matrix, matrix_id};
@@ -841,13 +841,9 @@ fn check_options(seed: u64) -> TrainOptions {
 /// One LIFT step of the `small` model (randomized selection path) on both
 /// backends: masks, loss, selected gradients, updated weights.
 fn whole_step(g: &Gpu, t: &mut Table, seed: u64) -> Result<()> {
-    let c = crate::init::named_config("small")?;
-    let mut w = crate::init::random_weights(&c, seed);
-    for p in Param::all(&c) {
-        w.get_mut(p).iter_mut().for_each(|x| *x = bf(*x));
-    }
+    let mut model = small_bf16(seed)?;
+    let c = model.config.clone();
     let (b, tt) = (2, 61);
-    let mut model = Model::new(c.clone(), w);
     model.ensure_rope(tt);
     let opts = TrainOptions { batch_size: b, max_seq_len: tt, ..check_options(seed) };
     let gm = GpuModel::upload(g, &model, tt)?;
@@ -864,25 +860,8 @@ fn whole_step(g: &Gpu, t: &mut Table, seed: u64) -> Result<()> {
         5e-3,
     );
 
-    let mut rng = Rng::new(seed ^ 5);
-    let tokens: Vec<u32> = (0..b * tt).map(|_| rng.below(c.vocab_size) as u32).collect();
-    let targets: Vec<i32> =
-        (0..b * tt).map(|i| if i % 7 == 0 { -100 } else { rng.below(c.vocab_size) as i32 }).collect();
-    tr.zero_grads()?;
-    let (gloss, _, _) = tr.micro_step(b, tt, &tokens, &targets, &[])?;
-    let mut acts = Activations::new(&c, b, tt);
-    let closs = model.forward(&mut acts, &tokens, Some(&targets))?;
-    t.add("LIFT step: loss".into(), rel_err(&[gloss], &[closs]), 5e-3);
-    let mut sink = MaskSink { masks: &gmasks, acc: gmasks.iter().map(|m| vec![0.0; m.len()]).collect() };
-    model.backward(&mut acts, &mut sink);
-    let ggrads: Vec<Vec<f32>> = match &tr.state {
-        super::trainer::GpuState::Sparse { states, .. } => {
-            states.iter().map(|s| g.download(&s.acc, s.k)).collect::<Result<_>>()?
-        }
-        _ => bail!("LIFT state expected"),
-    };
-    let flat = |v: &[Vec<f32>]| v.iter().flatten().copied().collect::<Vec<f32>>();
-    t.add("LIFT step: selected gradients (all matrices)".into(), rel_err(&flat(&ggrads), &flat(&sink.acc)), 3e-2);
+    let batch = random_batch(&c, b, tt, 7, seed ^ 5, Vec::new());
+    let cgrads = step_vs_cpu(g, t, &mut tr, &mut model, &gmasks, &batch, "LIFT step")?;
 
     let opt = AdamW { lr: 1e-3, ..AdamW::default() };
     let old: Vec<Vec<f32>> = (0..gmasks.len())
@@ -892,7 +871,7 @@ fn whole_step(g: &Gpu, t: &mut Table, seed: u64) -> Result<()> {
         })
         .collect();
     tr.update(&opt, 1, 1.0, 1)?;
-    let sum_sq: f64 = sink.acc.iter().flatten().map(|&x| x as f64 * x as f64).sum();
+    let sum_sq: f64 = cgrads.iter().flatten().map(|&x| x as f64 * x as f64).sum();
     let clip = crate::optim::clip_scale(sum_sq, 1.0);
     let mut cpu_delta = Vec::new();
     let mut gpu_delta = Vec::new();
@@ -905,7 +884,7 @@ fn whole_step(g: &Gpu, t: &mut Table, seed: u64) -> Result<()> {
     for id in 0..gmasks.len() {
         let mut st = SparseState::new(gmasks[id].clone());
         let (l, wk) = matrix(id);
-        let grads: Vec<f32> = sink.acc[id].iter().map(|x| x * clip).collect();
+        let grads: Vec<f32> = cgrads[id].iter().map(|x| x * clip).collect();
         let wt = model.weights.layers[l].linear_mut(wk);
         st.step(&opt, 1, wt, &grads);
         for (j, &i) in gmasks[id].iter().enumerate() {
@@ -942,30 +921,61 @@ fn whole_step(g: &Gpu, t: &mut Table, seed: u64) -> Result<()> {
 /// the same batch read as one sequence has a loss only 0.4% away but
 /// gradients 115% away: the gradient row is the one that tells.)
 fn packed_step(g: &Gpu, t: &mut Table, seed: u64) -> Result<()> {
+    let mut model = small_bf16(seed)?;
+    let c = model.config.clone();
+    let lens = [61, 1, 17, 90, 33];
+    let n: usize = lens.iter().sum();
+    model.ensure_rope(n);
+    let opts = TrainOptions { batch_size: 1, max_seq_len: 128, ..check_options(seed) };
+    let mut tr = GpuTrainer::new(g, GpuModel::upload(g, &model, n)?, &opts, 1, n)?;
+    let masks = tr.masks()?;
+    let batch = random_batch(&c, 1, n, 5, seed ^ 11, segments_of(&lens, 1, n));
+    let name = format!("packed LIFT step ({} examples in one row of {n})", lens.len());
+    step_vs_cpu(g, t, &mut tr, &mut model, &masks, &batch, &name)?;
+    Ok(())
+}
+
+/// The `small` model's random weights (seed), rounded to bf16 so that both
+/// backends start from the same values.
+fn small_bf16(seed: u64) -> Result<Model> {
     let c = crate::init::named_config("small")?;
     let mut w = crate::init::random_weights(&c, seed);
     for p in Param::all(&c) {
         w.get_mut(p).iter_mut().for_each(|x| *x = bf(*x));
     }
-    let lens = [61, 1, 17, 90, 33];
-    let n: usize = lens.iter().sum();
-    let segments = segments_of(&lens, 1, n);
-    let mut model = Model::new(c.clone(), w);
-    model.ensure_rope(n);
-    let opts = TrainOptions { batch_size: 1, max_seq_len: 128, ..check_options(seed) };
-    let mut tr = GpuTrainer::new(g, GpuModel::upload(g, &model, n)?, &opts, 1, n)?;
-    let masks = tr.masks()?;
-    let mut rng = Rng::new(seed ^ 11);
-    let tokens: Vec<u32> = (0..n).map(|_| rng.below(c.vocab_size) as u32).collect();
-    let targets: Vec<i32> = (0..n).map(|i| if i % 5 == 0 { -100 } else { rng.below(c.vocab_size) as i32 }).collect();
+    Ok(Model::new(c, w))
+}
+
+/// A (B, T) batch of random tokens and targets (every `skip`-th position
+/// without a target), with the given segments (empty: whole rows).
+fn random_batch(c: &crate::model::Config, b: usize, t: usize, skip: usize, seed: u64, segments: Vec<Segment>) -> Batch {
+    let mut rng = Rng::new(seed);
+    let tokens: Vec<u32> = (0..b * t).map(|_| rng.below(c.vocab_size) as u32).collect();
+    let targets: Vec<i32> =
+        (0..b * t).map(|i| if i % skip == 0 { -100 } else { rng.below(c.vocab_size) as i32 }).collect();
+    let n_loss = targets.iter().filter(|&&x| x >= 0).count();
+    Batch { b, t, tokens, targets, n_loss, segments }
+}
+
+/// One LIFT micro-step of `tr` (fresh gradients) against the CPU model's on
+/// the same batch, with the GPU's masks on both: rows "{name}: loss" and
+/// "{name}: selected gradients". Returns the CPU's selected gradients.
+fn step_vs_cpu(
+    g: &Gpu,
+    t: &mut Table,
+    tr: &mut GpuTrainer,
+    model: &mut Model,
+    masks: &[Vec<u32>],
+    batch: &Batch,
+    name: &str,
+) -> Result<Vec<Vec<f32>>> {
     tr.zero_grads()?;
-    let (gloss, _, _) = tr.micro_step(1, n, &tokens, &targets, &segments)?;
-    let mut acts = Activations::new(&c, 1, n);
-    acts.segments = segments;
-    let closs = model.forward(&mut acts, &tokens, Some(&targets))?;
-    let name = format!("packed LIFT step ({} examples in one row of {n})", lens.len());
+    let (gloss, _, _) = tr.micro_step(batch.b, batch.t, &batch.tokens, &batch.targets, &batch.segments)?;
+    let mut acts = Activations::new(&model.config, batch.b, batch.t);
+    acts.segments.clone_from(&batch.segments);
+    let closs = model.forward(&mut acts, &batch.tokens, Some(&batch.targets))?;
     t.add(format!("{name}: loss"), rel_err(&[gloss], &[closs]), 5e-3);
-    let mut sink = MaskSink { masks: &masks, acc: masks.iter().map(|m| vec![0.0; m.len()]).collect() };
+    let mut sink = MaskSink { masks, acc: masks.iter().map(|m| vec![0.0; m.len()]).collect() };
     model.backward(&mut acts, &mut sink);
     let ggrads: Vec<Vec<f32>> = match &tr.state {
         super::trainer::GpuState::Sparse { states, .. } => {
@@ -975,7 +985,7 @@ fn packed_step(g: &Gpu, t: &mut Table, seed: u64) -> Result<()> {
     };
     let flat = |v: &[Vec<f32>]| v.iter().flatten().copied().collect::<Vec<f32>>();
     t.add(format!("{name}: selected gradients"), rel_err(&flat(&ggrads), &flat(&sink.acc)), 3e-2);
-    Ok(())
+    Ok(sink.acc)
 }
 
 // ----------------------------------------------------------------------------
