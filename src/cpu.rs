@@ -49,36 +49,64 @@ pub fn sgemm(
     }
     assert!(a.len() > last(m, k, a_rs, a_cs), "sgemm: A too small");
     assert!(b.len() > last(k, n, b_rs, b_cs), "sgemm: B too small");
+    // From the main thread a large product is split by C's columns, one
+    // serial product per worker: each packs only its own columns' part of
+    // B (a linear layer's weight), where the gemm crate's own threads
+    // would each pack all of it (a LIFT step on SmolLM2 10% faster). Too
+    // few columns: the gemm crate's threads. Inside a parallel task
+    // (attention's heads) the product stays serial.
     let threads = rayon::current_num_threads();
-    let parallelism = if threads > 1 && m * n * k >= 64 * 64 * 64 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
+    let top = threads > 1 && m * n * k >= 64 * 64 * 64 && rayon::current_thread_index().is_none();
+    let parts = if top { threads.min(n / 32).max(1) } else { 1 };
+    let parallelism = if top && parts == 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    let (cp, ap, bp) = (Ptr(c.as_mut_ptr()), Ptr(a.as_ptr() as *mut f32), Ptr(b.as_ptr() as *mut f32));
+    let columns = |p: usize| {
+        let (j0, j1) = (p * n / parts / 16 * 16, if p + 1 == parts { n } else { (p + 1) * n / parts / 16 * 16 });
+        // SAFETY: the asserts above bound every index the product of
+        // columns j0..j1 reads or writes; `c` is a unique borrow, so it
+        // cannot alias `a` or `b`, and the parts write disjoint columns.
+        unsafe {
+            gemm::gemm(
+                m,
+                j1 - j0,
+                k,
+                cp.at(j0),
+                1,
+                c_rs as isize,
+                accumulate,
+                ap.at(0),
+                a_cs as isize,
+                a_rs as isize,
+                bp.at(j0 * b_cs),
+                b_cs as isize,
+                b_rs as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                parallelism,
+            );
+        }
     };
-    // SAFETY: the asserts above bound every index the product reads or writes;
-    // `c` is a unique borrow, so it cannot alias `a` or `b`.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            c_rs as isize,
-            accumulate,
-            a.as_ptr(),
-            a_cs as isize,
-            a_rs as isize,
-            b.as_ptr(),
-            b_cs as isize,
-            b_rs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        );
+    if parts == 1 {
+        columns(0);
+    } else {
+        (0..parts).into_par_iter().for_each(columns);
+    }
+}
+
+/// A raw pointer the parts of a split `sgemm` share (each touches its own
+/// columns of C).
+#[derive(Clone, Copy)]
+struct Ptr(*mut f32);
+// SAFETY: only `sgemm` makes these, for parts that write disjoint columns.
+unsafe impl Send for Ptr {}
+unsafe impl Sync for Ptr {}
+
+impl Ptr {
+    fn at(self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
     }
 }
 
@@ -100,104 +128,154 @@ pub fn matmul_backward_weight(dweight: &mut [f32], dout: &[f32], inp: &[f32], n:
     sgemm(oc, ic, n, dout, 1, oc, inp, ic, 1, dweight, ic, true);
 }
 
-/// Only the selected entries of a linear layer's weight gradient: for each
-/// flat index i*IC + j in `indices` (k), dsel += (dout^T @ inp)[i, j], i.e. the
-/// dot product of column i of dout (N, OC) with column j of inp (N, IC).
-/// This is LIFT's sampled dense-dense product: at 5% density it does 5% of
-/// the dense dW GEMM's arithmetic, and no (OC, IC) buffer is ever formed.
-/// `dout_t` (OC*N) and `inp_t` (IC*N) are scratch for the transposes, which
-/// make each of the k dot products read two contiguous rows. (The trainer's
-/// sink transposes itself and calls `sampled_from_transposed`, so that the
-/// weights that read one input share its transpose.)
-#[allow(clippy::too_many_arguments)]
-pub fn matmul_backward_weight_sampled(
-    dsel: &mut [f32],
-    indices: &[u32],
-    dout: &[f32],
-    inp: &[f32],
-    n: usize,
-    ic: usize,
-    oc: usize,
-    dout_t: &mut [f32],
-    inp_t: &mut [f32],
-) {
-    transpose(&mut dout_t[..oc * n], dout, n, oc);
-    transpose(&mut inp_t[..ic * n], inp, n, ic);
-    sampled_from_transposed(dsel, indices, Transposed { dout_t: &dout_t[..oc * n], inp_t: &inp_t[..ic * n], n, ic });
+/// One weight's part of a sampled product (below): the flat indices
+/// i*IC + j of its selected entries (k, ascending), their gradient
+/// accumulators (k), and the gradient of its output, dout (N, OC).
+pub struct Sampled<'a> {
+    pub dsel: &'a mut [f32],
+    pub indices: &'a [u32],
+    pub dout: &'a [f32],
+    pub oc: usize,
 }
 
-/// `matmul_backward_weight_sampled` from factors already transposed (the
-/// weights that read one input share its transpose).
-pub fn sampled_from_transposed(dsel: &mut [f32], indices: &[u32], t: Transposed) {
-    let n = t.n;
-    dsel.par_chunks_mut(2048).zip(indices.par_chunks(2048)).for_each(|(g, idx)| {
-        for n0 in (0..n).step_by(SAMPLED_COLS) {
-            sampled_dots(g, idx, t, n0..(n0 + SAMPLED_COLS).min(n));
+/// Only the selected entries of the weight gradients of linear layers that
+/// read one input inp (N, IC): for each weight and each flat index i*IC + j
+/// in its `indices`, dsel += (dout^T @ inp)[i, j], the dot product of column
+/// i of dout with column j of inp. This is LIFT's sampled dense-dense
+/// product: at 5% density it does 5% of the dense dW GEMM's arithmetic, and
+/// no (OC, IC) buffer is ever formed.
+///
+/// The dots read rows of the two factors transposed, dout^T and inp^T, a
+/// block of SAMPLED_COLS positions at a time, so that what a block's dots
+/// read stays in the cache: inp^T's block is transposed once into `scratch`
+/// (IC x SAMPLED_COLS floats at least, the weights share it), and each task
+/// transposes the rows of dout^T its own entries read, then reads them back
+/// from its core's cache.
+pub fn matmul_backward_weight_sampled(outs: &mut [Sampled], inp: &[f32], n: usize, ic: usize, scratch: &mut [f32]) {
+    let widest = outs.iter().map(|o| o.oc).max().unwrap_or(0);
+    assert!(scratch.len() >= sampled_scratch(n, ic, widest), "sampled product: scratch too small");
+    let (inp_t, dout_t) = scratch.split_at_mut(SAMPLED_COLS.min(n) * ic);
+    for n0 in (0..n).step_by(SAMPLED_COLS) {
+        let len = SAMPLED_COLS.min(n - n0);
+        let inp_t = &mut inp_t[..ic * len];
+        transpose(inp_t, &inp[n0 * ic..(n0 + len) * ic], len, ic);
+        for o in outs.iter_mut() {
+            let block = &o.dout[n0 * o.oc..(n0 + len) * o.oc];
+            let dout_t = &mut dout_t[..o.oc * len];
+            sampled_block(o, block, inp_t, ic, len, dout_t);
         }
+    }
+}
+
+/// Floats of scratch `matmul_backward_weight_sampled` needs for N positions,
+/// an input of IC and outputs of at most OC.
+pub fn sampled_scratch(n: usize, ic: usize, oc: usize) -> usize {
+    SAMPLED_COLS.min(n) * (ic + oc)
+}
+
+/// Positions per block of the sampled product: within a block the part of
+/// inp^T that every entry reads (IC x 512 floats, 1.2 MB for IC = 576)
+/// stays in the L2 cache. Each entry's sum runs block after block.
+const SAMPLED_COLS: usize = 512;
+
+/// One block of `matmul_backward_weight_sampled` for one weight: block is
+/// dout's rows of the block (LEN, OC), inp_t the block of inp^T (IC, LEN),
+/// dout_t room for dout^T (OC, LEN). The entries are split at bands of 16
+/// rows of dW; a task transposes its bands' rows of dout^T, then does its
+/// entries' dots.
+fn sampled_block(o: &mut Sampled, block: &[f32], inp_t: &[f32], ic: usize, len: usize, dout_t: &mut [f32]) {
+    let oc = o.oc;
+    debug_assert!(o.indices.windows(2).all(|p| p[0] < p[1]), "indices ascending");
+    let bands = oc.div_ceil(16);
+    let tasks = bands.min(4 * rayon::current_num_threads()).max(1);
+    // task t: rows r[t]..r[t + 1] of dW (multiples of 16), entries e[t]..e[t + 1]
+    let r: Vec<usize> = (0..=tasks).map(|t| (t * bands / tasks * 16).min(oc)).collect();
+    let e: Vec<usize> = r.iter().map(|&row| o.indices.partition_point(|&f| (f as usize) < row * ic)).collect();
+    let mut work = Vec::with_capacity(tasks);
+    let (mut g, mut rows) = (&mut o.dsel[..], &mut dout_t[..]);
+    for t in 0..tasks {
+        let (gt, g_rest) = std::mem::take(&mut g).split_at_mut(e[t + 1] - e[t]);
+        let (rt, r_rest) = std::mem::take(&mut rows).split_at_mut((r[t + 1] - r[t]) * len);
+        work.push((gt, &o.indices[e[t]..e[t + 1]], rt, r[t]));
+        (g, rows) = (g_rest, r_rest);
+    }
+    work.into_par_iter().for_each(|(g, idx, rows, row0)| {
+        if idx.is_empty() {
+            return;
+        }
+        for c0 in (row0..row0 + rows.len() / len).step_by(16) {
+            transpose_tile_rows(&mut rows[(c0 - row0) * len..], block, len, oc, c0);
+        }
+        sampled_dots(g, idx, Transposed { dout_t: rows, row0, inp_t, len, ic });
     });
 }
 
-/// Columns (positions) of dout^T and inp^T per pass over the selected
-/// entries: within a pass the part of inp^T that every entry reads
-/// (IC x 512 floats, 1.2 MB for IC = 576) stays in the L2 cache.
-const SAMPLED_COLS: usize = 512;
-
-/// The sampled product's two factors, transposed: dout^T (OC, N) and
-/// inp^T (IC, N).
+/// A block of the sampled product's two factors, transposed: rows
+/// row0.. of dout^T (each LEN floats) and inp^T (IC, LEN).
 #[derive(Clone, Copy)]
 pub struct Transposed<'a> {
     pub dout_t: &'a [f32],
+    pub row0: usize,
     pub inp_t: &'a [f32],
-    pub n: usize,
+    pub len: usize,
     pub ic: usize,
 }
 
-/// g[e] += dout^T[i, cols] . inp^T[j, cols] for each flat index i*IC + j in
-/// idx: one pass of the sampled product over a range of positions. With
-/// AVX-512 by `x86::sampled_dots_avx512` (entries of one row share its
-/// loads), elsewhere by `dot`; the two sum in different orders.
-fn sampled_dots(g: &mut [f32], idx: &[u32], t: Transposed, cols: std::ops::Range<usize>) {
+/// g[e] += dout^T[i] . inp^T[j] for each flat index i*IC + j in idx: one
+/// block of the sampled product. With AVX-512 by
+/// `x86::sampled_dots_avx512` (entries of one row share its loads),
+/// elsewhere by `dot`; the two sum in different orders.
+fn sampled_dots(g: &mut [f32], idx: &[u32], t: Transposed) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx512f") {
             // SAFETY: the CPU has AVX-512F.
-            return unsafe { x86::sampled_dots_avx512(g, idx, t, cols) };
+            return unsafe { x86::sampled_dots_avx512(g, idx, t) };
         }
     }
-    sampled_dots_portable(g, idx, t, cols)
+    sampled_dots_portable(g, idx, t)
 }
 
-fn sampled_dots_portable(g: &mut [f32], idx: &[u32], t: Transposed, cols: std::ops::Range<usize>) {
+fn sampled_dots_portable(g: &mut [f32], idx: &[u32], t: Transposed) {
     for (g, &flat) in g.iter_mut().zip(idx) {
-        let (i, j) = (flat as usize / t.ic, flat as usize % t.ic);
-        *g += dot(&t.dout_t[i * t.n..][cols.clone()], &t.inp_t[j * t.n..][cols.clone()]);
+        let (i, j) = (flat as usize / t.ic - t.row0, flat as usize % t.ic);
+        *g += dot(&t.dout_t[i * t.len..][..t.len], &t.inp_t[j * t.len..][..t.len]);
     }
 }
 
 /// out (C, R) = inp (R, C) transposed, 16 columns of inp (rows of out) per
-/// task; on AVX-512 in 16 x 16 register tiles (`x86::transpose_tile`).
+/// task.
 pub fn transpose(out: &mut [f32], inp: &[f32], r: usize, c: usize) {
     const TILE: usize = 16;
     if r == 0 || c == 0 {
         return;
     }
-    out[..c * r].par_chunks_mut(TILE * r).enumerate().for_each(|(cb, rows)| {
-        let (c0, w) = (cb * TILE, (c - cb * TILE).min(TILE));
-        let mut done = 0; // rows of inp already transposed by the vector kernel
-        #[cfg(target_arch = "x86_64")]
-        {
-            if w == TILE && std::is_x86_feature_detected!("avx512f") {
-                done = r / TILE * TILE;
-                // SAFETY: the CPU has AVX-512F.
-                unsafe { x86::transpose_tiles_avx512(rows, inp, r, c, c0) };
-            }
+    out[..c * r]
+        .par_chunks_mut(TILE * r)
+        .enumerate()
+        .for_each(|(cb, rows)| transpose_tile_rows(rows, inp, r, c, cb * TILE));
+}
+
+/// Columns c0..c0+16 of inp (R, C) (fewer at C's end) transposed into
+/// the first rows of `rows`, R floats each; on AVX-512 in 16 x 16 register tiles
+/// (`x86::transpose_tile`).
+fn transpose_tile_rows(rows: &mut [f32], inp: &[f32], r: usize, c: usize, c0: usize) {
+    const TILE: usize = 16;
+    let w = (c - c0).min(TILE);
+    let mut done = 0; // rows of inp already transposed by the vector kernel
+    #[cfg(target_arch = "x86_64")]
+    {
+        if w == TILE && std::is_x86_feature_detected!("avx512f") {
+            done = r / TILE * TILE;
+            // SAFETY: the CPU has AVX-512F.
+            unsafe { x86::transpose_tiles_avx512(rows, inp, r, c, c0) };
         }
-        for row in done..r {
-            for col in 0..w {
-                rows[col * r + row] = inp[row * c + c0 + col];
-            }
+    }
+    for row in done..r {
+        for col in 0..w {
+            rows[col * r + row] = inp[row * c + c0 + col];
         }
-    });
+    }
 }
 
 // ----------------------------------------------------------------------------
@@ -1187,7 +1265,6 @@ pub fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
 mod x86 {
     use super::{ScoreDims, Transposed};
     use std::arch::x86_64::*;
-    use std::ops::Range;
 
     /// Slots ahead whose keys are fetched while this one is scored.
     const PREFETCH: usize = 8;
@@ -1234,17 +1311,16 @@ mod x86 {
     /// # Safety
     /// The CPU must have AVX-512F.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn sampled_dots_avx512(g: &mut [f32], idx: &[u32], t: Transposed, cols: Range<usize>) {
-        let (n, ic) = (t.n, t.ic);
-        assert!(g.len() >= idx.len() && cols.end <= n);
-        let len = cols.len();
+    pub unsafe fn sampled_dots_avx512(g: &mut [f32], idx: &[u32], t: Transposed) {
+        let (len, ic) = (t.len, t.ic);
+        assert!(g.len() >= idx.len());
         let mut e = 0;
         while e < idx.len() {
             let i = idx[e] as usize / ic;
             let row = i * ic..(i + 1) * ic;
             let run = 1 + (1..4).take_while(|&m| idx.get(e + m).is_some_and(|&f| row.contains(&(f as usize)))).count();
-            let a = &t.dout_t[i * n + cols.start..][..len];
-            let b = |m: usize| &t.inp_t[(idx[e + m] as usize - row.start) * n + cols.start..][..len];
+            let a = &t.dout_t[(i - t.row0) * len..][..len];
+            let b = |m: usize| &t.inp_t[(idx[e + m] as usize - row.start) * len..][..len];
             if run == 4 {
                 // SAFETY: the CPU has AVX-512F; all five rows hold len floats.
                 let s = unsafe { dot4(a, [b(0), b(1), b(2), b(3)]) };
@@ -1428,38 +1504,62 @@ mod tests {
 
     /// The sampled dW equals the same entries of dout^T @ inp computed by a
     /// plain triple loop in f64, on shapes that are not multiples of any
-    /// block size, by the dispatching op and by the portable loop.
+    /// block size, by the dispatching op and by the portable loop; with two
+    /// weights of different widths reading one input, as the trainer calls it.
     #[test]
     fn sampled_weight_gradient_matches_naive_product() {
         // Shapes on no block size; a mask that leaves rows 40..90 empty and
-        // spans several of the parallel chunks; an empty mask; N over two
-        // passes of SAMPLED_COLS with runs of 1 to 4+ entries per row.
+        // spans several of the parallel tasks; an empty mask; N over two
+        // blocks of SAMPLED_COLS with runs of 1 to 4+ entries per row; OC
+        // over many bands of 16 rows.
         type Case = (usize, usize, usize, fn(u32) -> bool); // N, IC, OC, which entries
-        let masks: [Case; 4] = [
+        let masks: [Case; 5] = [
             (37, 29, 41, |i| i % 7 == 3 || i % 11 == 0),
             (19, 150, 100, |i| (i % 13 == 1 || i % 5 == 0) && !(40 * 150..90 * 150).contains(&i)),
             (5, 70, 40, |_| false),
             (1100, 23, 17, |i| i % 23 < (i / 23) % 6),
+            (600, 40, 333, |i| i % 9 == 2 || i % 31 == 0),
         ];
+        let naive = |dout: &[f32], inp: &[f32], n: usize, ic: usize, oc: usize, flat: u32| {
+            let (i, j) = (flat as usize / ic, flat as usize % ic);
+            let terms = (0..n).map(|r| dout[r * oc + i] as f64 * inp[r * ic + j] as f64);
+            terms.fold((0.5, 0.5), |(s, a), x| (s + x, a + x.abs()))
+        };
         for (n, ic, oc, keep) in masks {
             let (dout, inp) = (pseudo(n * oc, 1), pseudo(n * ic, 2));
             let indices: Vec<u32> = (0..(oc * ic) as u32).filter(|&i| keep(i)).collect();
-            let mut got = vec![0.5f32; indices.len()];
-            let (mut s1, mut s2) = (vec![0.0; oc * n], vec![0.0; ic * n]);
-            matmul_backward_weight_sampled(&mut got, &indices, &dout, &inp, n, ic, oc, &mut s1, &mut s2);
+            // a second weight on the same input: 7 rows, every third entry
+            let (oc2, dout2) = (7, pseudo(n * 7, 4));
+            let indices2: Vec<u32> = (0..(7 * ic) as u32).filter(|i| i % 3 == 0).collect();
+            let (mut got, mut got2) = (vec![0.5f32; indices.len()], vec![0.5f32; indices2.len()]);
+            let mut scratch = vec![0.0; SAMPLED_COLS.min(n) * (ic + oc.max(oc2))];
+            let mut outs = [
+                Sampled { dsel: &mut got, indices: &indices, dout: &dout, oc },
+                Sampled { dsel: &mut got2, indices: &indices2, dout: &dout2, oc: oc2 },
+            ];
+            matmul_backward_weight_sampled(&mut outs, &inp, n, ic, &mut scratch);
             let mut portable = vec![0.5f32; indices.len()];
-            let t = Transposed { dout_t: &s1, inp_t: &s2, n, ic };
             for n0 in (0..n).step_by(SAMPLED_COLS) {
-                sampled_dots_portable(&mut portable, &indices, t, n0..(n0 + SAMPLED_COLS).min(n));
+                let len = SAMPLED_COLS.min(n - n0);
+                let (mut s1, mut s2) = (vec![0.0; oc * len], vec![0.0; ic * len]);
+                transpose(&mut s1, &dout[n0 * oc..(n0 + len) * oc], len, oc);
+                transpose(&mut s2, &inp[n0 * ic..(n0 + len) * ic], len, ic);
+                sampled_dots_portable(
+                    &mut portable,
+                    &indices,
+                    Transposed { dout_t: &s1, row0: 0, inp_t: &s2, len, ic },
+                );
             }
             for ((g, p), &flat) in got.iter().zip(&portable).zip(&indices) {
-                let (i, j) = (flat as usize / ic, flat as usize % ic);
-                let terms = (0..n).map(|r| dout[r * oc + i] as f64 * inp[r * ic + j] as f64);
-                let (want, size) = terms.fold((0.5, 0.5), |(s, a), x| (s + x, a + x.abs()));
+                let (want, size) = naive(&dout, &inp, n, ic, oc, flat);
                 for (what, v) in [("op", g), ("portable", p)] {
                     let err = (*v as f64 - want).abs();
-                    assert!(err < 1e-6 * size, "{what} {n}x{ic}x{oc} entry ({i}, {j}): {v} vs {want}");
+                    assert!(err < 1e-6 * size, "{what} {n}x{ic}x{oc} entry {flat}: {v} vs {want}");
                 }
+            }
+            for (g, &flat) in got2.iter().zip(&indices2) {
+                let (want, size) = naive(&dout2, &inp, n, ic, oc2, flat);
+                assert!((*g as f64 - want).abs() < 1e-6 * size, "second weight {n}x{ic}x7 entry {flat}: {g} vs {want}");
             }
         }
     }

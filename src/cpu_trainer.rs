@@ -97,7 +97,11 @@ impl Grads {
         let extra =
             extra_params(c, &o.method).into_iter().map(|p| (p, vec![0.0; p.shape(c).iter().product()])).collect();
         let widest = Linear::ALL.iter().map(|w| w.shape(c).0 + w.shape(c).1).max().unwrap_or(0);
-        let dw = if matches!(trainable, Trainable::Sparse { .. }) { vec![0.0; rows * widest] } else { Vec::new() };
+        let dw = if matches!(trainable, Trainable::Sparse { .. }) {
+            vec![0.0; cpu::sampled_scratch(rows, 0, widest)]
+        } else {
+            Vec::new()
+        };
         Grads { linear, extra, dw }
     }
 
@@ -189,18 +193,19 @@ impl GradSink for CpuMethodSink<'_> {
         // S2FT trains some matrices not at all.
         let live = || outs.iter().filter(|&&(p, _, _)| states[id(p)].k() > 0);
         let Some(widest) = live().map(|&(_, _, oc)| oc).max() else { return };
-        let need = n * (ic + widest);
+        let need = cpu::sampled_scratch(n, ic, widest);
         if self.grads.dw.len() < need {
             self.grads.dw.resize(need, 0.0);
         }
-        let (inp_t, dout_t) = self.grads.dw[..need].split_at_mut(n * ic);
-        cpu::transpose(inp_t, inp, n, ic);
-        for &(p, dout, oc) in live() {
-            let dout_t = &mut dout_t[..n * oc];
-            cpu::transpose(dout_t, dout, n, oc);
-            let t = cpu::Transposed { dout_t, inp_t, n, ic };
-            cpu::sampled_from_transposed(&mut self.grads.linear[id(p)], &states[id(p)].indices, t);
-        }
+        let grads = &mut self.grads.linear;
+        let mut sel: Vec<Option<&mut Vec<f32>>> = grads.iter_mut().map(Some).collect();
+        let mut work: Vec<cpu::Sampled> = live()
+            .map(|&(p, dout, oc)| {
+                let dsel = sel[id(p)].take().expect("each weight once");
+                cpu::Sampled { dsel, indices: &states[id(p)].indices, dout, oc }
+            })
+            .collect();
+        cpu::matmul_backward_weight_sampled(&mut work, inp, n, ic, &mut self.grads.dw);
     }
 
     fn dense(&mut self, p: Param) -> &mut [f32] {
