@@ -420,12 +420,29 @@ impl Weights {
 use crate::cpu::{self, AttnDims, RopeTable};
 use crate::data::Segment;
 use crate::lm_head::{self, HeadInput, Logits};
+use rayon::prelude::*;
 
 /// A Llama ready to run: its shape, its weights and its RoPE table.
 pub struct Model {
     pub config: Config,
     pub weights: Weights,
     pub rope: RopeTable,
+}
+
+/// One piece of buf (rows of `width` floats; row b*T + t is position t of
+/// batch row b) per segment, in order: segment s gets its len rows. The
+/// segments are ascending and disjoint (`Model::forward` checks).
+fn pieces<'a>(mut buf: &'a mut [f32], width: usize, t: usize, segments: &[Segment]) -> Vec<&'a mut [f32]> {
+    let mut out = Vec::with_capacity(segments.len());
+    let mut done = 0; // rows of buf before `buf`
+    for sg in segments {
+        let at = sg.row * t + sg.start;
+        let (_, rest) = std::mem::take(&mut buf).split_at_mut((at - done) * width);
+        let (piece, rest) = rest.split_at_mut(sg.len * width);
+        out.push(piece);
+        (buf, done) = (rest, at + sg.len);
+    }
+    out
 }
 
 /// What the forward pass leaves of the LM head besides each position's
@@ -736,6 +753,10 @@ impl Model {
         if let Some(sg) = acts.segments.iter().find(|sg| sg.row >= b || sg.start + sg.len > t) {
             bail!("segment {sg:?} lies outside the batch ({b}, {t})");
         }
+        let flat = |sg: &Segment| (sg.row * t + sg.start, sg.row * t + sg.start + sg.len);
+        if let Some(p) = acts.segments.windows(2).find(|p| flat(&p[1]).0 < flat(&p[0]).1) {
+            bail!("segments {:?} and {:?} overlap or are out of order", p[0], p[1]);
+        }
         if let Some(&bad) = tokens.iter().find(|&&id| id as usize >= c.vocab_size) {
             bail!("token id {bad} is out of range (vocabulary of {})", c.vocab_size);
         }
@@ -890,18 +911,20 @@ impl Model {
         }
         a.att.fill(0.0);
         a.lse.fill(0.0);
+        // the segments side by side (each splits its heads again: the
+        // threads share out segments x heads, not 9 heads at a time)
         let (qd, kvd) = (nh * hs, kvh * hs);
-        for sg in segments {
+        let (q, k) = (pieces(&mut a.q, qd, t, segments), pieces(&mut a.k, kvd, t, segments));
+        let (att, lse) = (pieces(&mut a.att, qd, t, segments), pieces(&mut a.lse, nh, t, segments));
+        let v = &a.v;
+        let work = segments.par_iter().zip(q).zip(k).zip(att).zip(lse);
+        work.for_each(|((((sg, q), k), att), lse)| {
             let (at, len) = (sg.row * t + sg.start, sg.len);
             let one = AttnDims { b: 1, tq: len, tk: len, tcap: len, ..dims };
-            let q = &mut a.q[at * qd..(at + len) * qd];
-            let k = &mut a.k[at * kvd..(at + len) * kvd];
             cpu::rope_forward(q, &self.rope, len, nh, hs, 0);
             cpu::rope_forward(k, &self.rope, len, kvh, hs, 0);
-            let v = &a.v[at * kvd..(at + len) * kvd];
-            let (att, lse) = (&mut a.att[at * qd..(at + len) * qd], &mut a.lse[at * nh..(at + len) * nh]);
-            cpu::attention_forward(att, lse, q, k, v, one, None);
-        }
+            cpu::attention_forward(att, lse, q, k, &v[at * kvd..(at + len) * kvd], one, None);
+        });
     }
 
     /// Backward of rope_attention_forward: s.datt (B, T, NH*HS) into s.dq,
@@ -929,20 +952,20 @@ impl Model {
             return;
         }
         let (qd, kvd) = (nh * hs, kvh * hs);
-        for sg in segments {
+        let (dq, dk) = (pieces(&mut s.dq, qd, t, segments), pieces(&mut s.dk, kvd, t, segments));
+        let (dv, delta) = (pieces(&mut s.dv, kvd, t, segments), pieces(&mut s.delta, nh, t, segments));
+        let datt = &s.datt;
+        let work = segments.par_iter().zip(dq).zip(dk).zip(dv).zip(delta);
+        work.for_each(|((((sg, dq), dk), dv), delta)| {
             let (at, len) = (sg.row * t + sg.start, sg.len);
             let one = AttnDims { b: 1, tq: len, tk: len, tcap: len, ..dims };
             let (rq, rkv, rh) = (at * qd..(at + len) * qd, at * kvd..(at + len) * kvd, at * nh..(at + len) * nh);
-            let dq = &mut s.dq[rq.clone()];
-            let dk = &mut s.dk[rkv.clone()];
-            let dv = &mut s.dv[rkv.clone()];
-            let delta = &mut s.delta[rh.clone()];
-            let (datt, att, lse) = (&s.datt[rq.clone()], &a.att[rq.clone()], &a.lse[rh]);
+            let (datt, att, lse) = (&datt[rq.clone()], &a.att[rq.clone()], &a.lse[rh]);
             let (q, k, v) = (&a.q[rq], &a.k[rkv.clone()], &a.v[rkv]);
             cpu::attention_backward(dq, dk, dv, delta, datt, att, lse, q, k, v, one);
             cpu::rope_backward(dq, &self.rope, len, nh, hs);
             cpu::rope_backward(dk, &self.rope, len, kvh, hs);
-        }
+        });
     }
 
     /// The MLP block's backward pass of layer l: s.dres holds d(x_out) and
