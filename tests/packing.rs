@@ -129,6 +129,34 @@ fn the_validation_loss_of_packed_batches_is_the_padded_one() {
     assert!(err < 1e-6, "packed {got} vs padded {want}");
 }
 
+/// The model runs a packed batch's segments side by side, each on its own
+/// piece of the buffers, so segments that overlap or come out of order are
+/// an error, not a wrong answer or a panic.
+#[test]
+fn overlapping_or_unordered_segments_are_an_error() {
+    let dir = common::root().join("tests/reference/tiny_gqa");
+    let bin = common::scratch("packing-bad-segments").join("model.bin");
+    common::convert(&dir, &bin);
+    let ck = Checkpoint::open(&bin).unwrap();
+    let mut model = Model::new(ck.config.clone(), ck.load_weights().unwrap());
+    model.ensure_rope(64);
+    let c = model.config.clone();
+    let exs = examples(&[(23, 5), (9, 2), (31, 12)], c.vocab_size);
+    let lens: Vec<usize> = exs.iter().map(|e| e.ids.len()).collect();
+    let batch = pack::make_packed_batch(&exs, &pack::pack_epoch(&lens, &[0, 1, 2], 64, 1000)[0]);
+    let mut swapped = batch.segments.clone();
+    swapped.swap(0, 1);
+    let mut overlapping = batch.segments.clone();
+    overlapping[1].start -= 1;
+    overlapping[1].len += 1;
+    for segments in [swapped, overlapping] {
+        let mut acts = Activations::new(&c, batch.b, batch.t);
+        acts.segments = segments;
+        let err = model.forward(&mut acts, &batch.tokens, Some(&batch.targets)).unwrap_err();
+        assert!(err.to_string().contains("overlap or are out of order"), "{err}");
+    }
+}
+
 /// First fit in the epoch's order, no row over the length limit, batches
 /// within the token budget, every example exactly once.
 #[test]
