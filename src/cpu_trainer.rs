@@ -96,9 +96,9 @@ impl Grads {
         };
         let extra =
             extra_params(c, &o.method).into_iter().map(|p| (p, vec![0.0; p.shape(c).iter().product()])).collect();
-        let widest = Linear::ALL.iter().map(|w| w.shape(c).0 + w.shape(c).1).max().unwrap_or(0);
         let dw = if matches!(trainable, Trainable::Sparse { .. }) {
-            vec![0.0; cpu::sampled_scratch(rows, 0, widest)]
+            let most = Linear::ALL.iter().map(|w| w.shape(c)).map(|(o, i)| cpu::sampled_scratch(rows, i, o)).max();
+            vec![0.0; most.unwrap_or(0)]
         } else {
             Vec::new()
         };
@@ -197,8 +197,8 @@ impl GradSink for CpuMethodSink<'_> {
         if self.grads.dw.len() < need {
             self.grads.dw.resize(need, 0.0);
         }
-        let grads = &mut self.grads.linear;
-        let mut sel: Vec<Option<&mut Vec<f32>>> = grads.iter_mut().map(Some).collect();
+        // one unique borrow of each live weight's accumulators
+        let mut sel: Vec<Option<&mut Vec<f32>>> = self.grads.linear.iter_mut().map(Some).collect();
         let mut work: Vec<cpu::Sampled> = live()
             .map(|&(p, dout, oc)| {
                 let dsel = sel[id(p)].take().expect("each weight once");

@@ -31,6 +31,17 @@ fn examples(shape: &[(usize, usize)], vocab: usize) -> Vec<TokenizedExample> {
         .collect()
 }
 
+/// The tiny GQA reference model (tests/reference/tiny_gqa), converted into
+/// its own scratch folder, with RoPE for `rope` positions.
+fn tiny_gqa(scratch: &str, rope: usize) -> Model {
+    let bin = common::scratch(scratch).join("model.bin");
+    common::convert(&common::root().join("tests/reference/tiny_gqa"), &bin);
+    let ck = Checkpoint::open(&bin).unwrap();
+    let mut model = Model::new(ck.config.clone(), ck.load_weights().unwrap());
+    model.ensure_rope(rope);
+    model
+}
+
 /// The loss and every parameter's gradient of one batch.
 fn loss_and_grads(model: &Model, batch: &data::Batch) -> (f32, FullGrads) {
     let c = &model.config;
@@ -44,12 +55,7 @@ fn loss_and_grads(model: &Model, batch: &data::Batch) -> (f32, FullGrads) {
 
 #[test]
 fn a_packed_batch_equals_its_examples_one_at_a_time() {
-    let dir = common::root().join("tests/reference/tiny_gqa");
-    let bin = common::scratch("packing-tiny-gqa").join("model.bin");
-    common::convert(&dir, &bin);
-    let ck = Checkpoint::open(&bin).unwrap();
-    let mut model = Model::new(ck.config.clone(), ck.load_weights().unwrap());
-    model.ensure_rope(64);
+    let model = tiny_gqa("packing-tiny-gqa", 64);
     let c = model.config.clone();
     // lengths past the rope scaling's low-frequency band edge (64 / 4 = 16)
     let exs = examples(&[(23, 5), (9, 2), (31, 12), (14, 0), (7, 3), (19, 8)], c.vocab_size);
@@ -105,12 +111,7 @@ fn a_packed_batch_equals_its_examples_one_at_a_time() {
 /// padded pass, so that nothing is left over from an earlier batch.
 #[test]
 fn the_validation_loss_of_packed_batches_is_the_padded_one() {
-    let dir = common::root().join("tests/reference/tiny_gqa");
-    let bin = common::scratch("packing-val-tiny-gqa").join("model.bin");
-    common::convert(&dir, &bin);
-    let ck = Checkpoint::open(&bin).unwrap();
-    let mut model = Model::new(ck.config.clone(), ck.load_weights().unwrap());
-    model.ensure_rope(48);
+    let model = tiny_gqa("packing-val-tiny-gqa", 48);
     let c = model.config.clone();
     let exs = examples(&[(23, 5), (9, 2), (31, 12), (14, 0), (7, 3), (19, 8), (40, 10), (12, 4)], c.vocab_size);
     let padded: Vec<data::Batch> =
@@ -134,12 +135,7 @@ fn the_validation_loss_of_packed_batches_is_the_padded_one() {
 /// an error, not a wrong answer or a panic.
 #[test]
 fn overlapping_or_unordered_segments_are_an_error() {
-    let dir = common::root().join("tests/reference/tiny_gqa");
-    let bin = common::scratch("packing-bad-segments").join("model.bin");
-    common::convert(&dir, &bin);
-    let ck = Checkpoint::open(&bin).unwrap();
-    let mut model = Model::new(ck.config.clone(), ck.load_weights().unwrap());
-    model.ensure_rope(64);
+    let model = tiny_gqa("packing-bad-segments", 64);
     let c = model.config.clone();
     let exs = examples(&[(23, 5), (9, 2), (31, 12)], c.vocab_size);
     let lens: Vec<usize> = exs.iter().map(|e| e.ids.len()).collect();
